@@ -1,0 +1,94 @@
+"""The SQL the gate runs, and the frames it hands to the suites.
+
+All aggregation happens in DuckDB (quantiles included, see DESIGN.md on the GX
+quantile bug); Python sees one row per arm plus a bounded sample of raw rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+import pandas as pd
+
+#: Outcomes that count as failures (a 4xx "rejected" is the caller's fault).
+FAILURE_SQL = "outcome IN ('error', 'timeout', 'rate_limited')"
+
+ARM_AGGREGATES_SQL = f"""
+SELECT arm,
+       count(*)                                   AS n,
+       count(*) FILTER (WHERE {FAILURE_SQL})      AS failures,
+       quantile_cont(latency_ms, 0.50)            AS p50_ms,
+       quantile_cont(latency_ms, 0.95)            AS p95_ms,
+       quantile_cont(latency_ms, 0.99)            AS p99_ms,
+       avg(cost_usd)                              AS cost_mean,
+       avg(quality_score)                         AS quality_mean,
+       count(quality_score)                       AS quality_n,
+       count(DISTINCT subject_bucket)             AS subjects,
+       max(ts)                                    AS last_ts
+FROM requests
+WHERE config_version = ?
+GROUP BY arm
+"""
+
+WINDOW_ROWS_SQL = """
+SELECT request_id, ts, router_instance, config_version, mode, arm, is_shadow, outcome,
+       latency_ms, cost_usd, quality_score, tokens_in, tokens_out, attempts
+FROM requests
+WHERE config_version = ? OR ts >= ?
+ORDER BY ts DESC
+LIMIT ?
+"""
+
+
+class Connection(Protocol):
+    def execute(self, query: str, parameters: Any = ...) -> Any: ...
+
+
+@dataclass(frozen=True)
+class ArmStats:
+    arm: str
+    n: int = 0
+    failures: int = 0
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    cost_mean: float | None = None
+    quality_mean: float | None = None
+    quality_n: int = 0
+    subjects: int = 0
+    last_ts: datetime | None = None
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.failures / self.n if self.n else None
+
+
+def arm_stats(con: Connection, version: int) -> dict[str, ArmStats]:
+    cursor = con.execute(ARM_AGGREGATES_SQL, [version])
+    names = [d[0] for d in cursor.description]
+    stats = {}
+    for row in cursor.fetchall():
+        values = dict(zip(names, row, strict=True))
+        stats[values["arm"]] = ArmStats(**values)
+    for arm in ("legacy", "production"):
+        stats.setdefault(arm, ArmStats(arm))
+    return stats
+
+
+def window_rows(
+    con: Connection, version: int, since: datetime, limit: int = 200_000
+) -> pd.DataFrame:
+    """The phase's rows plus anything else seen since the phase began (newest first)."""
+    return con.execute(WINDOW_ROWS_SQL, [version, since, limit]).df()
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return numerator / denominator
+
+
+def difference(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b

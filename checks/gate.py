@@ -1,0 +1,204 @@
+"""One evaluation of a phase: query DuckDB, run the suites, apply the policy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+from scipy import stats as scipy_stats
+
+from checks.frames import Connection, arm_stats, difference, ratio, window_rows
+from checks.gx_suites import Check, GxRunner, SuiteOutcome
+from checks.policy import decide
+from checks.suites import (
+    comparison_checks,
+    data_quality_aggregate_checks,
+    data_quality_row_checks,
+    guardrail_checks,
+)
+from checks.thresholds import GateSpec
+from checks.verdict import Decision, GateResult, MetricRecord
+from router.modes import DeploymentMode
+
+SPLIT_MODES = (DeploymentMode.CANARY.value, DeploymentMode.AB_TEST.value)
+
+FAILBACKS_SQL = """
+SELECT detail FROM router_events
+WHERE kind = 'failback' AND config_version = ?
+ORDER BY ts
+"""
+
+
+def sample_ratio_p_value(production: int, legacy: int, expected_share: float) -> float | None:
+    """Chi-square goodness of fit of the units per arm against the configured split."""
+    total = production + legacy
+    if total == 0 or not 0 < expected_share < 1:
+        return None
+    expected = [total * expected_share, total * (1 - expected_share)]
+    return float(scipy_stats.chisquare([production, legacy], expected).pvalue)
+
+
+def _records(
+    outcome: SuiteOutcome,
+    kind: str,
+    spec: GateSpec,
+    n_legacy: int,
+    n_production: int,
+    data_quality: bool = False,
+) -> list[MetricRecord]:
+    records = []
+    for check in outcome.outcomes:
+        mode = "data_quality" if data_quality else spec.thresholds.mode_of(check.metric).value
+        observed = check.observed if isinstance(check.observed, int | float) else None
+        if check.success:
+            reason = f"{check.metric} = {observed!r} within {check.threshold!r}"
+        else:
+            reason = f"{check.metric} = {observed!r} breaks {check.threshold!r}"
+        if check.detail:
+            reason += f"; {check.detail}"
+        records.append(
+            MetricRecord(
+                check_kind=kind,
+                metric=check.metric,
+                decision=Decision.PASS if check.success else Decision.FAIL,
+                reason=reason,
+                estimate=float(observed) if observed is not None else None,
+                threshold=check.threshold,
+                n_legacy=n_legacy,
+                n_production=n_production,
+                metric_mode=mode,
+                critical=not data_quality and mode == "abort",
+            )
+        )
+    return records
+
+
+def evaluate(
+    con: Connection,
+    spec: GateSpec,
+    runner: GxRunner,
+    run_name: str,
+) -> GateResult:
+    version = spec.config_version
+    arms = arm_stats(con, version)
+    prod, legacy = arms["production"], arms["legacy"]
+    records: list[MetricRecord] = []
+    docs: list[str] = []
+    th = spec.thresholds
+
+    def run(
+        name: str,
+        checks: list[Check],
+        frame: pd.DataFrame,
+        params: dict[str, float],
+        kind: str,
+        dq: bool = False,
+    ) -> None:
+        outcome = runner.run(name, checks, frame, params, run_name)
+        if outcome.docs_url:
+            docs.append(outcome.docs_url)
+        records.extend(_records(outcome, kind, spec, legacy.n, prod.n, data_quality=dq))
+
+    # -- data quality -------------------------------------------------------------------
+    rows = window_rows(con, version, spec.phase_started_at)
+    if len(rows):
+        run(
+            "data_quality_rows",
+            data_quality_row_checks(),
+            rows,
+            {"config_version": float(version)},
+            "data_quality",
+            True,
+        )
+    newest = max((a.last_ts for a in arms.values() if a.last_ts is not None), default=None)
+    staleness = (spec.now - newest).total_seconds() if newest is not None else float("inf")
+    srm_applies = spec.mode in SPLIT_MODES
+    srm = (
+        sample_ratio_p_value(prod.subjects, legacy.subjects, spec.traffic_percent / 100.0)
+        if srm_applies
+        else None
+    )
+    expect_legacy = spec.mode != DeploymentMode.PRODUCTION_ONLY.value
+    aggregate: dict[str, Any] = {
+        "n_production": prod.n,
+        "n_legacy": legacy.n,
+        "staleness_s": min(staleness, 1e9),
+        "srm_p_value": srm if srm is not None else 1.0,
+    }
+    run(
+        "data_quality",
+        data_quality_aggregate_checks(expect_legacy, srm_applies and srm is not None),
+        pd.DataFrame([aggregate]),
+        {
+            "min_rows": float(spec.min_samples),
+            "freshness_s": th.freshness_s,
+            "srm_p_value": th.srm_p_value,
+        },
+        "data_quality",
+        True,
+    )
+
+    # -- guardrails on the production arm -------------------------------------------------
+    if prod.n:
+        guard_frame = {
+            "error_rate": prod.error_rate,
+            "p95_ms": prod.p95_ms,
+            "cost_mean": prod.cost_mean,
+            "quality_mean": prod.quality_mean,
+        }
+        params = {
+            "max_error_rate": th.max_error_rate,
+            "max_p95_latency_ms": th.max_p95_latency_ms,
+            "max_cost_per_request_usd": th.max_cost_per_request_usd or 0.0,
+            "min_mean_quality": th.min_mean_quality or 0.0,
+        }
+        checks = guardrail_checks(
+            guard_frame, th.max_cost_per_request_usd is not None, th.min_mean_quality is not None
+        )
+        if prod.n >= spec.min_samples:
+            run("guardrails", checks, pd.DataFrame([guard_frame]), params, "guardrail")
+
+    # -- production against legacy ---------------------------------------------------------
+    if prod.n >= spec.min_samples and legacy.n >= spec.min_samples:
+        values = {
+            "p95_ratio": ratio(prod.p95_ms, legacy.p95_ms),
+            "error_rate_diff": difference(prod.error_rate, legacy.error_rate),
+            "cost_ratio": ratio(prod.cost_mean, legacy.cost_mean),
+            "quality_diff": difference(prod.quality_mean, legacy.quality_mean),
+        }
+        present = {k: v for k, v in values.items() if v is not None}
+        run(
+            "comparison",
+            comparison_checks(present),
+            pd.DataFrame([present]),
+            {
+                "max_p95_ratio": th.max_p95_ratio,
+                "max_error_rate_diff": th.max_error_rate_diff,
+                "max_cost_ratio": th.max_cost_ratio,
+                "min_quality_diff": th.min_quality_diff,
+            },
+            "comparison",
+        )
+
+    failbacks = [row[0] for row in con.execute(FAILBACKS_SQL, [version]).fetchall()]
+    for detail in failbacks:
+        records.append(
+            MetricRecord(
+                "router",
+                "router_failback",
+                Decision.FAIL,
+                detail,
+                n_legacy=legacy.n,
+                n_production=prod.n,
+                metric_mode="abort",
+            )
+        )
+    verdict, reason = decide(spec, records, prod.n, failbacks)
+    return GateResult(
+        verdict=verdict,
+        reason=reason,
+        records=records,
+        n_legacy=legacy.n,
+        n_production=prod.n,
+        data_docs_url=docs[-1] if docs else runner.index_url(),
+    )

@@ -1,0 +1,96 @@
+"""The verdict policy: from metric records to PROMOTE / HOLD / NEEDS_APPROVAL / ROLLBACK /
+INSUFFICIENT_DATA. Pure, so every rule is a row in a table test.
+
+Order of precedence:
+1. the router's own guard failed back under this config          -> ROLLBACK
+2. a failed metric in mode `abort`                                -> ROLLBACK
+3. data quality failed (pipeline alarm: no fresh rows, wrong split) -> INSUFFICIENT_DATA
+4. fewer production samples than the phase's minimum              -> INSUFFICIENT_DATA
+5. a failed metric in mode `pause`                                -> NEEDS_APPROVAL
+6. a critical metric still inconclusive                           -> HOLD
+7. minimum duration not reached                                   -> HOLD
+8. the phase asks a human                                         -> NEEDS_APPROVAL
+9. otherwise                                                      -> PROMOTE
+Past the maximum duration, a HOLD or INSUFFICIENT_DATA becomes what the plan's
+`on_max_duration` says. `observe` and `warn` metrics are reported and never act.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from checks.thresholds import GateSpec, MaxDurationPolicy, MetricMode
+from checks.verdict import Decision, MetricRecord, Verdict
+
+AT_MAX = {
+    MaxDurationPolicy.PROMOTE: Verdict.PROMOTE,
+    MaxDurationPolicy.ROLLBACK: Verdict.ROLLBACK,
+    MaxDurationPolicy.ASK: Verdict.NEEDS_APPROVAL,
+    MaxDurationPolicy.HOLD: Verdict.HOLD,
+}
+
+
+def _names(records: Sequence[MetricRecord]) -> str:
+    return ", ".join(f"{r.metric} ({r.reason})" for r in records)
+
+
+def decide(
+    spec: GateSpec,
+    records: Sequence[MetricRecord],
+    n_production: int,
+    failbacks: Sequence[str] = (),
+) -> tuple[Verdict, str]:
+    verdict, reason = _decide(spec, records, n_production, failbacks)
+    if spec.elapsed_s >= spec.max_duration_s and verdict in (
+        Verdict.HOLD,
+        Verdict.INSUFFICIENT_DATA,
+    ):
+        final = AT_MAX[spec.on_max_duration]
+        return final, (
+            f"maximum duration {spec.max_duration_s:g}s reached while {verdict.value} "
+            f"({reason}); plan policy on_max_duration={spec.on_max_duration.value}"
+        )
+    return verdict, reason
+
+
+def _decide(
+    spec: GateSpec,
+    records: Sequence[MetricRecord],
+    n_production: int,
+    failbacks: Sequence[str],
+) -> tuple[Verdict, str]:
+    if failbacks:
+        return Verdict.ROLLBACK, f"router guard failed back to legacy: {failbacks[0]}"
+    acting = [r for r in records if r.failed and r.check_kind != "data_quality"]
+    aborts = [r for r in acting if r.metric_mode == MetricMode.ABORT.value]
+    if aborts:
+        return Verdict.ROLLBACK, f"harm in {_names(aborts)}"
+    data = [r for r in records if r.check_kind == "data_quality" and r.failed]
+    pipeline = [r for r in data if not r.metric.startswith("min_rows")]
+    if pipeline:
+        return Verdict.INSUFFICIENT_DATA, f"data quality alarm: {_names(pipeline)}"
+    if n_production < spec.min_samples or data:
+        return Verdict.INSUFFICIENT_DATA, (
+            f"{n_production} of {spec.min_samples} production samples"
+        )
+    pauses = [r for r in acting if r.metric_mode == MetricMode.PAUSE.value]
+    if pauses:
+        return Verdict.NEEDS_APPROVAL, f"paused for a human by {_names(pauses)}"
+    open_critical = [
+        r
+        for r in records
+        if r.critical
+        and r.decision is Decision.INCONCLUSIVE
+        and r.metric_mode == MetricMode.ABORT.value
+    ]
+    if open_critical:
+        return Verdict.HOLD, f"not yet conclusive: {', '.join(r.metric for r in open_critical)}"
+    if spec.elapsed_s < spec.min_duration_s:
+        return Verdict.HOLD, (
+            f"checks pass; {spec.elapsed_s:.0f}s of the minimum {spec.min_duration_s:g}s elapsed"
+        )
+    if spec.requires_approval:
+        return Verdict.NEEDS_APPROVAL, "checks pass; this phase asks a human before promotion"
+    return Verdict.PROMOTE, (
+        f"checks pass with {n_production} production samples over {spec.elapsed_s:.0f}s"
+    )

@@ -1,0 +1,83 @@
+"""What a phase promises: thresholds, metric modes and what to do at maximum duration.
+
+Defined here (not in the plan) because the checks interpret them; the plan model in
+`flows.plan` embeds them, keeping imports pointing from flows to checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class MetricMode(StrEnum):
+    """Argo-style action of a metric: observe (dry run: reported, never acts), warn
+    (reported as a warning, never acts), pause (holds the rollout for a human), abort
+    (rolls back)."""
+
+    OBSERVE = "observe"
+    WARN = "warn"
+    PAUSE = "pause"
+    ABORT = "abort"
+
+
+class MaxDurationPolicy(StrEnum):
+    """What happens when a phase reaches its maximum duration without a decision."""
+
+    PROMOTE = "promote"
+    ROLLBACK = "rollback"
+    ASK = "ask"
+    HOLD = "hold"
+
+
+#: Metrics whose detected harm rolls back unless the plan sets another mode.
+CRITICAL_METRICS = ("error_rate", "p95_latency_ms")
+
+
+class Thresholds(BaseModel):
+    """Absolute guardrails on the production arm and margins against legacy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_error_rate: float = Field(default=0.05, gt=0, le=1)
+    max_p95_latency_ms: float = Field(default=5000.0, gt=0)
+    max_cost_per_request_usd: float | None = Field(default=None, gt=0)
+    min_mean_quality: float | None = Field(default=None, ge=0, le=1)
+    max_p95_ratio: float = Field(default=1.25, gt=0, description="production / legacy")
+    max_error_rate_diff: float = Field(default=0.02, ge=0, le=1, description="production - legacy")
+    max_cost_ratio: float = Field(default=1.3, gt=0, description="production / legacy")
+    min_quality_diff: float = Field(default=-0.1, ge=-1, le=1, description="production - legacy")
+    alpha: float = Field(default=0.01, gt=0, lt=0.5, description="sequential tests' error rate")
+    srm_p_value: float = Field(default=0.001, gt=0, lt=0.5, description="sample-ratio alarm")
+    freshness_s: float = Field(default=120.0, gt=0, description="newest row at most this old")
+    metric_modes: dict[str, MetricMode] = Field(default_factory=dict)
+
+    def mode_of(self, metric: str) -> MetricMode:
+        if metric in self.metric_modes:
+            return self.metric_modes[metric]
+        return MetricMode.ABORT if metric in CRITICAL_METRICS else MetricMode.WARN
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """Everything the gate needs to know about the phase being evaluated."""
+
+    config_version: int
+    mode: str
+    traffic_percent: float
+    shadow_sample_rate: float
+    thresholds: Thresholds
+    min_samples: int
+    min_duration_s: float
+    max_duration_s: float
+    phase_started_at: datetime
+    now: datetime
+    requires_approval: bool = False
+    on_max_duration: MaxDurationPolicy = MaxDurationPolicy.ASK
+
+    @property
+    def elapsed_s(self) -> float:
+        return (self.now - self.phase_started_at).total_seconds()

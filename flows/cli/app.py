@@ -1,0 +1,21 @@
+"""Assembles the command groups."""
+
+from __future__ import annotations
+
+import typer
+
+from flows.cli import collect_cmd, config_cmd, demo_cmd, sim_cmd, sql_cmd
+
+app = typer.Typer(
+    name="rollout",
+    help="Roll out a new load balancer inside an embedded query router, safely.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(config_cmd.app, name="config")
+app.add_typer(sim_cmd.app, name="sim")
+app.add_typer(demo_cmd.app_cli, name="app")
+app.command("demo")(demo_cmd.demo)
+app.command("sql")(sql_cmd.sql)
+app.command("collect")(collect_cmd.collect_cmd)

@@ -1,0 +1,95 @@
+"""`rollout config validate|show|migrate`: check PROD_LB_* settings before they bite."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from flows.cli.common import console, fail
+from router.feature_flags import ENV_PREFIX, ProductionFeatureFlags, load_flags
+from router.settings_errors import SECRET_MARKERS, SettingsError
+
+app = typer.Typer(help="Validate and show the PROD_LB_* configuration.", no_args_is_help=True)
+
+PROFILES_DIR = Path(__file__).resolve().parents[2] / "deployments" / "profiles"
+
+Profile = Annotated[
+    str | None,
+    typer.Option(
+        "--profile",
+        help="A profile name in deployments/profiles (shadow, canary, ab_test, "
+        "production_full) or a path to an .env file. The environment overrides it.",
+    ),
+]
+
+
+def profile_path(profile: str | None) -> Path | None:
+    if profile is None:
+        return None
+    candidate = Path(profile)
+    if candidate.suffix == ".env" or candidate.exists():
+        return candidate
+    named = PROFILES_DIR / f"{profile}.env"
+    if not named.exists():
+        known = sorted(p.stem for p in PROFILES_DIR.glob("*.env"))
+        fail(f"unknown profile {profile!r}; known: {', '.join(known)} (or a path to an .env file)")
+    return named
+
+
+def _load(profile: str | None) -> ProductionFeatureFlags:
+    try:
+        return load_flags(profile_path(profile))
+    except SettingsError as exc:
+        fail(exc.lines)
+
+
+@app.command("validate")
+def validate(profile: Profile = None) -> None:
+    """Exit 0 if the configuration is valid; otherwise one line per bad variable, exit 2."""
+    flags = _load(profile)
+    backends = flags.backends()
+    console.print(
+        f"[green]valid[/green]: mode {flags.effective_mode.value} at "
+        f"{flags.effective_percent:g}%, algorithm {flags.primary_algorithm.value}, "
+        f"{len(backends)} backend(s)",
+        highlight=False,
+    )
+
+
+def masked_value(name: str, value: object) -> str:
+    if any(marker in name.upper() for marker in SECRET_MARKERS) and "ENV" not in name.upper():
+        return "***"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return "" if value is None else str(value)
+
+
+@app.command("show")
+def show(
+    profile: Profile = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+) -> None:
+    """Show the effective configuration (secrets masked) and where API keys come from."""
+    flags = _load(profile)
+    values = {
+        f"{ENV_PREFIX}{name.upper()}": masked_value(name, getattr(flags, name))
+        for name in ProductionFeatureFlags.model_fields
+    }
+    keys = {
+        b.name: ("set" if b.api_key() else "not set") + f" (from ${b.api_key_env})"
+        for b in flags.backends()
+        if b.api_key_env
+    }
+    if as_json:
+        console.print_json(json.dumps({"variables": values, "api_keys": keys}))
+        return
+    table = Table("variable", "value", title="effective PROD_LB_* configuration")
+    for name, value in values.items():
+        table.add_row(name, value)
+    console.print(table)
+    for backend, state in keys.items():
+        console.print(f"API key for {backend}: {state}", highlight=False)

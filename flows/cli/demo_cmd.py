@@ -1,0 +1,103 @@
+"""`rollout demo` and `rollout app run`: the five-phase rollout on loopback, end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flows.cli.common import DEFAULT_DATA_DIR, DataDir, console, fail
+from flows.prefect_env import configure_prefect
+
+
+def demo(
+    fast: Annotated[bool, typer.Option("--fast", help="Halve every phase; more traffic.")] = False,
+    inject_regression: Annotated[
+        str | None,
+        typer.Option(
+            "--inject-regression",
+            metavar="PHASE",
+            help="Degrade the production path when this phase starts (e.g. canary): the "
+            "rollout must end in a recorded rollback.",
+        ),
+    ] = None,
+    plan: Annotated[
+        Path | None, typer.Option(help="Plan YAML (default: deployments/plans/demo.yaml).")
+    ] = None,
+    rate: Annotated[float | None, typer.Option(help="Questions per second from the app.")] = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Run a compressed five-phase rollout against simulated backends on 127.0.0.1."""
+    configure_prefect()
+    from flows.demo.runner import DEMO_PLAN, DemoSettings, run_demo
+    from flows.plan import PlanError
+
+    settings = DemoSettings(
+        Path(data_dir),
+        fast=fast,
+        inject_regression=inject_regression,
+        plan_path=plan or DEMO_PLAN,
+        rate=rate,
+    )
+    try:
+        outcome = run_demo(settings, console)
+    except (PlanError, ValueError) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: every process the demo started has been stopped[/]")
+        raise typer.Exit(130) from None
+    console.print(
+        f"rollout [bold]{outcome.rollout_id}[/] ended [bold]{outcome.state}[/] "
+        f"after {outcome.seconds:.0f}s: {outcome.reason}",
+        highlight=False,
+    )
+    if outcome.regression_injected_at:
+        console.print(
+            f"regression injected into the production path at phase "
+            f"{outcome.regression_injected_at}",
+            highlight=False,
+        )
+    console.print(
+        f"metrics database: {outcome.database}  (try: rollout sql --data-dir "
+        f'{data_dir} "SELECT * FROM arm_summary")',
+        highlight=False,
+    )
+    expected = "rolled_back" if inject_regression else "completed"
+    if outcome.state != expected:
+        console.print(f"[red]expected the rollout to end {expected}[/]")
+        raise typer.Exit(1)
+
+
+app_cli = typer.Typer(
+    help="The application process (embedded router + load).", no_args_is_help=True
+)
+
+
+@app_cli.command("run")
+def app_run(
+    rate: Annotated[float, typer.Option(help="Questions per second (Poisson).")] = 40.0,
+    users: Annotated[int, typer.Option(help="Distinct users asking.")] = 2000,
+    duration: Annotated[float, typer.Option(help="Seconds to run; 0 until SIGTERM.")] = 0.0,
+    seed: Annotated[int, typer.Option()] = 11,
+    workload: Annotated[Path | None, typer.Option(help="Questions (JSON lines).")] = None,
+) -> None:
+    """Route questions through ProductionIntelligentQueryRouter configured by PROD_LB_*."""
+    from flows.demo.app import LoadSpec, run_app
+    from router.settings_errors import SettingsError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
+    if rate <= 0 or users <= 0:
+        fail("--rate and --users must be above 0")
+    try:
+        counts = asyncio.run(
+            run_app(
+                LoadSpec(rate=rate, users=users, duration_s=duration, seed=seed, workload=workload)
+            )
+        )
+    except SettingsError as exc:
+        fail(exc.lines)
+    console.print(counts)

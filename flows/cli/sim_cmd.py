@@ -1,0 +1,81 @@
+"""`rollout sim serve|set`: simulated LightRAG and Perplexity servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flows.cli.common import DEFAULT_DATA_DIR, DataDir, console, fail, paths
+
+app = typer.Typer(help="Simulated answer backends for demos and tests.", no_args_is_help=True)
+
+
+class FleetName(StrEnum):
+    demo = "demo"
+
+
+@app.command("serve")
+def serve(
+    fleet: Annotated[FleetName, typer.Option(help="Which fleet to start.")] = FleetName.demo,
+    fleet_file: Annotated[
+        Path | None,
+        typer.Option(help="Where to write the servers' URLs (default DATA_DIR/runs/fleet.json)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the simulated randomness.")] = 7,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Start the fleet on 127.0.0.1 (free ports) and serve until Ctrl-C or SIGTERM."""
+    from flows.sim.fleet import SIM_API_KEY_ENV, Fleet, demo_fleet
+
+    target = fleet_file or paths(data_dir).runs / "fleet.json"
+
+    async def main() -> None:
+        running = Fleet(demo_fleet(api_key=os.environ.get(SIM_API_KEY_ENV)), seed=seed)
+        info = await running.start()
+        info.write(target)
+        for member in info.members:
+            console.print(
+                f"{member.spec.name:14} {member.spec.kind.value:11} {member.url}", highlight=False
+            )
+        console.print(f"fleet file: {target}", highlight=False)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await running.stop()
+        target.unlink(missing_ok=True)
+
+    asyncio.run(main())
+
+
+@app.command("set")
+def set_profile_cmd(
+    backend: Annotated[str, typer.Argument(help="Backend name from the fleet file.")],
+    patch: Annotated[str, typer.Argument(help="JSON, e.g. '{\"error_rate\": 0.3}'.")],
+    arm: Annotated[str | None, typer.Option(help="Apply only to requests of this arm.")] = None,
+    fleet_file: Annotated[Path | None, typer.Option()] = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Change a running simulated backend's profile (inject or clear a fault)."""
+    from flows.sim.fleet import FleetInfo, set_profile
+
+    target = fleet_file or paths(data_dir).runs / "fleet.json"
+    try:
+        info = FleetInfo.read(target)
+        member = info.member(backend)
+        body = json.loads(patch)
+    except FileNotFoundError:
+        fail(f"no fleet file at {target}: is `rollout sim serve` running?")
+    except KeyError as exc:
+        fail(str(exc.args[0]))
+    except json.JSONDecodeError as exc:
+        fail(f"patch is not JSON: {exc}")
+    console.print_json(json.dumps(set_profile(member.admin_url, body, arm)))

@@ -1,0 +1,116 @@
+"""`rollout sql`: read-only SQL on the metrics database, as a table, CSV or JSON."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from datetime import date, datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from flows.cli.common import DEFAULT_DATA_DIR, DataDir, console, fail, paths
+
+EXAMPLES: dict[str, str] = {
+    "Legacy against production, per phase": "SELECT phase_index + 1 AS phase, phase_name, arm, requests, success_rate, p95_ms, "
+    "cost_per_request_usd, mean_quality FROM arm_summary ORDER BY rollout_id, phase, arm",
+    "Every decision of the latest rollout, with its reason": "SELECT decided_at, phase_index + 1 AS phase, verdict, action, actor, reason "
+    "FROM decisions WHERE rollout_id = (SELECT rollout_id FROM rollouts "
+    "ORDER BY started_at DESC LIMIT 1) ORDER BY decided_at",
+    "The decision record of the latest evaluation": "SELECT check_kind, metric, decision, estimate, threshold, n_legacy, n_production, "
+    "reason FROM gate_evaluations WHERE evaluation_id = (SELECT evaluation_id FROM "
+    "gate_evaluations ORDER BY evaluated_at DESC LIMIT 1)",
+    "Backend error rates per minute": "SELECT window_start, backend, arm, requests, error_rate, p95_ms FROM backend_health "
+    "ORDER BY window_start DESC, backend LIMIT 30",
+    "Shadow mode: did production pick a faster backend?": "SELECT same_backend, count(*) AS pairs, avg(latency_delta_ms) AS mean_latency_delta_ms, "
+    "avg(quality_delta) AS mean_quality_delta FROM shadow_pairs GROUP BY ALL",
+    "Router events: failbacks, refused configs, quarantined segments": "SELECT ts, router_instance, kind, config_version, detail FROM router_events "
+    "ORDER BY ts DESC LIMIT 20",
+    "The rollout state machine, step by step": "SELECT rollout_id, seq, occurred_at, from_state, to_state, phase_index + 1 AS phase, "
+    "cause FROM rollout_transitions ORDER BY rollout_id, seq",
+}
+
+
+class Format(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    return value
+
+
+def sql(
+    query: Annotated[str | None, typer.Argument(help="One or more SELECT statements.")] = None,
+    output: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.table,
+    examples: Annotated[bool, typer.Option("--examples", help="List ready-made queries.")] = False,
+    wait: Annotated[
+        float, typer.Option(help="Seconds to wait while a writer holds the lock.")
+    ] = 15.0,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Run read-only SQL on the metrics database. Writes are refused (exit code 2)."""
+    import duckdb
+
+    from flows.store.database import StoreError, connect
+
+    if examples:
+        for title, text in EXAMPLES.items():
+            console.print(f"[bold]-- {title}[/]\n{text};\n", highlight=False, soft_wrap=True)
+        return
+    if not query or not query.strip():
+        fail('give a query, e.g. rollout sql "SELECT * FROM arm_summary", or --examples')
+    p = paths(data_dir)
+    allowed = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+    try:
+        with connect(p.database, read_only=True, wait_s=wait, sandbox=[p.root, p.archive]) as con:
+            try:
+                statements = con.extract_statements(query)
+            except duckdb.Error as exc:
+                fail(f"cannot parse the query: {exc}")
+            refused = [s for s in statements if s.type not in allowed]
+            if refused:
+                kind = refused[0].type.name
+                fail(
+                    f"refused: {kind} statements are not allowed; `rollout sql` is read-only "
+                    "(SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN)"
+                )
+            for statement in statements:
+                try:
+                    cursor = con.execute(statement)
+                    columns = [d[0] for d in cursor.description or []]
+                    rows = cursor.fetchall()
+                except duckdb.Error as exc:
+                    fail(f"query failed: {str(exc).splitlines()[0]}")
+                _print(columns, rows, output)
+    except StoreError as exc:
+        fail(str(exc))
+
+
+def _print(columns: list[str], rows: list[tuple[Any, ...]], output: Format) -> None:
+    if output is Format.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows([[_plain(v) for v in row] for row in rows])
+        return
+    if output is Format.json:
+        print(
+            json.dumps(
+                [{c: _plain(v) for c, v in zip(columns, row, strict=True)} for row in rows],
+                default=str,
+            )
+        )
+        return
+    table = Table(*columns, show_lines=False)
+    for row in rows:
+        table.add_row(
+            *("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row)
+        )
+    console.print(table)
+    console.print(f"{len(rows)} row(s)", style="dim")

@@ -1,0 +1,106 @@
+"""Publishing `RouterConfig` documents for a rollout and waiting for instances to apply them."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from flows.paths import DataPaths
+from flows.plan import RolloutPlan
+from router.control_store import Acknowledgement, FileControlStore
+from router.modes import DeploymentMode
+from router.router_config import GuardLimits, RouterConfig
+
+#: An instance whose heartbeat is older than this is considered gone.
+STALE_AFTER_S = 15.0
+
+
+def control_store(paths: DataPaths) -> FileControlStore:
+    return FileControlStore(paths.control)
+
+
+def phase_config(
+    plan: RolloutPlan, phase_index: int, version: int, rollout_id: str, reason: str
+) -> RouterConfig:
+    phase = plan.phases[phase_index]
+    th = phase.thresholds
+    return RouterConfig(
+        version=version,
+        mode=phase.mode,
+        traffic_percent=phase.traffic_percent,
+        algorithm=plan.algorithm_for(phase),
+        shadow_sample_rate=phase.shadow_sample_rate,
+        salt=plan.salt,
+        guard=GuardLimits(
+            # The router's local guard is the fast, blunt backstop: it trips at twice the
+            # gate's error threshold so the gate, with its statistics, decides first.
+            error_rate=min(1.0, th.max_error_rate * 2),
+            p95_latency_ms=th.max_p95_latency_ms * 2,
+            min_requests=20,
+        ),
+        rollout_id=rollout_id,
+        phase=phase.name,
+        reason=reason,
+    )
+
+
+def legacy_only_config(
+    version: int, rollout_id: str | None, salt: str, reason: str
+) -> RouterConfig:
+    return RouterConfig(
+        version=version,
+        mode=DeploymentMode.LEGACY_ONLY,
+        traffic_percent=0,
+        salt=salt,
+        rollout_id=rollout_id,
+        phase="rollback",
+        reason=reason,
+    )
+
+
+@dataclass
+class AckStatus:
+    version: int
+    live: list[Acknowledgement] = field(default_factory=list)
+    applied: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.live) and not self.pending
+
+    def describe(self) -> str:
+        if not self.live:
+            return "no live router instance (no heartbeat in the last 15 s)"
+        parts = [f"{len(self.applied)}/{len(self.live)} instance(s) applied v{self.version}"]
+        if self.refused:
+            parts.append("refused by " + ", ".join(f"{i} ({r})" for i, r in self.refused))
+        return "; ".join(parts)
+
+
+def ack_status(store: FileControlStore, version: int) -> AckStatus:
+    status = AckStatus(version)
+    for ack in store.read_acks():
+        if ack.age_s() > STALE_AFTER_S:
+            continue
+        status.live.append(ack)
+        if ack.applied_version >= version:
+            status.applied.append(ack.instance)
+        else:
+            status.pending.append(ack.instance)
+            if ack.refused_version == version and ack.refused_reason:
+                status.refused.append((ack.instance, ack.refused_reason))
+    return status
+
+
+def wait_for_ack(
+    store: FileControlStore, version: int, timeout_s: float, poll_s: float = 0.1
+) -> AckStatus:
+    """Until every live instance applied `version` (or refused it), or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = ack_status(store, version)
+        if status.complete or status.refused or time.monotonic() >= deadline:
+            return status
+        time.sleep(poll_s)

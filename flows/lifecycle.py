@@ -1,0 +1,333 @@
+"""Rollout state changes that touch the router: start, promote, roll back, abort, approve.
+
+Ordering rule: the database change and the control-store publish happen inside one
+DuckDB transaction, with the publish last before COMMIT. If the publish fails, the
+transaction rolls back and nothing is recorded; if the process dies after publishing
+but before COMMIT, the next tick finds a published document the database does not know
+and adopts it (`reconcile`). Either way the recorded state never claims a config the
+routers were not sent.
+
+Rollback is the exception: it publishes `legacy_only` FIRST and records afterwards,
+because getting users off a bad balancer matters more than bookkeeping, and publishing
+legacy twice is harmless.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import duckdb
+
+from flows.control import control_store, legacy_only_config, phase_config
+from flows.paths import DataPaths
+from flows.plan import RolloutPlan
+from flows.state import RolloutState
+from flows.store.database import connect, first
+from flows.store.rollouts import (
+    Rollout,
+    active_rollouts,
+    create_rollout,
+    end_phase,
+    get_rollout,
+    latest_rollout,
+    next_config_version,
+    record_config,
+    record_decision,
+    start_phase,
+    transition,
+)
+from router.router_config import RouterConfig
+
+
+class RolloutError(RuntimeError):
+    """A request that cannot be carried out in the rollout's current state."""
+
+
+@dataclass(frozen=True)
+class Published:
+    rollout: Rollout
+    config: RouterConfig
+
+
+def _store_floor(paths: DataPaths) -> int:
+    current = control_store(paths).current_or_none()
+    return current.version if current else 0
+
+
+def _publish_in_txn(
+    con: duckdb.DuckDBPyConnection,
+    paths: DataPaths,
+    config: RouterConfig,
+    phase_index: int | None,
+) -> None:
+    record_config(con, config, phase_index)
+    control_store(paths).publish(config)
+
+
+def start(
+    paths: DataPaths, plan: RolloutPlan, *, actor: str, rollout_id: str | None = None
+) -> Published:
+    """Record a new rollout and publish its first phase. One active rollout per router group."""
+    rollout_id = rollout_id or f"ro-{uuid.uuid4().hex[:10]}"
+    with connect(paths.database) as con:
+        existing = get_rollout(con, rollout_id)
+        if existing is not None:  # re-running the same start is a no-op
+            version = _phase_version(con, existing)
+            return Published(existing, _config_of(con, version))
+        active = active_rollouts(con, plan.router_group)
+        if active:
+            raise RolloutError(
+                f"rollout {active[0].rollout_id} is already {active[0].state.value} on router "
+                f"group {plan.router_group!r}: finish, roll back or abort it first"
+            )
+        con.execute("BEGIN TRANSACTION")
+        try:
+            rollout = create_rollout(con, rollout_id, plan, actor)
+            version = next_config_version(con, _store_floor(paths))
+            config = phase_config(plan, 0, version, rollout_id, "rollout started: phase 1")
+            start_phase(con, rollout_id, 0, version)
+            rollout = transition(
+                con,
+                rollout,
+                RolloutState.RUNNING,
+                phase_index=0,
+                cause=f"published phase 1 ({plan.phases[0].name}) as v{version}",
+                actor=actor,
+            )
+            _publish_in_txn(con, paths, config, 0)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    return Published(rollout, config)
+
+
+def _phase_version(con: duckdb.DuckDBPyConnection, rollout: Rollout) -> int:
+    row = first(
+        con.execute(
+            "SELECT config_version FROM phases WHERE rollout_id = ? AND phase_index = ?",
+            [rollout.rollout_id, rollout.phase_index],
+        )
+    )
+    if not row or row[0] is None:
+        raise RolloutError(
+            f"rollout {rollout.rollout_id} phase {rollout.phase_index} has no config"
+        )
+    return int(row[0])
+
+
+def _config_of(con: duckdb.DuckDBPyConnection, version: int) -> RouterConfig:
+    row = first(con.execute("SELECT document FROM config_versions WHERE version = ?", [version]))
+    if not row:
+        raise RolloutError(f"config v{version} is not recorded")
+    return RouterConfig.model_validate_json(row[0])
+
+
+def promote(
+    con: duckdb.DuckDBPyConnection,
+    paths: DataPaths,
+    rollout: Rollout,
+    *,
+    reason: str,
+    actor: str,
+) -> Published | Rollout:
+    """Next phase (publishes its config) or, after the last phase, completion."""
+    index = rollout.phase_index
+    plan = rollout.plan
+    con.execute("BEGIN TRANSACTION")
+    try:
+        end_phase(con, rollout.rollout_id, index, "promoted")
+        if index + 1 >= len(plan.phases):
+            done = transition(con, rollout, RolloutState.COMPLETED, cause=reason, actor=actor)
+            con.execute("COMMIT")
+            return done
+        version = next_config_version(con, _store_floor(paths))
+        nxt = plan.phases[index + 1]
+        config = phase_config(
+            plan,
+            index + 1,
+            version,
+            rollout.rollout_id,
+            f"promoted to phase {index + 2} ({nxt.name}): {reason}",
+        )
+        start_phase(con, rollout.rollout_id, index + 1, version)
+        moved = transition(
+            con,
+            rollout,
+            RolloutState.RUNNING,
+            phase_index=index + 1,
+            cause=f"promoted to phase {index + 2} ({nxt.name}) as v{version}: {reason}",
+            actor=actor,
+        )
+        _publish_in_txn(con, paths, config, index + 1)
+        con.execute("COMMIT")
+        return Published(moved, config)
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+def rollback(
+    paths: DataPaths,
+    *,
+    reason: str,
+    actor: str,
+    rollout_id: str | None = None,
+    decided: bool = False,
+) -> tuple[RouterConfig, Rollout | None]:
+    """Fast path: publish legacy_only first, then record. Safe to repeat.
+
+    `decided`: the caller (a gate evaluation) already recorded the ROLLBACK decision.
+    """
+    store = control_store(paths)
+    current = store.current_or_none()
+    with connect(paths.database) as con:
+        rollout = _resolve(con, rollout_id, allow_terminal=True)
+        already = (
+            current is not None
+            and current.mode.value == "legacy_only"
+            and rollout is not None
+            and current.rollout_id == rollout.rollout_id
+        )
+        if already:
+            config = current
+        else:
+            version = next_config_version(con, current.version if current else 0)
+            config = legacy_only_config(
+                version,
+                rollout.rollout_id if rollout else None,
+                rollout.plan.salt if rollout else (current.salt if current else "rollout-v1"),
+                f"rollback: {reason}",
+            )
+            store.publish(config)  # users first
+        con.execute("BEGIN TRANSACTION")
+        try:
+            record_config(con, config, rollout.phase_index if rollout else None)
+            if rollout is not None and rollout.active:
+                end_phase(con, rollout.rollout_id, rollout.phase_index, "rolled_back")
+                rollout = transition(
+                    con,
+                    rollout,
+                    RolloutState.ROLLED_BACK,
+                    cause=f"rolled back: {reason}",
+                    actor=actor,
+                )
+                if not decided:
+                    record_decision(
+                        con,
+                        decision_id=uuid.uuid4().hex,
+                        rollout=rollout,
+                        config_version=config.version,
+                        verdict="ROLLBACK",
+                        action="published legacy_only",
+                        actor=actor,
+                        reason=reason,
+                    )
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    return config, rollout
+
+
+def abort(paths: DataPaths, *, reason: str, actor: str, rollout_id: str | None = None) -> Rollout:
+    """Stop a rollout on purpose: routers go back to legacy, the rollout ends as aborted."""
+    store = control_store(paths)
+    current = store.current_or_none()
+    with connect(paths.database) as con:
+        rollout = _resolve(con, rollout_id)
+        if rollout is None:
+            raise RolloutError("no active rollout to abort")
+        version = next_config_version(con, current.version if current else 0)
+        config = legacy_only_config(
+            version, rollout.rollout_id, rollout.plan.salt, f"abort: {reason}"
+        )
+        store.publish(config)
+        con.execute("BEGIN TRANSACTION")
+        try:
+            record_config(con, config, rollout.phase_index)
+            end_phase(con, rollout.rollout_id, rollout.phase_index, "aborted")
+            rollout = transition(
+                con, rollout, RolloutState.ABORTED, cause=f"aborted: {reason}", actor=actor
+            )
+            record_decision(
+                con,
+                decision_id=uuid.uuid4().hex,
+                rollout=rollout,
+                config_version=version,
+                verdict="ABORT",
+                action="published legacy_only",
+                actor=actor,
+                reason=reason,
+            )
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    return rollout
+
+
+def _resolve(
+    con: duckdb.DuckDBPyConnection, rollout_id: str | None, allow_terminal: bool = False
+) -> Rollout | None:
+    if rollout_id is not None:
+        rollout = get_rollout(con, rollout_id)
+        if rollout is None:
+            raise RolloutError(f"no rollout {rollout_id!r}")
+        if not rollout.active and not allow_terminal:
+            raise RolloutError(f"rollout {rollout_id} is already {rollout.state.value}")
+        return rollout
+    active = active_rollouts(con)
+    if len(active) > 1:
+        ids = ", ".join(r.rollout_id for r in active)
+        raise RolloutError(f"several rollouts are active ({ids}): pass --rollout-id")
+    if active:
+        return active[0]
+    return latest_rollout(con) if allow_terminal else None
+
+
+def resolve_active(con: duckdb.DuckDBPyConnection, rollout_id: str | None) -> Rollout | None:
+    return _resolve(con, rollout_id)
+
+
+def get_state(con: duckdb.DuckDBPyConnection, rollout_id: str) -> Rollout:
+    rollout = get_rollout(con, rollout_id)
+    if rollout is None:
+        raise RolloutError(f"no rollout {rollout_id!r}")
+    return rollout
+
+
+def approve(
+    paths: DataPaths,
+    *,
+    approved: bool,
+    actor: str,
+    comment: str = "",
+    rollout_id: str | None = None,
+) -> Rollout:
+    """A human's answer to NEEDS_APPROVAL: approval promotes, rejection rolls back."""
+    with connect(paths.database) as con:
+        rollout = _resolve(con, rollout_id)
+        if rollout is None or rollout.state is not RolloutState.AWAITING_APPROVAL:
+            state = rollout.state.value if rollout else "no active rollout"
+            raise RolloutError(f"nothing awaits approval (state: {state})")
+        reason = f"{'approved' if approved else 'rejected'} by {actor}" + (
+            f": {comment}" if comment else ""
+        )
+        record_decision(
+            con,
+            decision_id=uuid.uuid4().hex,
+            rollout=rollout,
+            config_version=_phase_version(con, rollout),
+            verdict="APPROVED" if approved else "REJECTED",
+            action="promote" if approved else "rollback",
+            actor=actor,
+            reason=reason,
+        )
+        if approved:
+            moved = promote(con, paths, rollout, reason=reason, actor=actor)
+            return moved.rollout if isinstance(moved, Published) else moved
+    _, rolled = rollback(paths, reason=reason, actor=actor, rollout_id=rollout.rollout_id)
+    assert rolled is not None
+    return rolled

@@ -1,0 +1,216 @@
+"""`RolloutPlan`: the phases a rollout walks, with their gates. Rendered as a form in the UI.
+
+Durations accept seconds (`30`), suffixed strings (`30s`, `15m`, `2h`, `7d`) or ISO 8601
+(`PT30S`). An invalid plan is refused as a whole with one line per problem, naming the
+phase and the field.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from checks.thresholds import MaxDurationPolicy, Thresholds
+from router.algorithms.names import AlgorithmName
+from router.modes import DeploymentMode
+from router.router_config import check_mode_percent
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+
+
+def parse_duration(value: Any) -> Any:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+    return value  # let pydantic try ISO 8601 and report the error
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+class Phase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    mode: DeploymentMode
+    traffic_percent: float = Field(ge=0, le=100)
+    min_duration: Duration
+    max_duration: Duration
+    evaluation_interval: Duration
+    min_samples: int = Field(default=200, ge=1, description="production-arm requests")
+    thresholds: Thresholds = Thresholds()
+    requires_approval: bool = False
+    on_max_duration: MaxDurationPolicy = MaxDurationPolicy.ASK
+    algorithm: AlgorithmName | None = None
+    shadow_sample_rate: float = Field(default=1.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Phase:
+        check_mode_percent(self.mode, self.traffic_percent)
+        if self.mode is DeploymentMode.LEGACY_ONLY:
+            raise ValueError("legacy_only is what a rollback publishes, not a phase")
+        if self.max_duration < self.min_duration:
+            raise ValueError(
+                f"max_duration {self.max_duration} is shorter than min_duration {self.min_duration}"
+            )
+        if self.evaluation_interval <= timedelta(0):
+            raise ValueError("evaluation_interval must be positive")
+        return self
+
+
+class RolloutPlan(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    router_group: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]+$")
+    algorithm: AlgorithmName = AlgorithmName.RESPONSE_TIME
+    salt: str = Field(default="rollout-v1", min_length=1)
+    ack_timeout: Duration = timedelta(seconds=30)
+    phases: list[Phase] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _traffic_only_grows(self) -> RolloutPlan:
+        names = [p.name for p in self.phases]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"phase names must be unique, repeated: {duplicates}")
+        for index in range(1, len(self.phases)):
+            before, phase = self.phases[index - 1], self.phases[index]
+            if phase.traffic_percent < before.traffic_percent:
+                raise ValueError(
+                    f"phase {index + 1} ({phase.name}) field traffic_percent: "
+                    f"{phase.traffic_percent:g} is below phase {index} ({before.name})'s "
+                    f"{before.traffic_percent:g}; traffic may only grow"
+                )
+        return self
+
+    def algorithm_for(self, phase: Phase) -> AlgorithmName:
+        return phase.algorithm or self.algorithm
+
+    def compressed(self, factor: float) -> RolloutPlan:
+        """The same plan with every duration multiplied by `factor` (for quick demos)."""
+        phases = [
+            phase.model_copy(
+                update={
+                    "min_duration": phase.min_duration * factor,
+                    "max_duration": phase.max_duration * factor,
+                    "evaluation_interval": phase.evaluation_interval * factor,
+                }
+            )
+            for phase in self.phases
+        ]
+        return self.model_copy(update={"phases": phases})
+
+
+class PlanError(ValueError):
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def _describe(loc: tuple[Any, ...], data: Any) -> str:
+    if len(loc) >= 2 and loc[0] == "phases" and isinstance(loc[1], int):
+        index = loc[1]
+        name = ""
+        with contextlib.suppress(KeyError, IndexError, TypeError):
+            name = f" ({data['phases'][index]['name']})"
+        rest = ".".join(str(p) for p in loc[2:])
+        field = f" field {rest}" if rest else ""
+        return f"phase {index + 1}{name}{field}"
+    return "plan field " + ".".join(str(p) for p in loc) if loc else "plan"
+
+
+def validate_plan(data: Any) -> RolloutPlan:
+    """Validate a plan document; raise `PlanError` with one line per problem."""
+    try:
+        return RolloutPlan.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            message = str(error["msg"]).removeprefix("Value error, ")
+            where = _describe(tuple(error.get("loc", ())), data)
+            if message.startswith("phase "):
+                lines.append(message)
+            else:
+                lines.append(f"{where}: {message}")
+        raise PlanError(lines) from None
+
+
+def load_plan(path: Path | str) -> RolloutPlan:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise PlanError([f"plan file {str(path)!r} does not exist"]) from None
+    except yaml.YAMLError as exc:
+        raise PlanError([f"plan file {str(path)!r} is not valid YAML: {exc}"]) from None
+    return validate_plan(data)
+
+
+def _default_phases() -> list[Phase]:
+    week = timedelta(days=7)
+    return [
+        Phase(
+            name="shadow",
+            mode=DeploymentMode.SHADOW,
+            traffic_percent=0,
+            min_duration=week,
+            max_duration=2 * week,
+            evaluation_interval=timedelta(minutes=15),
+            min_samples=5000,
+            on_max_duration=MaxDurationPolicy.ASK,
+        ),
+        Phase(
+            name="canary-5",
+            mode=DeploymentMode.CANARY,
+            traffic_percent=5,
+            min_duration=week,
+            max_duration=2 * week,
+            evaluation_interval=timedelta(minutes=15),
+            min_samples=2000,
+        ),
+        Phase(
+            name="canary-15",
+            mode=DeploymentMode.CANARY,
+            traffic_percent=15,
+            min_duration=week,
+            max_duration=2 * week,
+            evaluation_interval=timedelta(minutes=15),
+            min_samples=5000,
+        ),
+        Phase(
+            name="ab-50",
+            mode=DeploymentMode.AB_TEST,
+            traffic_percent=50,
+            min_duration=week,
+            max_duration=2 * week,
+            evaluation_interval=timedelta(minutes=30),
+            min_samples=20000,
+            requires_approval=True,
+        ),
+        Phase(
+            name="full",
+            mode=DeploymentMode.PRODUCTION_ONLY,
+            traffic_percent=100,
+            min_duration=week,
+            max_duration=2 * week,
+            evaluation_interval=timedelta(hours=1),
+            min_samples=20000,
+            on_max_duration=MaxDurationPolicy.PROMOTE,
+        ),
+    ]
+
+
+def default_plan() -> RolloutPlan:
+    """The five weeks of DESIGN.md: shadow, canary 5 %, canary 15 %, A/B 50 %, full."""
+    return RolloutPlan(name="five-week", phases=_default_phases())

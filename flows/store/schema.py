@@ -1,0 +1,239 @@
+"""The metrics database schema: versioned migrations for tables, derived views re-created.
+
+Tables only ever move forward through `MIGRATIONS`; each step runs in one transaction
+with its `schema_version` row, so a crash mid-upgrade leaves the previous version
+intact. Views hold no data and are replaced on every connect-for-write, so a view fix
+needs no migration. Column-by-column documentation: `docs/schema.md`.
+"""
+
+from __future__ import annotations
+
+REQUEST_COLUMNS = """
+    request_id          VARCHAR NOT NULL,
+    ts                  TIMESTAMPTZ NOT NULL,
+    router_instance     VARCHAR NOT NULL,
+    config_version      BIGINT NOT NULL,
+    mode                VARCHAR NOT NULL,
+    arm                 VARCHAR NOT NULL,
+    is_shadow           BOOLEAN NOT NULL,
+    primary_request_id  VARCHAR,
+    subject_bucket      INTEGER NOT NULL,
+    query_category      VARCHAR NOT NULL,
+    algorithm           VARCHAR NOT NULL,
+    backend             VARCHAR,
+    attempts            INTEGER NOT NULL,
+    fallback_used       BOOLEAN NOT NULL,
+    outcome             VARCHAR NOT NULL,
+    http_status         INTEGER,
+    error_kind          VARCHAR,
+    latency_ms          DOUBLE NOT NULL,
+    tokens_in           INTEGER NOT NULL,
+    tokens_out          INTEGER NOT NULL,
+    cost_usd            DOUBLE NOT NULL,
+    quality_score       DOUBLE,
+    query_hash          VARCHAR NOT NULL,
+    query_length        INTEGER NOT NULL
+"""
+
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (
+        1,
+        "initial schema",
+        [
+            f"CREATE TABLE requests ({REQUEST_COLUMNS})",
+            """CREATE TABLE ingested_segments (
+                path            VARCHAR PRIMARY KEY,
+                router_instance VARCHAR NOT NULL,
+                kind            VARCHAR NOT NULL,
+                status          VARCHAR NOT NULL,
+                rows            BIGINT NOT NULL,
+                bytes           BIGINT NOT NULL,
+                ingested_at     TIMESTAMPTZ NOT NULL,
+                reason          VARCHAR
+            )""",
+            """CREATE TABLE router_events (
+                event_id        VARCHAR PRIMARY KEY,
+                ts              TIMESTAMPTZ NOT NULL,
+                router_instance VARCHAR NOT NULL,
+                kind            VARCHAR NOT NULL,
+                config_version  BIGINT,
+                backend         VARCHAR,
+                detail          VARCHAR NOT NULL
+            )""",
+            """CREATE TABLE config_versions (
+                version         BIGINT PRIMARY KEY,
+                rollout_id      VARCHAR,
+                phase_index     INTEGER,
+                phase_name      VARCHAR,
+                mode            VARCHAR NOT NULL,
+                traffic_percent DOUBLE NOT NULL,
+                algorithm       VARCHAR NOT NULL,
+                reason          VARCHAR,
+                published_at    TIMESTAMPTZ NOT NULL,
+                document        VARCHAR NOT NULL
+            )""",
+            """CREATE TABLE rollouts (
+                rollout_id      VARCHAR PRIMARY KEY,
+                router_group    VARCHAR NOT NULL,
+                plan_name       VARCHAR NOT NULL,
+                plan            VARCHAR NOT NULL,
+                state           VARCHAR NOT NULL,
+                phase_index     INTEGER NOT NULL,
+                started_at      TIMESTAMPTZ NOT NULL,
+                updated_at      TIMESTAMPTZ NOT NULL,
+                ended_at        TIMESTAMPTZ,
+                reason          VARCHAR
+            )""",
+            """CREATE TABLE rollout_transitions (
+                rollout_id      VARCHAR NOT NULL,
+                seq             INTEGER NOT NULL,
+                occurred_at     TIMESTAMPTZ NOT NULL,
+                from_state      VARCHAR,
+                to_state        VARCHAR NOT NULL,
+                phase_index     INTEGER NOT NULL,
+                cause           VARCHAR NOT NULL,
+                actor           VARCHAR NOT NULL,
+                PRIMARY KEY (rollout_id, seq)
+            )""",
+            """CREATE TABLE phases (
+                rollout_id      VARCHAR NOT NULL,
+                phase_index     INTEGER NOT NULL,
+                name            VARCHAR NOT NULL,
+                mode            VARCHAR NOT NULL,
+                traffic_percent DOUBLE NOT NULL,
+                config_version  BIGINT,
+                started_at      TIMESTAMPTZ,
+                ended_at        TIMESTAMPTZ,
+                outcome         VARCHAR,
+                PRIMARY KEY (rollout_id, phase_index)
+            )""",
+            """CREATE TABLE gate_evaluations (
+                evaluation_id   VARCHAR NOT NULL,
+                rollout_id      VARCHAR,
+                phase_index     INTEGER,
+                config_version  BIGINT NOT NULL,
+                evaluated_at    TIMESTAMPTZ NOT NULL,
+                check_kind      VARCHAR NOT NULL,
+                metric          VARCHAR NOT NULL,
+                estimate        DOUBLE,
+                lower_bound     DOUBLE,
+                upper_bound     DOUBLE,
+                e_value         DOUBLE,
+                n_legacy        BIGINT,
+                n_production    BIGINT,
+                threshold       DOUBLE,
+                decision        VARCHAR NOT NULL,
+                metric_mode     VARCHAR NOT NULL,
+                reason          VARCHAR NOT NULL
+            )""",
+            """CREATE TABLE decisions (
+                decision_id     VARCHAR PRIMARY KEY,
+                rollout_id      VARCHAR,
+                phase_index     INTEGER,
+                config_version  BIGINT,
+                decided_at      TIMESTAMPTZ NOT NULL,
+                verdict         VARCHAR NOT NULL,
+                action          VARCHAR NOT NULL,
+                actor           VARCHAR NOT NULL,
+                reason          VARCHAR NOT NULL,
+                evaluation_id   VARCHAR,
+                n_legacy        BIGINT,
+                n_production    BIGINT
+            )""",
+        ],
+    ),
+]
+
+LATEST_VERSION = MIGRATIONS[-1][0]
+
+#: Failures as the user sees them. A 4xx ("rejected") is the caller's fault and counts
+#: against neither arm.
+FAILURE_OUTCOMES = ("error", "timeout", "rate_limited")
+
+MACROS = [
+    "CREATE OR REPLACE MACRO is_failure(outcome) AS outcome IN ('error', 'timeout', 'rate_limited')",
+    "CREATE OR REPLACE MACRO rel_diff(production, legacy) AS "
+    "CASE WHEN legacy IS NULL OR legacy = 0 THEN NULL ELSE (production - legacy) / legacy END",
+]
+
+VIEWS: dict[str, str] = {
+    "arm_summary": """
+        SELECT cv.rollout_id, cv.phase_index, cv.phase_name, r.config_version, r.arm,
+               count(*) AS requests,
+               count(*) FILTER (WHERE r.is_shadow) AS shadow_requests,
+               avg(CASE WHEN r.outcome = 'ok' THEN 1.0 ELSE 0.0 END) AS success_rate,
+               avg(CASE WHEN is_failure(r.outcome) THEN 1.0 ELSE 0.0 END) AS error_rate,
+               quantile_cont(r.latency_ms, 0.5) AS p50_ms,
+               quantile_cont(r.latency_ms, 0.95) AS p95_ms,
+               quantile_cont(r.latency_ms, 0.99) AS p99_ms,
+               avg(r.cost_usd) AS cost_per_request_usd,
+               avg(r.quality_score) AS mean_quality,
+               min(r.ts) AS first_ts, max(r.ts) AS last_ts
+        FROM requests r
+        LEFT JOIN config_versions cv ON cv.version = r.config_version
+        GROUP BY ALL
+    """,
+    "phase_timeline": """
+        SELECT p.rollout_id, p.phase_index, p.name, p.mode, p.traffic_percent,
+               p.config_version, p.started_at, p.ended_at,
+               date_diff('millisecond', p.started_at, coalesce(p.ended_at, now())) / 1000.0
+                   AS duration_s,
+               p.outcome,
+               (SELECT count(*) FROM requests r WHERE r.config_version = p.config_version
+                  AND r.arm = 'legacy') AS legacy_requests,
+               (SELECT count(*) FROM requests r WHERE r.config_version = p.config_version
+                  AND r.arm = 'production') AS production_requests,
+               (SELECT d.verdict FROM decisions d WHERE d.rollout_id = p.rollout_id
+                  AND d.phase_index = p.phase_index ORDER BY d.decided_at DESC LIMIT 1)
+                   AS last_verdict
+        FROM phases p
+    """,
+    "daily_comparison": """
+        WITH per_arm AS (
+            SELECT date_trunc('day', ts) AS day, arm, count(*) AS requests,
+                   avg(CASE WHEN outcome = 'ok' THEN 1.0 ELSE 0.0 END) AS success_rate,
+                   avg(CASE WHEN is_failure(outcome) THEN 1.0 ELSE 0.0 END) AS error_rate,
+                   quantile_cont(latency_ms, 0.5) AS p50_ms,
+                   quantile_cont(latency_ms, 0.95) AS p95_ms,
+                   avg(cost_usd) AS cost_per_request_usd,
+                   avg(quality_score) AS mean_quality
+            FROM requests GROUP BY ALL
+        )
+        SELECT l.day,
+               l.requests AS legacy_requests, p.requests AS production_requests,
+               l.success_rate AS legacy_success_rate, p.success_rate AS production_success_rate,
+               l.p95_ms AS legacy_p95_ms, p.p95_ms AS production_p95_ms,
+               rel_diff(p.p95_ms, l.p95_ms) AS p95_rel_diff,
+               p.error_rate - l.error_rate AS error_rate_diff,
+               l.cost_per_request_usd AS legacy_cost_usd, p.cost_per_request_usd AS production_cost_usd,
+               rel_diff(p.cost_per_request_usd, l.cost_per_request_usd) AS cost_rel_diff,
+               l.mean_quality AS legacy_quality, p.mean_quality AS production_quality,
+               p.mean_quality - l.mean_quality AS quality_diff
+        FROM per_arm l FULL OUTER JOIN per_arm p ON l.day = p.day AND p.arm = 'production'
+        WHERE l.arm = 'legacy'
+    """,
+    "backend_health": """
+        SELECT time_bucket(INTERVAL 1 MINUTE, ts) AS window_start, backend, arm,
+               count(*) AS requests,
+               avg(CASE WHEN is_failure(outcome) THEN 1.0 ELSE 0.0 END) AS error_rate,
+               count(*) FILTER (WHERE outcome = 'timeout') AS timeouts,
+               count(*) FILTER (WHERE outcome = 'rate_limited') AS rate_limited,
+               count(*) FILTER (WHERE fallback_used) AS failovers,
+               quantile_cont(latency_ms, 0.95) AS p95_ms
+        FROM requests WHERE backend IS NOT NULL
+        GROUP BY ALL
+    """,
+    "shadow_pairs": """
+        SELECT s.primary_request_id AS request_id, s.request_id AS shadow_request_id,
+               s.config_version, p.ts,
+               p.backend AS primary_backend, s.backend AS shadow_backend,
+               p.backend IS NOT DISTINCT FROM s.backend AS same_backend,
+               p.outcome AS primary_outcome, s.outcome AS shadow_outcome,
+               p.latency_ms AS primary_latency_ms, s.latency_ms AS shadow_latency_ms,
+               s.latency_ms - p.latency_ms AS latency_delta_ms,
+               s.cost_usd - p.cost_usd AS cost_delta_usd,
+               s.quality_score - p.quality_score AS quality_delta
+        FROM requests s JOIN requests p ON p.request_id = s.primary_request_id
+        WHERE s.is_shadow AND NOT p.is_shadow
+    """,
+}

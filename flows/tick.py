@@ -1,0 +1,196 @@
+"""One evaluation of the active rollout: collect, check, decide, act.
+
+Safe to run at any time and any number of times: collection is exactly-once, the
+evaluation only reads, and each action is a state-machine transition that refuses to
+happen twice.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from checks.gate import evaluate
+from checks.gx_suites import GxRunner
+from checks.thresholds import GateSpec
+from checks.verdict import GateResult, Verdict
+from flows import lifecycle
+from flows.control import ack_status, control_store
+from flows.paths import DataPaths
+from flows.state import RolloutState
+from flows.store.database import connect
+from flows.store.ingest import IngestReport, collect
+from flows.store.rollouts import (
+    Rollout,
+    phase_config_version,
+    phase_started_at,
+    record_decision,
+    record_evaluations,
+    transition,
+)
+
+
+@dataclass
+class TickReport:
+    rollout_id: str | None
+    state: str
+    phase_index: int | None = None
+    phase_name: str | None = None
+    config_version: int | None = None
+    verdict: str | None = None
+    reason: str = ""
+    action: str = "none"
+    n_legacy: int = 0
+    n_production: int = 0
+    ingested_rows: int = 0
+    quarantined: list[tuple[str, str]] = field(default_factory=list)
+    evaluation_id: str | None = None
+    records: list[dict] = field(default_factory=list)
+    data_docs_url: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (
+            RolloutState.COMPLETED.value,
+            RolloutState.ROLLED_BACK.value,
+            RolloutState.ABORTED.value,
+        )
+
+
+def gate_spec(con, rollout: Rollout, version: int, now: datetime) -> GateSpec:
+    phase = rollout.phase
+    started = phase_started_at(con, rollout.rollout_id, rollout.phase_index) or rollout.started_at
+    return GateSpec(
+        config_version=version,
+        mode=phase.mode.value,
+        traffic_percent=phase.traffic_percent,
+        shadow_sample_rate=phase.shadow_sample_rate,
+        thresholds=phase.thresholds,
+        min_samples=phase.min_samples,
+        min_duration_s=phase.min_duration.total_seconds(),
+        max_duration_s=phase.max_duration.total_seconds(),
+        phase_started_at=started,
+        now=now,
+        requires_approval=phase.requires_approval,
+        on_max_duration=phase.on_max_duration,
+    )
+
+
+def tick(
+    paths: DataPaths,
+    runner: GxRunner,
+    *,
+    rollout_id: str | None = None,
+    actor: str = "gate",
+) -> TickReport:
+    ingest: IngestReport = collect(paths)
+    store = control_store(paths)
+    with connect(paths.database) as con:
+        rollout = lifecycle.resolve_active(con, rollout_id)
+        if rollout is None:
+            return TickReport(
+                None,
+                "idle",
+                reason="no active rollout",
+                ingested_rows=ingest.rows,
+                quarantined=ingest.quarantined,
+            )
+        report = TickReport(
+            rollout.rollout_id,
+            rollout.state.value,
+            rollout.phase_index,
+            rollout.phase.name,
+            ingested_rows=ingest.rows,
+            quarantined=ingest.quarantined,
+        )
+        version = phase_config_version(con, rollout.rollout_id, rollout.phase_index)
+        report.config_version = version
+        if rollout.state is RolloutState.AWAITING_APPROVAL:
+            report.reason = "waiting for a human decision (rollout approve)"
+            return report
+        if version is None:
+            report.reason = "phase has no published config"
+            return report
+        acks = ack_status(store, version)
+        if not acks.complete:
+            report.verdict = Verdict.INSUFFICIENT_DATA.value
+            report.reason = f"waiting for routers: {acks.describe()}"
+            return report
+        now = datetime.now(UTC)
+        evaluation_id = uuid.uuid4().hex
+        result: GateResult = evaluate(
+            con,
+            gate_spec(con, rollout, version, now),
+            runner,
+            run_name=f"{rollout.rollout_id}-p{rollout.phase_index + 1}-{evaluation_id[:8]}",
+        )
+        rows = [
+            {
+                **record.as_row(),
+                "evaluation_id": evaluation_id,
+                "rollout_id": rollout.rollout_id,
+                "phase_index": rollout.phase_index,
+                "config_version": version,
+                "evaluated_at": now,
+            }
+            for record in result.records
+        ]
+        report.evaluation_id = evaluation_id
+        report.records = rows
+        report.verdict = result.verdict.value
+        report.reason = result.reason
+        report.n_legacy, report.n_production = result.n_legacy, result.n_production
+        report.data_docs_url = result.data_docs_url
+        action = _act(con, paths, rollout, result, actor)
+        con.execute("BEGIN TRANSACTION")
+        record_evaluations(con, rows)
+        record_decision(
+            con,
+            decision_id=evaluation_id,
+            rollout=rollout,
+            config_version=version,
+            verdict=result.verdict.value,
+            action=action,
+            actor=actor,
+            reason=result.reason,
+            evaluation_id=evaluation_id,
+            n_legacy=result.n_legacy,
+            n_production=result.n_production,
+        )
+        con.execute("COMMIT")
+        report.action = action
+    if result.verdict is Verdict.ROLLBACK:
+        _, rolled = lifecycle.rollback(
+            paths, reason=result.reason, actor=actor, rollout_id=rollout.rollout_id, decided=True
+        )
+        report.state = rolled.state.value if rolled else report.state
+        return report
+    with connect(paths.database, read_only=False) as con:
+        current = lifecycle.get_state(con, rollout.rollout_id)
+    report.state = current.state.value
+    report.phase_index = current.phase_index
+    report.phase_name = current.phase.name
+    return report
+
+
+def _act(con, paths: DataPaths, rollout: Rollout, result: GateResult, actor: str) -> str:
+    verdict = result.verdict
+    if verdict is Verdict.PROMOTE:
+        moved = lifecycle.promote(con, paths, rollout, reason=result.reason, actor=actor)
+        if isinstance(moved, lifecycle.Published):
+            return f"promoted: published v{moved.config.version} ({moved.rollout.phase.name})"
+        return "completed: last phase promoted"
+    if verdict is Verdict.NEEDS_APPROVAL:
+        transition(con, rollout, RolloutState.AWAITING_APPROVAL, cause=result.reason, actor=actor)
+        return "awaiting approval"
+    if verdict is Verdict.ROLLBACK:
+        return "rolled back: published legacy_only"
+    if (
+        verdict is Verdict.HOLD
+        and rollout.state is not RolloutState.HOLDING
+        and result.reason.startswith("maximum duration")
+    ):
+        transition(con, rollout, RolloutState.HOLDING, cause=result.reason, actor=actor)
+        return "holding at maximum duration"
+    return "none"

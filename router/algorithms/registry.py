@@ -1,0 +1,41 @@
+"""Build an algorithm from its name and the production configuration."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from router.algorithms.base import Algorithm
+from router.algorithms.least_connections import LeastConnections
+from router.algorithms.names import AlgorithmName
+from router.algorithms.response_time import ResponseTime
+from router.algorithms.round_robin import RoundRobin
+from router.algorithms.weighted_round_robin import WeightedRoundRobin
+from router.production_config import ProductionLoadBalancingConfig
+
+Factory = Callable[[ProductionLoadBalancingConfig, dict[str, float], int | None], Algorithm]
+
+FACTORIES: dict[AlgorithmName, Factory] = {
+    AlgorithmName.ROUND_ROBIN: lambda cfg, weights, seed: RoundRobin(),
+    AlgorithmName.WEIGHTED_ROUND_ROBIN: lambda cfg, weights, seed: WeightedRoundRobin(weights),
+    AlgorithmName.LEAST_CONNECTIONS: lambda cfg, weights, seed: LeastConnections(seed),
+    AlgorithmName.RESPONSE_TIME: lambda cfg, weights, seed: ResponseTime(seed),
+}
+
+
+def available_algorithms() -> list[str]:
+    return [name.value for name in FACTORIES]
+
+
+def build_algorithm(
+    name: AlgorithmName | str,
+    config: ProductionLoadBalancingConfig,
+    weights: dict[str, float] | None = None,
+    seed: int | None = None,
+) -> Algorithm:
+    try:
+        factory = FACTORIES[AlgorithmName(name)]
+    except (KeyError, ValueError):
+        raise ValueError(
+            f"algorithm {name!r} is not available; available: {', '.join(available_algorithms())}"
+        ) from None
+    return factory(config, dict(weights or {}), seed)

@@ -1,0 +1,149 @@
+"""HTTP calls to LightRAG (`POST /query`) and Perplexity (`POST /chat/completions`).
+
+Every way a call can go wrong ends as a `BackendFailure` with a kind, so the balancer
+decides failover and health from types, never from exception text.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+
+from router.backends import BackendConfig, BackendKind
+from router.failures import BackendFailure
+from router.record import ErrorKind
+
+
+@dataclass(frozen=True, slots=True)
+class BackendAnswer:
+    text: str
+    tokens_in: int
+    tokens_out: int
+    citations: tuple[str, ...] = field(default_factory=tuple)
+    status: int = 200
+
+
+def estimate_tokens(text: str) -> int:
+    """LightRAG reports no usage; four characters per token is the usual English estimate."""
+    return max(1, len(text) // 4)
+
+
+def parse_retry_after(value: str | None, default_s: float = 1.0) -> float:
+    if not value:
+        return default_s
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return default_s
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def request_for(backend: BackendConfig, query: str, headers: dict[str, str]) -> httpx.Request:
+    if backend.kind is BackendKind.LIGHTRAG:
+        return httpx.Request(
+            "POST", f"{backend.url}/query", json={"query": query, "mode": "hybrid"}, headers=headers
+        )
+    key = backend.api_key()
+    auth = {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
+    body = {"model": backend.model, "messages": [{"role": "user", "content": query}]}
+    return httpx.Request(
+        "POST", f"{backend.url}/chat/completions", json=body, headers={**headers, **auth}
+    )
+
+
+def parse_answer(backend: BackendConfig, query: str, payload: Any, status: int) -> BackendAnswer:
+    try:
+        if backend.kind is BackendKind.LIGHTRAG:
+            text = payload["response"]
+            if not isinstance(text, str):
+                raise TypeError("response is not a string")
+            return BackendAnswer(text, estimate_tokens(query), estimate_tokens(text), (), status)
+        text = payload["choices"][0]["message"]["content"]
+        usage = payload.get("usage") or {}
+        citations = tuple(str(c) for c in payload.get("citations") or ())
+        if not isinstance(text, str):
+            raise TypeError("content is not a string")
+        return BackendAnswer(
+            text,
+            int(usage.get("prompt_tokens", estimate_tokens(query))),
+            int(usage.get("completion_tokens", estimate_tokens(text))),
+            citations,
+            status,
+        )
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise BackendFailure(
+            ErrorKind.MALFORMED, f"{backend.name}: unexpected body shape: {exc}", status=status
+        ) from None
+
+
+async def call_backend(
+    client: httpx.AsyncClient,
+    backend: BackendConfig,
+    query: str,
+    *,
+    timeout_s: float,
+    max_bytes: int,
+    headers: dict[str, str] | None = None,
+) -> BackendAnswer:
+    request = request_for(backend, query, headers or {})
+    request.extensions["timeout"] = httpx.Timeout(timeout_s).as_dict()
+    try:
+        response = await client.send(request, stream=True)
+    except httpx.TimeoutException as exc:
+        raise BackendFailure(ErrorKind.TIMEOUT, f"{backend.name}: timed out: {exc!r}") from None
+    except httpx.TransportError as exc:
+        raise BackendFailure(ErrorKind.CONNECT, f"{backend.name}: {exc!r}") from None
+    try:
+        status = response.status_code
+        if status == 429:
+            raise BackendFailure(
+                ErrorKind.RATE_LIMITED,
+                f"{backend.name}: 429 rate limited",
+                status=status,
+                retry_after_s=parse_retry_after(response.headers.get("retry-after")),
+            )
+        if status >= 500:
+            raise BackendFailure(ErrorKind.SERVER_ERROR, f"{backend.name}: {status}", status=status)
+        if status >= 400:
+            raise BackendFailure(ErrorKind.CLIENT_ERROR, f"{backend.name}: {status}", status=status)
+        declared = response.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_bytes:
+            raise BackendFailure(
+                ErrorKind.OVERSIZED, f"{backend.name}: body of {declared} bytes", status=status
+            )
+        body = bytearray()
+        try:
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise BackendFailure(
+                        ErrorKind.OVERSIZED,
+                        f"{backend.name}: body over {max_bytes} bytes",
+                        status=status,
+                    )
+        except httpx.TimeoutException as exc:
+            raise BackendFailure(
+                ErrorKind.TIMEOUT, f"{backend.name}: body timed out: {exc!r}"
+            ) from None
+        except httpx.TransportError as exc:
+            raise BackendFailure(ErrorKind.CONNECT, f"{backend.name}: body cut: {exc!r}") from None
+        try:
+            payload = json.loads(bytes(body))
+        except ValueError:
+            raise BackendFailure(
+                ErrorKind.MALFORMED, f"{backend.name}: body is not JSON", status=status
+            ) from None
+        return parse_answer(backend, query, payload, status)
+    finally:
+        await response.aclose()

@@ -1,0 +1,85 @@
+"""What the router knows about one backend right now: load, latency, success, quality.
+
+One `BackendState` per backend per balancer. Algorithms read it; the balancer updates
+it after every attempt. All times are `time.monotonic()` seconds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from router.backends import BackendConfig, BackendKind
+
+
+class PeakEwma:
+    """Peak-sensitive moving average of latency (Finagle/Linkerd/tower `PeakEwma`).
+
+    A sample above the estimate replaces it at once, so a backend turning slow is
+    avoided immediately; samples below pull it down with time constant `tau_s`, so it
+    earns its way back. Reading decays the estimate toward the last sample, so an idle
+    backend is retried eventually.
+    """
+
+    __slots__ = ("estimate_ms", "last_sample_ms", "tau_s", "updated_at")
+
+    def __init__(self, initial_ms: float, tau_s: float = 10.0, now: float = 0.0) -> None:
+        self.estimate_ms = initial_ms
+        self.last_sample_ms = initial_ms
+        self.tau_s = tau_s
+        self.updated_at = now
+
+    def observe(self, sample_ms: float, now: float) -> None:
+        if sample_ms > self.estimate_ms:
+            self.estimate_ms = sample_ms
+        else:
+            weight = math.exp(-max(0.0, now - self.updated_at) / self.tau_s)
+            self.estimate_ms = self.estimate_ms * weight + sample_ms * (1.0 - weight)
+        self.last_sample_ms = sample_ms
+        self.updated_at = now
+
+    def value(self, now: float) -> float:
+        weight = math.exp(-max(0.0, now - self.updated_at) / self.tau_s)
+        return self.estimate_ms * weight + self.last_sample_ms * (1.0 - weight)
+
+
+@dataclass(eq=False, slots=True)
+class BackendState:
+    config: BackendConfig
+    name: str = ""
+    kind: BackendKind = BackendKind.LIGHTRAG
+    weight: float = 1.0
+    in_flight: int = 0
+    latency: PeakEwma = field(default_factory=lambda: PeakEwma(500.0))
+    outcomes: deque[bool] = field(default_factory=lambda: deque(maxlen=50))
+    consecutive_failures: int = 0
+    quality: float | None = None
+    tokens_in_avg: float = 0.0
+    tokens_out_avg: float = 0.0
+    calls: int = 0
+    #: Retry-After from a 429: unavailable, not unhealthy.
+    unavailable_until: float = 0.0
+    #: Set by active health checks.
+    healthy: bool = True
+    #: Set by passive outlier ejection or the legacy consecutive-failure rule.
+    ejected_until: float = 0.0
+    ejections: int = 0
+
+    def __post_init__(self) -> None:
+        self.name = self.config.name
+        self.kind = self.config.kind
+        self.weight = self.config.weight
+
+    def success_rate(self, prior: float = 1.0, prior_weight: int = 2) -> float:
+        """Smoothed with a small prior so one early failure does not zero a backend."""
+        ok = sum(self.outcomes)
+        return (ok + prior * prior_weight) / (len(self.outcomes) + prior_weight)
+
+    def available(self, now: float) -> bool:
+        return self.healthy and now >= self.ejected_until and now >= self.unavailable_until
+
+    def expected_cost(self) -> float:
+        tokens_in = self.tokens_in_avg or 50.0
+        tokens_out = self.tokens_out_avg or 250.0
+        return self.config.cost_model.cost(int(tokens_in), int(tokens_out))

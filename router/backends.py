@@ -1,0 +1,79 @@
+"""Answer backends: where a question can be sent and what an answer costs there."""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr, field_validator
+
+
+class BackendKind(StrEnum):
+    LIGHTRAG = "lightrag"
+    PERPLEXITY = "perplexity"
+
+
+class CostModel(BaseModel):
+    """Price of one request: a fixed part plus tokens. Self-hosted LightRAG has a compute price."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    per_request_usd: float = Field(default=0.0, ge=0)
+    per_1k_input_tokens_usd: float = Field(default=0.0, ge=0)
+    per_1k_output_tokens_usd: float = Field(default=0.0, ge=0)
+
+    def cost(self, tokens_in: int, tokens_out: int) -> float:
+        return (
+            self.per_request_usd
+            + tokens_in * self.per_1k_input_tokens_usd / 1000.0
+            + tokens_out * self.per_1k_output_tokens_usd / 1000.0
+        )
+
+
+DEFAULT_COSTS: dict[BackendKind, CostModel] = {
+    BackendKind.LIGHTRAG: CostModel(per_request_usd=0.0004, per_1k_output_tokens_usd=0.0002),
+    BackendKind.PERPLEXITY: CostModel(
+        per_request_usd=0.005, per_1k_input_tokens_usd=0.001, per_1k_output_tokens_usd=0.001
+    ),
+}
+
+
+class BackendConfig(BaseModel):
+    """One answer backend instance.
+
+    The API key is never stored in a document: `api_key_env` names the environment
+    variable that holds it, so configs, logs and the metrics database stay secret-free.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    kind: BackendKind
+    base_url: HttpUrl
+    api_key_env: str | None = None
+    weight: float = Field(default=1.0, ge=0)
+    region: str = "eu-central"
+    cost: CostModel | None = None
+    timeout_s: float = Field(default=30.0, gt=0, le=600)
+    model: str = "sonar"
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_only(cls, value: HttpUrl) -> HttpUrl:
+        if value.scheme not in ("http", "https"):
+            raise ValueError(f"base_url must be http or https, got {value.scheme}")
+        return value
+
+    @property
+    def url(self) -> str:
+        return str(self.base_url).rstrip("/")
+
+    @property
+    def cost_model(self) -> CostModel:
+        return self.cost or DEFAULT_COSTS[self.kind]
+
+    def api_key(self) -> SecretStr | None:
+        if not self.api_key_env:
+            return None
+        value = os.environ.get(self.api_key_env)
+        return SecretStr(value) if value else None

@@ -1,0 +1,340 @@
+"""A balancer: eligible backends -> available candidates -> algorithm's pick -> call,
+then failover to untried backends within the retry budget and the request deadline.
+
+The legacy router and the production balancer are both `Balancer`s; they differ in the
+algorithm, the health policy, the attempt count and the retry budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import httpx
+
+from router.algorithms.base import Algorithm, Choice, Observation, RequestContext
+from router.backend_client import BackendAnswer, call_backend
+from router.backend_state import BackendState
+from router.backends import BackendConfig
+from router.classifier import Classification
+from router.failures import BackendFailure
+from router.health_policy import HealthPolicy
+from router.quality import quality_score
+from router.record import ErrorKind
+from router.retry_budget import RetryBudget
+
+EventSink = Callable[[str, str], None]
+
+
+@dataclass(slots=True)
+class Attempt:
+    backend: str
+    latency_ms: float
+    error_kind: ErrorKind | None = None
+    status: int | None = None
+
+
+@dataclass(slots=True)
+class RouteOutcome:
+    answer: BackendAnswer | None
+    backend: BackendState | None
+    failure: BackendFailure | None
+    attempts: list[Attempt] = field(default_factory=list)
+    choice: Choice | None = None
+    degraded: bool = False
+    cost_usd: float = 0.0
+    quality: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.answer is not None
+
+    def explain(self) -> dict[str, object]:
+        return {
+            "reason": self.choice.reason if self.choice else "no candidate",
+            "candidate_scores": dict(self.choice.scores) if self.choice else {},
+            "degraded": self.degraded,
+            "attempts": [
+                {
+                    "backend": a.backend,
+                    "latency_ms": round(a.latency_ms, 2),
+                    "error": a.error_kind.value if a.error_kind else None,
+                }
+                for a in self.attempts
+            ],
+        }
+
+
+class Balancer:
+    def __init__(
+        self,
+        arm: str,
+        backends: Sequence[BackendConfig],
+        algorithm: Algorithm,
+        client: httpx.AsyncClient,
+        health: HealthPolicy,
+        *,
+        max_attempts: int,
+        deadline_s: float,
+        max_bytes: int = 2_000_000,
+        retry_budget: RetryBudget | None = None,
+        failure_penalty_ms: float = 5_000.0,
+        score_quality: bool = True,
+        honour_retry_after: bool = True,
+        max_retry_after_wait_s: float = 5.0,
+        on_event: EventSink | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.arm = arm
+        self.states = [BackendState(cfg) for cfg in backends]
+        self.by_name = {s.name: s for s in self.states}
+        self.algorithm = algorithm
+        self.client = client
+        self.health = health
+        self.max_attempts = max_attempts
+        self.deadline_s = deadline_s
+        self.max_bytes = max_bytes
+        self.retry_budget = retry_budget or RetryBudget(1.0, max_attempts)
+        self.failure_penalty_ms = failure_penalty_ms
+        self.score_quality = score_quality
+        self.honour_retry_after = honour_retry_after
+        self.max_retry_after_wait_s = max_retry_after_wait_s
+        self.on_event = on_event
+        self.clock = clock
+
+    # -- candidate selection ----------------------------------------------------------
+    def eligible(self, classification: Classification) -> list[BackendState]:
+        allowed = [s for s in self.states if s.kind in classification.allowed]
+        if classification.preferred is not None:
+            now = self.clock()
+            preferred = [
+                s for s in allowed if s.kind is classification.preferred and self._usable(s, now)
+            ]
+            if preferred:
+                return preferred
+        return allowed
+
+    def _usable(self, state: BackendState, now: float) -> bool:
+        if not self.honour_retry_after:
+            return state.healthy and self.health.allows(state, now)
+        return state.available(now) and self.health.allows(state, now)
+
+    def candidates(
+        self, eligible: Sequence[BackendState], tried: set[str], now: float
+    ) -> tuple[list[BackendState], bool]:
+        """Usable untried backends; if none, degrade to untried ones that are merely
+        ejected or broken (never to ones that asked us to wait with Retry-After)."""
+        untried = [s for s in eligible if s.name not in tried]
+        usable = [s for s in untried if self._usable(s, now)]
+        if usable:
+            return usable, False
+        not_waiting = [
+            s
+            for s in untried
+            if s.healthy and (now >= s.unavailable_until or not self.honour_retry_after)
+        ]
+        if not_waiting:
+            return not_waiting, True
+        return [], True
+
+    def retry_after_wait(
+        self, eligible: Sequence[BackendState], tried: set[str], now: float, deadline: float
+    ) -> float | None:
+        """Seconds until the first rate-limited backend takes requests again, if that is
+        soon enough to wait for (within the deadline and `max_retry_after_wait_s`)."""
+        waiting = [
+            s.unavailable_until
+            for s in eligible
+            if s.name not in tried and s.healthy and s.unavailable_until > now
+        ]
+        if not waiting:
+            return None
+        wait = min(waiting) - now
+        if wait > self.max_retry_after_wait_s or now + wait >= deadline:
+            return None
+        return wait
+
+    # -- routing ----------------------------------------------------------------------
+    async def route(
+        self,
+        query: str,
+        classification: Classification,
+        *,
+        region: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> RouteOutcome:
+        start = self.clock()
+        deadline = start + self.deadline_s
+        eligible = self.eligible(classification)
+        outcome = RouteOutcome(None, None, None)
+        tried: set[str] = set()
+        budget = self.retry_budget
+        budget.requests_in_flight += 1
+        try:
+            while len(outcome.attempts) < self.max_attempts:
+                now = self.clock()
+                cands, degraded = self.candidates(eligible, tried, now)
+                if not cands and self.honour_retry_after:
+                    wait = self.retry_after_wait(eligible, tried, now, deadline)
+                    if wait is not None:
+                        await asyncio.sleep(wait)  # Retry-After: wait, do not hammer
+                        continue
+                if not cands:
+                    if any(s.unavailable_until > now for s in eligible) and outcome.failure is None:
+                        outcome.failure = BackendFailure(
+                            ErrorKind.RATE_LIMITED,
+                            "every eligible backend asked to retry later (Retry-After)",
+                        )
+                    if outcome.failure is None:
+                        outcome.failure = BackendFailure(
+                            ErrorKind.NO_BACKEND,
+                            f"no backend of {sorted(k.value for k in classification.allowed)} "
+                            "is available",
+                        )
+                    break
+                remaining = deadline - now
+                if remaining <= 0:
+                    outcome.failure = BackendFailure(ErrorKind.TIMEOUT, "request deadline passed")
+                    break
+                is_retry = bool(outcome.attempts)
+                if is_retry and not budget.try_acquire():
+                    break
+                try:
+                    choice = self.algorithm.choose(
+                        cands, RequestContext(classification.category, region, now)
+                    )
+                    if outcome.choice is None:
+                        outcome.choice, outcome.degraded = choice, degraded
+                    state = choice.backend
+                    tried.add(state.name)
+                    answer, failure, latency_ms = await self._attempt(
+                        state, query, remaining, headers
+                    )
+                finally:
+                    if is_retry:
+                        budget.release()
+                outcome.attempts.append(
+                    Attempt(
+                        state.name,
+                        latency_ms,
+                        failure.kind if failure else None,
+                        failure.status if failure else (answer.status if answer else None),
+                    )
+                )
+                outcome.backend = state
+                if answer is not None:
+                    outcome.answer, outcome.failure = answer, None
+                    outcome.cost_usd = state.config.cost_model.cost(
+                        answer.tokens_in, answer.tokens_out
+                    )
+                    if self.score_quality:
+                        outcome.quality = quality_score(answer.text, answer.citations)
+                    self._learn(state, None, latency_ms, outcome)
+                    return outcome
+                assert failure is not None
+                outcome.failure = failure
+                self._learn(state, failure, latency_ms, outcome)
+                if not failure.retryable:
+                    break
+            return outcome
+        finally:
+            budget.requests_in_flight -= 1
+
+    async def _attempt(
+        self, state: BackendState, query: str, remaining_s: float, headers: dict[str, str] | None
+    ) -> tuple[BackendAnswer | None, BackendFailure | None, float]:
+        state.in_flight += 1
+        started = self.clock()
+        try:
+            answer = await call_backend(
+                self.client,
+                state.config,
+                query,
+                timeout_s=min(state.config.timeout_s, remaining_s),
+                max_bytes=self.max_bytes,
+                headers=headers,
+            )
+            return answer, None, (self.clock() - started) * 1000.0
+        except BackendFailure as failure:
+            return None, failure, (self.clock() - started) * 1000.0
+        finally:
+            state.in_flight -= 1
+
+    def _learn(
+        self,
+        state: BackendState,
+        failure: BackendFailure | None,
+        latency_ms: float,
+        outcome: RouteOutcome,
+    ) -> None:
+        now = self.clock()
+        state.calls += 1
+        if failure is not None and failure.retry_after_s is not None:
+            state.unavailable_until = now + failure.retry_after_s
+        penalised = failure is not None and failure.health_penalty
+        if failure is None or penalised:
+            state.outcomes.append(failure is None)
+            # A fast failure must not make a backend look fast.
+            sample = latency_ms if failure is None else max(latency_ms, self.failure_penalty_ms)
+            state.latency.observe(sample, now)
+        if failure is None:
+            answer = outcome.answer
+            assert answer is not None
+            state.tokens_in_avg = (
+                0.9 * state.tokens_in_avg + 0.1 * answer.tokens_in
+                if state.tokens_in_avg
+                else float(answer.tokens_in)
+            )
+            state.tokens_out_avg = (
+                0.9 * state.tokens_out_avg + 0.1 * answer.tokens_out
+                if state.tokens_out_avg
+                else float(answer.tokens_out)
+            )
+            if outcome.quality is not None:
+                state.quality = (
+                    outcome.quality
+                    if state.quality is None
+                    else 0.9 * state.quality + 0.1 * outcome.quality
+                )
+        message = self.health.observe(state, self.states, failure, latency_ms, now)
+        if message and self.on_event:
+            self.on_event(state.name, message)
+        self.algorithm.observe(
+            state,
+            Observation(
+                ok=failure is None,
+                latency_ms=latency_ms,
+                cost_usd=outcome.cost_usd if failure is None else 0.0,
+                quality=outcome.quality if failure is None else None,
+                health_penalty=penalised or failure is None,
+            ),
+        )
+
+    # -- control ----------------------------------------------------------------------
+    def set_weights(self, weights: dict[str, float]) -> None:
+        unknown = sorted(set(weights) - set(self.by_name))
+        if unknown:
+            raise ValueError(f"unknown backend(s) {unknown}; known: {sorted(self.by_name)}")
+        for name, weight in weights.items():
+            if weight < 0:
+                raise ValueError(f"weight of {name} must be >= 0, got {weight}")
+            self.by_name[name].weight = weight
+
+    def health_report(self) -> dict[str, dict[str, object]]:
+        now = self.clock()
+        return {
+            s.name: {
+                "kind": s.kind.value,
+                "available": self._usable(s, now),
+                "active_check_healthy": s.healthy,
+                "in_flight": s.in_flight,
+                "weight": s.weight,
+                "success_rate": round(s.success_rate(), 4),
+                "latency_ewma_ms": round(s.latency.value(now), 2),
+                "rate_limited_for_s": round(max(0.0, s.unavailable_until - now), 3),
+                **self.health.describe(s, now),
+            }
+            for s in self.states
+        }

@@ -1,0 +1,118 @@
+"""Where a rollout publishes `RouterConfig` documents and router instances acknowledge them.
+
+The default store is a folder (local, or shared between hosts):
+
+    <dir>/router_config.json        the current document (replaced atomically)
+    <dir>/acks/<instance>.json      each instance's heartbeat: applied version, refusals
+
+Anything with the same four methods can replace it (a Prefect Variable, an HTTP
+endpoint for a fleet); the router only needs `read_document` and `write_ack`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from router.modes import DeploymentMode
+from router.router_config import RouterConfig
+
+
+class Acknowledgement(BaseModel):
+    """An instance's heartbeat: what it runs now and what it refused."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    instance: str
+    applied_version: int
+    effective_mode: DeploymentMode
+    configured_mode: DeploymentMode
+    traffic_percent: float
+    failback_reason: str | None = None
+    refused_version: int | None = None
+    refused_reason: str | None = None
+    heartbeat_at: datetime
+    started_at: datetime
+    host: str = ""
+    pid: int = 0
+    routed: int = 0
+
+    def age_s(self, now: datetime | None = None) -> float:
+        return ((now or datetime.now(UTC)) - self.heartbeat_at).total_seconds()
+
+
+@runtime_checkable
+class ControlStore(Protocol):
+    def publish(self, config: RouterConfig) -> None: ...
+
+    def read_document(self) -> tuple[object, str] | None:
+        """(change token, raw text) of the current document, or None if there is none."""
+        ...
+
+    def write_ack(self, ack: Acknowledgement) -> None: ...
+
+    def read_acks(self) -> list[Acknowledgement]: ...
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with temp.open("w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    temp.replace(path)
+
+
+class FileControlStore:
+    def __init__(self, directory: Path | str) -> None:
+        self.directory = Path(directory)
+        self.config_path = self.directory / "router_config.json"
+        self.acks_dir = self.directory / "acks"
+
+    def publish(self, config: RouterConfig) -> None:
+        atomic_write(self.config_path, config.model_dump_json(indent=2))
+
+    def read_document(self) -> tuple[object, str] | None:
+        try:
+            stat = self.config_path.stat()
+            text = self.config_path.read_text()
+        except FileNotFoundError:
+            return None
+        return (stat.st_ino, stat.st_mtime_ns, stat.st_size), text
+
+    def current(self) -> RouterConfig | None:
+        """The published document, validated; None if nothing was published yet."""
+        found = self.read_document()
+        if found is None:
+            return None
+        return RouterConfig.model_validate_json(found[1])
+
+    def current_or_none(self) -> RouterConfig | None:
+        """Like `current`, but an unreadable document counts as none (the caller republishes)."""
+        try:
+            return self.current()
+        except (ValidationError, ValueError):
+            return None
+
+    def write_ack(self, ack: Acknowledgement) -> None:
+        atomic_write(self.acks_dir / f"{ack.instance}.json", ack.model_dump_json())
+
+    def read_acks(self) -> list[Acknowledgement]:
+        acks = []
+        for path in sorted(self.acks_dir.glob("*.json")):
+            try:
+                acks.append(Acknowledgement.model_validate_json(path.read_text()))
+            except (OSError, ValidationError, json.JSONDecodeError):
+                continue  # being replaced right now, or foreign junk: the next read sees it
+        return acks
+
+
+def default_instance_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"

@@ -1,0 +1,199 @@
+"""`ProductionFeatureFlags`: the `PROD_LB_*` environment that decides how an instance starts.
+
+Read with pydantic-settings from the process environment, optionally on top of a
+profile file (`deployments/profiles/*.env`). The environment wins over the file, as an
+operator overriding one value on a host expects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, HttpUrl, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from router.algorithms.names import ADVANCED_ALGORITHMS, AlgorithmName
+from router.backends import BackendConfig, BackendKind
+from router.modes import DeploymentMode
+from router.production_config import CostSettings, ProductionLoadBalancingConfig
+from router.router_config import GuardLimits, RouterConfig, check_mode_percent
+from router.settings_errors import SettingsError, format_error
+
+ENV_PREFIX = "PROD_LB_"
+
+
+class ProductionFeatureFlags(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", case_sensitive=False, frozen=True
+    )
+
+    enabled: bool = Field(default=False, description="false forces legacy_only")
+    deployment_mode: DeploymentMode = DeploymentMode.LEGACY_ONLY
+    traffic_percent: float = Field(default=0.0, ge=0, le=100)
+    auto_failback: bool = Field(default=True, description="local guard fails back to legacy")
+    rollback_error_rate: float = Field(default=5.0, gt=0, le=100, description="percent")
+    rollback_latency_ms: float = Field(default=5000.0, gt=0, description="p95 limit")
+    rollback_min_requests: int = Field(default=20, ge=1)
+    perf_comparison: bool = Field(default=True, description="record per-request metric rows")
+    advanced_algorithms: bool = Field(default=False, description="allow advanced algorithms")
+    cost_optimization: bool = Field(default=False, description="enforce the daily budget")
+    daily_budget_usd: float | None = Field(default=None, gt=0)
+    quality_metrics: bool = Field(default=True, description="score answer quality")
+    canary_max_hours: float = Field(default=72.0, gt=0)
+    primary_algorithm: AlgorithmName = AlgorithmName.LEAST_CONNECTIONS
+    custom_algorithm: str | None = None
+    shadow_sample_rate: float = Field(default=1.0, ge=0, le=1)
+    bucket_salt: str = Field(default="rollout-v1", min_length=1)
+    lightrag_urls: Annotated[list[HttpUrl], NoDecode] = Field(default_factory=list)
+    perplexity_url: HttpUrl | None = None
+    perplexity_api_key_env: str = "PERPLEXITY_API_KEY"
+    backends_file: Path | None = None
+    region: str = "eu-central"
+    request_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    data_dir: Path = Field(default=Path("data"), description="control/ and segments/ live here")
+    instance_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
+    control_poll_s: float = Field(default=1.0, gt=0, le=60)
+
+    @field_validator("lightrag_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ProductionFeatureFlags:
+        try:
+            check_mode_percent(self.deployment_mode, self.traffic_percent)
+        except ValueError as exc:
+            raise ValueError(
+                f"{ENV_PREFIX}TRAFFIC_PERCENT={self.traffic_percent:g} does not fit "
+                f"{ENV_PREFIX}DEPLOYMENT_MODE={self.deployment_mode.value}: {exc}"
+            ) from None
+        if self.primary_algorithm in ADVANCED_ALGORITHMS and not self.advanced_algorithms:
+            raise ValueError(
+                f"{ENV_PREFIX}PRIMARY_ALGORITHM={self.primary_algorithm.value} is an advanced "
+                f"algorithm: set {ENV_PREFIX}ADVANCED_ALGORITHMS=true or pick one of "
+                + ", ".join(a.value for a in AlgorithmName if a not in ADVANCED_ALGORITHMS)
+            )
+        if self.primary_algorithm is AlgorithmName.CUSTOM and not self.custom_algorithm:
+            raise ValueError(
+                f"{ENV_PREFIX}PRIMARY_ALGORITHM=custom needs {ENV_PREFIX}CUSTOM_ALGORITHM=module:Class"
+            )
+        if self.cost_optimization and self.daily_budget_usd is None:
+            raise ValueError(
+                f"{ENV_PREFIX}COST_OPTIMIZATION=true needs {ENV_PREFIX}DAILY_BUDGET_USD (a number above 0)"
+            )
+        return self
+
+    @property
+    def effective_mode(self) -> DeploymentMode:
+        return self.deployment_mode if self.enabled else DeploymentMode.LEGACY_ONLY
+
+    @property
+    def effective_percent(self) -> float:
+        return self.traffic_percent if self.enabled else 0.0
+
+    def backends(self) -> tuple[BackendConfig, ...]:
+        if self.backends_file is not None:
+            return load_backends_file(self.backends_file)
+        found = [
+            BackendConfig(
+                name=f"lightrag-{i}",
+                kind=BackendKind.LIGHTRAG,
+                base_url=url,
+                region=self.region,
+                timeout_s=self.request_timeout_s,
+            )
+            for i, url in enumerate(self.lightrag_urls, start=1)
+        ]
+        if self.perplexity_url is not None:
+            found.append(
+                BackendConfig(
+                    name="perplexity-1",
+                    kind=BackendKind.PERPLEXITY,
+                    base_url=self.perplexity_url,
+                    api_key_env=self.perplexity_api_key_env,
+                    region=self.region,
+                    timeout_s=self.request_timeout_s,
+                )
+            )
+        return tuple(found)
+
+    def production_config(self) -> ProductionLoadBalancingConfig:
+        return ProductionLoadBalancingConfig(
+            algorithm=self.primary_algorithm,
+            custom_algorithm=self.custom_algorithm,
+            backends=self.backends(),
+            cost=CostSettings(
+                daily_budget_usd=self.daily_budget_usd if self.cost_optimization else None
+            ),
+            region=self.region,
+        )
+
+    def initial_router_config(self) -> RouterConfig:
+        """Version 0: what the instance does before any rollout publishes a document."""
+        return RouterConfig(
+            version=0,
+            mode=self.effective_mode,
+            traffic_percent=self.effective_percent,
+            algorithm=self.primary_algorithm,
+            shadow_sample_rate=self.shadow_sample_rate,
+            salt=self.bucket_salt,
+            guard=GuardLimits(
+                enabled=self.auto_failback,
+                error_rate=self.rollback_error_rate / 100.0,
+                p95_latency_ms=self.rollback_latency_ms,
+                min_requests=self.rollback_min_requests,
+                canary_max_hours=self.canary_max_hours,
+            ),
+            reason="initial configuration from PROD_LB_* environment",
+        )
+
+
+def load_backends_file(path: Path) -> tuple[BackendConfig, ...]:
+    """A JSON list of backend objects; used when URLs alone do not say enough (regions, costs)."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SettingsError(
+            [f"{ENV_PREFIX}BACKENDS_FILE={str(path)!r} cannot be read: {exc}"]
+        ) from None
+    try:
+        return tuple(BackendConfig.model_validate(item) for item in raw)
+    except (ValidationError, TypeError) as exc:
+        raise SettingsError(
+            [f"{ENV_PREFIX}BACKENDS_FILE={str(path)!r} is not valid: {exc}"]
+        ) from None
+
+
+def unknown_variables(environ: dict[str, str] | os._Environ[str]) -> list[str]:
+    """`PROD_LB_*` names no field reads: pydantic-settings ignores them, an operator's typo must not."""
+    known = {ENV_PREFIX + name.upper() for name in ProductionFeatureFlags.model_fields}
+    return sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+
+
+def load_flags(profile: Path | None = None) -> ProductionFeatureFlags:
+    """Read and validate the flags; raise `SettingsError` with one line per bad variable."""
+    lines = [
+        format_error(
+            ValidationError.from_exception_data(
+                "ProductionFeatureFlags",
+                [{"type": "extra_forbidden", "loc": (name.lower(),), "input": os.environ[name]}],
+            ),
+            ProductionFeatureFlags,
+            ENV_PREFIX,
+        ).lines[0]
+        for name in unknown_variables(os.environ)
+    ]
+    if profile is not None and not Path(profile).is_file():
+        lines.append(f"profile file {str(profile)!r} does not exist")
+    if lines:
+        raise SettingsError(lines)
+    try:
+        return ProductionFeatureFlags(_env_file=profile)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise format_error(exc, ProductionFeatureFlags, ENV_PREFIX) from None

@@ -1,0 +1,98 @@
+"""Active health checks: LightRAG `GET /health`, Perplexity `GET /models`.
+
+A backend becomes unhealthy after `unhealthy_after` failed checks in a row and healthy
+again after `healthy_after` passes. A 429 on a check says "busy", not "sick": it
+changes nothing. One checker per router updates every balancer's view of a backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+
+import httpx
+
+from router.backend_state import BackendState
+from router.backends import BackendConfig, BackendKind
+from router.production_config import HealthCheckSettings
+
+log = logging.getLogger(__name__)
+
+
+def health_url(backend: BackendConfig) -> str:
+    return (
+        f"{backend.url}/health" if backend.kind is BackendKind.LIGHTRAG else f"{backend.url}/models"
+    )
+
+
+class ActiveHealthChecker:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        backends: Sequence[BackendConfig],
+        views: Callable[[str], Sequence[BackendState]],
+        settings: HealthCheckSettings,
+        on_change: Callable[[str, bool, str], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.backends = list(backends)
+        self.views = views
+        self.settings = settings
+        self.on_change = on_change
+        self.passes: dict[str, int] = {b.name: 0 for b in backends}
+        self.fails: dict[str, int] = {b.name: 0 for b in backends}
+        self.healthy: dict[str, bool] = {b.name: True for b in backends}
+
+    async def probe(self, backend: BackendConfig) -> bool | None:
+        """True healthy, False unhealthy, None "busy" (no verdict)."""
+        headers = {}
+        key = backend.api_key()
+        if key is not None:
+            headers["Authorization"] = f"Bearer {key.get_secret_value()}"
+        try:
+            response = await self.client.get(
+                health_url(backend), headers=headers, timeout=self.settings.timeout_s
+            )
+        except httpx.HTTPError:
+            return False
+        if response.status_code == 429:
+            return None
+        return response.status_code < 400
+
+    async def check_once(self) -> None:
+        results = await asyncio.gather(*(self.probe(b) for b in self.backends))
+        for backend, verdict in zip(self.backends, results, strict=True):
+            self._apply(backend.name, verdict)
+
+    def _apply(self, name: str, verdict: bool | None) -> None:
+        if verdict is None:
+            return
+        if verdict:
+            self.passes[name] += 1
+            self.fails[name] = 0
+            flip = not self.healthy[name] and self.passes[name] >= self.settings.healthy_after
+        else:
+            self.fails[name] += 1
+            self.passes[name] = 0
+            flip = self.healthy[name] and self.fails[name] >= self.settings.unhealthy_after
+        if not flip:
+            return
+        self.healthy[name] = verdict
+        for state in self.views(name):
+            state.healthy = verdict
+        reason = (
+            f"{self.settings.healthy_after} check(s) passed"
+            if verdict
+            else f"{self.settings.unhealthy_after} check(s) failed"
+        )
+        if self.on_change:
+            self.on_change(name, verdict, reason)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.check_once()
+            except Exception:  # a checker must never die and leave stale verdicts
+                log.exception("health check round failed")
+            await asyncio.sleep(self.settings.interval_s)

@@ -1,0 +1,493 @@
+"""`ProductionIntelligentQueryRouter`: the legacy surface with the production balancer inside.
+
+Per request: read the applied `RouterConfig` once (so a config change never splits a
+request), bucket the subject, pick the arm from the mode, route, record one row.
+In shadow mode the production balancer also answers a sample of the same questions in
+the background; that answer is discarded and can never delay, fail or change the
+user's answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import httpx
+from pydantic import ValidationError
+
+from router.algorithms.base import Algorithm
+from router.algorithms.registry import build_algorithm
+from router.backends import BackendConfig
+from router.balancer import Balancer, RouteOutcome
+from router.bucketing import bucket_of, in_production, subject_key
+from router.classifier import Classification, QueryClassifier
+from router.control_store import (
+    Acknowledgement,
+    ControlStore,
+    FileControlStore,
+    default_instance_id,
+)
+from router.failback_guard import FailbackGuard
+from router.feature_flags import ProductionFeatureFlags, load_flags
+from router.health_policy import ConsecutiveFailures
+from router.legacy_config import LoadBalancingConfig
+from router.legacy_router import (
+    IntelligentQueryRouter,
+    build_result,
+    default_backends,
+    query_fingerprint,
+)
+from router.migration import ConfigurationMigrator
+from router.modes import Arm, DeploymentMode
+from router.production_config import HealthCheckSettings, ProductionLoadBalancingConfig
+from router.record import EventKind, Outcome, RequestRecord
+from router.recorder import NullRecorder, SegmentRecorder
+from router.result import RoutingResult
+from router.retry_budget import RetryBudget
+from router.router_config import RouterConfig
+
+log = logging.getLogger(__name__)
+
+SPLIT_MODES = (DeploymentMode.CANARY, DeploymentMode.AB_TEST)
+
+
+class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
+    def __init__(
+        self,
+        load_balancing_config: LoadBalancingConfig | None = None,
+        *,
+        backends: Sequence[BackendConfig] | None = None,
+        classifier: QueryClassifier | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        health_checks: bool = True,
+        flags: ProductionFeatureFlags | None = None,
+        production_config: ProductionLoadBalancingConfig | None = None,
+        control_store: ControlStore | Literal["env"] | None = "env",
+        recorder: SegmentRecorder | None = None,
+        instance_id: str | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.flags = flags if flags is not None else load_flags()
+        if backends is None:
+            backends = (
+                production_config.backends
+                if production_config and production_config.backends
+                else None
+            )
+        super().__init__(
+            load_balancing_config,
+            backends=backends if backends is not None else default_backends(self.flags),
+            classifier=classifier,
+            transport=transport,
+            health_checks=health_checks,
+        )
+        if production_config is None:
+            production_config = ConfigurationMigrator().migrate_config(
+                self.load_balancing_config,
+                backends=self.backends,
+                algorithm=self.flags.primary_algorithm,
+            )
+        self.production_config = production_config
+        self.instance_id = instance_id or self.flags.instance_id or default_instance_id()
+        self._seed = seed
+        self._random = random.Random(seed)
+        #: "env": the folder store under PROD_LB_DATA_DIR; None: no rollout control at all.
+        self.control_store: ControlStore | None = (
+            FileControlStore(self.flags.data_dir / "control")
+            if control_store == "env"
+            else control_store  # type: ignore[assignment]
+        )
+        if recorder is None:
+            segments = self.flags.data_dir / "segments"
+            recorder_cls = SegmentRecorder if self.flags.perf_comparison else NullRecorder
+            recorder = recorder_cls(segments, self.instance_id)
+        self.recorder = recorder.start()
+        self.config = self.flags.initial_router_config().model_copy(
+            update={"algorithm": production_config.algorithm}
+        )
+        self.production = Balancer(
+            Arm.PRODUCTION.value,
+            self.backends,
+            self._build_algorithm(self.config),
+            self._client,
+            ConsecutiveFailures(
+                production_config.outlier.consecutive_failures,
+                production_config.outlier.base_ejection_s,
+            ),
+            max_attempts=production_config.retry.max_attempts,
+            deadline_s=production_config.retry.deadline_s,
+            max_bytes=production_config.max_response_bytes,
+            retry_budget=RetryBudget(
+                production_config.retry.budget_ratio, production_config.retry.min_retries_in_flight
+            ),
+            score_quality=self.flags.quality_metrics,
+            on_event=self._on_backend_event,
+        )
+        self.legacy.score_quality = self.flags.quality_metrics
+        self.guard = FailbackGuard(self.config.guard)
+        self.started_at = datetime.now(UTC)
+        self.routed = 0
+        self.refused: tuple[int | None, str] | None = None
+        self._last_token: object = None
+        self._shadow_tasks: set[asyncio.Task[None]] = set()
+        self.shadow_skipped = 0
+
+    # -- configuration ----------------------------------------------------------------
+    def _build_algorithm(self, config: RouterConfig) -> Algorithm:
+        return build_algorithm(
+            config.algorithm, self.production_config, config.production_weights, self._seed
+        )
+
+    @property
+    def effective_mode(self) -> DeploymentMode:
+        return DeploymentMode.LEGACY_ONLY if self.guard.tripped else self.config.mode
+
+    def apply_config(self, config: RouterConfig) -> None:
+        """Swap the policy between requests; requests already running keep theirs."""
+        algorithm = (
+            self.production.algorithm
+            if config.algorithm == self.config.algorithm
+            and config.production_weights == self.config.production_weights
+            else self._build_algorithm(config)
+        )
+        if config.legacy_weights:
+            self.legacy.set_weights(config.legacy_weights)
+        self.production.algorithm = algorithm
+        self.config = config
+        self.guard.reset(config.guard)
+        self.refused = None
+        self.recorder.event(
+            EventKind.CONFIG_APPLIED,
+            f"applied v{config.version}: {config.mode.value} {config.traffic_percent:g}% "
+            f"{config.algorithm.value}",
+            config_version=config.version,
+        )
+
+    def poll_control_store(self) -> None:
+        """Read the control document if it changed; apply it or refuse it."""
+        if self.control_store is None:
+            return
+        try:
+            found = self.control_store.read_document()
+        except OSError as exc:
+            log.warning("control store unreadable: %s", exc)
+            return
+        if found is None or found[0] == self._last_token:
+            return
+        token, text = found
+        self._last_token = token
+        try:
+            config = RouterConfig.model_validate_json(text)
+        except ValidationError as exc:
+            self._refuse(_version_hint(text), _one_line(exc))
+            return
+        if config.version > self.config.version:
+            self.apply_config(config)
+        elif config.version < self.config.version:
+            self._refuse(config.version, f"older than applied v{self.config.version}")
+
+    def _refuse(self, version: int | None, reason: str) -> None:
+        self.refused = (version, reason)
+        log.warning("refused control document v%s: %s", version, reason)
+        self.recorder.event(
+            EventKind.CONFIG_REFUSED,
+            f"refused v{version}: {reason}; keeping v{self.config.version}",
+            config_version=version,
+        )
+
+    def acknowledgement(self) -> Acknowledgement:
+        return Acknowledgement(
+            instance=self.instance_id,
+            applied_version=self.config.version,
+            effective_mode=self.effective_mode,
+            configured_mode=self.config.mode,
+            traffic_percent=self.config.traffic_percent,
+            failback_reason=self.guard.reason,
+            refused_version=self.refused[0] if self.refused else None,
+            refused_reason=self.refused[1] if self.refused else None,
+            heartbeat_at=datetime.now(UTC),
+            started_at=self.started_at,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            routed=self.routed,
+        )
+
+    def heartbeat(self) -> None:
+        self._check_staleness()
+        if self.control_store is not None:
+            self.control_store.write_ack(self.acknowledgement())
+
+    def _check_staleness(self) -> None:
+        reason = self.guard.check_staleness(
+            self.config.published_at, self.config.mode in SPLIT_MODES
+        )
+        if reason:
+            self._record_failback(reason)
+
+    async def _control_loop(self) -> None:
+        interval = self.flags.control_poll_s
+        while True:
+            try:
+                self.poll_control_store()
+                self.heartbeat()
+            except Exception:
+                log.exception("control loop iteration failed")
+            await asyncio.sleep(interval)
+
+    # -- lifecycle --------------------------------------------------------------------
+    def _balancers(self) -> list[Balancer]:
+        return [self.legacy, self.production]
+
+    def _health_settings(self) -> HealthCheckSettings:
+        return self.production_config.health_check
+
+    def _start_background(self) -> None:
+        if self._tasks or self._closed:
+            return
+        super()._start_background()
+        if self.control_store is not None:
+            self.poll_control_store()
+            self._tasks.append(asyncio.create_task(self._control_loop(), name="router-control"))
+
+    async def start(self) -> ProductionIntelligentQueryRouter:
+        self._start_background()
+        return self
+
+    async def shutdown(self) -> None:
+        for task in list(self._shadow_tasks):
+            task.cancel()
+        if self._shadow_tasks:
+            await asyncio.gather(*self._shadow_tasks, return_exceptions=True)
+        if self.control_store is not None and not self._closed:
+            with contextlib.suppress(OSError):
+                self.heartbeat()
+        await super().shutdown()
+        self.recorder.close()
+
+    def _on_backend_event(self, backend: str, message: str) -> None:
+        self.recorder.event(
+            EventKind.BACKEND_EJECTED, message, config_version=self.config.version, backend=backend
+        )
+
+    # -- routing ----------------------------------------------------------------------
+    def arm_for(self, bucket: int, config: RouterConfig, mode: DeploymentMode) -> Arm:
+        if mode is DeploymentMode.PRODUCTION_ONLY:
+            return Arm.PRODUCTION
+        if mode in SPLIT_MODES and in_production(bucket, config.traffic_percent):
+            return Arm.PRODUCTION
+        return Arm.LEGACY
+
+    async def route_query(
+        self, query_text: str, context: Mapping[str, Any] | None = None
+    ) -> RoutingResult:
+        self._start_background()
+        config = self.config
+        mode = self.effective_mode
+        request_id = str((context or {}).get("request_id") or uuid.uuid4().hex)
+        bucket = bucket_of(subject_key(context, request_id), config.salt)
+        arm = self.arm_for(bucket, config, mode)
+        classification = self.classifier.classify(query_text)
+        region = (context or {}).get("region")
+        if (
+            mode is DeploymentMode.SHADOW
+            and config.shadow_sample_rate > 0
+            and self._random.random() < config.shadow_sample_rate
+        ):
+            self._start_shadow(query_text, classification, request_id, bucket, config, region)
+        balancer = self.production if arm is Arm.PRODUCTION else self.legacy
+        started = time.perf_counter()
+        outcome = await balancer.route(
+            query_text,
+            classification,
+            region=region,
+            headers={"X-Request-ID": request_id, "X-Router-Arm": arm.value},
+        )
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        result = build_result(
+            request_id=request_id,
+            classification=classification,
+            outcome=outcome,
+            arm=arm.value,
+            mode=mode.value,
+            algorithm=balancer.algorithm.name,
+            config_version=config.version,
+            latency_ms=latency_ms,
+        )
+        self._record(result, outcome, bucket, query_text, is_shadow=False, primary=None)
+        self.analytics.add(datetime.now(UTC), result)
+        self.routed += 1
+        if arm is Arm.PRODUCTION:
+            self._guard_observe(result)
+        return result
+
+    def _start_shadow(
+        self,
+        query_text: str,
+        classification: Classification,
+        primary_id: str,
+        bucket: int,
+        config: RouterConfig,
+        region: Any,
+    ) -> None:
+        if len(self._shadow_tasks) >= config.shadow_max_concurrency:
+            self.shadow_skipped += 1
+            return
+        task = asyncio.create_task(
+            self._shadow(query_text, classification, primary_id, bucket, config, region)
+        )
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _shadow(
+        self,
+        query_text: str,
+        classification: Classification,
+        primary_id: str,
+        bucket: int,
+        config: RouterConfig,
+        region: Any,
+    ) -> None:
+        request_id = uuid.uuid4().hex
+        try:
+            started = time.perf_counter()
+            outcome = await self.production.route(
+                query_text,
+                classification,
+                region=region,
+                headers={
+                    "X-Request-ID": request_id,
+                    "X-Router-Arm": Arm.PRODUCTION.value,
+                    "X-Shadow-Of": primary_id,
+                },
+            )
+            result = build_result(
+                request_id=request_id,
+                classification=classification,
+                outcome=outcome,
+                arm=Arm.PRODUCTION.value,
+                mode=DeploymentMode.SHADOW.value,
+                algorithm=self.production.algorithm.name,
+                config_version=config.version,
+                latency_ms=(time.perf_counter() - started) * 1000.0,
+            )
+            self._record(result, outcome, bucket, query_text, is_shadow=True, primary=primary_id)
+            self._guard_observe(result)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a shadow must never surface anywhere but the log
+            log.exception("shadow execution failed")
+
+    def _guard_observe(self, result: RoutingResult) -> None:
+        if result.outcome == Outcome.REJECTED.value:
+            return  # the caller's fault (4xx), not production's
+        reason = self.guard.observe(result.ok, result.latency_ms)
+        if reason:
+            self._record_failback(reason)
+
+    def _record_failback(self, reason: str) -> None:
+        log.error("auto-failback to legacy: %s", reason)
+        self.recorder.event(EventKind.FAILBACK, reason, config_version=self.config.version)
+        with contextlib.suppress(OSError):
+            self.heartbeat()
+
+    def _record(
+        self,
+        result: RoutingResult,
+        outcome: RouteOutcome,
+        bucket: int,
+        query_text: str,
+        *,
+        is_shadow: bool,
+        primary: str | None,
+    ) -> None:
+        failure = outcome.failure if not outcome.ok else None
+        status = outcome.attempts[-1].status if outcome.attempts else None
+        answer = outcome.answer
+        self.recorder.record(
+            RequestRecord(
+                request_id=result.request_id,
+                ts=datetime.now(UTC),
+                router_instance=self.instance_id,
+                config_version=result.config_version,
+                mode=result.mode,
+                arm=result.arm,
+                is_shadow=is_shadow,
+                primary_request_id=primary,
+                subject_bucket=bucket,
+                query_category=result.category,
+                algorithm=result.algorithm,
+                backend=result.backend,
+                attempts=result.attempts,
+                fallback_used=result.attempts > 1,
+                outcome=result.outcome,
+                http_status=status,
+                error_kind=failure.kind.value if failure else None,
+                latency_ms=result.latency_ms,
+                tokens_in=answer.tokens_in if answer else 0,
+                tokens_out=answer.tokens_out if answer else 0,
+                cost_usd=result.cost_usd,
+                quality_score=result.quality_score,
+                query_hash=query_fingerprint(query_text),
+                query_length=len(query_text),
+            )
+        )
+
+    # -- the legacy surface, production flavour ----------------------------------------
+    def update_load_balancing_weights(self, weights: dict[str, float]) -> None:
+        """Weights of the production balancer (weight-aware algorithms)."""
+        self.production.set_weights(weights)
+
+    def get_health_status(self) -> dict[str, Any]:
+        return {
+            "legacy": self.legacy.health_report(),
+            "production": self.production.health_report(),
+        }
+
+    def get_system_health_status(self) -> dict[str, Any]:
+        status = super().get_system_health_status()
+        production = self.production.health_report()
+        status.update(
+            mode=self.effective_mode.value,
+            configured_mode=self.config.mode.value,
+            traffic_percent=self.config.traffic_percent,
+            config_version=self.config.version,
+            algorithm=self.config.algorithm.value,
+            failback_reason=self.guard.reason,
+            production_available_backends=sum(1 for b in production.values() if b["available"]),
+            instance=self.instance_id,
+        )
+        return status
+
+    def force_rollback(self, reason: str = "manual rollback") -> bool:
+        """Fail back to legacy on this instance now; the next config from the store can undo it."""
+        if self.guard.tripped:
+            return False
+        self.guard.trip(f"forced: {reason}")
+        self._record_failback(f"forced: {reason}")
+        return True
+
+
+def _version_hint(text: str) -> int | None:
+    try:
+        value = json.loads(text).get("version")
+        return int(value) if value is not None else None
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def _one_line(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors()[:3]:
+        loc = ".".join(str(p) for p in error.get("loc", ())) or "document"
+        parts.append(f"{loc}: {error.get('msg')}")
+    return "; ".join(parts)

@@ -1,0 +1,131 @@
+"""The per-request metrics row and the router event row, as written to segment files.
+
+This module is the schema contract between the router (writer), the metrics store
+(loader) and the checks (readers); it depends on nothing but pyarrow.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import NamedTuple
+
+import pyarrow as pa
+
+
+class Outcome(StrEnum):
+    OK = "ok"
+    ERROR = "error"
+    TIMEOUT = "timeout"
+    RATE_LIMITED = "rate_limited"
+    REJECTED = "rejected"
+
+
+class ErrorKind(StrEnum):
+    CONNECT = "connect"
+    TIMEOUT = "timeout"
+    SERVER_ERROR = "server_error"
+    RATE_LIMITED = "rate_limited"
+    CLIENT_ERROR = "client_error"
+    MALFORMED = "malformed"
+    OVERSIZED = "oversized"
+    NO_BACKEND = "no_backend"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    CANCELLED = "cancelled"
+
+
+class RequestRecord(NamedTuple):
+    """One routed request (or one shadow execution). Never holds the query text or user id."""
+
+    request_id: str
+    ts: datetime
+    router_instance: str
+    config_version: int
+    mode: str
+    arm: str
+    is_shadow: bool
+    primary_request_id: str | None
+    subject_bucket: int
+    query_category: str
+    algorithm: str
+    backend: str | None
+    attempts: int
+    fallback_used: bool
+    outcome: str
+    http_status: int | None
+    error_kind: str | None
+    latency_ms: float
+    tokens_in: int
+    tokens_out: int
+    cost_usd: float
+    quality_score: float | None
+    query_hash: str
+    query_length: int
+
+
+REQUEST_SCHEMA = pa.schema(
+    [
+        ("request_id", pa.string()),
+        ("ts", pa.timestamp("us", tz="UTC")),
+        ("router_instance", pa.string()),
+        ("config_version", pa.int64()),
+        ("mode", pa.string()),
+        ("arm", pa.string()),
+        ("is_shadow", pa.bool_()),
+        ("primary_request_id", pa.string()),
+        ("subject_bucket", pa.int32()),
+        ("query_category", pa.string()),
+        ("algorithm", pa.string()),
+        ("backend", pa.string()),
+        ("attempts", pa.int32()),
+        ("fallback_used", pa.bool_()),
+        ("outcome", pa.string()),
+        ("http_status", pa.int32()),
+        ("error_kind", pa.string()),
+        ("latency_ms", pa.float64()),
+        ("tokens_in", pa.int32()),
+        ("tokens_out", pa.int32()),
+        ("cost_usd", pa.float64()),
+        ("quality_score", pa.float64()),
+        ("query_hash", pa.string()),
+        ("query_length", pa.int32()),
+    ]
+)
+assert tuple(REQUEST_SCHEMA.names) == RequestRecord._fields
+
+
+class EventKind(StrEnum):
+    CONFIG_APPLIED = "config_applied"
+    CONFIG_REFUSED = "config_refused"
+    FAILBACK = "failback"
+    BREAKER_OPENED = "breaker_opened"
+    BREAKER_CLOSED = "breaker_closed"
+    BACKEND_EJECTED = "backend_ejected"
+    ROWS_DROPPED = "rows_dropped"
+    SEGMENT_QUARANTINED = "segment_quarantined"
+
+
+class RouterEvent(NamedTuple):
+    """Something an operator must be able to find later: a failback, a refused config..."""
+
+    event_id: str
+    ts: datetime
+    router_instance: str
+    kind: str
+    config_version: int | None
+    backend: str | None
+    detail: str
+
+
+EVENT_SCHEMA = pa.schema(
+    [
+        ("event_id", pa.string()),
+        ("ts", pa.timestamp("us", tz="UTC")),
+        ("router_instance", pa.string()),
+        ("kind", pa.string()),
+        ("config_version", pa.int64()),
+        ("backend", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+assert tuple(EVENT_SCHEMA.names) == RouterEvent._fields

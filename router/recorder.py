@@ -1,0 +1,199 @@
+"""Off-the-request-path recording of metric rows into immutable Parquet segment files.
+
+The request path only appends a tuple to a bounded deque (thread-safe, no lock, no I/O).
+A daemon thread drains the deque every `flush_interval_s` or when `flush_rows` rows are
+waiting, writes a segment under a temporary name, fsyncs it and renames it into place,
+so a reader never sees a half-written file and a crash loses at most the rows still in
+memory.
+
+Back-pressure policy: when the disk is slower than the traffic and `max_buffered_rows`
+rows are waiting, new rows are dropped (never the request) and counted; the count is
+written as a `rows_dropped` router event at the next flush, so the loss is visible in
+`router_events` rather than silent. Memory therefore stays bounded by
+`max_buffered_rows` per stream.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from router.record import EVENT_SCHEMA, REQUEST_SCHEMA, EventKind, RequestRecord, RouterEvent
+
+log = logging.getLogger(__name__)
+
+SEGMENT_SUFFIX = ".parquet"
+
+
+class Stream:
+    """One kind of row (requests or events) with its own bounded buffer."""
+
+    def __init__(self, name: str, schema: pa.Schema, max_rows: int) -> None:
+        self.name = name
+        self.schema = schema
+        self.max_rows = max_rows
+        self.buffer: deque[tuple[Any, ...]] = deque()
+        self.dropped = 0
+        self.written_rows = 0
+        self.written_segments = 0
+
+    def drain(self) -> list[tuple[Any, ...]]:
+        count = len(self.buffer)
+        return [self.buffer.popleft() for _ in range(count)]
+
+
+def rows_to_table(rows: list[tuple[Any, ...]], schema: pa.Schema) -> pa.Table:
+    columns = list(zip(*rows, strict=True)) if rows else [() for _ in schema]
+    arrays = [pa.array(col, type=field.type) for col, field in zip(columns, schema, strict=True)]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def write_segment(table: pa.Table, directory: Path, prefix: str, seq: int) -> Path:
+    """Write atomically: temporary name, fsync, rename. Returns the final path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    final = directory / f"{prefix}-{stamp}-{seq:06d}{SEGMENT_SUFFIX}"
+    temp = directory / f".{final.name}.tmp"
+    with temp.open("wb") as handle:
+        pq.write_table(table, handle, compression="zstd")
+        handle.flush()
+        os.fsync(handle.fileno())
+    temp.replace(final)
+    return final
+
+
+class SegmentRecorder:
+    """Buffers request rows and router events of one router instance and writes segments.
+
+    Segments land in ``<segments_dir>/<instance>/``; one folder per instance keeps many
+    processes and machines from ever writing the same name.
+    """
+
+    def __init__(
+        self,
+        segments_dir: Path | str,
+        instance: str,
+        *,
+        flush_rows: int = 5_000,
+        flush_interval_s: float = 1.0,
+        max_buffered_rows: int = 200_000,
+    ) -> None:
+        self.directory = Path(segments_dir) / instance
+        self.instance = instance
+        self.flush_rows = flush_rows
+        self.flush_interval_s = flush_interval_s
+        self.requests = Stream("requests", REQUEST_SCHEMA, max_buffered_rows)
+        self.events = Stream("events", EVENT_SCHEMA, max(1_000, max_buffered_rows // 10))
+        self._seq = itertools.count(1)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._io_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    # -- hot path ---------------------------------------------------------------------
+    def record(self, row: RequestRecord) -> None:
+        buffer = self.requests.buffer
+        if len(buffer) >= self.requests.max_rows:
+            self.requests.dropped += 1
+            return
+        buffer.append(row)
+        if len(buffer) >= self.flush_rows:
+            self._wake.set()
+
+    def event(
+        self,
+        kind: EventKind,
+        detail: str,
+        *,
+        config_version: int | None = None,
+        backend: str | None = None,
+    ) -> RouterEvent:
+        event = RouterEvent(
+            event_id=uuid.uuid4().hex,
+            ts=datetime.now(UTC),
+            router_instance=self.instance,
+            kind=kind.value,
+            config_version=config_version,
+            backend=backend,
+            detail=detail,
+        )
+        if len(self.events.buffer) < self.events.max_rows:
+            self.events.buffer.append(event)
+        else:
+            self.events.dropped += 1
+        return event
+
+    # -- background -------------------------------------------------------------------
+    def start(self) -> SegmentRecorder:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name=f"segment-recorder-{self.instance}", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.flush_interval_s)
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception:  # keep recording; the rows stay buffered for the next try
+                log.exception("segment flush failed; will retry")
+                time.sleep(self.flush_interval_s)
+
+    def flush(self) -> list[Path]:
+        """Write whatever is buffered now. Safe to call from any thread."""
+        written: list[Path] = []
+        with self._io_lock:
+            dropped = self.requests.dropped
+            if dropped:
+                self.requests.dropped = 0
+                self.event(EventKind.ROWS_DROPPED, f"{dropped} request rows dropped: buffer full")
+            for stream in (self.requests, self.events):
+                rows = stream.drain()
+                if not rows:
+                    continue
+                try:
+                    table = rows_to_table(rows, stream.schema)
+                    path = write_segment(table, self.directory, stream.name, next(self._seq))
+                except Exception:
+                    stream.buffer.extendleft(reversed(rows))
+                    raise
+                stream.written_rows += len(rows)
+                stream.written_segments += 1
+                written.append(path)
+        return written
+
+    def close(self) -> None:
+        """Stop the flusher and write everything still buffered."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        self.flush()
+
+    def __enter__(self) -> SegmentRecorder:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class NullRecorder(SegmentRecorder):
+    """Used when `PROD_LB_PERF_COMPARISON=false`: rows are not kept, events still are."""
+
+    def record(self, row: RequestRecord) -> None:
+        return None

@@ -1,0 +1,78 @@
+"""`RouterConfig`: the versioned document a rollout publishes and every router instance applies."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from router.algorithms.names import AlgorithmName
+from router.modes import DeploymentMode
+
+
+class GuardLimits(BaseModel):
+    """Hard limits for the router's local auto-failback (checked on the production arm)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    error_rate: float = Field(default=0.05, gt=0, le=1, description="fraction of requests")
+    p95_latency_ms: float = Field(default=5000.0, gt=0)
+    min_requests: int = Field(default=20, ge=1)
+    window: int = Field(default=200, ge=1, description="most recent production requests")
+    canary_max_hours: float | None = Field(
+        default=None, gt=0, description="fail back if a split outlives this with no new config"
+    )
+
+
+class RouterConfig(BaseModel):
+    """One version of the routing policy.
+
+    Versions only grow. An instance applies a document atomically between requests and
+    acknowledges the version; rows routed under it carry `config_version`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: int = Field(ge=0)
+    mode: DeploymentMode = DeploymentMode.LEGACY_ONLY
+    traffic_percent: float = Field(default=0.0, ge=0, le=100)
+    algorithm: AlgorithmName = AlgorithmName.LEAST_CONNECTIONS
+    legacy_weights: dict[str, float] = Field(default_factory=dict)
+    production_weights: dict[str, float] = Field(default_factory=dict)
+    shadow_sample_rate: float = Field(default=1.0, ge=0, le=1)
+    shadow_max_concurrency: int = Field(default=16, ge=1)
+    salt: str = Field(default="rollout-v1", min_length=1)
+    guard: GuardLimits = GuardLimits()
+    rollout_id: str | None = None
+    phase: str | None = None
+    reason: str = ""
+    published_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @model_validator(mode="after")
+    def _percent_fits_mode(self) -> RouterConfig:
+        check_mode_percent(self.mode, self.traffic_percent)
+        for weights in (self.legacy_weights, self.production_weights):
+            bad = {k: v for k, v in weights.items() if v < 0}
+            if bad:
+                raise ValueError(f"weights must be >= 0, got {bad}")
+        return self
+
+    @property
+    def production_share(self) -> float:
+        """Share of users whose answer comes from the production balancer."""
+        if self.mode is DeploymentMode.PRODUCTION_ONLY:
+            return 1.0
+        if self.mode in (DeploymentMode.CANARY, DeploymentMode.AB_TEST):
+            return self.traffic_percent / 100.0
+        return 0.0
+
+
+def check_mode_percent(mode: DeploymentMode, percent: float) -> None:
+    """The one rule tying mode to traffic percent, shared by env flags, configs and plans."""
+    if mode in (DeploymentMode.LEGACY_ONLY, DeploymentMode.SHADOW) and percent != 0:
+        raise ValueError(f"mode {mode.value} serves no production traffic: percent must be 0")
+    if mode is DeploymentMode.PRODUCTION_ONLY and percent != 100:
+        raise ValueError("mode production_only serves all traffic: percent must be 100")
+    if mode in (DeploymentMode.CANARY, DeploymentMode.AB_TEST) and not 0 < percent < 100:
+        raise ValueError(f"mode {mode.value} needs a percent above 0 and below 100")

@@ -1,0 +1,39 @@
+"""Shared fixtures. Prefect settings are read at import time, so the environment for the
+whole session is fixed here, before anything imports Prefect."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="rollout-tests-prefect-")
+os.environ.pop("PREFECT_API_URL", None)  # never talk to a real server from tests
+os.environ.pop("PREFECT_API_KEY", None)
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+os.environ["PREFECT_SERVER_LOGGING_LEVEL"] = "WARNING"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+os.environ["GX_ANALYTICS_ENABLED"] = "false"
+for _name in list(os.environ):
+    if _name.startswith("PROD_LB_") or _name == "ROLLOUT_DATA_DIR":
+        del os.environ[_name]
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One Prefect API for the whole session (it takes ~10 s to start)."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with (
+        temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
+        prefect_test_harness(server_startup_timeout=120),
+    ):
+        yield

@@ -1,0 +1,164 @@
+"""PROD_LB_* configuration: good profiles load, each bad value stops with one clear line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from router.feature_flags import ENV_PREFIX, ProductionFeatureFlags, load_flags
+from router.modes import DeploymentMode
+from router.settings_errors import SettingsError
+
+ROOT = Path(__file__).resolve().parents[2]
+PROFILES = ROOT / "deployments" / "profiles"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.upper().startswith(ENV_PREFIX):
+            monkeypatch.delenv(name)
+
+
+def test_defaults_are_legacy_only() -> None:
+    flags = load_flags()
+    assert flags.effective_mode is DeploymentMode.LEGACY_ONLY
+    assert flags.initial_router_config().version == 0
+
+
+def test_disabled_forces_legacy_even_with_a_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROD_LB_DEPLOYMENT_MODE", "canary")
+    monkeypatch.setenv("PROD_LB_TRAFFIC_PERCENT", "5")
+    flags = load_flags()
+    assert flags.deployment_mode is DeploymentMode.CANARY
+    assert flags.effective_mode is DeploymentMode.LEGACY_ONLY
+    assert flags.initial_router_config().traffic_percent == 0
+
+
+@pytest.mark.parametrize("name", ["shadow", "canary", "ab_test", "production_full"])
+def test_every_profile_is_valid(name: str) -> None:
+    flags = load_flags(PROFILES / f"{name}.env")
+    assert flags.enabled
+
+
+def test_every_profile_variable_is_a_known_setting() -> None:
+    known = {ENV_PREFIX + field.upper() for field in ProductionFeatureFlags.model_fields}
+    for path in [*PROFILES.glob("*.env"), PROFILES / "production.env.template"]:
+        for line in path.read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                assert line.split("=", 1)[0] in known, f"{path.name}: {line}"
+
+
+def test_environment_overrides_profile(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROD_LB_TRAFFIC_PERCENT", "15")
+    assert load_flags(PROFILES / "canary.env").traffic_percent == 15
+
+
+BAD_VALUES = [
+    ("PROD_LB_DEPLOYMENT_MODE", "canry", "one of legacy_only, shadow, canary, ab_test"),
+    ("PROD_LB_TRAFFIC_PERCENT", "150", "a number from 0 to 100"),
+    ("PROD_LB_ROLLBACK_LATENCY_MS", "abc", "a number above 0"),
+    ("PROD_LB_PRIMARY_ALGORITHM", "fastest", "one of round_robin"),
+    ("PROD_LB_AUTO_FAILBACK", "maybe", "true or false"),
+    ("PROD_LB_ROLLBACK_ERROR_RATE", "-1", "a number above 0"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value", "allowed"), BAD_VALUES)
+def test_bad_value_names_variable_value_and_allowed(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, allowed: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as caught:
+        load_flags()
+    assert len(caught.value.lines) == 1
+    line = caught.value.lines[0]
+    assert variable in line and repr(value) in line and allowed in line
+
+
+def test_unknown_variable_suggests_the_right_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROD_LB_TRAFIC_PERCENT", "5")
+    with pytest.raises(SettingsError, match="did you mean PROD_LB_TRAFFIC_PERCENT"):
+        load_flags()
+
+
+def test_mode_and_percent_must_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROD_LB_DEPLOYMENT_MODE", "shadow")
+    monkeypatch.setenv("PROD_LB_TRAFFIC_PERCENT", "5")
+    with pytest.raises(SettingsError, match="PROD_LB_TRAFFIC_PERCENT=5 does not fit"):
+        load_flags()
+
+
+def test_advanced_algorithm_needs_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROD_LB_PRIMARY_ALGORITHM", "adaptive")
+    with pytest.raises(SettingsError, match="PROD_LB_ADVANCED_ALGORITHMS=true"):
+        load_flags()
+    monkeypatch.setenv("PROD_LB_ADVANCED_ALGORITHMS", "true")
+    assert load_flags().primary_algorithm.value == "adaptive"
+
+
+def test_secret_values_are_never_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROD_LB_PERPLEXITY_API_KEY", "pplx-very-secret")
+    with pytest.raises(SettingsError) as caught:
+        load_flags()
+    assert "pplx-very-secret" not in str(caught.value)
+
+
+def test_profile_with_foreign_variable_is_refused(tmp_path: Path) -> None:
+    profile = tmp_path / "x.env"
+    profile.write_text("PROD_LB_ENABLED=true\nDATABASE_URL=postgres://x\n")
+    with pytest.raises(SettingsError, match="DATABASE_URL is not a PROD_LB_"):
+        load_flags(profile)
+
+
+def test_backend_urls_are_split_and_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROD_LB_LIGHTRAG_URLS", "http://127.0.0.1:9621, http://127.0.0.1:9622")
+    monkeypatch.setenv("PROD_LB_PERPLEXITY_URL", "http://127.0.0.1:9700")
+    backends = load_flags().backends()
+    assert [b.name for b in backends] == ["lightrag-1", "lightrag-2", "perplexity-1"]
+    assert backends[2].api_key_env == "PERPLEXITY_API_KEY"
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    import os
+
+    clean = {k: v for k, v in os.environ.items() if not k.upper().startswith(ENV_PREFIX)}
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**clean, **env},
+        cwd=ROOT,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(("variable", "value", "allowed"), BAD_VALUES[:4])
+def test_cli_validate_rejects_with_exit_2_and_one_line(
+    variable: str, value: str, allowed: str
+) -> None:
+    result = _cli("config", "validate", env={variable: value})
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert variable in lines[0] and allowed in lines[0]
+
+
+def test_cli_validate_accepts_profile_and_show_masks_nothing_secret() -> None:
+    result = _cli("config", "validate", "--profile", "canary", env={})
+    assert result.returncode == 0, result.stderr
+    assert "canary at 5%" in result.stdout
+    shown = _cli(
+        "config",
+        "show",
+        "--json",
+        env={"PERPLEXITY_API_KEY": "pplx-123456", "PROD_LB_PERPLEXITY_URL": "http://127.0.0.1:1"},
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "pplx-123456" not in shown.stdout
+    assert "set (from $PERPLEXITY_API_KEY)" in shown.stdout
