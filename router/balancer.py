@@ -20,12 +20,12 @@ from router.backend_state import BackendState
 from router.backends import BackendConfig
 from router.classifier import Classification
 from router.failures import BackendFailure
-from router.health_policy import HealthPolicy
+from router.health_policy import HealthEvent, HealthPolicy
 from router.quality import quality_score
 from router.record import ErrorKind
 from router.retry_budget import RetryBudget
 
-EventSink = Callable[[str, str], None]
+EventSink = Callable[[HealthEvent], None]
 
 
 @dataclass(slots=True)
@@ -246,6 +246,7 @@ class Balancer:
         self, state: BackendState, query: str, remaining_s: float, headers: dict[str, str] | None
     ) -> tuple[BackendAnswer | None, BackendFailure | None, float]:
         state.in_flight += 1
+        self.health.on_start(state, self.clock())
         started = self.clock()
         try:
             answer = await call_backend(
@@ -298,9 +299,9 @@ class Balancer:
                     if state.quality is None
                     else 0.9 * state.quality + 0.1 * outcome.quality
                 )
-        message = self.health.observe(state, self.states, failure, latency_ms, now)
-        if message and self.on_event:
-            self.on_event(state.name, message)
+        event = self.health.observe(state, self.states, failure, latency_ms, now)
+        if event is not None and self.on_event is not None:
+            self.on_event(event)
         self.algorithm.observe(
             state,
             Observation(

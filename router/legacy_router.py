@@ -26,7 +26,7 @@ from router.classifier import Classification, KeywordClassifier, QueryClassifier
 from router.failures import BackendFailure
 from router.feature_flags import ProductionFeatureFlags, load_flags
 from router.health_checker import ActiveHealthChecker
-from router.health_policy import ConsecutiveFailures
+from router.health_policy import ConsecutiveFailures, HealthEvent
 from router.legacy_config import LoadBalancingConfig
 from router.modes import Arm, DeploymentMode
 from router.production_config import HealthCheckSettings
@@ -55,15 +55,9 @@ class SlowCountsAsFailure(ConsecutiveFailures):
         failure: BackendFailure | None,
         latency_ms: float,
         now: float,
-    ) -> str | None:
+    ) -> HealthEvent | None:
         if failure is None and latency_ms > self.slow_ms:
-            backend.consecutive_failures += 1
-            if backend.consecutive_failures >= self.threshold:
-                backend.ejected_until = now + self.rest_s
-                backend.ejections += 1
-                backend.consecutive_failures = 0
-                return f"{backend.name} rested {self.rest_s:g}s: {self.threshold} slow responses"
-            return None
+            return self._count_failure(backend, now, "slow responses")
         return super().observe(backend, pool, failure, latency_ms, now)
 
 
@@ -192,7 +186,7 @@ class IntelligentQueryRouter:
         )
         self._tasks.append(asyncio.create_task(checker.run(), name="router-health-checks"))
 
-    def _on_backend_event(self, backend: str, message: str) -> None:
+    def _on_backend_event(self, event: HealthEvent) -> None:
         return None
 
     def _on_health_change(self, backend: str, healthy: bool, reason: str) -> None:

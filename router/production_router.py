@@ -39,7 +39,7 @@ from router.control_store import (
 )
 from router.failback_guard import FailbackGuard
 from router.feature_flags import ProductionFeatureFlags, load_flags
-from router.health_policy import ConsecutiveFailures
+from router.health_policy import ConsecutiveFailures, HealthEvent
 from router.legacy_config import LoadBalancingConfig
 from router.legacy_router import (
     IntelligentQueryRouter,
@@ -274,9 +274,18 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         await super().shutdown()
         self.recorder.close()
 
-    def _on_backend_event(self, backend: str, message: str) -> None:
+    def _on_health_change(self, backend: str, healthy: bool, reason: str) -> None:
+        kind = EventKind.BACKEND_HEALTHY if healthy else EventKind.BACKEND_UNHEALTHY
         self.recorder.event(
-            EventKind.BACKEND_EJECTED, message, config_version=self.config.version, backend=backend
+            kind,
+            f"{backend}: active health check: {reason}",
+            config_version=self.config.version,
+            backend=backend,
+        )
+
+    def _on_backend_event(self, event: HealthEvent) -> None:
+        self.recorder.event(
+            event.kind, event.message, config_version=self.config.version, backend=event.backend
         )
 
     # -- routing ----------------------------------------------------------------------

@@ -101,6 +101,10 @@ class EventKind(StrEnum):
     BREAKER_OPENED = "breaker_opened"
     BREAKER_CLOSED = "breaker_closed"
     BACKEND_EJECTED = "backend_ejected"
+    BACKEND_RETURNED = "backend_returned"
+    BACKEND_UNHEALTHY = "backend_unhealthy"
+    BACKEND_HEALTHY = "backend_healthy"
+    BREAKER_HALF_OPEN = "breaker_half_open"
     ROWS_DROPPED = "rows_dropped"
     SEGMENT_QUARANTINED = "segment_quarantined"
 
