@@ -1,0 +1,100 @@
+"""`adaptive`: discounted Thompson sampling on a reward of success, latency, cost, quality."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from router.algorithms.base import Choice, Observation, RequestContext
+from router.backend_state import BackendState
+from router.production_config import AdaptiveSettings
+
+
+class Adaptive:
+    """Rule: for each candidate draw `x ~ Beta(1 + S, 1 + F)` from its discounted reward
+    totals and pick the highest draw (Thompson sampling). A backend never observed
+    draws from Beta(1, 1), so it is tried.
+
+    Reward of one attempt, in [0, 1], with the weights of `AdaptiveSettings`:
+
+        failed attempt:      r = 0   (a fast or cheap failure is worth nothing)
+        successful attempt:  r = (w_s * 1 + w_l * L + w_c * C + w_q * Q) / (w_s + w_l + w_c + w_q)
+            L = T_l / (T_l + latency_ms)    1 when instant, 0.5 at latency_target_ms
+            C = T_c / (T_c + cost_usd)      1 when free,    0.5 at cost_target_usd
+            Q = quality                     term and its weight left out when unmeasured
+        (all weights zero: r = 1 on success)
+
+    Update: every observation first multiplies every backend's `S` and `F` by `decay`
+    (discounted Thompson sampling, Raj & Kalyani 2017), then adds `r` to the observed
+    backend's `S` and `1 - r` to its `F`. The memory is about `1 / (1 - decay)`
+    observations (50 at 0.98), so a backend that degrades loses traffic within tens of
+    requests, and a backend left alone drifts back to the uninformed prior and gets
+    re-tried, which is how a recovery is noticed. Failures that are not the backend's
+    fault (`health_penalty=False`, for example a rate limit) are not learned from.
+    """
+
+    name = "adaptive"
+
+    def __init__(self, settings: AdaptiveSettings | None = None, seed: int | None = None) -> None:
+        self.settings = settings or AdaptiveSettings()
+        self._random = random.Random(seed)
+        #: Backend name -> [S, F], discounted reward and shortfall totals.
+        self._stats: dict[str, list[float]] = {}
+
+    def reward(self, observation: Observation) -> float:
+        if not observation.ok:
+            return 0.0
+        s = self.settings
+        total = s.success_weight
+        weights = s.success_weight + s.latency_weight + s.cost_weight
+        total += (
+            s.latency_weight
+            * s.latency_target_ms
+            / (s.latency_target_ms + max(0.0, observation.latency_ms))
+        )
+        total += (
+            s.cost_weight * s.cost_target_usd / (s.cost_target_usd + max(0.0, observation.cost_usd))
+        )
+        if observation.quality is not None:
+            total += s.quality_weight * min(1.0, max(0.0, observation.quality))
+            weights += s.quality_weight
+        return total / weights if weights > 0 else 1.0
+
+    def observe(self, backend: BackendState, observation: Observation) -> None:
+        if not observation.ok and not observation.health_penalty:
+            return
+        r = self.reward(observation)
+        decay = self.settings.decay
+        if decay < 1.0:
+            for stats in self._stats.values():
+                stats[0] *= decay
+                stats[1] *= decay
+        stats = self._stats.get(backend.name)
+        if stats is None:
+            stats = self._stats[backend.name] = [0.0, 0.0]
+        stats[0] += r
+        stats[1] += 1.0 - r
+
+    def posterior_mean(self, name: str) -> float:
+        s, f = self._stats.get(name, (0.0, 0.0))
+        return (1.0 + s) / (2.0 + s + f)
+
+    def choose(self, candidates: Sequence[BackendState], ctx: RequestContext) -> Choice:
+        stats = self._stats
+        draw = self._random.betavariate
+        scores: dict[str, float] = {}
+        picked = candidates[0]
+        best = -1.0
+        for b in candidates:
+            s, f = stats.get(b.name, (0.0, 0.0))
+            x = draw(1.0 + s, 1.0 + f)
+            scores[b.name] = x
+            if x > best:
+                picked, best = b, x
+        s, f = stats.get(picked.name, (0.0, 0.0))
+        return Choice(
+            picked,
+            f"highest Thompson draw {best:.3f} (mean reward {(1.0 + s) / (2.0 + s + f):.3f} "
+            f"over {s + f:.1f} effective observations)",
+            scores,
+        )
