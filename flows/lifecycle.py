@@ -331,3 +331,199 @@ def approve(
     _, rolled = rollback(paths, reason=reason, actor=actor, rollout_id=rollout.rollout_id)
     assert rolled is not None
     return rolled
+
+
+def restore_previous(
+    paths: DataPaths, *, rollout_id: str, failed_version: int, reason: str, actor: str
+) -> RouterConfig | None:
+    """Undo a publish the routers did not take: re-publish the config that was in force
+    before `failed_version` under a new version (versions only grow) and move the
+    rollout back to that phase. A rollback (legacy_only) is never undone."""
+    store = control_store(paths)
+    with connect(paths.database) as con:
+        rollout = get_rollout(con, rollout_id)
+        row = first(
+            con.execute(
+                "SELECT document FROM config_versions WHERE version < ? AND rollout_id = ? "
+                "ORDER BY version DESC LIMIT 1",
+                [failed_version, rollout_id],
+            )
+        )
+        failed = first(
+            con.execute(
+                "SELECT mode, phase_index FROM config_versions WHERE version = ?", [failed_version]
+            )
+        )
+        if rollout is None or failed is None or failed[0] == "legacy_only":
+            return None
+        current = store.current_or_none()
+        version = next_config_version(con, current.version if current else 0)
+        if row is None:  # the failed publish was phase 1: before it, legacy served everyone
+            config = legacy_only_config(
+                version, rollout_id, rollout.plan.salt, f"restore after failed publish: {reason}"
+            )
+            target_state, phase_index = RolloutState.ABORTED, 0
+        else:
+            previous = RouterConfig.model_validate_json(row[0])
+            config = previous.model_copy(
+                update={
+                    "version": version,
+                    "reason": f"restored after failed publish of v{failed_version}: {reason}",
+                }
+            )
+            target_state, phase_index = RolloutState.RUNNING, max(0, int(failed[1]) - 1)
+        con.execute("BEGIN TRANSACTION")
+        try:
+            record_config(con, config, phase_index)
+            con.execute(
+                "UPDATE phases SET started_at = NULL, config_version = NULL, ended_at = NULL, "
+                "outcome = NULL WHERE rollout_id = ? AND phase_index = ? AND phase_index <> ?",
+                [rollout_id, int(failed[1]), phase_index],
+            )
+            if target_state is RolloutState.RUNNING:
+                con.execute(
+                    "UPDATE phases SET config_version = ?, ended_at = NULL, outcome = NULL "
+                    "WHERE rollout_id = ? AND phase_index = ?",
+                    [version, rollout_id, phase_index],
+                )
+            if rollout.state is not target_state or rollout.phase_index != phase_index:
+                rollout = transition(
+                    con,
+                    rollout,
+                    target_state,
+                    phase_index=phase_index,
+                    cause=f"publish of v{failed_version} failed ({reason}); restored as v{version}",
+                    actor=actor,
+                )
+            record_decision(
+                con,
+                decision_id=uuid.uuid4().hex,
+                rollout=rollout,
+                config_version=version,
+                verdict="RESTORED",
+                action=f"re-published the previous config as v{version}",
+                actor=actor,
+                reason=reason,
+            )
+            store.publish(config)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    return config
+
+
+def reconcile(paths: DataPaths) -> str | None:
+    """Make the database and the control store agree again after a crash.
+
+    - a document the database does not know, for the active rollout: adopt it (the
+      process died between publishing and committing);
+    - no document, or an older one than the current phase's: republish the phase.
+    Returns what was done, or None when both already agree.
+    """
+    store = control_store(paths)
+    document = store.current_or_none()
+    with connect(paths.database) as con:
+        if document is not None and document.mode.value != "legacy_only":
+            owner = document.rollout_id and get_rollout(con, document.rollout_id)
+            if document.rollout_id and owner is None:
+                # A start published its first phase and died before recording the
+                # rollout: nobody owns that split, so the safe state is legacy.
+                version = next_config_version(con, document.version)
+                config = legacy_only_config(
+                    version,
+                    None,
+                    document.salt,
+                    f"reverted unrecorded rollout {document.rollout_id}",
+                )
+                record_config(con, config, None)
+                store.publish(config)
+                return f"reverted unrecorded rollout {document.rollout_id} to legacy as v{version}"
+        active = active_rollouts(con)
+        if len(active) != 1:
+            return None
+        rollout = active[0]
+        expected = first(
+            con.execute(
+                "SELECT config_version FROM phases WHERE rollout_id = ? AND phase_index = ?",
+                [rollout.rollout_id, rollout.phase_index],
+            )
+        )
+        expected_version = expected[0] if expected else None
+        known = (
+            document is not None
+            and first(
+                con.execute("SELECT 1 FROM config_versions WHERE version = ?", [document.version])
+            )
+            is not None
+        )
+        if document is not None and not known and document.rollout_id == rollout.rollout_id:
+            return _adopt(con, paths, rollout, document)
+        if expected_version is None or (
+            document is not None and document.version >= expected_version
+        ):
+            return None
+        version = next_config_version(con, document.version if document else 0)
+        config = phase_config(
+            rollout.plan,
+            rollout.phase_index,
+            version,
+            rollout.rollout_id,
+            "republished: the control document was missing or stale",
+        )
+        con.execute("BEGIN TRANSACTION")
+        try:
+            record_config(con, config, rollout.phase_index)
+            con.execute(
+                "UPDATE phases SET config_version = ? WHERE rollout_id = ? AND phase_index = ?",
+                [version, rollout.rollout_id, rollout.phase_index],
+            )
+            store.publish(config)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        return f"republished phase {rollout.phase_index + 1} as v{version}"
+
+
+def _adopt(
+    con: duckdb.DuckDBPyConnection, paths: DataPaths, rollout: Rollout, document: RouterConfig
+) -> str:
+    names = [p.name for p in rollout.plan.phases]
+    con.execute("BEGIN TRANSACTION")
+    try:
+        if document.mode.value == "legacy_only":
+            record_config(con, document, rollout.phase_index)
+            end_phase(con, rollout.rollout_id, rollout.phase_index, "rolled_back")
+            transition(
+                con,
+                rollout,
+                RolloutState.ROLLED_BACK,
+                actor="reconcile",
+                cause=f"recovered after a crash: v{document.version} (legacy_only) was "
+                "published but not recorded",
+            )
+            what = f"adopted rollback v{document.version}"
+        elif document.phase in names and names.index(document.phase) == rollout.phase_index + 1:
+            index = rollout.phase_index + 1
+            end_phase(con, rollout.rollout_id, rollout.phase_index, "promoted")
+            record_config(con, document, index)
+            start_phase(con, rollout.rollout_id, index, document.version)
+            transition(
+                con,
+                rollout,
+                RolloutState.RUNNING,
+                phase_index=index,
+                actor="reconcile",
+                cause=f"recovered after a crash: promotion to phase {index + 1} "
+                f"(v{document.version}) was published but not recorded",
+            )
+            what = f"adopted promotion to phase {index + 1} (v{document.version})"
+        else:
+            record_config(con, document, rollout.phase_index)
+            what = f"recorded unexpected v{document.version} ({document.phase})"
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return what

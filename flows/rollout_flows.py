@@ -1,23 +1,52 @@
-"""The Prefect flows. Each is a thin shell over `lifecycle` and `tick`, so the same
-logic runs from the UI (deployments), the CLI and the tests."""
+"""The Prefect flows. Each is a thin shell over `lifecycle` and `tick`, so the same logic
+runs from the UI (deployments), the CLI (`rollout ...`) and the tests.
+
+| flow               | what it does                                                      |
+|--------------------|-------------------------------------------------------------------|
+| rollout-start      | validate the plan, record the rollout, publish phase 1, wait acks |
+| rollout-tick       | one evaluation: collect, check, decide, act (interval schedule)   |
+| rollout-approve    | a human's decision (UI form via wait_for_input, or parameters)    |
+| rollout-rollback   | publish legacy_only first, then record; safe to repeat            |
+| nightly-comparison | last 24 h of legacy against production per backend and category  |
+| rollout-run        | start, then tick at each phase's interval until done (the demo)   |
+
+Publishing a new phase runs in a Prefect transaction with the acknowledgement wait:
+if the routers refuse the config or do not acknowledge it in time, the `on_rollback`
+hook re-publishes the previous config and moves the rollout back to that phase.
+"""
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
+from prefect.input import RunInput
+from prefect.transactions import Transaction, get_transaction, transaction
+from pydantic import Field
 
 from checks.gx_suites import GxRunner
-from flows import lifecycle, progress
+from flows import lifecycle, nightly, progress
 from flows.control import control_store, wait_for_ack
 from flows.paths import DataPaths
 from flows.plan import RolloutPlan
+from flows.prefect_outputs import (
+    EVENT_APPROVAL_DECIDED,
+    EVENT_APPROVAL_REQUESTED,
+    EVENT_COMPLETED,
+    EVENT_PROMOTED,
+    EVENT_ROLLED_BACK,
+    artifact_key,
+    emit,
+    publish_decision,
+    publish_status,
+)
+from flows.store.database import connect
 from flows.tick import TickReport, tick
 
 _RUNNERS: dict[str, GxRunner] = {}
+TERMINAL = ("completed", "rolled_back", "aborted")
 
 
 def gx_runner(paths: DataPaths) -> GxRunner:
@@ -28,27 +57,84 @@ def gx_runner(paths: DataPaths) -> GxRunner:
     return _RUNNERS[key]
 
 
+class AcknowledgementFailed(RuntimeError):
+    pass
+
+
+# -- tasks ---------------------------------------------------------------------------------
 @task(name="publish-first-phase", cache_policy=NONE)
 def start_task(data_dir: str, plan: RolloutPlan, rollout_id: str | None, actor: str) -> dict:
     published = lifecycle.start(DataPaths.at(data_dir), plan, actor=actor, rollout_id=rollout_id)
+    txn = get_transaction()
+    if txn is not None:
+        txn.set("published", (data_dir, published.rollout.rollout_id, published.config.version))
     return {"rollout_id": published.rollout.rollout_id, "version": published.config.version}
 
 
 @task(name="wait-for-acknowledgement", cache_policy=NONE)
 def ack_task(data_dir: str, version: int, timeout_s: float) -> str:
     status = wait_for_ack(control_store(DataPaths.at(data_dir)), version, timeout_s)
-    if status.refused:
-        raise RuntimeError(f"config v{version} refused: {status.describe()}")
+    if status.refused or not status.complete:
+        raise AcknowledgementFailed(f"config v{version} not applied: {status.describe()}")
     return status.describe()
 
 
 @task(name="evaluate-and-act", cache_policy=NONE)
 def tick_task(data_dir: str, rollout_id: str | None, actor: str) -> TickReport:
     paths = DataPaths.at(data_dir)
-    return tick(paths, gx_runner(paths), rollout_id=rollout_id, actor=actor)
+    report = tick(paths, gx_runner(paths), rollout_id=rollout_id, actor=actor)
+    txn = get_transaction()
+    if txn is not None and report.published_version is not None:
+        txn.set("published", (data_dir, report.rollout_id, report.published_version))
+    return report
 
 
-@flow(name="rollout-start", log_prints=False)
+def _restore(txn: Transaction) -> None:
+    """on_rollback: the routers did not take the new phase; put the previous one back."""
+    published = txn.get("published", None)
+    if not published:
+        return
+    data_dir, rollout_id, version = published
+    lifecycle.restore_previous(
+        DataPaths.at(data_dir),
+        rollout_id=rollout_id,
+        failed_version=version,
+        reason="routers did not acknowledge it",
+        actor="transaction",
+    )
+
+
+start_task.on_rollback(_restore)
+tick_task.on_rollback(_restore)
+
+
+@task(name="rollback", cache_policy=NONE)
+def rollback_task(data_dir: str, reason: str, rollout_id: str | None, actor: str) -> dict:
+    config, rollout = lifecycle.rollback(
+        DataPaths.at(data_dir), reason=reason, actor=actor, rollout_id=rollout_id
+    )
+    return {
+        "version": config.version,
+        "rollout_id": rollout.rollout_id if rollout else None,
+        "state": rollout.state.value if rollout else None,
+        "router_group": rollout.router_group if rollout else None,
+    }
+
+
+@task(name="nightly-comparison-query", cache_policy=NONE)
+def nightly_task(data_dir: str, hours: float) -> nightly.Comparison:
+    paths = DataPaths.at(data_dir)
+    from flows.store.ingest import collect
+
+    collect(paths)
+    with connect(paths.database) as con:
+        comparison = nightly.compare(con, hours)
+        nightly.store(con, comparison)
+    return comparison
+
+
+# -- flows ---------------------------------------------------------------------------------
+@flow(name="rollout-start")
 def rollout_start(
     plan: RolloutPlan,
     data_dir: str = "data",
@@ -57,22 +143,33 @@ def rollout_start(
 ) -> dict[str, Any]:
     """Validate the plan, record the rollout and publish phase 1; wait for the routers."""
     logger = get_run_logger()
-    started = start_task(data_dir, plan, rollout_id, actor)
+    with transaction():
+        started = start_task(data_dir, plan, rollout_id, actor)
+        acks = ack_task(data_dir, started["version"], plan.ack_timeout.total_seconds())
     logger.info(
-        "rollout %s started: phase 1 published as v%s", started["rollout_id"], started["version"]
+        "rollout %s started: phase 1 (%s) is v%s; %s",
+        started["rollout_id"],
+        plan.phases[0].name,
+        started["version"],
+        acks,
     )
-    acks = ack_task(data_dir, started["version"], plan.ack_timeout.total_seconds())
-    logger.info("acknowledgement: %s", acks)
+    publish_status(DataPaths.at(data_dir), started["rollout_id"])
     return {**started, "acks": acks}
 
 
-@flow(name="rollout-tick", log_prints=False)
+@flow(name="rollout-tick")
 def rollout_tick(
-    data_dir: str = "data", rollout_id: str | None = None, actor: str = "gate"
+    data_dir: str = "data",
+    rollout_id: str | None = None,
+    actor: str = "gate",
+    ack_timeout_s: float = 30.0,
 ) -> dict[str, Any]:
     """One evaluation: collect new segments, run the checks, decide, act."""
     logger = get_run_logger()
-    report = tick_task(data_dir, rollout_id, actor)
+    with transaction():
+        report = tick_task(data_dir, rollout_id, actor)
+        if report.published_version is not None:
+            ack_task(data_dir, report.published_version, ack_timeout_s)
     logger.info(
         "%s phase %s: %s (%s) -> %s [legacy %d, production %d]",
         report.rollout_id,
@@ -83,31 +180,186 @@ def rollout_tick(
         report.n_legacy,
         report.n_production,
     )
+    if report.reconciled:
+        logger.warning("reconciled after an earlier crash: %s", report.reconciled)
+    if report.rollout_id:
+        paths = DataPaths.at(data_dir)
+        publish_decision(report.rollout_id, report)
+        publish_status(paths, report.rollout_id, report.data_docs_url)
+        _emit_for(report)
     progress.publish(report)
-    return report.__dict__ | {"records": len(report.records)}
+    return {k: v for k, v in report.__dict__.items() if k != "records"} | {
+        "records": len(report.records)
+    }
 
 
-@flow(name="rollout-run", log_prints=False)
+def _emit_for(report: TickReport) -> None:
+    assert report.rollout_id is not None
+    group = report.router_group or "default"
+    payload = {
+        "phase": report.phase_name,
+        "verdict": report.verdict,
+        "reason": report.reason,
+        "n_legacy": report.n_legacy,
+        "n_production": report.n_production,
+    }
+    if report.action.startswith("promoted"):
+        emit(EVENT_PROMOTED, report.rollout_id, group, payload)
+    elif report.action.startswith("completed"):
+        emit(EVENT_COMPLETED, report.rollout_id, group, payload)
+    elif report.action.startswith("rolled back"):
+        emit(EVENT_ROLLED_BACK, report.rollout_id, group, payload)
+    elif report.action == "awaiting approval":
+        emit(EVENT_APPROVAL_REQUESTED, report.rollout_id, group, payload)
+
+
+class ApprovalInput(RunInput):
+    """The form a human fills in the Prefect UI."""
+
+    approve: bool = Field(description="Promote to the next phase (true) or roll back (false)")
+    comment: str = Field(default="", max_length=500)
+    approver: str = Field(default="prefect-ui", max_length=100)
+
+
+@flow(name="rollout-approve")
+def rollout_approve(
+    data_dir: str = "data",
+    rollout_id: str | None = None,
+    approve: bool | None = None,
+    comment: str = "",
+    approver: str = "cli",
+    timeout_s: int = 86_400,
+    ack_timeout_s: float = 30.0,
+) -> dict[str, Any]:
+    """A human's decision on a rollout awaiting approval. Without `approve`, the run
+    pauses and asks for it with a form in the Prefect UI (or `rollout approve`)."""
+    from prefect.flow_runs import pause_flow_run
+
+    logger = get_run_logger()
+    if approve is None:
+        logger.info("waiting for a human decision (Prefect UI form, or `rollout approve`)")
+        answer = pause_flow_run(
+            wait_for_input=ApprovalInput.with_initial_data(
+                description="Approve promotion to the next phase, or reject to roll back.",
+                approve=True,
+            ),
+            timeout=timeout_s,
+            poll_interval=2,
+        )
+        approve, comment, approver = answer.approve, answer.comment, answer.approver
+    paths = DataPaths.at(data_dir)
+    rollout = lifecycle.approve(
+        paths, approved=approve, actor=approver, comment=comment, rollout_id=rollout_id
+    )
+    with connect(paths.database, read_only=True) as con:
+        version_row = con.execute(
+            "SELECT config_version FROM phases WHERE rollout_id = ? AND phase_index = ?",
+            [rollout.rollout_id, rollout.phase_index],
+        ).fetchall()
+    if approve and rollout.state.value == "running" and version_row and version_row[0][0]:
+        with transaction():
+            txn = get_transaction()
+            if txn is not None:
+                txn.set("published", (data_dir, rollout.rollout_id, int(version_row[0][0])))
+            ack_task(data_dir, int(version_row[0][0]), ack_timeout_s)
+    emit(
+        EVENT_APPROVAL_DECIDED,
+        rollout.rollout_id,
+        rollout.router_group,
+        {
+            "approved": approve,
+            "approver": approver,
+            "comment": comment,
+            "state": rollout.state.value,
+        },
+    )
+    publish_status(paths, rollout.rollout_id)
+    logger.info(
+        "%s by %s: rollout %s is now %s",
+        "approved" if approve else "rejected",
+        approver,
+        rollout.rollout_id,
+        rollout.state.value,
+    )
+    return {
+        "rollout_id": rollout.rollout_id,
+        "state": rollout.state.value,
+        "phase_index": rollout.phase_index,
+        "approved": approve,
+    }
+
+
+@flow(name="rollout-rollback")
+def rollout_rollback(
+    reason: str = "manual rollback",
+    data_dir: str = "data",
+    rollout_id: str | None = None,
+    actor: str = "prefect",
+) -> dict[str, Any]:
+    """Fast path: publish legacy_only first, then record. Safe to repeat."""
+    result = rollback_task(data_dir, reason, rollout_id, actor)
+    if result["rollout_id"]:
+        emit(
+            EVENT_ROLLED_BACK,
+            result["rollout_id"],
+            result["router_group"] or "default",
+            {"reason": reason, "actor": actor},
+        )
+        publish_status(DataPaths.at(data_dir), result["rollout_id"])
+    get_run_logger().warning("rolled back (%s): legacy_only is v%s", reason, result["version"])
+    return result
+
+
+@flow(name="nightly-comparison")
+def nightly_comparison(data_dir: str = "data", hours: float = 24.0) -> dict[str, Any]:
+    """Legacy against production over the last `hours`, per backend and query category."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    comparison = nightly_task(data_dir, hours)
+    create_table_artifact(
+        [
+            {k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}
+            for r in comparison.rows
+        ],
+        key=artifact_key("nightly-comparison-table"),
+        description="legacy vs production per backend and query category",
+    )
+    create_markdown_artifact(nightly.markdown(comparison), key=artifact_key("nightly-comparison"))
+    return {"run_id": comparison.run_id, "rows": len(comparison.rows), **comparison.totals}
+
+
+@flow(name="rollout-run")
 def rollout_run(
     plan: RolloutPlan,
     data_dir: str = "data",
     rollout_id: str | None = None,
     max_ticks: int = 10_000,
+    max_failed_ticks: int = 3,
 ) -> dict[str, Any]:
     """Walk the whole plan in one run: start, then evaluate at each phase's interval
-    until the rollout completes, rolls back or is aborted. Used by the demo."""
+    until the rollout completes, rolls back, is aborted or waits for a human. Stops
+    (and fails) after `max_failed_ticks` failed evaluations in a row."""
+    logger = get_run_logger()
     started = rollout_start(plan, data_dir, rollout_id)
     rid = started["rollout_id"]
-    last: dict[str, Any] = {}
+    last: dict[str, Any] = {"rollout_id": rid, "state": "running"}
+    paths = DataPaths.at(data_dir)
+    failed = 0
     for _ in range(max_ticks):
-        with lifecycle.connect(DataPaths.at(data_dir).database) as con:
+        with connect(paths.database, read_only=True) as con:
             current = lifecycle.get_state(con, rid)
         time.sleep(current.phase.evaluation_interval.total_seconds())
-        last = rollout_tick(data_dir, rid)
-        if last["state"] in ("completed", "rolled_back", "aborted", "awaiting_approval"):
+        state = rollout_tick(
+            data_dir, rid, ack_timeout_s=plan.ack_timeout.total_seconds(), return_state=True
+        )
+        if state.is_failed():
+            failed += 1
+            logger.error("tick %d/%d failed: %s", failed, max_failed_ticks, state.message)
+            if failed >= max_failed_ticks:
+                raise RuntimeError(f"{failed} evaluations in a row failed; last: {state.message}")
+            continue
+        failed = 0
+        last = state.result()
+        if last["state"] in (*TERMINAL, "awaiting_approval"):
             break
     return last
-
-
-def data_dir_str(path: Path | str) -> str:
-    return str(Path(path))

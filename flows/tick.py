@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from checks.gate import evaluate
 from checks.gx_suites import GxRunner
@@ -48,6 +49,10 @@ class TickReport:
     evaluation_id: str | None = None
     records: list[dict] = field(default_factory=list)
     data_docs_url: str | None = None
+    #: Version this tick published for a promotion (the caller waits for its acks).
+    published_version: int | None = None
+    reconciled: str | None = None
+    router_group: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -85,6 +90,7 @@ def tick(
     actor: str = "gate",
 ) -> TickReport:
     ingest: IngestReport = collect(paths)
+    reconciled = lifecycle.reconcile(paths)
     store = control_store(paths)
     with connect(paths.database) as con:
         rollout = lifecycle.resolve_active(con, rollout_id)
@@ -95,6 +101,7 @@ def tick(
                 reason="no active rollout",
                 ingested_rows=ingest.rows,
                 quarantined=ingest.quarantined,
+                reconciled=reconciled,
             )
         report = TickReport(
             rollout.rollout_id,
@@ -103,7 +110,9 @@ def tick(
             rollout.phase.name,
             ingested_rows=ingest.rows,
             quarantined=ingest.quarantined,
+            reconciled=reconciled,
         )
+        report.router_group = rollout.router_group
         version = phase_config_version(con, rollout.rollout_id, rollout.phase_index)
         report.config_version = version
         if rollout.state is RolloutState.AWAITING_APPROVAL:
@@ -142,7 +151,8 @@ def tick(
         report.reason = result.reason
         report.n_legacy, report.n_production = result.n_legacy, result.n_production
         report.data_docs_url = result.data_docs_url
-        action = _act(con, paths, rollout, result, actor)
+        # Intent first: the decision is on record before anything is changed, so a crash
+        # in the action leaves a decision the next tick simply carries out again.
         con.execute("BEGIN TRANSACTION")
         record_evaluations(con, rows)
         record_decision(
@@ -151,7 +161,7 @@ def tick(
             rollout=rollout,
             config_version=version,
             verdict=result.verdict.value,
-            action=action,
+            action=INTENT[result.verdict],
             actor=actor,
             reason=result.reason,
             evaluation_id=evaluation_id,
@@ -159,7 +169,7 @@ def tick(
             n_production=result.n_production,
         )
         con.execute("COMMIT")
-        report.action = action
+        report.action, report.published_version = _act(con, paths, rollout, result, actor)
     if result.verdict is Verdict.ROLLBACK:
         _, rolled = lifecycle.rollback(
             paths, reason=result.reason, actor=actor, rollout_id=rollout.rollout_id, decided=True
@@ -174,23 +184,38 @@ def tick(
     return report
 
 
-def _act(con, paths: DataPaths, rollout: Rollout, result: GateResult, actor: str) -> str:
+INTENT = {
+    Verdict.PROMOTE: "promote",
+    Verdict.ROLLBACK: "roll back",
+    Verdict.NEEDS_APPROVAL: "ask a human",
+    Verdict.HOLD: "hold",
+    Verdict.INSUFFICIENT_DATA: "wait for data",
+}
+
+
+def _act(
+    con: Any, paths: DataPaths, rollout: Rollout, result: GateResult, actor: str
+) -> tuple[str, int | None]:
+    """Carry out the verdict: (what was done, version published for a promotion)."""
     verdict = result.verdict
     if verdict is Verdict.PROMOTE:
         moved = lifecycle.promote(con, paths, rollout, reason=result.reason, actor=actor)
         if isinstance(moved, lifecycle.Published):
-            return f"promoted: published v{moved.config.version} ({moved.rollout.phase.name})"
-        return "completed: last phase promoted"
+            return (
+                f"promoted: published v{moved.config.version} ({moved.rollout.phase.name})",
+                moved.config.version,
+            )
+        return "completed: last phase promoted", None
     if verdict is Verdict.NEEDS_APPROVAL:
         transition(con, rollout, RolloutState.AWAITING_APPROVAL, cause=result.reason, actor=actor)
-        return "awaiting approval"
+        return "awaiting approval", None
     if verdict is Verdict.ROLLBACK:
-        return "rolled back: published legacy_only"
+        return "rolled back: published legacy_only", None
     if (
         verdict is Verdict.HOLD
         and rollout.state is not RolloutState.HOLDING
         and result.reason.startswith("maximum duration")
     ):
         transition(con, rollout, RolloutState.HOLDING, cause=result.reason, actor=actor)
-        return "holding at maximum duration"
-    return "none"
+        return "holding at maximum duration", None
+    return "none", None

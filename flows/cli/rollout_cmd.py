@@ -1,0 +1,489 @@
+"""`rollout start|status|tick|approve|promote|rollback|abort|report|deploy`.
+
+Commands that run a flow work without a Prefect server (an ephemeral API in this
+process) and against one (`PREFECT_API_URL`), where the runs appear in the UI.
+`rollback` and `abort` act directly and at once; the `rollout-rollback` deployment is
+the same fast path from the UI.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from flows.cli.common import DEFAULT_DATA_DIR, DataDir, console, fail, paths
+from flows.prefect_env import configure_prefect, prefect_session
+
+RolloutId = Annotated[
+    str | None, typer.Option("--rollout-id", help="Which rollout (default: the active one).")
+]
+AsJson = Annotated[bool, typer.Option("--json", help="One JSON object.")]
+
+
+def _actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # no user name in some containers
+        return "cli"
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, default=str))
+
+
+def start(
+    plan: Annotated[Path, typer.Option("--plan", help="Rollout plan YAML.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate only.")] = False,
+    rollout_id: RolloutId = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Validate a plan and start the rollout (publishes phase 1, waits for the routers)."""
+    from flows.plan import PlanError, load_plan
+
+    try:
+        parsed = load_plan(plan)
+    except PlanError as exc:
+        fail(exc.lines)
+    table = Table("#", "phase", "mode", "%", "min", "max", "every", "min samples", "approval")
+    for i, p in enumerate(parsed.phases, start=1):
+        table.add_row(
+            str(i),
+            p.name,
+            p.mode.value,
+            f"{p.traffic_percent:g}",
+            str(p.min_duration),
+            str(p.max_duration),
+            str(p.evaluation_interval),
+            str(p.min_samples),
+            "yes" if p.requires_approval else "",
+        )
+    console.print(table)
+    if dry_run:
+        console.print(
+            f"[green]plan {parsed.name!r} is valid[/] ({len(parsed.phases)} phases, "
+            f"algorithm {parsed.algorithm.value}); nothing started"
+        )
+        return
+    from flows.lifecycle import RolloutError
+
+    with prefect_session():
+        from flows.rollout_flows import rollout_start
+
+        try:
+            result = rollout_start(
+                parsed, str(paths(data_dir).ensure().root), rollout_id, actor=_actor()
+            )
+        except RolloutError as exc:
+            fail(str(exc))
+    console.print(
+        f"started rollout [bold]{result['rollout_id']}[/]: phase 1 is config "
+        f"v{result['version']} ({result['acks']})",
+        highlight=False,
+    )
+
+
+def status(
+    rollout_id: RolloutId = None, as_json: AsJson = False, data_dir: DataDir = DEFAULT_DATA_DIR
+) -> None:
+    """Where the rollout is, what the gate said last, and what each router instance runs."""
+    from flows.control import STALE_AFTER_S, control_store
+    from flows.status import snapshot
+    from flows.store.database import StoreError, connect
+
+    p = paths(data_dir)
+    try:
+        with connect(p.database, read_only=True) as con:
+            snap = snapshot(con, rollout_id, decisions=5)
+    except StoreError as exc:
+        fail(str(exc))
+    acks = control_store(p).read_acks()
+    if snap is None:
+        fail("no rollout recorded yet: start one with `rollout start --plan FILE`", code=1)
+    r = snap.rollout
+    if as_json:
+        _print_json(
+            {
+                "rollout_id": r.rollout_id,
+                "state": r.state.value,
+                "phase_index": r.phase_index,
+                "phase": r.phase.name,
+                "timeline": snap.timeline,
+                "decisions": snap.decisions,
+                "routers": [
+                    a.model_dump(mode="json") | {"age_s": round(a.age_s(), 1)} for a in acks
+                ],
+            }
+        )
+        return
+    console.print(
+        f"rollout [bold]{r.rollout_id}[/] ({r.plan.name}): [bold]{r.state.value}[/], "
+        f"phase {r.phase_index + 1}/{len(r.plan.phases)} {r.phase.name}",
+        highlight=False,
+    )
+    timeline = Table(
+        "#",
+        "phase",
+        "mode",
+        "%",
+        "config",
+        "legacy n",
+        "production n",
+        "outcome",
+        "last verdict",
+        title="phases",
+    )
+    for t in snap.timeline:
+        timeline.add_row(
+            str(t["phase_index"] + 1),
+            t["name"],
+            t["mode"],
+            f"{t['traffic_percent']:g}",
+            str(t["config_version"] or "-"),
+            str(t["legacy_requests"]),
+            str(t["production_requests"]),
+            t["outcome"] or "",
+            t["last_verdict"] or "",
+        )
+    console.print(timeline)
+    decisions = Table("when", "verdict", "action", "reason", title="last decisions")
+    for d in snap.decisions:
+        decisions.add_row(f"{d['decided_at']:%H:%M:%S}", d["verdict"], d["action"], d["reason"])
+    console.print(decisions)
+    routers = Table(
+        "instance",
+        "applied",
+        "mode",
+        "%",
+        "heartbeat age s",
+        "failback",
+        "refused",
+        title="router instances",
+    )
+    for a in acks:
+        age = a.age_s()
+        routers.add_row(
+            a.instance,
+            f"v{a.applied_version}",
+            a.effective_mode.value,
+            f"{a.traffic_percent:g}",
+            f"{age:.1f}" + (" (gone)" if age > STALE_AFTER_S else ""),
+            a.failback_reason or "",
+            a.refused_reason or "",
+        )
+    console.print(routers)
+
+
+def tick(
+    rollout_id: RolloutId = None, as_json: AsJson = False, data_dir: DataDir = DEFAULT_DATA_DIR
+) -> None:
+    """Run one evaluation now (what the `rollout-tick` deployment does on its schedule)."""
+    with prefect_session():
+        from flows.rollout_flows import rollout_tick
+
+        state = rollout_tick(
+            str(paths(data_dir).ensure().root), rollout_id, actor=_actor(), return_state=True
+        )
+        if state.is_failed():
+            fail(f"tick failed: {state.message}", code=1)
+        result = state.result()
+    if as_json:
+        _print_json(result)
+        return
+    console.print(
+        f"{result['rollout_id'] or 'no active rollout'}: {result['verdict'] or '-'} "
+        f"-> {result['action']} ({result['reason']})",
+        highlight=False,
+    )
+
+
+def approve(
+    reject: Annotated[bool, typer.Option("--reject", help="Reject: roll back.")] = False,
+    comment: Annotated[str, typer.Option(help="Why, for the record.")] = "",
+    rollout_id: RolloutId = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Answer a rollout awaiting approval: promote (default) or --reject (roll back).
+
+    If a `rollout-approve` run is paused waiting for the UI form, this resumes it with
+    your answer; otherwise it runs the approval flow directly."""
+    from flows.lifecycle import RolloutError
+
+    answer = {"approve": not reject, "comment": comment, "approver": _actor()}
+    with prefect_session():
+        resumed = _resume_paused_approval(answer)
+        if resumed:
+            console.print(f"resumed approval run {resumed} with your answer")
+            return
+        from flows.rollout_flows import rollout_approve
+
+        try:
+            result = rollout_approve(
+                str(paths(data_dir).root),
+                rollout_id,
+                approve=not reject,
+                comment=comment,
+                approver=_actor(),
+            )
+        except RolloutError as exc:
+            fail(str(exc))
+    console.print(f"rollout {result['rollout_id']} is now {result['state']}", highlight=False)
+
+
+def _resume_paused_approval(answer: dict[str, Any]) -> str | None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.flow_runs import resume_flow_run
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["rollout-approve"])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
+            ),
+        )
+    waiting = [r for r in runs if r.state and r.state.state_details.run_input_keyset]
+    if not waiting:
+        return None
+    run = max(waiting, key=lambda r: r.created or 0)
+    resume_flow_run(run.id, run_input=answer)
+    return str(run.id)
+
+
+def promote(
+    reason: Annotated[str, typer.Option(help="Why you override the gate.")],
+    rollout_id: RolloutId = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Promote to the next phase now, overriding the gate (recorded with your name)."""
+    from flows import lifecycle
+    from flows.control import control_store, wait_for_ack
+    from flows.store.database import connect
+
+    p = paths(data_dir)
+    try:
+        with connect(p.database) as con:
+            rollout = lifecycle.resolve_active(con, rollout_id)
+            if rollout is None:
+                fail("no active rollout to promote")
+            moved = lifecycle.promote(con, p, rollout, reason=f"manual: {reason}", actor=_actor())
+    except lifecycle.RolloutError as exc:
+        fail(str(exc))
+    if isinstance(moved, lifecycle.Published):
+        status_ = wait_for_ack(
+            control_store(p), moved.config.version, rollout.plan.ack_timeout.total_seconds()
+        )
+        console.print(
+            f"promoted to phase {moved.rollout.phase_index + 1} "
+            f"({moved.rollout.phase.name}) as v{moved.config.version}: "
+            f"{status_.describe()}",
+            highlight=False,
+        )
+    else:
+        console.print(f"rollout {moved.rollout_id} completed", highlight=False)
+
+
+def rollback(
+    reason: Annotated[str, typer.Option(help="Why, for the record.")] = "manual rollback",
+    rollout_id: RolloutId = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Send every router back to legacy now (publishes legacy_only first). Safe to repeat."""
+    from flows import lifecycle
+    from flows.control import control_store, wait_for_ack
+
+    p = paths(data_dir).ensure()
+    try:
+        config, rollout = lifecycle.rollback(
+            p, reason=reason, actor=_actor(), rollout_id=rollout_id
+        )
+    except lifecycle.RolloutError as exc:
+        fail(str(exc))
+    acks = wait_for_ack(control_store(p), config.version, 10)
+    state = rollout.state.value if rollout else "no rollout recorded"
+    console.print(
+        f"legacy_only published as v{config.version} ({acks.describe()}); rollout: {state}",
+        highlight=False,
+    )
+
+
+def abort(
+    reason: Annotated[str, typer.Option(help="Why, for the record.")],
+    rollout_id: RolloutId = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Stop the rollout on purpose: routers go back to legacy, the rollout ends aborted."""
+    from flows import lifecycle
+
+    try:
+        rollout = lifecycle.abort(
+            paths(data_dir), reason=reason, actor=_actor(), rollout_id=rollout_id
+        )
+    except lifecycle.RolloutError as exc:
+        fail(str(exc))
+    console.print(
+        f"rollout {rollout.rollout_id} aborted; routers told to use legacy", highlight=False
+    )
+
+
+def report(
+    rollout_id: RolloutId = None,
+    as_json: AsJson = False,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """The whole story of a rollout: timeline, every transition and decision, and the
+    legacy-vs-production table."""
+    from flows.demo.runner import FINAL_TABLE_SQL
+    from flows.status import markdown, snapshot
+    from flows.store.database import StoreError, connect
+
+    try:
+        with connect(paths(data_dir).database, read_only=True) as con:
+            snap = snapshot(con, rollout_id, decisions=1000)
+            if snap is None:
+                fail("no rollout recorded yet", code=1)
+            cursor = con.execute(FINAL_TABLE_SQL, [snap.rollout.rollout_id])
+            names = [d[0] for d in cursor.description]
+            arms = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+    except StoreError as exc:
+        fail(str(exc))
+    if as_json:
+        _print_json(
+            {
+                "rollout_id": snap.rollout.rollout_id,
+                "state": snap.rollout.state.value,
+                "timeline": snap.timeline,
+                "transitions": snap.transitions,
+                "decisions": snap.decisions,
+                "arms": arms,
+            }
+        )
+        return
+    from rich.markdown import Markdown
+
+    console.print(Markdown(markdown(snap)))
+    transitions = Table("#", "when", "from", "to", "phase", "by", "cause", title="transitions")
+    for t in snap.transitions:
+        transitions.add_row(
+            str(t["seq"]),
+            f"{t['occurred_at']:%Y-%m-%d %H:%M:%S}",
+            t["from_state"] or "",
+            t["to_state"],
+            str(t["phase_index"] + 1),
+            t["actor"],
+            t["cause"],
+        )
+    console.print(transitions)
+    arms_table = Table(
+        "arm",
+        "requests",
+        "success",
+        "p50 ms",
+        "p95 ms",
+        "cost/request",
+        "quality",
+        title="legacy vs production",
+    )
+    for a in arms:
+        arms_table.add_row(
+            a["arm"],
+            str(a["requests"]),
+            f"{a['success_rate']:.2%}",
+            f"{a['p50_ms']:.0f}",
+            f"{a['p95_ms']:.0f}",
+            f"{a['cost_per_request_usd']:.5f}",
+            "-" if a["mean_quality"] is None else f"{a['mean_quality']:.3f}",
+        )
+    console.print(arms_table)
+
+
+def nightly(
+    hours: Annotated[float, typer.Option(help="Window length.")] = 24.0,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Run the nightly legacy-vs-production comparison now."""
+    with prefect_session():
+        from flows.rollout_flows import nightly_comparison
+
+        result = nightly_comparison(str(paths(data_dir).ensure().root), hours)
+    console.print(
+        f"nightly comparison {result['run_id']}: {result['rows']} rows "
+        f"(legacy {result['legacy']}, production {result['production']})",
+        highlight=False,
+    )
+
+
+def deploy(
+    prefect_file: Annotated[Path, typer.Option(help="Deployment declarations.")] = Path(
+        "deployments/prefect.yaml"
+    ),
+    pool: Annotated[str, typer.Option(help="Process work pool to create if missing.")] = (
+        "rollout-pool"
+    ),
+    timezone: Annotated[
+        str,
+        typer.Option(envvar="ROLLOUT_TIMEZONE", help="Time zone of the 02:00 nightly schedule."),
+    ] = "UTC",
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Register the deployments of prefect.yaml with the running Prefect server."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        fail(f"--timezone {timezone!r} is not an IANA time zone (e.g. UTC, Europe/Berlin)")
+    import os
+    import subprocess
+    import sys
+
+    configure_prefect()
+    if not os.environ.get("PREFECT_API_URL"):
+        fail(
+            "PREFECT_API_URL is not set: start `prefect server start` and export "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api first"
+        )
+    root = Path(__file__).resolve().parents[2]
+    target = (prefect_file if prefect_file.is_absolute() else root / prefect_file).resolve()
+    if not target.is_file():
+        fail(f"no deployment file at {target}")
+    prefect = [sys.executable, "-m", "prefect"]
+    env = {
+        **os.environ,
+        "ROLLOUT_PROJECT_DIR": str(root),
+        "ROLLOUT_WORK_POOL": pool,
+        "ROLLOUT_TIMEZONE": timezone,
+        "ROLLOUT_DATA_DIR": str(paths(data_dir).ensure().root.resolve()),
+    }
+    subprocess.run(
+        [*prefect, "work-pool", "create", pool, "--type", "process"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )  # exists: fine
+    # Entrypoints resolve against the working directory, not the yaml's folder.
+    result = subprocess.run(
+        [*prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(target)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    if result.returncode != 0 or "Traceback" in output or "Error" in output:
+        fail(f"prefect deploy failed:\n{output[-3000:]}", code=1)
+    console.print(output[-2000:], highlight=False)

@@ -1,0 +1,137 @@
+"""The nightly legacy-against-production comparison: per backend and query category.
+
+Plain SQL over the last `hours` of requests; rows are stored in `nightly_comparisons`
+so trends can be queried later, and rendered as Prefect artifacts by the flow.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import duckdb
+
+COMPARISON_SQL = """
+WITH per_arm AS (
+    SELECT coalesce(backend, '(none)') AS backend, query_category, arm,
+           count(*) AS requests,
+           avg(CASE WHEN is_failure(outcome) THEN 1.0 ELSE 0.0 END) AS error_rate,
+           quantile_cont(latency_ms, 0.5) AS p50_ms,
+           quantile_cont(latency_ms, 0.95) AS p95_ms,
+           avg(cost_usd) AS cost_per_request_usd,
+           avg(quality_score) AS mean_quality
+    FROM requests
+    WHERE ts >= ? AND ts < ? AND NOT is_shadow
+    GROUP BY ALL
+)
+SELECT coalesce(l.backend, p.backend) AS backend,
+       coalesce(l.query_category, p.query_category) AS query_category,
+       coalesce(l.requests, 0) AS legacy_requests, coalesce(p.requests, 0) AS production_requests,
+       l.error_rate AS legacy_error_rate, p.error_rate AS production_error_rate,
+       l.p95_ms AS legacy_p95_ms, p.p95_ms AS production_p95_ms,
+       rel_diff(p.p95_ms, l.p95_ms) AS p95_rel_diff,
+       l.cost_per_request_usd AS legacy_cost_usd, p.cost_per_request_usd AS production_cost_usd,
+       rel_diff(p.cost_per_request_usd, l.cost_per_request_usd) AS cost_rel_diff,
+       l.mean_quality AS legacy_quality, p.mean_quality AS production_quality
+FROM (SELECT * FROM per_arm WHERE arm = 'legacy') l
+FULL OUTER JOIN (SELECT * FROM per_arm WHERE arm = 'production') p
+  ON l.backend = p.backend AND l.query_category = p.query_category
+ORDER BY backend, query_category
+"""
+
+COLUMNS = [
+    "backend",
+    "query_category",
+    "legacy_requests",
+    "production_requests",
+    "legacy_error_rate",
+    "production_error_rate",
+    "legacy_p95_ms",
+    "production_p95_ms",
+    "p95_rel_diff",
+    "legacy_cost_usd",
+    "production_cost_usd",
+    "cost_rel_diff",
+    "legacy_quality",
+    "production_quality",
+]
+
+
+@dataclass
+class Comparison:
+    run_id: str
+    window_start: datetime
+    window_end: datetime
+    rows: list[dict[str, Any]]
+
+    @property
+    def totals(self) -> dict[str, int]:
+        return {
+            "legacy": sum(r["legacy_requests"] for r in self.rows),
+            "production": sum(r["production_requests"] for r in self.rows),
+        }
+
+
+def compare(
+    con: duckdb.DuckDBPyConnection, hours: float, now: datetime | None = None
+) -> Comparison:
+    end = now or datetime.now(UTC)
+    start = end - timedelta(hours=hours)
+    rows = [
+        dict(zip(COLUMNS, r, strict=True))
+        for r in con.execute(COMPARISON_SQL, [start, end]).fetchall()
+    ]
+    return Comparison(uuid.uuid4().hex, start, end, rows)
+
+
+def store(con: duckdb.DuckDBPyConnection, comparison: Comparison) -> None:
+    if not comparison.rows:
+        return
+    con.executemany(
+        f"INSERT INTO nightly_comparisons (run_id, window_start, window_end, {', '.join(COLUMNS)}) "
+        f"VALUES ({', '.join('?' for _ in range(3 + len(COLUMNS)))})",
+        [
+            [
+                comparison.run_id,
+                comparison.window_start,
+                comparison.window_end,
+                *[row[c] for c in COLUMNS],
+            ]
+            for row in comparison.rows
+        ],
+    )
+
+
+def markdown(comparison: Comparison) -> str:
+    totals = comparison.totals
+    lines = [
+        f"# Legacy vs production, {comparison.window_start:%Y-%m-%d %H:%M} to "
+        f"{comparison.window_end:%Y-%m-%d %H:%M} UTC",
+        "",
+        f"{totals['legacy']} legacy and {totals['production']} production requests "
+        "(shadow executions excluded).",
+        "",
+        "| backend | category | legacy n | prod n | legacy err | prod err | p95 legacy | "
+        "p95 prod | p95 diff | cost diff |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:+.1%}" if abs(v) < 10 else f"{v:+.0%}"
+
+    def num(v: float | None, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    for r in comparison.rows:
+        lines.append(
+            f"| {r['backend']} | {r['query_category']} | {r['legacy_requests']} | "
+            f"{r['production_requests']} | {num(r['legacy_error_rate'], '.2%')} | "
+            f"{num(r['production_error_rate'], '.2%')} | {num(r['legacy_p95_ms'], '.0f')} | "
+            f"{num(r['production_p95_ms'], '.0f')} | {pct(r['p95_rel_diff'])} | "
+            f"{pct(r['cost_rel_diff'])} |"
+        )
+    if not comparison.rows:
+        lines.append("| (no requests in the window) | | | | | | | | | |")
+    return "\n".join(lines)
