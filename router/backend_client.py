@@ -6,7 +6,9 @@ decides failover and health from types, never from exception text.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -34,12 +36,16 @@ def estimate_tokens(text: str) -> int:
 
 
 def parse_retry_after(value: str | None, default_s: float = 1.0) -> float:
+    """Seconds to wait from delay-seconds or an HTTP-date; garbage means `default_s`."""
     if not value:
         return default_s
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        # "inf" would make a backend unavailable forever; "nan" compares false to everything.
+        return max(0.0, seconds) if math.isfinite(seconds) else default_s
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -96,7 +102,41 @@ async def call_backend(
     max_bytes: int,
     headers: dict[str, str] | None = None,
 ) -> BackendAnswer:
-    request = request_for(backend, query, headers or {})
+    """One attempt, bounded by `timeout_s` as a whole.
+
+    httpx timeouts apply per network operation, so a backend that trickles a byte every
+    second would never time out; the overall bound keeps the request's deadline real.
+    A failure message never carries the API key, whatever an intermediary echoed.
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _call(client, backend, query, timeout_s, max_bytes, headers or {})
+    except TimeoutError:
+        raise BackendFailure(
+            ErrorKind.TIMEOUT, f"{backend.name}: no complete answer within {timeout_s:g} s"
+        ) from None
+    except BackendFailure as failure:
+        key = backend.api_key()
+        secret = key.get_secret_value() if key else ""
+        if secret and secret in str(failure):
+            raise BackendFailure(
+                failure.kind,
+                str(failure).replace(secret, "**********"),
+                status=failure.status,
+                retry_after_s=failure.retry_after_s,
+            ) from None
+        raise
+
+
+async def _call(
+    client: httpx.AsyncClient,
+    backend: BackendConfig,
+    query: str,
+    timeout_s: float,
+    max_bytes: int,
+    headers: dict[str, str],
+) -> BackendAnswer:
+    request = request_for(backend, query, headers)
     request.extensions["timeout"] = httpx.Timeout(timeout_s).as_dict()
     try:
         response = await client.send(request, stream=True)

@@ -46,6 +46,8 @@ class RouteOutcome:
     degraded: bool = False
     cost_usd: float = 0.0
     quality: float | None = None
+    #: Why the balancer stopped: answered, or why it did not try another backend.
+    stop_reason: str = ""
 
     @property
     def ok(self) -> bool:
@@ -56,6 +58,7 @@ class RouteOutcome:
             "reason": self.choice.reason if self.choice else "no candidate",
             "candidate_scores": dict(self.choice.scores) if self.choice else {},
             "degraded": self.degraded,
+            "stopped": self.stop_reason,
             "attempts": [
                 {
                     "backend": a.backend,
@@ -105,12 +108,20 @@ class Balancer:
         self.clock = clock
 
     # -- candidate selection ----------------------------------------------------------
-    def eligible(self, classification: Classification) -> list[BackendState]:
+    def eligible(
+        self, classification: Classification, tried: set[str] | frozenset[str] = frozenset()
+    ) -> list[BackendState]:
+        """Usable untried backends of the preferred kind if there are any, else every
+        allowed backend: failover leaves the preferred kind only once it is exhausted."""
         allowed = [s for s in self.states if s.kind in classification.allowed]
         if classification.preferred is not None:
             now = self.clock()
             preferred = [
-                s for s in allowed if s.kind is classification.preferred and self._usable(s, now)
+                s
+                for s in allowed
+                if s.kind is classification.preferred
+                and s.name not in tried
+                and self._usable(s, now)
             ]
             if preferred:
                 return preferred
@@ -167,14 +178,17 @@ class Balancer:
     ) -> RouteOutcome:
         start = self.clock()
         deadline = start + self.deadline_s
-        eligible = self.eligible(classification)
         outcome = RouteOutcome(None, None, None)
         tried: set[str] = set()
         budget = self.retry_budget
         budget.requests_in_flight += 1
         try:
-            while len(outcome.attempts) < self.max_attempts:
+            while True:
+                if len(outcome.attempts) >= self.max_attempts:
+                    outcome.stop_reason = f"max attempts ({self.max_attempts}) reached"
+                    break
                 now = self.clock()
+                eligible = self.eligible(classification, tried)
                 cands, degraded = self.candidates(eligible, tried, now)
                 if not cands and self.honour_retry_after:
                     wait = self.retry_after_wait(eligible, tried, now, deadline)
@@ -182,6 +196,7 @@ class Balancer:
                         await asyncio.sleep(wait)  # Retry-After: wait, do not hammer
                         continue
                 if not cands:
+                    outcome.stop_reason = "no untried backend available"
                     if any(s.unavailable_until > now for s in eligible) and outcome.failure is None:
                         outcome.failure = BackendFailure(
                             ErrorKind.RATE_LIMITED,
@@ -196,10 +211,14 @@ class Balancer:
                     break
                 remaining = deadline - now
                 if remaining <= 0:
+                    outcome.stop_reason = "request deadline passed"
                     outcome.failure = BackendFailure(ErrorKind.TIMEOUT, "request deadline passed")
                     break
                 is_retry = bool(outcome.attempts)
                 if is_retry and not budget.try_acquire():
+                    outcome.stop_reason = (
+                        f"retry budget exhausted ({budget.retries_in_flight} retries in flight)"
+                    )
                     break
                 try:
                     choice = self.algorithm.choose(
@@ -226,6 +245,7 @@ class Balancer:
                 outcome.backend = state
                 if answer is not None:
                     outcome.answer, outcome.failure = answer, None
+                    outcome.stop_reason = "answered"
                     outcome.cost_usd = state.config.cost_model.cost(
                         answer.tokens_in, answer.tokens_out
                     )
@@ -237,6 +257,7 @@ class Balancer:
                 outcome.failure = failure
                 self._learn(state, failure, latency_ms, outcome)
                 if not failure.retryable:
+                    outcome.stop_reason = f"not retryable: {failure.kind.value}"
                     break
             return outcome
         finally:

@@ -12,8 +12,6 @@ from datetime import UTC, datetime
 
 from router.router_config import GuardLimits
 
-CHECK_EVERY = 10
-
 
 class FailbackGuard:
     def __init__(self, limits: GuardLimits) -> None:
@@ -23,9 +21,12 @@ class FailbackGuard:
         self.limits = limits
         self.window: deque[tuple[bool, float]] = deque(maxlen=limits.window)
         self.errors = 0
+        #: Requests in the window slower than the p95 limit. The p95 is over the limit
+        #: exactly when enough of them are (see `observe`): an O(1) check per request,
+        #: so the guard trips on the very request that crosses the limit.
+        self.slow = 0
         self.reason: str | None = None
         self.tripped_at: datetime | None = None
-        self._since_check = 0
 
     @property
     def tripped(self) -> bool:
@@ -42,29 +43,31 @@ class FailbackGuard:
         if not self.limits.enabled or self.tripped:
             return None
         window = self.window
-        if len(window) == window.maxlen and not window[0][0]:
-            self.errors -= 1
+        limit_ms = self.limits.p95_latency_ms
+        if len(window) == window.maxlen:
+            old_ok, old_latency = window[0]
+            self.errors -= not old_ok
+            self.slow -= old_latency > limit_ms
         window.append((ok, latency_ms))
-        if not ok:
-            self.errors += 1
-        self._since_check += 1
-        if len(window) < self.limits.min_requests:
+        self.errors += not ok
+        self.slow += latency_ms > limit_ms
+        n = len(window)
+        if n < self.limits.min_requests:
             return None
-        error_rate = self.errors / len(window)
+        error_rate = self.errors / n
         if error_rate > self.limits.error_rate:
             return self.trip(
-                f"production error rate {error_rate:.1%} over the last {len(window)} requests "
+                f"production error rate {error_rate:.1%} over the last {n} requests "
                 f"exceeds the hard limit {self.limits.error_rate:.1%}"
             )
-        if self._since_check >= CHECK_EVERY or not ok:
-            self._since_check = 0
-            latencies = sorted(latency for _, latency in window)
-            p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
-            if p95 > self.limits.p95_latency_ms:
-                return self.trip(
-                    f"production p95 latency {p95:.0f} ms over the last {len(window)} requests "
-                    f"exceeds the hard limit {self.limits.p95_latency_ms:.0f} ms"
-                )
+        # p95 = sorted(latencies)[p95_index(n)] is above the limit iff at least
+        # n - p95_index(n) latencies are.
+        if self.slow >= n - p95_index(n):
+            p95 = sorted(latency for _, latency in window)[p95_index(n)]
+            return self.trip(
+                f"production p95 latency {p95:.0f} ms over the last {n} requests "
+                f"exceeds the hard limit {limit_ms:.0f} ms"
+            )
         return None
 
     def check_staleness(self, published_at: datetime, split_active: bool) -> str | None:
@@ -79,3 +82,11 @@ class FailbackGuard:
                 f"over the {limit:g} h maximum (PROD_LB_CANARY_MAX_HOURS)"
             )
         return None
+
+
+def p95_index(n: int) -> int:
+    """0-based index of the p95 in `n` sorted samples, by nearest rank: ceil(0.95 n) - 1.
+
+    In integers, so 20 samples give index 18 (one outlier in 20 is not the p95).
+    """
+    return max(0, (95 * n + 99) // 100 - 1)

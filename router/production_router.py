@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -26,6 +27,7 @@ import httpx
 from pydantic import ValidationError
 
 from router.algorithms.base import Algorithm
+from router.algorithms.names import ADVANCED_ALGORITHMS
 from router.algorithms.registry import build_algorithm
 from router.backends import BackendConfig
 from router.balancer import Balancer, RouteOutcome
@@ -38,6 +40,7 @@ from router.control_store import (
     default_instance_id,
 )
 from router.failback_guard import FailbackGuard
+from router.failures import BackendFailure
 from router.feature_flags import ProductionFeatureFlags, load_flags
 from router.health_policy import ConsecutiveFailures, HealthEvent
 from router.legacy_config import LoadBalancingConfig
@@ -50,7 +53,7 @@ from router.legacy_router import (
 from router.migration import ConfigurationMigrator
 from router.modes import Arm, DeploymentMode
 from router.production_config import HealthCheckSettings, ProductionLoadBalancingConfig
-from router.record import EventKind, Outcome, RequestRecord
+from router.record import ErrorKind, EventKind, Outcome, RequestRecord
 from router.recorder import NullRecorder, SegmentRecorder
 from router.result import RoutingResult
 from router.retry_budget import RetryBudget
@@ -141,6 +144,9 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         self._last_token: object = None
         self._shadow_tasks: set[asyncio.Task[None]] = set()
         self.shadow_skipped = 0
+        self._ack_lock = threading.Lock()
+        self._ack_seq = 0
+        self._ack_written = 0
 
     # -- configuration ----------------------------------------------------------------
     def _build_algorithm(self, config: RouterConfig) -> Algorithm:
@@ -153,7 +159,23 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         return DeploymentMode.LEGACY_ONLY if self.guard.tripped else self.config.mode
 
     def apply_config(self, config: RouterConfig) -> None:
-        """Swap the policy between requests; requests already running keep theirs."""
+        """Swap the policy between requests; requests already running keep theirs.
+
+        Everything that can fail is checked before anything changes, so a document that
+        cannot be applied leaves the instance exactly on its last good config.
+        """
+        if config.algorithm in ADVANCED_ALGORITHMS and not self.flags.advanced_algorithms:
+            raise ValueError(
+                f"algorithm {config.algorithm.value} is advanced and this instance runs "
+                "with PROD_LB_ADVANCED_ALGORITHMS=false"
+            )
+        known = set(self.production.by_name)
+        for field in ("legacy_weights", "production_weights"):
+            unknown = sorted(set(getattr(config, field)) - known)
+            if unknown:
+                raise ValueError(
+                    f"{field} names unknown backend(s) {unknown}; known: {sorted(known)}"
+                )
         algorithm = (
             self.production.algorithm
             if config.algorithm == self.config.algorithm
@@ -175,13 +197,18 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
 
     def poll_control_store(self) -> None:
         """Read the control document if it changed; apply it or refuse it."""
+        self._consider(self._read_document())
+
+    def _read_document(self) -> tuple[object, str] | None:
         if self.control_store is None:
-            return
+            return None
         try:
-            found = self.control_store.read_document()
+            return self.control_store.read_document()
         except OSError as exc:
             log.warning("control store unreadable: %s", exc)
-            return
+            return None
+
+    def _consider(self, found: tuple[object, str] | None) -> None:
         if found is None or found[0] == self._last_token:
             return
         token, text = found
@@ -192,7 +219,10 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             self._refuse(_version_hint(text), _one_line(exc))
             return
         if config.version > self.config.version:
-            self.apply_config(config)
+            try:
+                self.apply_config(config)
+            except Exception as exc:  # valid JSON that cannot be applied is refused too
+                self._refuse(config.version, f"cannot apply: {exc}")
         elif config.version < self.config.version:
             self._refuse(config.version, f"older than applied v{self.config.version}")
 
@@ -225,7 +255,20 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
     def heartbeat(self) -> None:
         self._check_staleness()
         if self.control_store is not None:
-            self.control_store.write_ack(self.acknowledgement())
+            self._write_ack(*self._next_ack())
+
+    def _next_ack(self) -> tuple[Acknowledgement, int]:
+        self._ack_seq += 1
+        return self.acknowledgement(), self._ack_seq
+
+    def _write_ack(self, ack: Acknowledgement, seq: int) -> None:
+        """Write `ack` unless a newer one is already written (writers race across threads)."""
+        assert self.control_store is not None
+        with self._ack_lock:
+            if seq <= self._ack_written:
+                return
+            self.control_store.write_ack(ack)
+            self._ack_written = seq
 
     def _check_staleness(self) -> None:
         reason = self.guard.check_staleness(
@@ -238,8 +281,13 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         interval = self.flags.control_poll_s
         while True:
             try:
-                self.poll_control_store()
-                self.heartbeat()
+                # Store I/O (a shared folder, an fsync per heartbeat) runs in a thread so a
+                # slow disk never stalls requests; applying a document stays on the loop,
+                # between requests.
+                self._consider(await asyncio.to_thread(self._read_document))
+                self._check_staleness()
+                if self.control_store is not None:
+                    await asyncio.to_thread(self._write_ack, *self._next_ack())
             except Exception:
                 log.exception("control loop iteration failed")
             await asyncio.sleep(interval)
@@ -314,13 +362,22 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         ):
             self._start_shadow(query_text, classification, request_id, bucket, config, region)
         balancer = self.production if arm is Arm.PRODUCTION else self.legacy
+        algorithm = balancer.algorithm.name  # the one this request starts with
         started = time.perf_counter()
-        outcome = await balancer.route(
-            query_text,
-            classification,
-            region=region,
-            headers={"X-Request-ID": request_id, "X-Router-Arm": arm.value},
-        )
+        if arm is Arm.PRODUCTION:
+            outcome = await self._route_production(
+                query_text,
+                classification,
+                region,
+                {"X-Request-ID": request_id, "X-Router-Arm": arm.value},
+            )
+        else:
+            outcome = await balancer.route(
+                query_text,
+                classification,
+                region=region,
+                headers={"X-Request-ID": request_id, "X-Router-Arm": arm.value},
+            )
         latency_ms = (time.perf_counter() - started) * 1000.0
         result = build_result(
             request_id=request_id,
@@ -328,7 +385,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             outcome=outcome,
             arm=arm.value,
             mode=mode.value,
-            algorithm=balancer.algorithm.name,
+            algorithm=algorithm,
             config_version=config.version,
             latency_ms=latency_ms,
         )
@@ -367,13 +424,14 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         region: Any,
     ) -> None:
         request_id = uuid.uuid4().hex
+        algorithm = self.production.algorithm.name
         try:
             started = time.perf_counter()
-            outcome = await self.production.route(
+            outcome = await self._route_production(
                 query_text,
                 classification,
-                region=region,
-                headers={
+                region,
+                {
                     "X-Request-ID": request_id,
                     "X-Router-Arm": Arm.PRODUCTION.value,
                     "X-Shadow-Of": primary_id,
@@ -385,7 +443,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
                 outcome=outcome,
                 arm=Arm.PRODUCTION.value,
                 mode=DeploymentMode.SHADOW.value,
-                algorithm=self.production.algorithm.name,
+                algorithm=algorithm,
                 config_version=config.version,
                 latency_ms=(time.perf_counter() - started) * 1000.0,
             )
@@ -395,6 +453,30 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             raise
         except Exception:  # a shadow must never surface anywhere but the log
             log.exception("shadow execution failed")
+
+    async def _route_production(
+        self,
+        query_text: str,
+        classification: Classification,
+        region: Any,
+        headers: dict[str, str],
+    ) -> RouteOutcome:
+        """The production balancer, with its unexpected exceptions turned into a failed
+        outcome: the caller gets a result (as for any other failure), not a traceback,
+        and the failback guard counts it, so a bug in the new path fails back to legacy."""
+        try:
+            return await self.production.route(
+                query_text, classification, region=region, headers=headers
+            )
+        except Exception as exc:  # CancelledError is a BaseException: it still propagates
+            log.exception("production balancer failed unexpectedly")
+            return RouteOutcome(
+                None,
+                None,
+                BackendFailure(
+                    ErrorKind.SERVER_ERROR, f"production balancer failed: {type(exc).__name__}"
+                ),
+            )
 
     def _guard_observe(self, result: RoutingResult) -> None:
         if result.outcome == Outcome.REJECTED.value:

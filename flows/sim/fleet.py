@@ -213,5 +213,15 @@ def set_profile(admin_url: str, patch: dict[str, object], arm: str | None = None
     """Change a running simulated backend (what a fault-injection scenario calls)."""
     params = {"arm": arm} if arm else None
     response = httpx.put(admin_url, json=patch, params=params, timeout=5)
-    response.raise_for_status()
+    if response.is_error:
+        # Say what the server refused, not only the status (a typo'd field, a bad rate).
+        try:
+            detail = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            detail = response.text
+        raise httpx.HTTPStatusError(
+            f"{admin_url} refused {patch}: {response.status_code}: {detail}",
+            request=response.request,
+            response=response,
+        )
     return response.json()

@@ -12,6 +12,7 @@ Admin endpoints change behaviour while the server runs, optionally for one arm o
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 import uuid
@@ -57,7 +58,8 @@ async def _simulate(state: SimState, request: Request) -> JSONResponse | None:
     now = time.monotonic()
     if now < state.throttled_until:
         state.stats[f"{arm or 'none'}:{Fault.RATE_LIMITED}"] += 1
-        remaining = max(1, round(state.throttled_until - now))
+        # Rounded up: a client that waits as told must not arrive before the window ends.
+        remaining = max(1, math.ceil(state.throttled_until - now))
         return _error(429, "rate limited", **{"Retry-After": str(remaining)})
     fault = draw_fault(profile, state.rng)
     state.stats[f"{arm or 'none'}:{fault}"] += 1
@@ -71,6 +73,13 @@ async def _simulate(state: SimState, request: Request) -> JSONResponse | None:
     if fault == Fault.ERROR:
         return _error(503, "simulated backend error")
     return None
+
+
+def _content_rng(state: SimState, query: str) -> random.Random:
+    """Answer content depends on the backend and the question only, not on how many
+    requests came before: the same question gets the same bytes from the same backend,
+    whatever else (a shadow, another arm) the server is doing."""
+    return random.Random(f"{state.name}\0{query}")
 
 
 def _authorised(state: SimState, request: Request) -> bool:
@@ -92,7 +101,9 @@ def lightrag_routes(state: SimState) -> list[Route]:
         if failed is not None:
             return failed
         answer, _ = answer_text(
-            text, state.profile_for(request.headers.get("x-router-arm")).quality, state.rng
+            text,
+            state.profile_for(request.headers.get("x-router-arm")).quality,
+            _content_rng(state, text),
         )
         return JSONResponse({"response": answer})
 
@@ -117,7 +128,7 @@ def perplexity_routes(state: SimState) -> list[Route]:
         if failed is not None:
             return failed
         profile = state.profile_for(request.headers.get("x-router-arm"))
-        answer, citations = answer_text(text, profile.quality, state.rng)
+        answer, citations = answer_text(text, profile.quality, _content_rng(state, text))
         prompt_tokens = max(1, int(len(text) / 4 * profile.tokens_scale))
         completion_tokens = max(1, int(len(answer) / 4 * profile.tokens_scale))
         return JSONResponse(
@@ -166,7 +177,10 @@ def admin_routes(state: SimState) -> list[Route]:
             patch = ProfilePatch.model_validate(await request.json())
         except ValidationError as exc:
             return _error(
-                422, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+                422,
+                "; ".join(
+                    f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()
+                ),
             )
         except ValueError:
             return _error(400, "body must be a JSON object")
@@ -181,8 +195,8 @@ def admin_routes(state: SimState) -> list[Route]:
         arm = request.query_params.get("arm")
         if not arm:
             return _error(400, "DELETE needs ?arm=NAME")
-        state.arms.pop(arm, None)
-        return JSONResponse({"arm": arm, "removed": True})
+        removed = state.arms.pop(arm, None) is not None
+        return JSONResponse({"arm": arm, "removed": removed})
 
     async def stats(request: Request) -> JSONResponse:
         return JSONResponse({"name": state.name, "counts": dict(state.stats)})

@@ -1,0 +1,324 @@
+"""Every way one backend call can end, as the balancer sees it (respx-mocked HTTP).
+
+The balancer decides failover and health from `BackendFailure.kind` alone, so each
+failure shape must land on the right kind, outcome, retryability and health penalty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import httpx
+import pytest
+import respx
+
+from router.backend_client import call_backend, parse_retry_after
+from router.backends import BackendConfig, BackendKind
+from router.failures import BackendFailure
+from router.record import ErrorKind, Outcome
+
+LIGHTRAG = BackendConfig(name="lr", kind=BackendKind.LIGHTRAG, base_url="http://lr.test")
+PPLX = BackendConfig(
+    name="px",
+    kind=BackendKind.PERPLEXITY,
+    base_url="http://px.test",
+    api_key_env="TEST_PPLX_KEY",
+)
+SECRET = "pplx-very-secret-key-123"
+QUERY = "Which acylcarnitines rise in MCAD deficiency?"
+
+
+async def call(backend: BackendConfig = LIGHTRAG, max_bytes: int = 10_000, timeout_s: float = 5):
+    async with httpx.AsyncClient() as client:
+        return await call_backend(client, backend, QUERY, timeout_s=timeout_s, max_bytes=max_bytes)
+
+
+async def failure_of(backend: BackendConfig = LIGHTRAG, **kwargs: float) -> BackendFailure:
+    with pytest.raises(BackendFailure) as info:
+        await call(backend, **kwargs)  # type: ignore[arg-type]
+    return info.value
+
+
+# -- failure shapes -------------------------------------------------------------------
+# (kind, outcome, retryable, health_penalty): what the balancer does with each shape.
+SHAPES = {
+    "connect": (ErrorKind.CONNECT, Outcome.ERROR, True, True),
+    "timeout": (ErrorKind.TIMEOUT, Outcome.TIMEOUT, True, True),
+    "server": (ErrorKind.SERVER_ERROR, Outcome.ERROR, True, True),
+    "rate_limited": (ErrorKind.RATE_LIMITED, Outcome.RATE_LIMITED, True, False),
+    "client": (ErrorKind.CLIENT_ERROR, Outcome.REJECTED, False, False),
+    "malformed": (ErrorKind.MALFORMED, Outcome.ERROR, True, True),
+    "oversized": (ErrorKind.OVERSIZED, Outcome.ERROR, True, True),
+}
+
+
+def assert_shape(failure: BackendFailure, shape: str) -> None:
+    kind, outcome, retryable, penalty = SHAPES[shape]
+    assert (failure.kind, failure.outcome, failure.retryable, failure.health_penalty) == (
+        kind,
+        outcome,
+        retryable,
+        penalty,
+    )
+
+
+@respx.mock
+async def test_connect_error_is_a_retryable_health_failure() -> None:
+    respx.post("http://lr.test/query").mock(side_effect=httpx.ConnectError("refused"))
+    assert_shape(await failure_of(), "connect")
+
+
+@pytest.mark.parametrize(
+    "exc", [httpx.ReadTimeout("slow"), httpx.ConnectTimeout("slow"), httpx.PoolTimeout("busy")]
+)
+@respx.mock
+async def test_timeouts_are_timeouts(exc: Exception) -> None:
+    respx.post("http://lr.test/query").mock(side_effect=exc)
+    assert_shape(await failure_of(), "timeout")
+
+
+async def test_a_backend_that_trickles_its_body_is_cut_at_the_attempt_timeout() -> None:
+    """Per-read timeouts never fire if bytes keep coming; the attempt as a whole must end."""
+
+    async def trickle() -> AsyncIterator[bytes]:
+        yield b'{"response": "'
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            yield b"x"
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=trickle())
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(BackendFailure) as info:
+            await call_backend(client, LIGHTRAG, QUERY, timeout_s=0.3, max_bytes=10_000)
+    assert_shape(info.value, "timeout")
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+@respx.mock
+async def test_5xx_is_a_server_error(status: int) -> None:
+    respx.post("http://lr.test/query").mock(return_value=httpx.Response(status))
+    failure = await failure_of()
+    assert_shape(failure, "server")
+    assert failure.status == status
+
+
+@respx.mock
+async def test_429_with_retry_after_seconds_is_unavailable_not_unhealthy() -> None:
+    respx.post("http://lr.test/query").mock(
+        return_value=httpx.Response(429, headers={"Retry-After": "7"})
+    )
+    failure = await failure_of()
+    assert_shape(failure, "rate_limited")
+    assert failure.retry_after_s == 7.0
+    assert failure.status == 429
+
+
+@respx.mock
+async def test_429_with_retry_after_http_date() -> None:
+    when = datetime.now(UTC) + timedelta(seconds=30)
+    respx.post("http://lr.test/query").mock(
+        return_value=httpx.Response(429, headers={"Retry-After": format_datetime(when, True)})
+    )
+    failure = await failure_of()
+    assert_shape(failure, "rate_limited")
+    assert failure.retry_after_s is not None
+    assert 25 <= failure.retry_after_s <= 30
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, 1.0),  # no header: a short default pause
+        ("", 1.0),
+        ("garbage", 1.0),
+        ("-5", 0.0),  # never negative
+        ("0", 0.0),
+        ("1.5", 1.5),
+        ("inf", 1.0),  # never "forever": a non-finite value is no value
+        ("nan", 1.0),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # a date in the past means now
+    ],
+)
+def test_parse_retry_after(header: str | None, expected: float) -> None:
+    assert parse_retry_after(header) == expected
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
+@respx.mock
+async def test_other_4xx_is_the_callers_fault(status: int) -> None:
+    respx.post("http://lr.test/query").mock(return_value=httpx.Response(status))
+    failure = await failure_of()
+    assert_shape(failure, "client")
+    assert failure.status == status
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"<html>502 Bad Gateway</html>", b'{"response": "cut off', b""],
+    ids=["html", "truncated", "empty"],
+)
+@respx.mock
+async def test_malformed_json(body: bytes) -> None:
+    respx.post("http://lr.test/query").mock(return_value=httpx.Response(200, content=body))
+    assert_shape(await failure_of(), "malformed")
+
+
+@pytest.mark.parametrize(
+    ("backend", "payload"),
+    [
+        (LIGHTRAG, {"answer": "wrong key"}),
+        (LIGHTRAG, {"response": 42}),
+        (LIGHTRAG, ["a", "list"]),
+        (LIGHTRAG, None),
+        (PPLX, {"choices": []}),
+        (PPLX, {"choices": [{"message": {"content": None}}]}),
+        (PPLX, {"choices": [{"message": {"content": "ok"}}], "usage": "lots"}),
+        (PPLX, {"choices": [{"message": {"content": "ok"}}], "usage": {"prompt_tokens": "x"}}),
+        (PPLX, "just a string"),
+    ],
+)
+@respx.mock
+async def test_json_of_the_wrong_shape_is_malformed(
+    backend: BackendConfig, payload: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_PPLX_KEY", SECRET)
+    respx.post(url__regex=r"http://(lr|px)\.test/.*").mock(
+        return_value=httpx.Response(200, json=payload)
+    )
+    assert_shape(await failure_of(backend), "malformed")
+
+
+@respx.mock
+async def test_oversized_by_content_length() -> None:
+    route = respx.post("http://lr.test/query").mock(
+        return_value=httpx.Response(200, json={"response": "x" * 500})
+    )
+    failure = await failure_of(max_bytes=100)
+    assert_shape(failure, "oversized")
+    assert route.call_count == 1
+
+
+async def test_oversized_while_streaming_without_content_length() -> None:
+    """A chunked body has no Content-Length: the limit is enforced as the bytes arrive,
+    so a runaway backend cannot fill memory (the stream is abandoned, not drained)."""
+    sent = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal sent
+        yield b'{"response": "'
+        for _ in range(10_000):
+            sent += 1
+            yield b"y" * 64
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=endless())
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(BackendFailure) as info:
+            await call_backend(client, LIGHTRAG, QUERY, timeout_s=5, max_bytes=1_000)
+    assert_shape(info.value, "oversized")
+    assert sent < 100  # stopped early instead of reading 640 kB
+
+
+@respx.mock
+async def test_body_exactly_at_the_limit_is_accepted() -> None:
+    body = json.dumps({"response": "z" * 80}).encode()
+    respx.post("http://lr.test/query").mock(return_value=httpx.Response(200, content=body))
+    answer = await call(max_bytes=len(body))
+    assert answer.text == "z" * 80
+
+
+# -- successes ------------------------------------------------------------------------
+@respx.mock
+async def test_lightrag_answer_and_estimated_tokens() -> None:
+    route = respx.post("http://lr.test/query").mock(
+        return_value=httpx.Response(200, json={"response": "Octanoylcarnitine (C8) rises."})
+    )
+    answer = await call()
+    assert answer.text == "Octanoylcarnitine (C8) rises."
+    assert answer.tokens_in == len(QUERY) // 4  # LightRAG reports no usage: estimated
+    assert answer.tokens_out >= 1
+    assert answer.citations == ()
+    sent = json.loads(route.calls.last.request.content)
+    assert sent == {"query": QUERY, "mode": "hybrid"}
+
+
+@respx.mock
+async def test_perplexity_answer_usage_and_citations(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_PPLX_KEY", SECRET)
+    route = respx.post("http://px.test/chat/completions").mock(
+        return_value=httpx.Response(
+            200,
+            json={
+                "choices": [{"message": {"role": "assistant", "content": "C8 and C10:1."}}],
+                "usage": {"prompt_tokens": 17, "completion_tokens": 230},
+                "citations": ["https://a.example/1", "https://b.example/2"],
+            },
+        )
+    )
+    answer = await call(PPLX)
+    assert answer.text == "C8 and C10:1."
+    assert (answer.tokens_in, answer.tokens_out) == (17, 230)
+    assert answer.citations == ("https://a.example/1", "https://b.example/2")
+    request = route.calls.last.request
+    assert request.headers["authorization"] == f"Bearer {SECRET}"
+    body = json.loads(request.content)
+    assert body["messages"] == [{"role": "user", "content": QUERY}]
+    assert body["model"] == "sonar"
+
+
+@respx.mock
+async def test_perplexity_without_usage_estimates_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_PPLX_KEY", SECRET)
+    respx.post("http://px.test/chat/completions").mock(
+        return_value=httpx.Response(200, json={"choices": [{"message": {"content": "abcdefgh"}}]})
+    )
+    answer = await call(PPLX)
+    assert (answer.tokens_in, answer.tokens_out) == (len(QUERY) // 4, 2)
+
+
+@respx.mock
+async def test_perplexity_without_key_sends_no_authorization(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("TEST_PPLX_KEY", raising=False)
+    route = respx.post("http://px.test/chat/completions").mock(return_value=httpx.Response(401))
+    failure = await failure_of(PPLX)
+    assert_shape(failure, "client")
+    assert "authorization" not in route.calls.last.request.headers
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        httpx.Response(401, json={"error": f"bad key {SECRET}"}),
+        httpx.Response(500, text=f"echo Authorization: Bearer {SECRET}"),
+        httpx.Response(429, headers={"Retry-After": "1"}),
+        httpx.Response(200, text=f"not json {SECRET}"),
+        httpx.Response(200, json={"choices": f"{SECRET}"}),
+        httpx.ConnectError(f"proxy said Bearer {SECRET}"),
+    ],
+    ids=["401", "500", "429", "not-json", "wrong-shape", "connect"],
+)
+@respx.mock
+async def test_the_api_key_never_appears_in_a_failure(
+    response: httpx.Response | Exception, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Failure messages end up in logs, results and analytics: the key must not."""
+    monkeypatch.setenv("TEST_PPLX_KEY", SECRET)
+    route = respx.post("http://px.test/chat/completions")
+    if isinstance(response, Exception):
+        route.mock(side_effect=response)
+    else:
+        route.mock(return_value=response)
+    failure = await failure_of(PPLX)
+    assert route.calls.last.request.headers["authorization"] == f"Bearer {SECRET}"
+    assert SECRET not in str(failure)
+    assert SECRET not in repr(failure)
+    assert SECRET not in repr(failure.args)

@@ -1,0 +1,712 @@
+"""`ProductionIntelligentQueryRouter` as a service owner sees it: arms, config changes,
+refusals, auto-failback, the drop-in surface and what lands on disk.
+
+Backends are an `httpx.MockTransport`; the control store and segments live in tmp_path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import json
+import math
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from router import (
+    BackendConfig,
+    BackendKind,
+    DeploymentMode,
+    FileControlStore,
+    GuardLimits,
+    IntelligentQueryRouter,
+    LoadBalancingConfig,
+    ProductionFeatureFlags,
+    ProductionIntelligentQueryRouter,
+    RouterConfig,
+)
+from router.bucketing import bucket_of, in_production
+from router.control_store import Acknowledgement, atomic_write
+from router.failback_guard import FailbackGuard
+from router.recorder import SegmentRecorder
+
+KEY_ENV = "TEST_PPLX_KEY"
+BACKENDS = [
+    BackendConfig(name="lightrag-1", kind=BackendKind.LIGHTRAG, base_url="http://lightrag-1.test"),
+    BackendConfig(name="lightrag-2", kind=BackendKind.LIGHTRAG, base_url="http://lightrag-2.test"),
+    BackendConfig(
+        name="perplexity-1",
+        kind=BackendKind.PERPLEXITY,
+        base_url="http://perplexity-1.test",
+        api_key_env=KEY_ENV,
+    ),
+]
+QUESTION = "What is the reference interval of plasma glycine in adults?"
+SALT = "rollout-v1"
+
+Fault = Callable[[httpx.Request], "httpx.Response | Awaitable[httpx.Response]"]
+
+
+class Backends:
+    """Answers `arm|backend|n`, unless the request's arm has a fault; counts calls."""
+
+    def __init__(self) -> None:
+        self.faults: dict[str, Fault] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.gate: asyncio.Event | None = None  # holds questions containing "slow"
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        backend = request.url.host.removesuffix(".test")
+        arm = request.headers.get("x-router-arm", "")
+        self.calls.append((backend, arm))
+        if arm in self.faults:
+            response = self.faults[arm](request)
+            return await response if inspect.isawaitable(response) else response
+        body = json.loads(request.content)
+        query = body.get("query") or body["messages"][-1]["content"]
+        if "slow" in query and self.gate is not None:
+            await self.gate.wait()
+        return answer(request, f"ANSWER {arm}|{backend}|{len(self.calls)}")
+
+
+def answer(request: httpx.Request, text: str) -> httpx.Response:
+    """A 200 in the API shape of the backend the request went to."""
+    if request.url.host.startswith("perplexity"):
+        return httpx.Response(
+            200,
+            json={
+                "choices": [{"message": {"content": text}}],
+                "usage": {"prompt_tokens": 12, "completion_tokens": 40},
+                "citations": ["https://ref.example/1"],
+            },
+        )
+    return httpx.Response(200, json={"response": text})
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, "test-key")
+
+
+@pytest.fixture
+def backends() -> Backends:
+    return Backends()
+
+
+def make_router(tmp_path: Path, backends: Backends, instance: str = "test-1"):
+    flags = ProductionFeatureFlags(data_dir=tmp_path, instance_id=instance, control_poll_s=60)
+    return ProductionIntelligentQueryRouter(
+        backends=BACKENDS,
+        transport=httpx.MockTransport(backends),
+        health_checks=False,
+        flags=flags,
+        control_store=FileControlStore(tmp_path / "control"),
+        recorder=SegmentRecorder(tmp_path / "segments", instance),
+        seed=7,
+    )
+
+
+def publish(tmp_path: Path, version: int, mode: str, percent: float = 0, **kw: Any) -> None:
+    FileControlStore(tmp_path / "control").publish(
+        RouterConfig(version=version, mode=DeploymentMode(mode), traffic_percent=percent, **kw)
+    )
+
+
+async def started(tmp_path: Path, backends: Backends, version: int, mode: str, percent=0, **kw):
+    """A router that has applied the published document `version`."""
+    publish(tmp_path, version, mode, percent, **kw)
+    router = await make_router(tmp_path, backends).start()
+    assert router.config.version == version
+    return router
+
+
+def read_segments(tmp_path: Path, stream: str, instance: str = "test-1") -> list[dict[str, Any]]:
+    files = sorted((tmp_path / "segments" / instance).glob(f"{stream}-*.parquet"))
+    if not files:
+        return []
+    return pa.concat_tables([pq.read_table(f) for f in files]).to_pylist()
+
+
+def production_guard(**kw: Any) -> GuardLimits:
+    return GuardLimits(**{"min_requests": 10, "error_rate": 0.2, "p95_latency_ms": 10_000, **kw})
+
+
+# -- modes and arms -------------------------------------------------------------------
+async def test_legacy_only_serves_everyone_from_legacy(tmp_path: Path, backends: Backends) -> None:
+    router = await started(tmp_path, backends, 1, "legacy_only")
+    results = [await router.route_query(QUESTION, {"user_id": f"u{i}"}) for i in range(30)]
+    await router.shutdown()
+    assert {(r.arm, r.mode, r.config_version, r.outcome) for r in results} == {
+        ("legacy", "legacy_only", 1, "ok")
+    }
+    assert {arm for _, arm in backends.calls} == {"legacy"}
+    assert all(r.answer and r.answer.startswith("ANSWER legacy|") for r in results)
+
+
+async def test_production_only_serves_everyone_from_production(
+    tmp_path: Path, backends: Backends
+) -> None:
+    router = await started(tmp_path, backends, 1, "production_only", 100)
+    results = [await router.route_query(QUESTION, {"user_id": f"u{i}"}) for i in range(30)]
+    await router.shutdown()
+    assert {(r.arm, r.mode, r.outcome) for r in results} == {
+        ("production", "production_only", "ok")
+    }
+    assert {r.algorithm for r in results} == {router.config.algorithm.value}
+
+
+@pytest.mark.parametrize(("mode", "percent"), [("canary", 5), ("canary", 15), ("ab_test", 50)])
+async def test_split_follows_the_sticky_bucket_of_each_user(
+    tmp_path: Path, backends: Backends, mode: str, percent: float
+) -> None:
+    router = await started(tmp_path, backends, 1, mode, percent)
+    arms: dict[str, set[str]] = {}
+    for round_ in range(2):
+        for i in range(300):
+            user = f"user-{i}"
+            result = await router.route_query(QUESTION, {"user_id": user, "round": round_})
+            arms.setdefault(user, set()).add(result.arm)
+    await router.shutdown()
+    assert all(len(seen) == 1 for seen in arms.values())  # sticky: one arm per user
+    for user, (arm,) in arms.items():
+        expected = in_production(bucket_of(user, SALT), percent)
+        assert arm == ("production" if expected else "legacy")
+    share = sum(a == {"production"} for a in arms.values()) / len(arms)
+    assert abs(share - percent / 100) < 0.08
+
+
+async def test_raising_the_canary_never_moves_a_user_back(
+    tmp_path: Path, backends: Backends
+) -> None:
+    router = await started(tmp_path, backends, 1, "canary", 5)
+    users = [f"user-{i}" for i in range(400)]
+
+    async def production_users() -> set[str]:
+        return {
+            u
+            for u in users
+            if (await router.route_query(QUESTION, {"user_id": u})).arm == "production"
+        }
+
+    at_5 = await production_users()
+    publish(tmp_path, 2, "canary", 15)
+    router.poll_control_store()
+    at_15 = await production_users()
+    publish(tmp_path, 3, "ab_test", 50)
+    router.poll_control_store()
+    at_50 = await production_users()
+    await router.shutdown()
+    assert at_5 and at_5 < at_15 < at_50
+
+
+async def test_without_a_user_the_session_keeps_the_arm(tmp_path: Path, backends: Backends) -> None:
+    router = await started(tmp_path, backends, 1, "ab_test", 50)
+    for s in range(20):
+        arms = {(await router.route_query(QUESTION, {"session_id": f"s{s}"})).arm for _ in range(3)}
+        assert len(arms) == 1
+    await router.shutdown()
+
+
+# -- configuration --------------------------------------------------------------------
+async def test_a_new_config_does_not_drop_in_flight_requests(
+    tmp_path: Path, backends: Backends
+) -> None:
+    backends.gate = asyncio.Event()
+    router = await started(tmp_path, backends, 1, "legacy_only")
+    slow = [
+        asyncio.create_task(router.route_query(f"slow question {i}", {"user_id": f"u{i}"}))
+        for i in range(8)
+    ]
+    for _ in range(500):  # until all eight are waiting inside a backend
+        if len(backends.calls) == 8:
+            break
+        await asyncio.sleep(0.01)
+    assert len(backends.calls) == 8
+    publish(tmp_path, 2, "production_only", 100)
+    router.poll_control_store()
+    fresh = [await router.route_query(QUESTION, {"user_id": f"n{i}"}) for i in range(5)]
+    backends.gate.set()
+    held = await asyncio.wait_for(asyncio.gather(*slow), timeout=10)
+    await router.shutdown()
+    assert {(r.outcome, r.arm, r.config_version) for r in held} == {("ok", "legacy", 1)}
+    assert {(r.outcome, r.arm, r.config_version) for r in fresh} == {("ok", "production", 2)}
+    rows = read_segments(tmp_path, "requests")
+    assert sorted(r["config_version"] for r in rows) == [1] * 8 + [2] * 5
+
+
+async def test_a_request_reports_the_algorithm_it_was_routed_with(
+    tmp_path: Path, backends: Backends
+) -> None:
+    """Swapping the algorithm mid-request must not relabel requests already running:
+    their rows would otherwise credit the new algorithm with the old one's latency."""
+    backends.gate = asyncio.Event()
+    router = await started(tmp_path, backends, 1, "production_only", 100)
+    assert router.config.algorithm.value == "least_connections"
+    held = asyncio.create_task(router.route_query("a slow question", {"user_id": "u"}))
+    for _ in range(500):
+        if backends.calls:
+            break
+        await asyncio.sleep(0.01)
+    publish(tmp_path, 2, "production_only", 100, algorithm="round_robin")
+    router.poll_control_store()
+    fresh = await router.route_query(QUESTION, {"user_id": "v"})
+    backends.gate.set()
+    old = await asyncio.wait_for(held, timeout=10)
+    await router.shutdown()
+    assert (old.config_version, old.algorithm) == (1, "least_connections")
+    assert (fresh.config_version, fresh.algorithm) == (2, "round_robin")
+
+
+INVALID_DOCUMENTS = {
+    "not json": "{this is not json",
+    "unknown mode": json.dumps({"version": 5, "mode": "turbo"}),
+    "percent 150": json.dumps({"version": 5, "mode": "canary", "traffic_percent": 150}),
+    "percent for shadow": json.dumps({"version": 5, "mode": "shadow", "traffic_percent": 5}),
+    "negative weight": json.dumps(
+        {"version": 5, "mode": "canary", "traffic_percent": 5, "legacy_weights": {"lightrag-1": -1}}
+    ),
+    "unknown backend weight": json.dumps(
+        {"version": 5, "mode": "canary", "traffic_percent": 5, "legacy_weights": {"nope": 2}}
+    ),
+    "advanced algorithm not enabled": json.dumps(
+        {"version": 5, "mode": "canary", "traffic_percent": 5, "algorithm": "cost_aware"}
+    ),
+    "unknown field": json.dumps({"version": 5, "mode": "canary", "traffic_percent": 5, "x": 1}),
+    "older version": json.dumps({"version": 0, "mode": "production_only", "traffic_percent": 100}),
+}
+
+
+@pytest.mark.parametrize("text", INVALID_DOCUMENTS.values(), ids=INVALID_DOCUMENTS.keys())
+async def test_an_invalid_document_is_refused_and_the_last_good_one_kept(
+    tmp_path: Path, backends: Backends, text: str
+) -> None:
+    store = FileControlStore(tmp_path / "control")
+    router = await started(tmp_path, backends, 1, "canary", 50, legacy_weights={"lightrag-1": 3})
+    good = router.config
+    atomic_write(store.config_path, text)
+    router.poll_control_store()
+    assert router.config == good
+    assert router.legacy.by_name["lightrag-1"].weight == 3  # nothing half-applied
+    results = [await router.route_query(QUESTION, {"user_id": f"u{i}"}) for i in range(20)]
+    assert {r.config_version for r in results} == {1}
+    assert {r.arm for r in results} == {"legacy", "production"}
+    router.heartbeat()
+    (ack,) = store.read_acks()
+    assert ack.applied_version == 1
+    assert ack.refused_reason
+    assert ack.refused_version in (None, 0, 5)
+    # A good document later is applied and clears the refusal.
+    publish(tmp_path, 6, "legacy_only")
+    router.poll_control_store()
+    router.heartbeat()
+    (ack,) = store.read_acks()
+    assert (ack.applied_version, ack.refused_reason) == (6, None)
+    await router.shutdown()
+    events = read_segments(tmp_path, "events")
+    refused = [e for e in events if e["kind"] == "config_refused"]
+    assert len(refused) == 1
+    assert "keeping v1" in refused[0]["detail"]
+
+
+async def test_heartbeat_carries_the_applied_version(tmp_path: Path, backends: Backends) -> None:
+    store = FileControlStore(tmp_path / "control")
+    router = await started(tmp_path, backends, 3, "canary", 5)
+    await router.route_query(QUESTION, {"user_id": "u1"})
+    router.heartbeat()
+    (ack,) = store.read_acks()
+    assert (ack.instance, ack.applied_version, ack.configured_mode, ack.routed) == (
+        "test-1",
+        3,
+        DeploymentMode.CANARY,
+        1,
+    )
+    publish(tmp_path, 4, "ab_test", 50)
+    router.poll_control_store()
+    await router.shutdown()  # the last heartbeat is written on the way out
+    (ack,) = store.read_acks()
+    assert (ack.applied_version, ack.effective_mode) == (4, DeploymentMode.AB_TEST)
+    applied = [e for e in read_segments(tmp_path, "events") if e["kind"] == "config_applied"]
+    assert [e["config_version"] for e in applied] == [3, 4]
+
+
+class SlowDiskStore(FileControlStore):
+    """A control store on a stalled disk: the first ack write hangs until released."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.released_in_time: bool | None = None
+
+    def write_ack(self, ack: Acknowledgement) -> None:
+        if self.released_in_time is None:
+            self.entered.set()
+            self.released_in_time = self.release.wait(timeout=5)
+        super().write_ack(ack)
+
+
+async def test_a_stalled_control_store_never_stalls_requests(
+    tmp_path: Path, backends: Backends
+) -> None:
+    store = SlowDiskStore(tmp_path / "control")
+    store.publish(RouterConfig(version=1, mode=DeploymentMode.AB_TEST, traffic_percent=50))
+    router = ProductionIntelligentQueryRouter(
+        backends=BACKENDS,
+        transport=httpx.MockTransport(backends),
+        health_checks=False,
+        flags=ProductionFeatureFlags(data_dir=tmp_path, instance_id="test-1"),
+        control_store=store,
+        recorder=SegmentRecorder(tmp_path / "segments", "test-1"),
+    )
+    await router.start()  # the control loop's first heartbeat now hangs on the disk
+    assert await asyncio.to_thread(store.entered.wait, 5)
+    results = [await router.route_query(QUESTION, {"user_id": f"u{i}"}) for i in range(5)]
+    store.release.set()  # only now, after five answers, does the disk come back
+    await router.shutdown()
+    assert {r.outcome for r in results} == {"ok"}
+    assert store.released_in_time is True  # the loop was free while the write hung
+    (ack,) = store.read_acks()
+    assert (ack.applied_version, ack.routed) == (1, 5)  # the final ack, not the stale one
+
+
+# -- auto-failback --------------------------------------------------------------------
+async def test_guard_trips_on_error_rate_after_min_requests(
+    tmp_path: Path, backends: Backends
+) -> None:
+    backends.faults["production"] = lambda r: httpx.Response(500)
+    store = FileControlStore(tmp_path / "control")
+    router = await started(tmp_path, backends, 1, "production_only", 100, guard=production_guard())
+    for i in range(9):
+        result = await router.route_query(QUESTION, {"user_id": f"u{i}"})
+        assert (result.arm, result.outcome) == ("production", "error")
+    assert router.effective_mode is DeploymentMode.PRODUCTION_ONLY  # 9 < min_requests
+    await router.route_query(QUESTION, {"user_id": "u9"})
+    assert router.effective_mode is DeploymentMode.LEGACY_ONLY  # at once, on the 10th
+    after = await router.route_query(QUESTION, {"user_id": "u10"})
+    assert (after.arm, after.mode, after.outcome) == ("legacy", "legacy_only", "ok")
+    (ack,) = store.read_acks()  # the failback is reported without waiting for the loop
+    assert ack.effective_mode is DeploymentMode.LEGACY_ONLY
+    assert ack.configured_mode is DeploymentMode.PRODUCTION_ONLY
+    assert ack.failback_reason and "error rate" in ack.failback_reason
+    # A newer config re-arms the guard and production serves again.
+    backends.faults.clear()
+    publish(tmp_path, 2, "production_only", 100, guard=production_guard())
+    router.poll_control_store()
+    again = await router.route_query(QUESTION, {"user_id": "u11"})
+    assert (again.arm, again.outcome, again.config_version) == ("production", "ok", 2)
+    await router.shutdown()
+    failbacks = [e for e in read_segments(tmp_path, "events") if e["kind"] == "failback"]
+    assert len(failbacks) == 1
+    assert "error rate 100.0% over the last 10 requests" in failbacks[0]["detail"]
+
+
+async def test_guard_trips_on_p95_latency_not_on_one_outlier(
+    tmp_path: Path, backends: Backends
+) -> None:
+    async def slow_when_asked(request: httpx.Request) -> httpx.Response:
+        if b"slow" in request.content:
+            await asyncio.sleep(0.06)
+        return answer(request, "fine")
+
+    backends.faults["production"] = slow_when_asked
+    guard = production_guard(min_requests=20, p95_latency_ms=30, error_rate=0.5)
+    router = await started(tmp_path, backends, 1, "production_only", 100, guard=guard)
+    for i in range(19):
+        await router.route_query(QUESTION, {"user_id": i})
+    # 1 slow in 20: the p95 (nearest rank: the 19th of 20) is still fast.
+    first = await router.route_query("a slow question", {"user_id": 19})
+    assert first.arm == "production" and not router.guard.tripped
+    # 2 slow in 21: now the p95 is over the limit, and the guard trips on this request.
+    await router.route_query("another slow question", {"user_id": 20})
+    assert router.guard.tripped
+    assert "p95 latency" in (router.guard.reason or "")
+    after = await router.route_query(QUESTION, {"user_id": "next"})
+    assert after.arm == "legacy"
+    await router.shutdown()
+    failbacks = [e for e in read_segments(tmp_path, "events") if e["kind"] == "failback"]
+    assert len(failbacks) == 1
+    assert "over the last 21 requests exceeds the hard limit 30 ms" in failbacks[0]["detail"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    samples=st.lists(
+        st.tuples(st.booleans(), st.sampled_from([5.0, 50.0, 100.0, 150.0])), max_size=80
+    ),
+    window=st.integers(1, 30),
+    min_requests=st.integers(1, 30),
+)
+def test_guard_decides_as_the_window_statistics_say(
+    samples: list[tuple[bool, float]], window: int, min_requests: int
+) -> None:
+    """The guard's running counts agree with recomputing error rate and nearest-rank p95
+    over the last `window` requests, and it trips on the first request that crosses."""
+    limits = GuardLimits(
+        error_rate=0.25, p95_latency_ms=100.0, min_requests=min_requests, window=window
+    )
+    guard = FailbackGuard(limits)
+    for i, (ok, latency) in enumerate(samples):
+        recent = samples[max(0, i + 1 - window) : i + 1]
+        n = len(recent)
+        ranked = sorted(lat for _, lat in recent)
+        p95 = ranked[math.ceil(0.95 * n) - 1] if n else 0.0
+        error_rate = sum(not good for good, _ in recent) / n
+        should = n >= min_requests and (error_rate > 0.25 or p95 > 100.0)
+        reason = guard.observe(ok, latency)
+        assert (reason is not None) == should, (i, recent, reason)
+        if should:
+            break
+
+
+async def test_a_bug_in_the_production_path_fails_back_instead_of_raising(
+    tmp_path: Path, backends: Backends
+) -> None:
+    """An unexpected exception on the production arm is a failed result for that user
+    (the facade never raises where legacy would have answered) and counts for the guard."""
+
+    def crash(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("bug in the production path")
+
+    backends.faults["production"] = crash
+    router = await started(tmp_path, backends, 1, "canary", 50, guard=production_guard())
+    results = [await router.route_query(QUESTION, {"user_id": f"u{i}"}) for i in range(60)]
+    await router.shutdown()
+    failed = [r for r in results if r.outcome != "ok"]
+    assert failed and {(r.arm, r.outcome) for r in failed} == {("production", "error")}
+    assert all("production balancer failed: RuntimeError" in (r.error or "") for r in failed)
+    assert router.guard.tripped
+    assert {(r.arm, r.outcome) for r in results[-10:]} == {("legacy", "ok")}
+
+
+async def test_the_callers_4xx_does_not_count_against_production(
+    tmp_path: Path, backends: Backends
+) -> None:
+    backends.faults["production"] = lambda r: httpx.Response(400)
+    router = await started(tmp_path, backends, 1, "production_only", 100, guard=production_guard())
+    results = [await router.route_query(QUESTION, {"user_id": f"u{i}"}) for i in range(30)]
+    await router.shutdown()
+    assert {(r.arm, r.outcome, r.attempts) for r in results} == {("production", "rejected", 1)}
+    assert not router.guard.tripped
+
+
+async def test_force_rollback(tmp_path: Path, backends: Backends) -> None:
+    router = await started(tmp_path, backends, 1, "production_only", 100)
+    assert router.force_rollback("on-call saw bad answers") is True
+    assert router.force_rollback("again") is False  # already rolled back
+    result = await router.route_query(QUESTION, {"user_id": "u1"})
+    assert (result.arm, result.mode) == ("legacy", "legacy_only")
+    status = router.get_system_health_status()
+    assert status["mode"] == "legacy_only" and status["configured_mode"] == "production_only"
+    assert "on-call saw bad answers" in status["failback_reason"]
+    publish(tmp_path, 2, "production_only", 100)
+    router.poll_control_store()
+    assert (await router.route_query(QUESTION, {"user_id": "u1"})).arm == "production"
+    await router.shutdown()
+    failbacks = [e for e in read_segments(tmp_path, "events") if e["kind"] == "failback"]
+    assert [e["detail"] for e in failbacks] == ["forced: on-call saw bad answers"]
+
+
+# -- the drop-in surface --------------------------------------------------------------
+SURFACE = [
+    "__init__",
+    "route_query",
+    "update_backend_weights",
+    "update_load_balancing_weights",
+    "export_analytics",
+    "get_health_status",
+    "get_system_health_status",
+    "get_performance_report",
+    "force_rollback",
+    "shutdown",
+]
+
+
+@pytest.mark.parametrize("name", SURFACE)
+def test_every_legacy_method_has_a_compatible_signature(name: str) -> None:
+    """Every way of calling the legacy method binds to the production one the same way."""
+    legacy = getattr(IntelligentQueryRouter, name)
+    production = getattr(ProductionIntelligentQueryRouter, name)
+    assert inspect.iscoroutinefunction(legacy) == inspect.iscoroutinefunction(production)
+    old = list(inspect.signature(legacy).parameters.values())
+    new = list(inspect.signature(production).parameters.values())
+    assert [(p.name, p.kind) for p in new[: len(old)]] == [(p.name, p.kind) for p in old]
+    for before, after in zip(old, new, strict=False):
+        if before.default is not inspect.Parameter.empty:
+            assert after.default is not inspect.Parameter.empty, f"{name}({after.name})"
+    assert all(p.default is not inspect.Parameter.empty for p in new[len(old) :])
+
+
+async def a_caller_written_for_the_legacy_router(router: IntelligentQueryRouter) -> dict:
+    """What an existing service does with the legacy router, unchanged."""
+    result = await router.route_query(
+        "Which enzymes act in the urea cycle?", {"user_id": "u-123", "session_id": "s-1"}
+    )
+    assert result.routing_decision == "lightrag"
+    assert 0 < result.confidence <= 1
+    assert result.reasoning and all(isinstance(line, str) for line in result.reasoning)
+    assert result.metadata["selected_backend"] in {"lightrag-1", "lightrag-2"}
+    assert result.answer and result.ok
+    assert result.attempts == 1 and result.latency_ms >= 0 and result.cost_usd > 0
+    router.update_backend_weights({"lightrag-1": 2.0, "lightrag-2": 1.0})
+    router.update_load_balancing_weights({"lightrag-1": 3.0})
+    for i in range(5):
+        await router.route_query(QUESTION, {"user_id": f"u{i}"})
+    exported = router.export_analytics()
+    assert len(exported) == 6 and all("answer" not in row for row in exported)
+    health = router.get_health_status()
+    assert set(health["legacy"]) == {"lightrag-1", "lightrag-2", "perplexity-1"}
+    system = router.get_system_health_status()
+    assert system["status"] == "healthy" and system["total_backends"] == 3
+    report = router.get_performance_report()
+    assert report["arms"]["legacy"]["requests"] == 6
+    assert isinstance(router.force_rollback(), bool)
+    await router.shutdown()
+    return {"arm": result.arm, "mode": result.mode, "answer": result.answer}
+
+
+@pytest.mark.parametrize("cls", [IntelligentQueryRouter, ProductionIntelligentQueryRouter])
+async def test_the_production_router_is_a_drop_in_replacement(
+    cls: type[IntelligentQueryRouter],
+    backends: Backends,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PROD_LB_LIGHTRAG_URLS", "http://lightrag-1.test,http://lightrag-2.test")
+    monkeypatch.setenv("PROD_LB_PERPLEXITY_URL", "http://perplexity-1.test")
+    monkeypatch.setenv("PROD_LB_PERPLEXITY_API_KEY_ENV", KEY_ENV)
+    monkeypatch.setenv("PROD_LB_DATA_DIR", str(tmp_path))
+    router = cls(
+        LoadBalancingConfig(strategy="weighted_round_robin"),
+        transport=httpx.MockTransport(backends),
+        health_checks=False,
+    )
+    seen = await a_caller_written_for_the_legacy_router(router)
+    assert seen["arm"] == "legacy" and seen["mode"] == "legacy_only"
+
+
+# -- explanations, analytics and rows ---------------------------------------------------
+async def test_a_production_decision_explains_itself(tmp_path: Path, backends: Backends) -> None:
+    router = await started(tmp_path, backends, 1, "production_only", 100)
+    result = await router.route_query(QUESTION, {"user_id": "u1"})
+    await router.shutdown()
+    explanation = result.explanation
+    assert set(explanation["candidate_scores"]) == {"lightrag-1", "lightrag-2", "perplexity-1"}
+    assert explanation["reason"] and explanation["stopped"] == "answered"
+    assert explanation["attempts"][0]["backend"] == result.backend
+    assert any(line.startswith("least_connections:") for line in result.reasoning)
+    assert result.metadata["selected_backend"] == result.backend
+
+
+async def test_export_analytics_never_contains_answers_or_questions(
+    tmp_path: Path, backends: Backends
+) -> None:
+    router = await started(tmp_path, backends, 1, "ab_test", 50)
+    question = "Does patient Jane Roe (DOB 1961-04-02) have MCAD deficiency?"
+    results = [await router.route_query(question, {"user_id": f"u{i}"}) for i in range(10)]
+    exported = json.dumps(router.export_analytics(), default=str)
+    await router.shutdown()
+    assert len(json.loads(exported)) == 10
+    assert "ANSWER" not in exported
+    assert all(r.answer and r.answer not in exported for r in results)
+    assert "Jane Roe" not in exported
+
+
+async def test_one_row_per_request_without_the_question(tmp_path: Path, backends: Backends) -> None:
+    router = await started(tmp_path, backends, 1, "ab_test", 50)
+    question = "Does patient Jane Roe (DOB 1961-04-02) have MCAD deficiency?"
+    results = [await router.route_query(question, {"user_id": f"user-{i}"}) for i in range(25)]
+    await router.shutdown()
+    rows = read_segments(tmp_path, "requests")
+    assert sorted(r["request_id"] for r in rows) == sorted(r.request_id for r in results)
+    by_id = {r["request_id"]: r for r in rows}
+    for result in results:
+        row = by_id[result.request_id]
+        assert (row["arm"], row["outcome"], row["config_version"]) == (
+            result.arm,
+            result.outcome,
+            1,
+        )
+        assert row["is_shadow"] is False and row["primary_request_id"] is None
+    assert {r["query_hash"] for r in rows} == {hashlib.sha256(question.encode()).hexdigest()[:16]}
+    assert {r["query_length"] for r in rows} == {len(question)}
+    dumped = json.dumps(rows, default=str)
+    assert "Jane Roe" not in dumped and "user-1" not in dumped and "ANSWER" not in dumped
+
+
+# -- shadow -----------------------------------------------------------------------------
+async def wait_for_shadows(router: ProductionIntelligentQueryRouter) -> None:
+    for _ in range(500):
+        if not router._shadow_tasks:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("shadow executions did not finish")
+
+
+async def test_shadow_rows_are_paired_with_their_primary(
+    tmp_path: Path, backends: Backends
+) -> None:
+    async def slower(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.02)
+        return answer(request, "shadow answer")
+
+    backends.faults["production"] = slower
+    router = await started(tmp_path, backends, 1, "shadow", shadow_max_concurrency=64)
+    results = [await router.route_query(QUESTION, {"user_id": f"u{i}"}) for i in range(20)]
+    await wait_for_shadows(router)
+    await router.shutdown()
+    assert {(r.arm, r.mode, r.outcome) for r in results} == {("legacy", "shadow", "ok")}
+    assert all(r.answer and r.answer.startswith("ANSWER legacy|") for r in results)
+    rows = read_segments(tmp_path, "requests")
+    primaries = {r["request_id"]: r for r in rows if not r["is_shadow"]}
+    shadows = [r for r in rows if r["is_shadow"]]
+    assert set(primaries) == {r.request_id for r in results}
+    assert sorted(r["primary_request_id"] for r in shadows) == sorted(primaries)
+    for shadow in shadows:
+        primary = primaries[shadow["primary_request_id"]]
+        assert (shadow["arm"], shadow["mode"], shadow["outcome"]) == ("production", "shadow", "ok")
+        assert shadow["request_id"] != primary["request_id"]
+        assert shadow["subject_bucket"] == primary["subject_bucket"]
+        assert shadow["query_hash"] == primary["query_hash"]
+
+
+async def test_shadow_concurrency_cap_skips_and_counts(tmp_path: Path, backends: Backends) -> None:
+    release = asyncio.Event()
+
+    async def stuck(request: httpx.Request) -> httpx.Response:
+        await release.wait()
+        return httpx.Response(500)
+
+    backends.faults["production"] = stuck
+    guard = GuardLimits(enabled=False)
+    router = await started(tmp_path, backends, 1, "shadow", shadow_max_concurrency=3, guard=guard)
+    results = [await router.route_query(QUESTION, {"user_id": f"u{i}"}) for i in range(12)]
+    assert len(router._shadow_tasks) == 3
+    assert router.shadow_skipped == 9
+    assert {(r.arm, r.outcome) for r in results} == {("legacy", "ok")}
+    release.set()
+    await wait_for_shadows(router)
+    await router.shutdown()
+    shadows = [r for r in read_segments(tmp_path, "requests") if r["is_shadow"]]
+    assert len(shadows) == 3 and {s["outcome"] for s in shadows} == {"error"}
+
+
+async def test_a_crashing_shadow_never_reaches_the_user(tmp_path: Path, backends: Backends) -> None:
+    def crash(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("bug in the production path")
+
+    backends.faults["production"] = crash
+    router = await started(tmp_path, backends, 1, "shadow")
+    results = [await router.route_query(QUESTION, {"user_id": f"u{i}"}) for i in range(10)]
+    await wait_for_shadows(router)
+    await router.shutdown()
+    assert {(r.arm, r.outcome) for r in results} == {("legacy", "ok")}
