@@ -88,6 +88,7 @@ class Balancer:
         honour_retry_after: bool = True,
         max_retry_after_wait_s: float = 5.0,
         on_event: EventSink | None = None,
+        candidate_filter: Callable[[list[BackendState]], list[BackendState]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.arm = arm
@@ -105,6 +106,7 @@ class Balancer:
         self.honour_retry_after = honour_retry_after
         self.max_retry_after_wait_s = max_retry_after_wait_s
         self.on_event = on_event
+        self.candidate_filter = candidate_filter
         self.clock = clock
 
     # -- candidate selection ----------------------------------------------------------
@@ -138,6 +140,8 @@ class Balancer:
         """Usable untried backends; if none, degrade to untried ones that are merely
         ejected or broken (never to ones that asked us to wait with Retry-After)."""
         untried = [s for s in eligible if s.name not in tried]
+        if self.candidate_filter is not None:
+            untried = self.candidate_filter(untried)
         usable = [s for s in untried if self._usable(s, now)]
         if usable:
             return usable, False
@@ -335,14 +339,20 @@ class Balancer:
         )
 
     # -- control ----------------------------------------------------------------------
-    def set_weights(self, weights: dict[str, float]) -> None:
+    def set_weights(self, weights: dict[str, float], *, reset: bool = False) -> None:
+        """Set backend weights by name; with `reset`, unnamed backends get their
+        configured weight back. Nothing changes if any name or value is invalid."""
         unknown = sorted(set(weights) - set(self.by_name))
         if unknown:
             raise ValueError(f"unknown backend(s) {unknown}; known: {sorted(self.by_name)}")
-        for name, weight in weights.items():
-            if weight < 0:
-                raise ValueError(f"weight of {name} must be >= 0, got {weight}")
-            self.by_name[name].weight = weight
+        negative = {name: w for name, w in weights.items() if w < 0}
+        if negative:
+            raise ValueError(f"weights must be >= 0, got {negative}")
+        for state in self.states:
+            if state.name in weights:
+                state.weight = weights[state.name]
+            elif reset:
+                state.weight = state.config.weight
 
     def health_report(self) -> dict[str, dict[str, object]]:
         now = self.clock()

@@ -29,9 +29,11 @@ from pydantic import ValidationError
 from router.algorithms.base import Algorithm
 from router.algorithms.names import ADVANCED_ALGORITHMS
 from router.algorithms.registry import build_algorithm
+from router.backend_state import BackendState
 from router.backends import BackendConfig
 from router.balancer import Balancer, RouteOutcome
 from router.bucketing import bucket_of, in_production, subject_key
+from router.budget import DailyBudget
 from router.classifier import Classification, QueryClassifier
 from router.control_store import (
     Acknowledgement,
@@ -42,7 +44,7 @@ from router.control_store import (
 from router.failback_guard import FailbackGuard
 from router.failures import BackendFailure
 from router.feature_flags import ProductionFeatureFlags, load_flags
-from router.health_policy import ConsecutiveFailures, HealthEvent
+from router.health_policy import HealthEvent, ProductionHealth
 from router.legacy_config import LoadBalancingConfig
 from router.legacy_router import (
     IntelligentQueryRouter,
@@ -118,15 +120,19 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         self.config = self.flags.initial_router_config().model_copy(
             update={"algorithm": production_config.algorithm}
         )
+        #: One spend counter per instance, kept across config changes (a weight change
+        #: must not reset today's spend). None when cost optimisation is off.
+        self.budget = (
+            DailyBudget(production_config.cost.daily_budget_usd)
+            if production_config.cost.daily_budget_usd is not None
+            else None
+        )
         self.production = Balancer(
             Arm.PRODUCTION.value,
             self.backends,
             self._build_algorithm(self.config),
             self._client,
-            ConsecutiveFailures(
-                production_config.outlier.consecutive_failures,
-                production_config.outlier.base_ejection_s,
-            ),
+            ProductionHealth(production_config.circuit_breaker, production_config.outlier),
             max_attempts=production_config.retry.max_attempts,
             deadline_s=production_config.retry.deadline_s,
             max_bytes=production_config.max_response_bytes,
@@ -135,6 +141,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             ),
             score_quality=self.flags.quality_metrics,
             on_event=self._on_backend_event,
+            candidate_filter=self._within_budget if self.budget is not None else None,
         )
         self.legacy.score_quality = self.flags.quality_metrics
         self.guard = FailbackGuard(self.config.guard)
@@ -150,9 +157,19 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
 
     # -- configuration ----------------------------------------------------------------
     def _build_algorithm(self, config: RouterConfig) -> Algorithm:
+        # Weights live on the balancer's backend states (see apply_config), so every
+        # weight-aware algorithm sees them and a weight change keeps learned state.
         return build_algorithm(
-            config.algorithm, self.production_config, config.production_weights, self._seed
+            config.algorithm, self.production_config, None, self._seed, budget=self.budget
         )
+
+    def _within_budget(self, candidates: list[BackendState]) -> list[BackendState]:
+        """PROD_LB_COST_OPTIMIZATION: once today's budget is spent, only the cheapest
+        backends stay eligible (free self-hosted ones first)."""
+        if self.budget is None or not self.budget.exhausted or not candidates:
+            return candidates
+        cheapest = min(b.expected_cost() for b in candidates)
+        return [b for b in candidates if b.expected_cost() <= cheapest * 1.05]
 
     @property
     def effective_mode(self) -> DeploymentMode:
@@ -179,11 +196,12 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         algorithm = (
             self.production.algorithm
             if config.algorithm == self.config.algorithm
-            and config.production_weights == self.config.production_weights
             else self._build_algorithm(config)
         )
-        if config.legacy_weights:
-            self.legacy.set_weights(config.legacy_weights)
+        # A document's weights are absolute: a backend it does not name gets its
+        # configured weight back, so every instance converges on the same state.
+        self.legacy.set_weights(config.legacy_weights, reset=True)
+        self.production.set_weights(config.production_weights, reset=True)
         self.production.algorithm = algorithm
         self.config = config
         self.guard.reset(config.guard)
@@ -504,6 +522,8 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         failure = outcome.failure if not outcome.ok else None
         status = outcome.attempts[-1].status if outcome.attempts else None
         answer = outcome.answer
+        if self.budget is not None and result.arm == Arm.PRODUCTION.value:
+            self.budget.add(result.cost_usd)  # shadow answers cost real money too
         self.recorder.record(
             RequestRecord(
                 request_id=result.request_id,

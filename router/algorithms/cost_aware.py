@@ -46,12 +46,16 @@ class CostAware:
         tie_tolerance: float = 0.05,
     ) -> None:
         self.settings = settings or CostSettings()
+        # A budget handed in belongs to the router, which records every answer's cost
+        # itself; only a budget of our own is fed from `observe`.
+        self._owns_budget = budget is None
         self.budget = budget if budget is not None else DailyBudget(self.settings.daily_budget_usd)
         self.tie_tolerance = tie_tolerance
         self._random = random.Random(seed)
 
     def observe(self, backend: BackendState, observation: Observation) -> None:
-        self.budget.add(observation.cost_usd)
+        if self._owns_budget:
+            self.budget.add(observation.cost_usd)
 
     def _tier(self, quality: float | None, latency_ms: float) -> int:
         quality_ok = quality is None or quality >= self.settings.min_quality

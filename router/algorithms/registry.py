@@ -16,9 +16,13 @@ from router.algorithms.quality_aware import QualityAware
 from router.algorithms.response_time import ResponseTime
 from router.algorithms.round_robin import RoundRobin
 from router.algorithms.weighted_round_robin import WeightedRoundRobin
+from router.budget import DailyBudget
 from router.production_config import ProductionLoadBalancingConfig
 
 Factory = Callable[[ProductionLoadBalancingConfig, dict[str, float], int | None], Algorithm]
+
+#: Algorithms that spend against the instance's daily budget get the shared counter.
+BUDGETED = frozenset({AlgorithmName.COST_AWARE})
 
 FACTORIES: dict[AlgorithmName, Factory] = {
     AlgorithmName.ROUND_ROBIN: lambda cfg, weights, seed: RoundRobin(),
@@ -45,11 +49,18 @@ def build_algorithm(
     config: ProductionLoadBalancingConfig,
     weights: dict[str, float] | None = None,
     seed: int | None = None,
+    *,
+    budget: DailyBudget | None = None,
 ) -> Algorithm:
+    """`budget`: the router's own daily spend counter, shared across config changes;
+    without it a budgeted algorithm keeps its own."""
     try:
-        factory = FACTORIES[AlgorithmName(name)]
+        key = AlgorithmName(name)
+        factory = FACTORIES[key]
     except (KeyError, ValueError):
         raise ValueError(
             f"algorithm {name!r} is not available; available: {', '.join(available_algorithms())}"
         ) from None
+    if key in BUDGETED and budget is not None:
+        return CostAware(config.cost, seed=seed, budget=budget)
     return factory(config, dict(weights or {}), seed)

@@ -710,3 +710,60 @@ async def test_a_crashing_shadow_never_reaches_the_user(tmp_path: Path, backends
     await wait_for_shadows(router)
     await router.shutdown()
     assert {(r.arm, r.outcome) for r in results} == {("legacy", "ok")}
+
+
+# -- weights, budget and health through the facade ---------------------------------------
+async def test_document_weights_are_absolute(tmp_path: Path, backends: Backends) -> None:
+    """A backend a newer document does not name gets its configured weight back."""
+    router = await started(
+        tmp_path, backends, 1, "production_only", 100, production_weights={BACKENDS[0].name: 0.0}
+    )
+    assert router.production.by_name[BACKENDS[0].name].weight == 0.0
+    publish(tmp_path, 2, "production_only", 100)
+    router.poll_control_store()
+    assert router.production.by_name[BACKENDS[0].name].weight == BACKENDS[0].weight
+    await router.shutdown()
+
+
+async def test_spent_daily_budget_keeps_only_the_cheapest_backends(
+    tmp_path: Path, backends: Backends
+) -> None:
+    from router.production_config import CostSettings, ProductionLoadBalancingConfig
+
+    flags = ProductionFeatureFlags(data_dir=tmp_path, instance_id="b-1", control_poll_s=60)
+    config = ProductionLoadBalancingConfig(
+        backends=tuple(BACKENDS), cost=CostSettings(daily_budget_usd=0.01)
+    )
+    router = ProductionIntelligentQueryRouter(
+        backends=BACKENDS,
+        transport=httpx.MockTransport(backends),
+        health_checks=False,
+        flags=flags,
+        production_config=config,
+        control_store=None,
+        recorder=SegmentRecorder(tmp_path / "segments", "b-1"),
+        seed=3,
+    )
+    router.config = router.config.model_copy(
+        update={"mode": DeploymentMode.PRODUCTION_ONLY, "traffic_percent": 100.0}
+    )
+    assert router.budget is not None
+    router.budget.add(0.02)  # today's budget is gone
+    picked = {
+        (await router.route_query("What is the general idea?", {"user_id": f"u{i}"})).backend
+        for i in range(30)
+    }
+    paid = {b.name for b in BACKENDS if b.kind.value == "perplexity"}
+    assert picked and not picked & paid
+    await router.shutdown()
+
+
+async def test_health_status_shows_breaker_and_ejection_state(
+    tmp_path: Path, backends: Backends
+) -> None:
+    router = await started(tmp_path, backends, 1, "production_only", 100)
+    status = router.get_health_status()["production"]
+    for report in status.values():
+        assert report["breaker_state"] == "closed"
+        assert report["ejected"] is False
+    await router.shutdown()
