@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import httpx
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from router.algorithms.base import Algorithm
@@ -52,6 +53,7 @@ from router.legacy_router import (
     default_backends,
     query_fingerprint,
 )
+from router.metrics import RouterMetrics
 from router.migration import ConfigurationMigrator
 from router.modes import Arm, DeploymentMode
 from router.production_config import HealthCheckSettings, ProductionLoadBalancingConfig
@@ -81,6 +83,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         recorder: SegmentRecorder | None = None,
         instance_id: str | None = None,
         seed: int | None = None,
+        metrics_registry: CollectorRegistry | None = None,
     ) -> None:
         self.flags = flags if flags is not None else load_flags()
         if backends is None:
@@ -151,6 +154,10 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         self._last_token: object = None
         self._shadow_tasks: set[asyncio.Task[None]] = set()
         self.shadow_skipped = 0
+        #: Prometheus metrics; pass `metrics_registry=prometheus_client.REGISTRY` to expose
+        #: them with the host application's other metrics.
+        self.metrics = RouterMetrics(metrics_registry)
+        self.metrics.watch(self._metrics_state)
         self._ack_lock = threading.Lock()
         self._ack_seq = 0
         self._ack_written = 0
@@ -524,6 +531,14 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         answer = outcome.answer
         if self.budget is not None and result.arm == Arm.PRODUCTION.value:
             self.budget.add(result.cost_usd)  # shadow answers cost real money too
+        self.metrics.observe(
+            result.arm,
+            result.backend,
+            result.outcome,
+            is_shadow,
+            result.latency_ms,
+            result.cost_usd,
+        )
         self.recorder.record(
             RequestRecord(
                 request_id=result.request_id,
@@ -552,6 +567,14 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
                 query_length=len(query_text),
             )
         )
+
+    def _metrics_state(self) -> dict[str, Any]:
+        return {
+            "health": self.get_health_status(),
+            "config_version": self.config.version,
+            "production_share": 0.0 if self.guard.tripped else self.config.production_share,
+            "failback": self.guard.tripped,
+        }
 
     # -- the legacy surface, production flavour ----------------------------------------
     def update_load_balancing_weights(self, weights: dict[str, float]) -> None:

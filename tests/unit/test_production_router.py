@@ -767,3 +767,24 @@ async def test_health_status_shows_breaker_and_ejection_state(
         assert report["breaker_state"] == "closed"
         assert report["ejected"] is False
     await router.shutdown()
+
+
+async def test_prometheus_metrics_count_requests_and_show_state(
+    tmp_path: Path, backends: Backends
+) -> None:
+    from prometheus_client import generate_latest
+
+    router = await started(tmp_path, backends, 3, "canary", 50)
+    for i in range(20):
+        await router.route_query(QUESTION, {"user_id": f"user-{i}"})
+    text = generate_latest(router.metrics.registry).decode()
+    served = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("router_requests_total{")
+    )
+    assert served == 20
+    assert 'router_request_latency_seconds_bucket{arm="production"' in text
+    assert "router_config_version 3.0" in text
+    assert 'router_breaker_state{arm="production",backend="lightrag-1"} 0.0' in text
+    await router.shutdown()
