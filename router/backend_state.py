@@ -22,15 +22,23 @@ class PeakEwma:
     backend is retried eventually.
     """
 
-    __slots__ = ("estimate_ms", "last_sample_ms", "tau_s", "updated_at")
+    __slots__ = ("estimate_ms", "last_sample_ms", "samples", "tau_s", "updated_at")
 
     def __init__(self, initial_ms: float, tau_s: float = 10.0, now: float = 0.0) -> None:
         self.estimate_ms = initial_ms
         self.last_sample_ms = initial_ms
         self.tau_s = tau_s
         self.updated_at = now
+        self.samples = 0
 
     def observe(self, sample_ms: float, now: float) -> None:
+        self.samples += 1
+        if self.samples == 1:
+            # The default only stands in until there is evidence: the first real sample
+            # replaces it, or a fast backend would look as slow as the default for ~tau.
+            self.estimate_ms = self.last_sample_ms = sample_ms
+            self.updated_at = now
+            return
         if sample_ms > self.estimate_ms:
             self.estimate_ms = sample_ms
         else:

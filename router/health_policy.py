@@ -194,6 +194,13 @@ class ProductionHealth:
 
     def allows(self, backend: BackendState, now: float) -> bool:
         breaker = self.breaker(backend)
+        if (
+            breaker.state is BreakerState.CLOSED
+            and not breaker.transitions
+            and now >= backend.ejected_until
+            and not self.outlier.awaiting_return(backend)
+        ):
+            return True  # the common case, without the bookkeeping below
         permitted = breaker.permits(now, backend.in_flight)
         self._collect(breaker)
         if now < backend.ejected_until:

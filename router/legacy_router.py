@@ -119,7 +119,7 @@ def build_result(
         cost_usd=outcome.cost_usd,
         quality_score=outcome.quality,
         category=classification.category,
-        explanation=outcome.explain(),
+        explain=outcome.explain,
     )
 
 

@@ -121,6 +121,11 @@ class OutlierDetector:
         s = self.settings
         return min(s.base_ejection_s * 2.0 ** min(streak, 64), s.max_ejection_s)
 
+    def awaiting_return(self, backend: BackendState) -> bool:
+        """Whether the backend was ejected and its return has not been reported yet."""
+        track = self.tracks.get(backend.name)
+        return track is not None and track.ejected
+
     def check_return(self, backend: BackendState, now: float) -> OutlierEvent | None:
         """Report a backend's return the first time it is seen after its ejection ended."""
         track = self.tracks.get(backend.name)

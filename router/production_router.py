@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import httpx
 from prometheus_client import CollectorRegistry
@@ -64,6 +65,15 @@ from router.retry_budget import RetryBudget
 from router.router_config import RouterConfig
 
 log = logging.getLogger(__name__)
+
+PRODUCTION = Arm.PRODUCTION.value
+FACTS_CACHE_SIZE = 4096
+
+
+class QueryFacts(NamedTuple):
+    classification: Classification
+    fingerprint: str
+    length: int
 
 SPLIT_MODES = (DeploymentMode.CANARY, DeploymentMode.AB_TEST)
 
@@ -153,6 +163,9 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         self.refused: tuple[int | None, str] | None = None
         self._last_token: object = None
         self._shadow_tasks: set[asyncio.Task[None]] = set()
+        self._id_prefix = uuid.uuid4().hex[:12]
+        self._id_counter = itertools.count(1)
+        self._facts_cache: dict[str, QueryFacts] = {}
         self.shadow_skipped = 0
         #: Prometheus metrics; pass `metrics_registry=prometheus_client.REGISTRY` to expose
         #: them with the host application's other metrics.
@@ -369,17 +382,40 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             return Arm.PRODUCTION
         return Arm.LEGACY
 
+    def _new_request_id(self) -> str:
+        """Unique across instances: a random per-process prefix and a counter (uuid4
+        would cost a system call per request)."""
+        return f"{self._id_prefix}{next(self._id_counter):010x}"
+
+    def _facts(self, query_text: str) -> QueryFacts:
+        """Classification, fingerprint and length of a question; pure functions of the
+        text, cached (bounded) because popular questions repeat."""
+        facts = self._facts_cache.get(query_text)
+        if facts is None:
+            if len(self._facts_cache) >= FACTS_CACHE_SIZE:
+                self._facts_cache.clear()
+            facts = QueryFacts(
+                self.classifier.classify(query_text),
+                query_fingerprint(query_text),
+                len(query_text),
+            )
+            self._facts_cache[query_text] = facts
+        return facts
+
     async def route_query(
         self, query_text: str, context: Mapping[str, Any] | None = None
     ) -> RoutingResult:
-        self._start_background()
+        if not self._tasks:
+            self._start_background()
         config = self.config
         mode = self.effective_mode
-        request_id = str((context or {}).get("request_id") or uuid.uuid4().hex)
+        context = context or {}
+        request_id = str(context.get("request_id") or self._new_request_id())
         bucket = bucket_of(subject_key(context, request_id), config.salt)
         arm = self.arm_for(bucket, config, mode)
-        classification = self.classifier.classify(query_text)
-        region = (context or {}).get("region")
+        facts = self._facts(query_text)
+        classification = facts.classification
+        region = context.get("region")
         if (
             mode is DeploymentMode.SHADOW
             and config.shadow_sample_rate > 0
@@ -414,8 +450,9 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             config_version=config.version,
             latency_ms=latency_ms,
         )
-        self._record(result, outcome, bucket, query_text, is_shadow=False, primary=None)
-        self.analytics.add(datetime.now(UTC), result)
+        now = datetime.now(UTC)
+        self._record(result, outcome, bucket, facts, now, is_shadow=False, primary=None)
+        self.analytics.add(now, result)
         self.routed += 1
         if arm is Arm.PRODUCTION:
             self._guard_observe(result)
@@ -448,7 +485,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         config: RouterConfig,
         region: Any,
     ) -> None:
-        request_id = uuid.uuid4().hex
+        request_id = self._new_request_id()
         algorithm = self.production.algorithm.name
         try:
             started = time.perf_counter()
@@ -472,7 +509,8 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
                 config_version=config.version,
                 latency_ms=(time.perf_counter() - started) * 1000.0,
             )
-            self._record(result, outcome, bucket, query_text, is_shadow=True, primary=primary_id)
+            self._record(result, outcome, bucket, self._facts(query_text), datetime.now(UTC),
+                         is_shadow=True, primary=primary_id)
             self._guard_observe(result)
         except asyncio.CancelledError:
             raise
@@ -521,7 +559,8 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         result: RoutingResult,
         outcome: RouteOutcome,
         bucket: int,
-        query_text: str,
+        facts: QueryFacts,
+        now: datetime,
         *,
         is_shadow: bool,
         primary: str | None,
@@ -529,7 +568,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         failure = outcome.failure if not outcome.ok else None
         status = outcome.attempts[-1].status if outcome.attempts else None
         answer = outcome.answer
-        if self.budget is not None and result.arm == Arm.PRODUCTION.value:
+        if self.budget is not None and result.arm == PRODUCTION:
             self.budget.add(result.cost_usd)  # shadow answers cost real money too
         self.metrics.observe(
             result.arm,
@@ -542,7 +581,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         self.recorder.record(
             RequestRecord(
                 request_id=result.request_id,
-                ts=datetime.now(UTC),
+                ts=now,
                 router_instance=self.instance_id,
                 config_version=result.config_version,
                 mode=result.mode,
@@ -563,8 +602,8 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
                 tokens_out=answer.tokens_out if answer else 0,
                 cost_usd=result.cost_usd,
                 quality_score=result.quality_score,
-                query_hash=query_fingerprint(query_text),
-                query_length=len(query_text),
+                query_hash=facts.fingerprint,
+                query_length=facts.length,
             )
         )
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -28,11 +29,24 @@ class RoutingResult:
     cost_usd: float
     quality_score: float | None
     category: str
-    explanation: dict[str, Any] = field(default_factory=dict)
+    #: Builds the explanation on first access: most callers never read it, and building
+    #: it on every request would cost more than the routing decision itself.
+    explain: Callable[[], dict[str, Any]] | None = field(default=None, repr=False, compare=False)
+    _explanation: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
         return self.outcome == "ok"
 
+    @property
+    def explanation(self) -> dict[str, Any]:
+        """Candidate scores, the reason for the pick, every attempt and why it stopped."""
+        if self._explanation is None:
+            self._explanation = self.explain() if self.explain is not None else {}
+        return self._explanation
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith(
+            ("explain", "_"))}
+        data["explanation"] = self.explanation
+        return data
