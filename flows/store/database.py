@@ -10,13 +10,27 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
 
-from flows.store.schema import LATEST_VERSION, MACROS, MIGRATIONS, VIEWS
+from flows.store.locations import archive_override, is_remote, join, resolve
+from flows.store.schema import (
+    ARCHIVE_TABLE_DIR,
+    LATEST_VERSION,
+    MACROS,
+    MIGRATIONS,
+    PLACEHOLDER_DAY,
+    REQUEST_COLUMN_NAMES,
+    VIEWS,
+    archive_views,
+    placeholder_name,
+    sql_literal,
+)
+
+ARCHIVE_SETTING = "archive_location"
 
 
 class StoreError(RuntimeError):
@@ -44,10 +58,20 @@ def _open(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def lock_down(con: duckdb.DuckDBPyConnection, readable: list[Path]) -> None:
+def lock_down(con: duckdb.DuckDBPyConnection, readable: list[Path | str]) -> None:
     """For user-typed SQL: no file access outside `readable`, no extension installs, no
-    settings changes. `read_only` alone still lets COPY TO and EXPORT write files."""
-    dirs = [str(p.resolve()) + "/" for p in readable]
+    settings changes. `read_only` alone still lets COPY TO and EXPORT write files.
+
+    A URL in `readable` (a remote archive) stays readable if its extension (httpfs) is
+    installed: it is loaded here, because loading is impossible once locked."""
+    dirs = []
+    for item in readable:
+        if is_remote(item):
+            dirs.append(str(item).rstrip("/") + "/")
+            with suppress(duckdb.Error):  # not installed: the query will say so
+                con.execute("LOAD httpfs")
+        else:
+            dirs.append(str(Path(item).resolve()) + "/")
     con.execute("SET allowed_directories = ?", [dirs])
     con.execute("SET autoload_known_extensions = false")
     con.execute("SET enable_external_access = false")  # after allowed_directories
@@ -61,10 +85,15 @@ def connect(
     read_only: bool = False,
     wait_s: float = 15.0,
     sandbox: list[Path] | None = None,
+    archive: str | Path | None = None,
+    relocate_archive: bool = False,
 ) -> Iterator[duckdb.DuckDBPyConnection]:
     """Open, migrate (writers only), yield, close. Retries on a lock until `wait_s`.
 
-    `sandbox` (read-only connections): lock the connection down to these folders.
+    `sandbox` (read-only connections): lock the connection down to these folders (plus
+    the archive folder the database records). `archive` (writers): where archived rows
+    live; default `$ROLLOUT_ARCHIVE_URL`, else what the database records, else
+    `<database folder>/archive`. See `migrate`.
     """
     path = Path(path)
     if read_only and not path.exists():
@@ -93,9 +122,10 @@ def connect(
             delay = min(delay * 2, 0.5)
     try:
         if not read_only:
-            migrate(con)
+            migrate(con, database=path, archive=archive, relocate_archive=relocate_archive)
         elif sandbox is not None:
-            lock_down(con, sandbox)
+            location = recorded_archive(con)
+            lock_down(con, [*sandbox, *([location] if location else [])])
         yield con
     finally:
         con.close()
@@ -123,8 +153,20 @@ def schema_version(con: duckdb.DuckDBPyConnection) -> int:
     return int(row[0][0])
 
 
-def migrate(con: duckdb.DuckDBPyConnection) -> int:
-    """Bring the schema to `LATEST_VERSION`, one transaction per step; refresh views."""
+def migrate(
+    con: duckdb.DuckDBPyConnection,
+    *,
+    database: Path | None = None,
+    archive: str | Path | None = None,
+    relocate_archive: bool = False,
+) -> int:
+    """Bring the schema to `LATEST_VERSION`, one transaction per step; refresh views.
+
+    The archive location is settled here because the views embed it: explicit `archive`
+    or `$ROLLOUT_ARCHIVE_URL` wins, else the recorded one, else `<database folder>/archive`.
+    Moving an archive that already holds batches needs `relocate_archive=True` (after
+    copying its files), or those rows would silently vanish from every view.
+    """
     con.execute(
         "CREATE TABLE IF NOT EXISTS schema_version "
         "(version INTEGER PRIMARY KEY, description VARCHAR, applied_at TIMESTAMPTZ)"
@@ -152,6 +194,79 @@ def migrate(con: duckdb.DuckDBPyConnection) -> int:
             raise
     for macro in MACROS:
         con.execute(macro)
-    for name, sql in VIEWS.items():
+    location = _settle_archive(con, database, archive, relocate_archive)
+    for name, sql in {**archive_views(location), **VIEWS}.items():
         con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
     return LATEST_VERSION
+
+
+def recorded_archive(con: duckdb.DuckDBPyConnection) -> str | None:
+    """The archive location the database records (None before schema v2 or first use)."""
+    exists = con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'store_settings'"
+    ).fetchall()
+    if not exists[0][0]:
+        return None
+    row = first(con.execute("SELECT value FROM store_settings WHERE key = ?", [ARCHIVE_SETTING]))
+    return str(row[0]) if row else None
+
+
+def _database_path(con: duckdb.DuckDBPyConnection) -> Path:
+    row = first(
+        con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()")
+    )
+    if not row or not row[0]:
+        raise StoreError("an in-memory database has no archive folder: pass archive=")
+    return Path(row[0])
+
+
+def _settle_archive(
+    con: duckdb.DuckDBPyConnection,
+    database: Path | None,
+    archive: str | Path | None,
+    relocate: bool,
+) -> str:
+    recorded = recorded_archive(con)
+    chosen = resolve(archive) if archive is not None else archive_override()
+    if chosen is None:
+        chosen = recorded or resolve((database or _database_path(con)).parent / "archive")
+    if recorded is not None and chosen != recorded and not relocate:
+        held = con.execute(
+            "SELECT count(DISTINCT day) FROM archive_batches WHERE location = ?", [recorded]
+        ).fetchall()[0][0]
+        if held:
+            raise StoreError(
+                f"the archive holds {held} archived day(s) at {recorded}; to use {chosen} instead, "
+                f"copy {join(recorded, ARCHIVE_TABLE_DIR)} there first, then run "
+                f"`rollout compact --archive {chosen} --relocate-archive`"
+            )
+    changed = chosen != recorded
+    if changed:
+        con.execute(
+            "INSERT OR REPLACE INTO store_settings VALUES (?, ?, ?)",
+            [ARCHIVE_SETTING, chosen, datetime.now(UTC)],
+        )
+        con.execute(
+            "UPDATE archive_batches SET location = ? WHERE location IS DISTINCT FROM ?",
+            [chosen, chosen],
+        )
+    _ensure_placeholder(con, chosen, force=changed)
+    return chosen
+
+
+def _ensure_placeholder(con: duckdb.DuckDBPyConnection, location: str, *, force: bool) -> None:
+    """Write the zero-row schema file the archive views need (see `PLACEHOLDER_DAY`)."""
+    folder = join(location, ARCHIVE_TABLE_DIR, f"day={PLACEHOLDER_DAY}")
+    target = join(folder, placeholder_name())
+    if is_remote(location):
+        if not force:  # a remote check costs a round trip on every connect: once is enough
+            return
+    else:
+        if Path(target).exists():
+            return
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    columns = ", ".join(REQUEST_COLUMN_NAMES)
+    con.execute(
+        f"COPY (SELECT {columns}, NULL::VARCHAR AS archive_batch FROM requests LIMIT 0) "
+        f"TO {sql_literal(target)} (FORMAT parquet)"
+    )

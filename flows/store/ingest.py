@@ -5,7 +5,18 @@ transaction together with their ledger rows in `ingested_segments`. A crash befo
 commit leaves neither rows nor ledger entries; a crash after it leaves both, and the
 ledger makes the next run skip those files. A file that cannot be read goes to
 `quarantine/` with its reason in `router_events` (recorded in the same transaction),
-while the others land.
+while the others land. Every row keeps its segment's ledger key in `requests.segment`,
+so "rows per segment = ledger rows" can be audited with one query.
+
+Segments live in `<location>/<instance>/<kind>-<stamp>-<seq>.parquet`, one folder per
+router instance (many processes and machines never write the same name). The location
+is a local folder by default, or any URL DuckDB reads (`s3://...`): then files are
+listed and checked through DuckDB, and a bad file is only marked quarantined in the
+ledger (object stores have no cheap move).
+
+Rows carry their `config_version`, and views attribute rows to phases through it, so a
+segment that arrives late (a router that was offline) still counts for the phase it
+was routed under.
 """
 
 from __future__ import annotations
@@ -20,22 +31,38 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from flows.paths import DataPaths
 from flows.store.database import connect
+from flows.store.locations import is_remote, join, segments_location
 from router.record import EVENT_SCHEMA, REQUEST_SCHEMA, EventKind
 from router.recorder import SEGMENT_SUFFIX
 
 KINDS = {"requests": ("requests", REQUEST_SCHEMA), "events": ("router_events", EVENT_SCHEMA)}
 
+#: DuckDB's name for each Arrow type a segment may use (footers are checked by DuckDB).
+_DUCKDB_TYPES = {
+    pa.string(): "VARCHAR",
+    pa.timestamp("us", tz="UTC"): "TIMESTAMP WITH TIME ZONE",
+    pa.int64(): "BIGINT",
+    pa.int32(): "INTEGER",
+    pa.bool_(): "BOOLEAN",
+    pa.float64(): "DOUBLE",
+}
+_INTEGER_NAMES = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT"}
+
+#: The ledger key "<instance>/<file name>", computed per row from DuckDB's `filename`
+#: column (a constant per file, so it costs little).
+_SEGMENT_KEY_SQL = "regexp_extract(filename, '[^/]+/[^/]+$')"
+
 
 @dataclass(frozen=True)
 class Segment:
-    path: Path
+    path: str  # local absolute path or URL, as DuckDB reads it
     key: str  # "<instance>/<file name>": the ledger key, stable wherever the root moves
     instance: str
     kind: str
+    size: int = 0
 
 
 @dataclass
@@ -51,42 +78,132 @@ class IngestReport:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
 
 
-def discover(segments_dir: Path) -> list[Segment]:
-    """Finished segment files, oldest name first. Temporary `.name.tmp` files are skipped."""
-    found = []
-    if not segments_dir.is_dir():
-        return found
-    for instance_dir in sorted(p for p in segments_dir.iterdir() if p.is_dir()):
-        for path in sorted(instance_dir.glob(f"*{SEGMENT_SUFFIX}")):
-            if path.name.startswith("."):
-                continue
-            kind = path.name.split("-", 1)[0]
-            if kind not in KINDS:
-                continue
-            found.append(Segment(path, f"{instance_dir.name}/{path.name}", instance_dir.name, kind))
+def _segment(path: str) -> Segment | None:
+    parts = path.rstrip("/").split("/")
+    if len(parts) < 2:
+        return None
+    name, instance = parts[-1], parts[-2]
+    kind = name.split("-", 1)[0]
+    if name.startswith(".") or not name.endswith(SEGMENT_SUFFIX) or kind not in KINDS:
+        return None
+    return Segment(path, f"{instance}/{name}", instance, kind)
+
+
+def discover(location: str | Path, con: duckdb.DuckDBPyConnection | None = None) -> list[Segment]:
+    """Finished segment files, by instance then name. Temporary `.name.tmp` files are skipped.
+
+    A remote location is listed with DuckDB's `glob` (needs `con`).
+    """
+    text = str(location)
+    found: list[Segment] = []
+    if is_remote(text):
+        if con is None:
+            raise ValueError("listing a remote segment location needs a DuckDB connection")
+        rows = con.execute(
+            "SELECT file FROM glob(?) ORDER BY file", [join(text, "*", f"*{SEGMENT_SUFFIX}")]
+        ).fetchall()
+        found = [s for s in (_segment(r[0]) for r in rows) if s is not None]
+    else:
+        root = Path(text)
+        if not root.is_dir():
+            return found
+        for instance_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+            for path in sorted(instance_dir.glob(f"*{SEGMENT_SUFFIX}")):
+                segment = _segment(str(path))
+                if segment is not None:
+                    found.append(segment)
     return found
 
 
-def check_segment(segment: Segment) -> tuple[int, str | None]:
-    """(rows, None) if the file is ingestible, else (0, reason)."""
-    expected: pa.Schema = KINDS[segment.kind][1]
-    try:
-        metadata = pq.read_metadata(segment.path)
-        schema = pq.read_schema(segment.path)
-    except Exception as exc:  # pyarrow raises several types for a bad footer
-        return 0, f"unreadable parquet: {exc}"
-    missing = [name for name in expected.names if name not in schema.names]
+def _expected(kind: str) -> dict[str, str]:
+    schema: pa.Schema = KINDS[kind][1]
+    return {f.name: _DUCKDB_TYPES[f.type] for f in schema}
+
+
+def _verdict(kind: str, columns: dict[str, str]) -> str | None:
+    """None if a file with these (column -> DuckDB type) can be ingested, else why not."""
+    expected = _expected(kind)
+    missing = [name for name in expected if name not in columns]
     if missing:
-        return 0, f"missing columns {missing}"
-    for name in expected.names:
-        have, want = schema.field(name).type, expected.field(name).type
-        if have != want and not (pa.types.is_integer(have) and pa.types.is_integer(want)):
-            return 0, f"column {name} has type {have}, expected {want}"
-    return metadata.num_rows, None
+        return f"missing columns {missing}"
+    for name, want in expected.items():
+        have = columns[name]
+        if have != want and not (have in _INTEGER_NAMES and want in _INTEGER_NAMES):
+            return f"column {name} has type {have}, expected {want}"
+    return None
+
+
+_FOOTERS_SQL = """
+SELECT m.file_name, m.num_rows, m.file_size_bytes,
+       map(list(s.name), list(s.duckdb_type)) AS columns
+FROM parquet_file_metadata($files) m
+JOIN parquet_schema($files) s ON s.file_name = m.file_name AND s.duckdb_type IS NOT NULL
+GROUP BY ALL
+"""
+
+
+def check_segments(
+    con: duckdb.DuckDBPyConnection, segments: list[Segment]
+) -> list[tuple[Segment, int, str | None]]:
+    """(segment with its size, rows, None) or (segment, 0, reason) for each file.
+
+    Reads only footers, all files in one DuckDB query (C++, parallel, works on any
+    location DuckDB reads); when a footer is unreadable, again file by file so that only
+    the bad file is blamed.
+    """
+    if not segments:
+        return []
+    try:
+        rows = con.execute(_FOOTERS_SQL, {"files": [s.path for s in segments]}).fetchall()
+    except duckdb.Error:
+        if len(segments) == 1:
+            try:
+                con.execute(_FOOTERS_SQL, {"files": [segments[0].path]}).fetchall()
+            except duckdb.Error as exc:
+                return [(segments[0], 0, f"unreadable parquet: {str(exc).splitlines()[0]}")]
+        return [checked for s in segments for checked in check_segments(con, [s])]
+    footers = {r[0]: r[1:] for r in rows}
+    checked: list[tuple[Segment, int, str | None]] = []
+    for s in segments:
+        footer = footers.get(s.path)
+        if footer is None:
+            checked.append((s, 0, "no columns found in the footer"))
+            continue
+        num_rows, size, columns = footer
+        sized = Segment(s.path, s.key, s.instance, s.kind, int(size or 0))
+        reason = _verdict(s.kind, dict(columns))
+        checked.append((sized, 0 if reason else int(num_rows), reason))
+    return checked
 
 
 def _event_id(key: str) -> str:
     return "quarantine-" + hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def _insert_ledger(
+    con: duckdb.DuckDBPyConnection,
+    entries: list[tuple[Segment, str, int, str | None]],
+    now: datetime,
+) -> None:
+    """One INSERT for the whole batch: `executemany` costs about 1 ms per row."""
+    if not entries:
+        return
+    con.execute(
+        "INSERT INTO ingested_segments "
+        "(path, router_instance, kind, status, rows, bytes, ingested_at, reason) "
+        "SELECT unnest($path), unnest($instance), unnest($kind), unnest($status), "
+        "unnest($rows), unnest($bytes), $now, unnest($reason)",
+        {
+            "path": [s.key for s, _, _, _ in entries],
+            "instance": [s.instance for s, _, _, _ in entries],
+            "kind": [s.kind for s, _, _, _ in entries],
+            "status": [status for _, status, _, _ in entries],
+            "rows": [rows for _, _, rows, _ in entries],
+            "bytes": [s.size for s, _, _, _ in entries],
+            "now": now,
+            "reason": [reason for _, _, _, reason in entries],
+        },
+    )
 
 
 def _ingest_batch(
@@ -98,25 +215,31 @@ def _ingest_batch(
     now = datetime.now(UTC)
     con.execute("BEGIN TRANSACTION")
     try:
-        for kind, (table, _schema) in KINDS.items():
-            files = [str(s.path) for s, _ in good if s.kind == kind]
+        for kind, (table, schema) in KINDS.items():
+            files = [s.path for s, _ in good if s.kind == kind]
             if not files:
                 continue
-            insert = (
-                f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?, union_by_name=true)"
-            )
-            if table == "router_events":
-                insert += " ON CONFLICT DO NOTHING"
-            con.execute(insert, [files])
-        ledger = [
-            (s.key, s.instance, s.kind, "ingested", rows, s.path.stat().st_size, now, None)
-            for s, rows in good
-        ] + [
-            (s.key, s.instance, s.kind, "quarantined", 0, _size(s.path), now, reason)
-            for s, reason in bad
-        ]
-        if ledger:
-            con.executemany("INSERT INTO ingested_segments VALUES (?, ?, ?, ?, ?, ?, ?, ?)", ledger)
+            # Name the columns: a newer router may add some, which must not fail the batch.
+            columns = ", ".join(schema.names)
+            if table == "requests":
+                con.execute(
+                    f"INSERT INTO requests ({columns}, segment) SELECT {columns}, "
+                    f"{_SEGMENT_KEY_SQL} FROM read_parquet(?, union_by_name = true, "
+                    "filename = true)",
+                    [files],
+                )
+            else:
+                con.execute(
+                    f"INSERT INTO {table} ({columns}) SELECT {columns} FROM read_parquet(?, "
+                    "union_by_name = true) ON CONFLICT DO NOTHING",
+                    [files],
+                )
+        _insert_ledger(
+            con,
+            [(s, "ingested", rows, None) for s, rows in good]
+            + [(s, "quarantined", 0, reason) for s, reason in bad],
+            now,
+        )
         for segment, reason in bad:
             con.execute(
                 "INSERT INTO router_events VALUES (?, ?, ?, ?, NULL, NULL, ?) "
@@ -137,47 +260,51 @@ def _ingest_batch(
         raise
 
 
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
 def _move_to_quarantine(paths: DataPaths, segment: Segment, reason: str) -> None:
+    """Local segments only; a remote one stays put, and the ledger keeps it skipped."""
+    if is_remote(segment.path):
+        return
     target = paths.quarantine / segment.instance
     target.mkdir(parents=True, exist_ok=True)
-    if segment.path.exists():
-        shutil.move(str(segment.path), target / segment.path.name)
-    (target / f"{segment.path.name}.reason.txt").write_text(reason + "\n")
+    source = Path(segment.path)
+    if source.exists():
+        shutil.move(str(source), target / source.name)
+    (target / f"{source.name}.reason.txt").write_text(reason + "\n")
 
 
 def collect(
     paths: DataPaths,
     *,
+    segments: str | Path | None = None,
     batch_files: int = 500,
     before_commit: Callable[[], None] | None = None,
+    wait_s: float = 15.0,
 ) -> IngestReport:
-    """Ingest every new segment under `paths.segments` exactly once."""
+    """Ingest every new segment exactly once.
+
+    `segments`: where to look (default `$ROLLOUT_SEGMENTS_URL`, else `<data dir>/segments`).
+    `before_commit` runs inside each transaction just before COMMIT (crash tests).
+    `wait_s`: how long to wait for a reader or another writer to release the database.
+    """
     started = time.perf_counter()
     report = IngestReport()
-    with connect(paths.database) as con:
+    location = segments_location(paths, segments)
+    with connect(paths.database, wait_s=wait_s) as con:
         ledger = dict(con.execute("SELECT path, status FROM ingested_segments").fetchall())
+        found = discover(location, con)
         # A quarantined file the previous run could not move yet: move it now.
-        pending = [s for s in discover(paths.segments) if s.key in ledger]
-        for segment in pending:
-            if ledger[segment.key] == "quarantined":
+        for segment in found:
+            if ledger.get(segment.key) == "quarantined":
                 _move_to_quarantine(paths, segment, "quarantined by an earlier run")
-        new = [s for s in discover(paths.segments) if s.key not in ledger]
+        new = [s for s in found if s.key not in ledger]
         for batch in _chunks(new, batch_files):
             good: list[tuple[Segment, int]] = []
             bad: list[tuple[Segment, str]] = []
-            for segment in batch:
-                rows, reason = check_segment(segment)
+            for checked, rows, reason in check_segments(con, batch):
                 if reason is None:
-                    good.append((segment, rows))
+                    good.append((checked, rows))
                 else:
-                    bad.append((segment, reason))
+                    bad.append((checked, reason))
             try:
                 _ingest_batch(con, good, bad, before_commit)
             except duckdb.Error:

@@ -4,6 +4,9 @@ Tables only ever move forward through `MIGRATIONS`; each step runs in one transa
 with its `schema_version` row, so a crash mid-upgrade leaves the previous version
 intact. Views hold no data and are replaced on every connect-for-write, so a view fix
 needs no migration. Column-by-column documentation: `docs/schema.md`.
+
+The DDL of a released migration is frozen (`REQUEST_COLUMNS` is version 1's): a database
+created by that version must end up identical to one upgraded to it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,25 @@ REQUEST_COLUMNS = """
     query_hash          VARCHAR NOT NULL,
     query_length        INTEGER NOT NULL
 """
+
+_V1_NAMES = ", ".join(line.split()[0] for line in REQUEST_COLUMNS.strip().splitlines())
+
+#: Version 2 of `requests`: uncompressed request ids, plus `segment`, the ledger key
+#: ("<instance>/<file>") of the segment file each row came from, so exactly-once can be
+#: audited (rows per segment = `ingested_segments.rows`).
+REQUEST_COLUMNS_V2 = (
+    REQUEST_COLUMNS.replace(
+        "request_id          VARCHAR NOT NULL",
+        "request_id          VARCHAR USING COMPRESSION uncompressed NOT NULL",
+    )
+    .replace(
+        "primary_request_id  VARCHAR,",
+        "primary_request_id  VARCHAR USING COMPRESSION uncompressed,",
+    )
+    .rstrip()
+    + ",\n    segment             VARCHAR\n"
+)
+assert REQUEST_COLUMNS_V2.count("USING COMPRESSION") == 2
 
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (
@@ -142,9 +164,75 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             )""",
         ],
     ),
+    (
+        2,
+        "faster requests (uncompressed ids) with segment provenance, archive ledger, "
+        "store settings, segment deletion, nightly comparisons",
+        [
+            # `requests` is rebuilt (columns cannot change compression in place): the
+            # request ids are unique 32-hex strings that no method compresses well, and
+            # trying (dictionary + FSST analysis) was a quarter of the ingest CPU. Adds
+            # `segment`, NULL for rows ingested before version 2.
+            f"CREATE TABLE requests_v2 ({REQUEST_COLUMNS_V2})",
+            f"INSERT INTO requests_v2 ({_V1_NAMES}) SELECT {_V1_NAMES} FROM requests",
+            "DROP TABLE requests",
+            "ALTER TABLE requests_v2 RENAME TO requests",
+            # When retention deleted the segment file (its rows stay in the store).
+            "ALTER TABLE ingested_segments ADD COLUMN deleted_at TIMESTAMPTZ",
+            # One row per (archive batch, day): the rows of that day moved from `requests`
+            # to Parquet. Archive files whose batch is not here are leftovers of a crash
+            # between COPY and DELETE: the views ignore them and the next compaction
+            # deletes them, so nothing is counted twice or lost.
+            """CREATE TABLE archive_batches (
+                batch_id        VARCHAR NOT NULL,
+                day             DATE NOT NULL,
+                rows            BIGINT NOT NULL,
+                min_ts          TIMESTAMPTZ NOT NULL,
+                max_ts          TIMESTAMPTZ NOT NULL,
+                location        VARCHAR NOT NULL,
+                archived_at     TIMESTAMPTZ NOT NULL,
+                PRIMARY KEY (batch_id, day)
+            )""",
+            # The nightly legacy-against-production comparison (flows/nightly.py): one row
+            # per run, backend and query category, so trends can be queried later.
+            """CREATE TABLE nightly_comparisons (
+                run_id              VARCHAR NOT NULL,
+                window_start        TIMESTAMPTZ NOT NULL,
+                window_end          TIMESTAMPTZ NOT NULL,
+                backend             VARCHAR NOT NULL,
+                query_category      VARCHAR NOT NULL,
+                legacy_requests     BIGINT NOT NULL,
+                production_requests BIGINT NOT NULL,
+                legacy_error_rate   DOUBLE,
+                production_error_rate DOUBLE,
+                legacy_p95_ms       DOUBLE,
+                production_p95_ms   DOUBLE,
+                p95_rel_diff        DOUBLE,
+                legacy_cost_usd     DOUBLE,
+                production_cost_usd DOUBLE,
+                cost_rel_diff       DOUBLE,
+                legacy_quality      DOUBLE,
+                production_quality  DOUBLE,
+                PRIMARY KEY (run_id, backend, query_category)
+            )""",
+            # Store-wide settings that must outlive a process, e.g. `archive_location`
+            # (the views read it, so every reader sees the same archive).
+            """CREATE TABLE store_settings (
+                key             VARCHAR PRIMARY KEY,
+                value           VARCHAR NOT NULL,
+                updated_at      TIMESTAMPTZ NOT NULL
+            )""",
+        ],
+    ),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]
+
+#: Columns of `requests` at LATEST_VERSION, in table order (the archive stores the same).
+REQUEST_COLUMN_NAMES: tuple[str, ...] = (
+    *(line.split()[0] for line in REQUEST_COLUMNS.strip().splitlines()),
+    "segment",
+)
 
 #: Failures as the user sees them. A 4xx ("rejected") is the caller's fault and counts
 #: against neither arm.
@@ -156,6 +244,54 @@ MACROS = [
     "CASE WHEN legacy IS NULL OR legacy = 0 THEN NULL ELSE (production - legacy) / legacy END",
 ]
 
+#: Sub-folder of the archive location holding the `requests` archive (hive layout
+#: `day=YYYY-MM-DD/part-<batch>-<uuid>.parquet`).
+ARCHIVE_TABLE_DIR = "requests"
+#: A zero-row file with the table's columns, so the archive glob always matches and the
+#: view keeps the table's exact schema while no day is archived yet (an empty glob fails
+#: at CREATE VIEW; `allow_empty` would add a stray `empty` column). One per schema
+#: version: every column the view names must exist in at least one file.
+PLACEHOLDER_DAY = "1970-01-01"
+
+
+def placeholder_name(version: int = LATEST_VERSION) -> str:
+    return f"_schema_v{version}.parquet"
+
+
+def sql_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def archive_glob(location: str) -> str:
+    return f"{location.rstrip('/')}/{ARCHIVE_TABLE_DIR}/*/*.parquet"
+
+
+def archive_views(location: str) -> dict[str, str]:
+    """`archived_requests` (committed archive batches only) and `all_requests`.
+
+    `location` must be absolute (or a URL): a view stores its text, and a relative path
+    would be resolved against each reader's working directory.
+    """
+    columns = ", ".join(REQUEST_COLUMN_NAMES)
+    scan = (
+        f"read_parquet({sql_literal(archive_glob(location))}, hive_partitioning = true, "
+        "hive_types = {'day': DATE}, union_by_name = true)"
+    )
+    return {
+        "archived_requests": f"""
+            SELECT {columns} FROM {scan}
+            WHERE archive_batch IN (SELECT batch_id FROM archive_batches)
+        """,
+        "all_requests": f"""
+            SELECT {columns} FROM requests
+            UNION ALL
+            SELECT {columns} FROM archived_requests
+        """,
+    }
+
+
+#: Analysis views. They read `all_requests` (the table plus the Parquet archive), so
+#: compaction never changes an answer.
 VIEWS: dict[str, str] = {
     "arm_summary": """
         SELECT cv.rollout_id, cv.phase_index, cv.phase_name, r.config_version, r.arm,
@@ -169,24 +305,28 @@ VIEWS: dict[str, str] = {
                avg(r.cost_usd) AS cost_per_request_usd,
                avg(r.quality_score) AS mean_quality,
                min(r.ts) AS first_ts, max(r.ts) AS last_ts
-        FROM requests r
+        FROM all_requests r
         LEFT JOIN config_versions cv ON cv.version = r.config_version
         GROUP BY ALL
     """,
     "phase_timeline": """
+        WITH counts AS (
+            SELECT config_version,
+                   count(*) FILTER (WHERE arm = 'legacy') AS legacy_requests,
+                   count(*) FILTER (WHERE arm = 'production') AS production_requests
+            FROM all_requests GROUP BY config_version
+        )
         SELECT p.rollout_id, p.phase_index, p.name, p.mode, p.traffic_percent,
                p.config_version, p.started_at, p.ended_at,
                date_diff('millisecond', p.started_at, coalesce(p.ended_at, now())) / 1000.0
                    AS duration_s,
                p.outcome,
-               (SELECT count(*) FROM requests r WHERE r.config_version = p.config_version
-                  AND r.arm = 'legacy') AS legacy_requests,
-               (SELECT count(*) FROM requests r WHERE r.config_version = p.config_version
-                  AND r.arm = 'production') AS production_requests,
+               coalesce(c.legacy_requests, 0) AS legacy_requests,
+               coalesce(c.production_requests, 0) AS production_requests,
                (SELECT d.verdict FROM decisions d WHERE d.rollout_id = p.rollout_id
                   AND d.phase_index = p.phase_index ORDER BY d.decided_at DESC LIMIT 1)
                    AS last_verdict
-        FROM phases p
+        FROM phases p LEFT JOIN counts c ON c.config_version = p.config_version
     """,
     "daily_comparison": """
         WITH per_arm AS (
@@ -197,9 +337,10 @@ VIEWS: dict[str, str] = {
                    quantile_cont(latency_ms, 0.95) AS p95_ms,
                    avg(cost_usd) AS cost_per_request_usd,
                    avg(quality_score) AS mean_quality
-            FROM requests GROUP BY ALL
-        )
-        SELECT l.day,
+            FROM all_requests GROUP BY ALL
+        ),
+        days AS (SELECT DISTINCT day FROM per_arm)
+        SELECT d.day,
                l.requests AS legacy_requests, p.requests AS production_requests,
                l.success_rate AS legacy_success_rate, p.success_rate AS production_success_rate,
                l.p95_ms AS legacy_p95_ms, p.p95_ms AS production_p95_ms,
@@ -209,8 +350,9 @@ VIEWS: dict[str, str] = {
                rel_diff(p.cost_per_request_usd, l.cost_per_request_usd) AS cost_rel_diff,
                l.mean_quality AS legacy_quality, p.mean_quality AS production_quality,
                p.mean_quality - l.mean_quality AS quality_diff
-        FROM per_arm l FULL OUTER JOIN per_arm p ON l.day = p.day AND p.arm = 'production'
-        WHERE l.arm = 'legacy'
+        FROM days d
+        LEFT JOIN per_arm l ON l.day = d.day AND l.arm = 'legacy'
+        LEFT JOIN per_arm p ON p.day = d.day AND p.arm = 'production'
     """,
     "backend_health": """
         SELECT time_bucket(INTERVAL 1 MINUTE, ts) AS window_start, backend, arm,
@@ -220,7 +362,7 @@ VIEWS: dict[str, str] = {
                count(*) FILTER (WHERE outcome = 'rate_limited') AS rate_limited,
                count(*) FILTER (WHERE fallback_used) AS failovers,
                quantile_cont(latency_ms, 0.95) AS p95_ms
-        FROM requests WHERE backend IS NOT NULL
+        FROM all_requests WHERE backend IS NOT NULL
         GROUP BY ALL
     """,
     "shadow_pairs": """
@@ -233,7 +375,7 @@ VIEWS: dict[str, str] = {
                s.latency_ms - p.latency_ms AS latency_delta_ms,
                s.cost_usd - p.cost_usd AS cost_delta_usd,
                s.quality_score - p.quality_score AS quality_delta
-        FROM requests s JOIN requests p ON p.request_id = s.primary_request_id
+        FROM all_requests s JOIN all_requests p ON p.request_id = s.primary_request_id
         WHERE s.is_shadow AND NOT p.is_shadow
     """,
 }

@@ -1,0 +1,1 @@
+"""Benchmarks of the project's hot paths (`rollout bench ...`)."""

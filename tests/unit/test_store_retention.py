@@ -1,0 +1,261 @@
+"""Retention: rows move to daily Parquet exactly once and the views still see them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flows.bench.synthetic import make_table, write_request_segments
+from flows.paths import DataPaths
+from flows.store.database import StoreError, connect
+from flows.store.ingest import collect
+from flows.store.retention import archive_files, archived_days, compact
+from router.recorder import write_segment
+from tests.conftest import ROOT
+
+DAY0 = datetime(2025, 6, 1, tzinfo=UTC)
+NOW = datetime(2025, 6, 5, 9, 30, tzinfo=UTC)  # retention 2 -> cutoff 2025-06-03
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> DataPaths:
+    """Four days of traffic (06-01 .. 06-04), 150 rows a day, two instances, ingested."""
+    paths = DataPaths.at(tmp_path / "data").ensure()
+    for day in range(4):
+        for n, instance in enumerate(("app-1", "app-2")):
+            write_request_segments(
+                paths.segments,
+                instance,
+                files=1,
+                rows=75,
+                seed=10 * day + n,
+                start=DAY0 + timedelta(days=day, hours=n),
+                step_s=60.0,
+            )
+    assert collect(paths).rows == 600
+    return paths
+
+
+def snapshot(paths: DataPaths, archive: Path | None = None) -> dict[str, object]:
+    """What an operator sees, through the sandboxed read-only connection."""
+    sandbox = [paths.root, *([archive] if archive else [])]
+    with connect(paths.database, read_only=True, sandbox=sandbox) as con:
+        return {
+            "all": con.execute(
+                "SELECT count(*), count(DISTINCT request_id) FROM all_requests"
+            ).fetchall(),
+            "table": con.execute("SELECT count(*) FROM requests").fetchall(),
+            "per_arm": con.execute(
+                "SELECT arm, requests, round(p95_ms, 6), round(mean_quality, 9) "
+                "FROM arm_summary ORDER BY arm"
+            ).fetchall(),
+            "daily": con.execute(
+                "SELECT day::DATE, legacy_requests, production_requests FROM daily_comparison "
+                "ORDER BY day"
+            ).fetchall(),
+        }
+
+
+def test_round_trip_and_idempotent_rerun(paths: DataPaths) -> None:
+    before = snapshot(paths)
+    report = compact(paths, retention=2, now=NOW)
+    assert report.cutoff.isoformat() == "2025-06-03"
+    assert [(d.isoformat(), n) for d, n in report.days] == [
+        ("2025-06-01", 150),
+        ("2025-06-02", 150),
+    ]
+    assert report.rows == 300
+    after = snapshot(paths)
+    assert after["table"] == [(300,)]
+    assert {k: v for k, v in after.items() if k != "table"} == {
+        k: v for k, v in before.items() if k != "table"
+    }
+    files = archive_files_local(paths)
+    assert {f.parent.name for f in files} == {"day=2025-06-01", "day=2025-06-02"}
+    assert all(f.name.startswith(f"part-{report.batch_id}-") for f in files)
+
+    again = compact(paths, retention=2, now=NOW)
+    assert again.rows == 0 and again.batch_id is None
+    assert archive_files_local(paths) == files
+    assert snapshot(paths) == after
+
+
+def archive_files_local(paths: DataPaths) -> list[Path]:
+    return sorted((paths.root / "archive" / "requests").glob("day=*/part-*.parquet"))
+
+
+CRASH_AFTER_COPY = """
+    import os, sys
+    from datetime import datetime
+    from flows.paths import DataPaths
+    from flows.store.retention import compact
+    compact(DataPaths.at(sys.argv[1]), retention=2, now=datetime.fromisoformat(sys.argv[2]),
+            after_copy=lambda: os._exit(23))
+"""
+
+
+def test_crash_between_copy_and_delete_neither_doubles_nor_loses(paths: DataPaths) -> None:
+    before = snapshot(paths)
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(CRASH_AFTER_COPY), str(paths.root), NOW.isoformat()],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 23, done.stderr
+    orphans = archive_files_local(paths)
+    assert len(orphans) == 2  # the COPY happened...
+    assert snapshot(paths) == before  # ...but the views ignore the uncommitted batch
+
+    report = compact(paths, retention=2, now=NOW)
+    assert report.orphans_removed == 2 and report.rows == 300
+    assert not set(orphans) & set(archive_files_local(paths))
+    after = snapshot(paths)
+    assert after["all"] == [(600, 600)] and after["table"] == [(300,)]
+    assert after["per_arm"] == before["per_arm"]
+
+
+def test_unknown_archive_files_are_ignored_not_deleted(paths: DataPaths) -> None:
+    """E.g. another database sharing the archive location: never ours to delete."""
+    compact(paths, retention=2, now=NOW)
+    ours = archive_files_local(paths)[0]
+    foreign = ours.with_name("part-0123456789abcdef-0000.parquet")
+    table = pq.read_table(ours)
+    column = table.schema.get_field_index("archive_batch")
+    other = pa.array(["0123456789abcdef"] * table.num_rows)
+    pq.write_table(table.set_column(column, "archive_batch", other), foreign)
+    report = compact(paths, retention=2, now=NOW)
+    assert (report.orphans_left, report.orphans_removed) == (1, 0)
+    assert foreign.exists()
+    assert snapshot(paths)["all"] == [(600, 600)]
+
+
+def test_late_rows_for_an_archived_day_get_a_second_batch(paths: DataPaths) -> None:
+    compact(paths, retention=2, now=NOW)
+    late = make_table(20, seed=77, start=DAY0 + timedelta(hours=20), instance="app-3")
+    write_segment(late, paths.segments / "app-3", "requests", 1)
+    assert collect(paths).rows == 20
+    assert snapshot(paths)["all"] == [(620, 620)]
+    report = compact(paths, retention=2, now=NOW)
+    assert [(d.isoformat(), n) for d, n in report.days] == [("2025-06-01", 20)]
+    with connect(paths.database, read_only=True) as con:
+        days = archived_days(con)
+    assert [(d.isoformat(), rows, batches) for d, rows, batches in days] == [
+        ("2025-06-01", 170, 2),
+        ("2025-06-02", 150, 1),
+    ]
+    assert snapshot(paths)["all"] == [(620, 620)]
+
+
+def test_rows_of_an_open_phase_stay_in_the_table(paths: DataPaths) -> None:
+    opened = DAY0 + timedelta(days=1, hours=3)
+    with connect(paths.database) as con:
+        con.execute(
+            "INSERT INTO rollouts VALUES ('r1', 'g', 'p', '{}', 'running', 0, ?, ?, NULL, NULL)",
+            [opened, opened],
+        )
+        con.execute(
+            "INSERT INTO config_versions VALUES (1, 'r1', 0, 'canary', 'canary', 5, "
+            "'health_aware', NULL, ?, '{}')",
+            [opened],
+        )
+        con.execute(
+            "INSERT INTO phases VALUES ('r1', 0, 'canary', 'canary', 5, 1, ?, NULL, NULL)",
+            [opened],
+        )
+    report = compact(paths, retention=0, now=NOW)
+    assert report.cutoff.isoformat() == "2025-06-02"
+    assert report.held_back and "open phase" in report.held_back
+    assert report.rows == 150
+    assert snapshot(paths)["all"] == [(600, 600)]
+
+
+def test_old_ingested_segments_are_deleted_and_never_reingested(paths: DataPaths) -> None:
+    pending = write_request_segments(paths.segments, "app-9", files=1, rows=5, seed=99)[0]
+    later = datetime.now(UTC) + timedelta(days=3)
+    report = compact(paths, retention=2, now=later)
+    assert report.segments_deleted == 8
+    assert pending.exists()  # not ingested yet: never deleted
+    assert sorted(p.name for p in paths.segments.rglob("*.parquet")) == [pending.name]
+    with connect(paths.database, read_only=True) as con:
+        marked = con.execute(
+            "SELECT count(*) FROM ingested_segments WHERE deleted_at IS NOT NULL"
+        ).fetchall()
+    assert marked == [(8,)]
+    assert collect(paths).rows == 5
+    assert snapshot(paths)["all"] == [(605, 605)]
+
+
+def test_archive_and_segments_elsewhere(paths: DataPaths, tmp_path: Path) -> None:
+    """The scale seam with local stand-ins: a non-default archive and segment folder."""
+    shared_archive = tmp_path / "shared" / "archive"
+    shared_segments = tmp_path / "shared" / "segments"
+    shutil.move(str(paths.segments), shared_segments)
+    report = compact(
+        paths,
+        retention=2,
+        now=datetime.now(UTC) + timedelta(days=3),
+        archive=str(shared_archive),
+        segments=str(shared_segments),
+    )
+    assert report.archive == str(shared_archive)
+    assert report.rows == 600 and report.segments_deleted == 8
+    assert not archive_files_local(paths)
+    with connect(paths.database, read_only=True) as con:
+        assert len(archive_files(con, str(shared_archive))) == 4
+    view = snapshot(paths, archive=None)  # the sandbox adds the recorded archive itself
+    assert view["all"] == [(600, 600)] and view["table"] == [(0,)]
+
+    # Moving the archive while it holds batches is refused...
+    elsewhere = tmp_path / "moved" / "archive"
+    with pytest.raises(StoreError, match="holds 4 archived day"):
+        compact(paths, retention=2, now=NOW, archive=str(elsewhere))
+    # ...until the files are copied and the move is explicit.
+    shutil.copytree(shared_archive, elsewhere)
+    compact(paths, retention=2, now=NOW, archive=str(elsewhere), relocate_archive=True)
+    shutil.rmtree(shared_archive)
+    assert snapshot(paths)["all"] == [(600, 600)]
+
+
+def test_retention_from_the_environment_and_the_cli(
+    paths: DataPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ROLLOUT_RETENTION_DAYS", "soon")
+    with pytest.raises(ValueError, match="ROLLOUT_RETENTION_DAYS='soon'"):
+        compact(paths, now=NOW)
+    monkeypatch.setenv("ROLLOUT_RETENTION_DAYS", "3")
+    assert compact(paths, now=NOW).cutoff.isoformat() == "2025-06-02"
+
+    cli = [sys.executable, "-m", "flows.cli", "compact", "--data-dir", str(paths.root), "--json"]
+    bad = subprocess.run(
+        cli, cwd=ROOT, capture_output=True, text=True, env={**env(), "ROLLOUT_RETENTION_DAYS": "x"}
+    )
+    assert bad.returncode == 2 and "ROLLOUT_RETENTION_DAYS" in bad.stderr
+    done = subprocess.run(
+        [*cli, "--retention-days", "0"], cwd=ROOT, capture_output=True, text=True, env=env()
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)  # exactly one JSON object
+    # Today is long after June 2025: every remaining row (06-02 .. 06-04) is archived.
+    assert result["rows"] == 450 and sorted(result["days"]) == [
+        "2025-06-02",
+        "2025-06-03",
+        "2025-06-04",
+    ]
+    assert snapshot(paths)["all"] == [(600, 600)]
+
+
+def env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith("ROLLOUT_")}

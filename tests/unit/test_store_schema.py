@@ -1,0 +1,197 @@
+"""Schema: migrations upgrade in place, views work on an empty store, docs match the DDL."""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from flows.bench.synthetic import make_table, write_request_segments
+from flows.paths import DataPaths
+from flows.store import database
+from flows.store.database import StoreError, connect, schema_version
+from flows.store.ingest import collect
+from flows.store.schema import LATEST_VERSION, MACROS, MIGRATIONS, REQUEST_COLUMN_NAMES
+from tests.conftest import ROOT
+
+#: The views as schema version 1 shipped them (they read `requests` directly).
+V1_VIEWS = {
+    "arm_summary": "SELECT r.config_version, r.arm, count(*) AS requests FROM requests r "
+    "GROUP BY ALL",
+    "shadow_pairs": "SELECT s.request_id FROM requests s WHERE s.is_shadow",
+}
+
+
+def make_v1_database(path: Path, rows: int = 300) -> list[tuple]:
+    """A database exactly as the version-1 code left it, with data; returns its rows."""
+    con = duckdb.connect(str(path))
+    con.execute(
+        "CREATE TABLE schema_version "
+        "(version INTEGER PRIMARY KEY, description VARCHAR, applied_at TIMESTAMPTZ)"
+    )
+    version, description, statements = MIGRATIONS[0]
+    assert version == 1
+    for statement in statements:
+        con.execute(statement)
+    con.execute("INSERT INTO schema_version VALUES (1, ?, ?)", [description, datetime.now(UTC)])
+    for macro in MACROS:
+        con.execute(macro)
+    for name, sql in V1_VIEWS.items():
+        con.execute(f"CREATE VIEW {name} AS {sql}")
+    v1_rows = make_table(rows, seed=11)  # noqa: F841 - read by DuckDB's replacement scan
+    con.execute("INSERT INTO requests SELECT * FROM v1_rows")
+    con.execute(
+        "INSERT INTO ingested_segments VALUES "
+        "('app-1/requests-old-000001.parquet', 'app-1', 'requests', 'ingested', ?, 1234, "
+        "now(), NULL)",
+        [rows],
+    )
+    con.execute(
+        "INSERT INTO config_versions VALUES (1, 'r0', 0, 'shadow', 'shadow', 0, "
+        "'health_aware', NULL, now(), '{}')"
+    )
+    before = con.execute("SELECT * FROM requests ORDER BY request_id").fetchall()
+    con.close()
+    return before
+
+
+def test_v1_database_upgrades_in_place_with_data_intact(tmp_path: Path) -> None:
+    paths = DataPaths.at(tmp_path / "data").ensure()
+    before = make_v1_database(paths.database)
+
+    with connect(paths.database) as con:
+        assert schema_version(con) == LATEST_VERSION == 2
+        after = con.execute(
+            f"SELECT {', '.join(REQUEST_COLUMN_NAMES[:-1])} FROM requests ORDER BY request_id"
+        ).fetchall()
+        segments = con.execute("SELECT count(*) FROM requests WHERE segment IS NULL").fetchall()
+        compression = con.execute(
+            "SELECT DISTINCT compression FROM pragma_storage_info('requests') "
+            "WHERE column_name = 'request_id' AND segment_type = 'VARCHAR'"
+        ).fetchall()
+        ledger = con.execute("SELECT path, rows, deleted_at FROM ingested_segments").fetchall()
+        per_arm = con.execute("SELECT sum(requests) FROM arm_summary").fetchall()
+        phase = con.execute("SELECT DISTINCT phase_name FROM arm_summary").fetchall()
+        tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    assert after == before
+    assert segments == [(300,)]
+    assert compression == [("Uncompressed",)]
+    assert ledger == [("app-1/requests-old-000001.parquet", 300, None)]
+    assert per_arm == [(300,)] and phase == [("shadow",)]
+    assert {"archive_batches", "store_settings"} <= tables
+    assert "requests_v2" not in tables
+
+    # The upgraded store keeps working: new segments land next to the old rows.
+    write_request_segments(paths.segments, "app-2", files=2, rows=50, seed=3)
+    assert collect(paths).rows == 100
+    with connect(paths.database, read_only=True) as con:
+        assert con.execute("SELECT count(*), count(segment) FROM all_requests").fetchall() == [
+            (400, 100)
+        ]
+
+
+def test_a_failed_migration_leaves_the_previous_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "metrics.duckdb"
+    with connect(path):
+        pass
+    broken = (3, "broken", ["CREATE TABLE half_done (a INTEGER)", "SELECT * FROM no_such"])
+    monkeypatch.setattr(database, "MIGRATIONS", [*MIGRATIONS, broken])
+    monkeypatch.setattr(database, "LATEST_VERSION", 3)
+    with pytest.raises(duckdb.CatalogException), connect(path):
+        pass
+    monkeypatch.undo()
+    with connect(path) as con:
+        assert schema_version(con) == 2
+        tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    assert "half_done" not in tables
+
+
+def test_a_newer_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.duckdb"
+    with connect(path) as con:
+        con.execute("INSERT INTO schema_version VALUES (99, 'future', now())")
+    with pytest.raises(StoreError, match="newer than this code"), connect(path):
+        pass
+
+
+def test_views_answer_on_an_empty_store_from_any_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    paths = DataPaths.at("relative-data").ensure()  # relative on purpose
+    with connect(paths.database):
+        pass
+    monkeypatch.chdir("/")
+    absolute = tmp_path / "relative-data" / "metrics.duckdb"
+    with connect(absolute, read_only=True) as con:
+        for view in (
+            "all_requests",
+            "archived_requests",
+            "arm_summary",
+            "phase_timeline",
+            "daily_comparison",
+            "backend_health",
+            "shadow_pairs",
+        ):
+            assert con.execute(f"SELECT count(*) FROM {view}").fetchall() == [(0,)], view
+        names = [r[0] for r in con.execute("DESCRIBE all_requests").fetchall()]
+        location = con.execute("SELECT value FROM store_settings").fetchall()[0][0]
+    assert names == list(REQUEST_COLUMN_NAMES)
+    assert os.path.isabs(location) and location == str(tmp_path / "relative-data" / "archive")
+
+
+def test_daily_comparison_keeps_days_with_one_arm_only(tmp_path: Path) -> None:
+    paths = DataPaths.at(tmp_path).ensure()
+    day1 = make_table(40, seed=1, start=datetime(2025, 6, 1, tzinfo=UTC))
+    day2 = make_table(40, seed=2, start=datetime(2025, 6, 2, tzinfo=UTC))
+    with connect(paths.database) as con:
+        con.execute(f"INSERT INTO requests ({', '.join(day1.column_names)}) SELECT * FROM day1")
+        con.execute(
+            f"INSERT INTO requests ({', '.join(day2.column_names)}) "
+            "SELECT * FROM day2 WHERE arm = 'production'"
+        )
+        rows = con.execute(
+            "SELECT day::DATE, legacy_requests IS NULL, production_requests > 0, "
+            "p95_rel_diff IS NULL FROM daily_comparison ORDER BY day"
+        ).fetchall()
+    assert [(str(d), a, b, c) for d, a, b, c in rows] == [
+        ("2025-06-01", False, True, False),
+        ("2025-06-02", True, True, True),
+    ]
+
+
+def documented_columns() -> dict[str, list[str]]:
+    """{table or view: [column, ...]} from the column tables of docs/schema.md."""
+    text = (ROOT / "docs" / "schema.md").read_text()
+    found: dict[str, list[str]] = {}
+    for section in re.split(r"^### ", text, flags=re.MULTILINE)[1:]:
+        name = re.match(r"`(\w+)`", section)
+        assert name, section[:40]
+        rows = re.findall(r"^\| `(\w+)` \| ([A-Z ]+?) \| (yes|no) \|", section, re.MULTILINE)
+        found[name.group(1)] = [f"{c} {t.strip()} {n}" for c, t, n in rows]
+    return found
+
+
+def test_docs_describe_every_table_and_view_column_by_column(tmp_path: Path) -> None:
+    short = {"TIMESTAMP WITH TIME ZONE": "TIMESTAMPTZ"}
+    with connect(tmp_path / "metrics.duckdb") as con:
+        relations = [
+            r[0]
+            for r in con.execute(
+                "SELECT table_name FROM information_schema.tables ORDER BY table_name"
+            ).fetchall()
+        ]
+        actual = {
+            name: [
+                f"{c} {short.get(t, t)} {'yes' if n == 'YES' else 'no'}"
+                for c, t, n, *_ in con.execute(f"DESCRIBE {name}").fetchall()
+            ]
+            for name in relations
+        }
+    assert documented_columns() == actual

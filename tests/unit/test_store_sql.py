@@ -1,0 +1,116 @@
+"""`rollout sql`: read-only, sandboxed, three output formats; writes refused with exit 2."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.bench.synthetic import write_request_segments
+from flows.cli.app import app
+from flows.cli.sql_cmd import EXAMPLES
+from flows.paths import DataPaths
+from flows.store.ingest import collect
+from flows.store.retention import compact
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> DataPaths:
+    """A store with 200 rows, half of them archived to a non-default archive folder."""
+    root = tmp_path_factory.mktemp("sql")
+    paths = DataPaths.at(root / "data").ensure()
+    start = datetime(2025, 6, 1, tzinfo=UTC)
+    for day in range(2):
+        write_request_segments(
+            paths.segments, "app-1", files=1, rows=100, seed=day, start=start + timedelta(days=day)
+        )
+    collect(paths)
+    compact(paths, retention=0, now=start + timedelta(days=1, hours=1), archive=root / "arch")
+    return paths
+
+
+def rollout_sql(data: DataPaths, *args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, ["sql", "--data-dir", str(data.root), *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "INSERT INTO requests SELECT * FROM requests",
+        "DELETE FROM requests",
+        "COPY requests TO '{leak}'",
+        "COPY (SELECT 1) TO '{leak}'",
+        "ATTACH '{leak}' AS other",
+        "INSTALL httpfs",
+        "SELECT 1; DROP TABLE requests",
+        "CREATE TABLE x AS SELECT 1",
+        "SET threads = 1",
+        "EXPORT DATABASE '{leak}'",
+    ],
+)
+def test_write_statements_are_refused_with_exit_2(
+    data: DataPaths, tmp_path: Path, statement: str
+) -> None:
+    leak = tmp_path / "leak.csv"
+    code, out, err = rollout_sql(data, statement.format(leak=leak))
+    assert code == 2, (out, err)
+    assert "refused" in err and "read-only" in err
+    assert not leak.exists()
+    code, out, _ = rollout_sql(data, "SELECT count(*) AS n FROM all_requests", "--format", "csv")
+    assert (code, out.splitlines()) == (0, ["n", "200"])
+
+
+def test_reading_files_outside_the_store_is_blocked(data: DataPaths) -> None:
+    code, _, err = rollout_sql(data, "SELECT * FROM read_text('/etc/hostname')")
+    assert code == 2 and "query failed" in err
+
+
+def test_select_as_table_csv_and_json(data: DataPaths) -> None:
+    query = "SELECT arm, count(*) AS n FROM all_requests GROUP BY arm ORDER BY arm"
+    code, out, _ = rollout_sql(data, query)
+    assert code == 0 and "arm" in out and "legacy" in out and "2 row(s)" in out
+
+    code, out, _ = rollout_sql(data, query, "--format", "csv")
+    rows = list(csv.reader(io.StringIO(out)))
+    assert (
+        code == 0
+        and rows[0] == ["arm", "n"]
+        and [r[0] for r in rows[1:]]
+        == [
+            "legacy",
+            "production",
+        ]
+    )
+    assert sum(int(r[1]) for r in rows[1:]) == 200
+
+    code, out, _ = rollout_sql(data, query, "--format", "json")
+    parsed = json.loads(out)
+    assert code == 0 and [r["arm"] for r in parsed] == ["legacy", "production"]
+    assert sum(r["n"] for r in parsed) == 200
+
+
+def test_archived_rows_are_readable_through_the_sandbox(data: DataPaths) -> None:
+    code, out, err = rollout_sql(
+        data,
+        "SELECT (SELECT count(*) FROM requests) AS in_table, "
+        "(SELECT count(*) FROM archived_requests) AS archived, "
+        "(SELECT sum(requests) FROM arm_summary) AS in_views",
+        "--format",
+        "json",
+    )
+    assert code == 0, err
+    assert json.loads(out) == [{"in_table": 100, "archived": 100, "in_views": 200}]
+
+
+def test_every_example_query_runs(data: DataPaths) -> None:
+    code, out, _ = rollout_sql(data, "--examples")
+    assert code == 0 and "arm_summary" in out
+    for title, query in EXAMPLES.items():
+        code, _, err = rollout_sql(data, query, "--format", "json")
+        assert code == 0, (title, err)
