@@ -10,6 +10,15 @@ from scipy import stats as scipy_stats
 from checks.frames import Connection, arm_stats, difference, ratio, window_rows
 from checks.gx_suites import Check, GxRunner, SuiteOutcome
 from checks.policy import decide
+from checks.sequential import (
+    ARM_MOMENTS_SQL,
+    SHADOW_MOMENTS_SQL,
+    ArmSummary,
+    ShadowSummary,
+    evaluate_arms,
+    evaluate_shadow,
+    to_records,
+)
 from checks.suites import (
     comparison_checks,
     data_quality_aggregate_checks,
@@ -71,6 +80,43 @@ def _records(
             )
         )
     return records
+
+
+def _dict_rows(con: Connection, sql: str, params: list[Any]) -> list[dict[str, Any]]:
+    cursor = con.execute(sql, params)
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+def sequential_records(con: Connection, spec: GateSpec) -> list[MetricRecord]:
+    """Anytime-valid comparisons with legacy, on sufficient statistics from SQL.
+
+    Shadow phases compare each shadow with its primary request (paired); canary and
+    A/B phases compare the arms' served requests. A production-only phase has no
+    concurrent legacy arm: there the absolute guardrails decide alone.
+    """
+    th = spec.thresholds
+    if spec.mode == DeploymentMode.SHADOW.value:
+        rows = _dict_rows(con, SHADOW_MOMENTS_SQL, [spec.config_version])
+        if not rows or not rows[0].get("n"):
+            return []
+        return to_records(evaluate_shadow(ShadowSummary.from_row(rows[0]), th), th)
+    if spec.mode in SPLIT_MODES:
+        by_arm = {r["arm"]: r for r in _dict_rows(con, ARM_MOMENTS_SQL, [spec.config_version])}
+        production = ArmSummary.from_row(by_arm.get("production", {}))
+        legacy = ArmSummary.from_row(by_arm.get("legacy", {}))
+        return to_records(evaluate_arms(production, legacy, th), th)
+    return [
+        MetricRecord(
+            "sequential",
+            metric,
+            Decision.SKIPPED,
+            "no concurrent legacy arm in a production_only phase; guardrails decide",
+            metric_mode="observe",
+            critical=False,
+        )
+        for metric in ("error_rate", "latency", "cost")
+    ]
 
 
 def evaluate(
@@ -179,6 +225,8 @@ def evaluate(
             },
             "comparison",
         )
+
+    records.extend(sequential_records(con, spec))
 
     failbacks = [row[0] for row in con.execute(FAILBACKS_SQL, [version]).fetchall()]
     for detail in failbacks:

@@ -1,0 +1,812 @@
+"""Anytime-valid sequential tests: production against legacy, valid at every look.
+
+A fixed-sample test re-run at every evaluation inflates false alarms (Kayenta's judge:
+Netflix measured 66 false rejections in 100 no-change simulations). Every test here is
+an e-process: a nonnegative (super)martingale under its null, so by Ville's inequality
+P(it ever reaches 1/alpha) <= alpha however often, and whenever, the gate looks
+(Johari et al. 2017/2022 "Always valid inference"; Howard et al. 2021 "Time-uniform,
+nonparametric, nonasymptotic confidence sequences"; Lindon & Malek 2022 "Anytime-valid
+inference for multinomial count data"; Lindon et al. KDD 2022 "Rapid regression
+detection in software deployments through sequential testing").
+
+Every metric is judged by two one-sided tests:
+
+* **harm detected**: production is worse than legacy *at all* (the null "production is
+  not worse", effect <= 0, is rejected). The bar is zero, not the margin, so a
+  regression smaller than the margin (error rate 1 % -> 2 % against a 2-point margin)
+  still rolls back: the gate never promotes a balancer it has seen to be worse.
+* **non-inferior**: production is not worse by the margin or more (the null "effect >=
+  margin" is rejected, i.e. the upper confidence-sequence bound is below the margin).
+
+Harm wins when both hold (worse, though by less than the margin). Neither: inconclusive.
+Each bound holds with probability >= 1 - alpha at all times simultaneously.
+
+Sufficient statistics (computed in SQL, `ARM_MOMENTS_SQL` and `SHADOW_MOMENTS_SQL`; every
+test is O(1) in them):
+
+* error_rate: per arm n and failures (outcome error, timeout or rate_limited). Shadow:
+  n pairs, sum and sum of squares of d = f_prod - f_legacy (they give the discordant
+  counts: (sum d^2 + sum d)/2 production-only and (sum d^2 - sum d)/2 legacy-only failures).
+* latency: per arm n, sum and sum of squares of ln(latency_ms). Shadow: n, sum and sum
+  of squares of d = ln(latency_prod) - ln(latency_legacy).
+* cost: per arm n, sum and sum of squares of cost_usd. Shadow: n, sums and sums of
+  squares of c_prod and c_legacy and the sum of c_prod * c_legacy (the ratio margin
+  needs the arms' means, not only their difference).
+
+Methods:
+
+* error_rate, harm: the count test of Lindon & Malek (condition on the failures and ask
+  which arm each came from), with a half-normal mixture on log RR in place of their
+  Dirichlet. With requests assigned to
+  production with probability rho, each failure comes from production with probability
+  theta = rho*RR / (rho*RR + 1 - rho), RR = p_prod / p_legacy, independently of the
+  others and of the legacy rate (which may drift). H0: RR <= 1 <=> theta <= rho. The
+  e-process is a mixture of likelihood ratios over log RR ~ half-normal(scale),
+  discretised on a grid (any probability weights keep it a test supermartingale):
+  E = sum_j w_j (theta_j/rho)^X ((1-theta_j)/(1-rho))^(F-X), X production failures of F.
+  It is exact (no asymptotics) for a known rho; by default rho is the realised share
+  n_prod / (n_prod + n_legacy), a plug-in that follows the split users actually got
+  (bucketing is per user, so the request share drifts from the configured percent): not
+  exact, but its error, O(1/sqrt(n)), is small against the test's resolution,
+  O(1/sqrt(F)); the backtest's A/A runs use it this way.
+  Shadow: the same test on discordant pairs (McNemar's idea), rho = 1/2 exactly.
+* error_rate, interval and non-inferiority: per-arm beta-binomial mixture confidence
+  sequences (Robbins 1970; Howard et al. 2021), Jeffreys prior, alpha/2 each:
+  {p : B(S+1/2, n-S+1/2)/B(1/2,1/2) / (p^S (1-p)^(n-S)) < 2/alpha}; the difference's
+  upper bound is U_prod - L_legacy. Shadow: the same on P(d=+1) and P(d=-1).
+* latency and cost: one-sided mSPRT with a half-normal mixing distribution (Johari et
+  al.) on an asymptotically normal estimate x with plug-in variance V:
+  log E = log 2 - log(1 + tau^2/V)/2 + u^2/2 + log Phi(u), u = x tau / sqrt(V (V + tau^2)).
+  Inverting it gives the bounds x -/+ u* sqrt(V (V + tau^2))/tau with
+  u*^2/2 + log Phi(u*) = log(1/(2 alpha)) + log(1 + tau^2/V)/2.
+  latency: x = mean ln(latency) difference; the p95 ratio margin maps to ln(max_p95_ratio)
+  exactly when production's log-latency distribution is legacy's shifted (same shape:
+  every quantile, p95 included, moves by the same factor); a change of spread alone is
+  left to the guardrail and comparison checks. cost: x = ln(mean_prod / mean_legacy)
+  (delta method), margin ln(max_cost_ratio). The plug-in variance makes these
+  asymptotic; a burn-in of `min_n` per arm and a variance floor (the small arm's
+  variance never below the large arm's) keep early looks honest (checked by A/A
+  simulation in the tests and the backtest).
+
+All tests treat requests as independent; requests of one user are correlated in
+practice (same questions, same backends), which a per-request test does not see.
+`evaluate_arms` / `evaluate_shadow` split the phase's alpha evenly over the three metrics
+(Bonferroni), so the chance of *any* false harm over the whole phase stays <= alpha.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from scipy import special
+
+from checks.thresholds import MetricMode, Thresholds
+from checks.verdict import Decision, MetricRecord
+
+Num = float | npt.NDArray[np.float64]
+
+#: Metrics whose detected harm rolls back by default (the policy's critical metrics).
+CRITICAL = ("error_rate", "latency")
+#: Defaults, chosen by the backtest (`checks.backtest`): scale of the half-normal mixing
+#: distribution on log RR for error rates; latency and cost mix at the scale of their
+#: margin (tau = ln ratio margin), where effects start to matter.
+ERROR_LOG_RR_SCALE = 1.0
+#: Burn-in of the plug-in-variance tests: no decision before this many rows per arm.
+MIN_N = 30
+_GRID = 64
+
+# Failures as in `checks.frames.FAILURE_SQL` (a 4xx "rejected" is the caller's fault).
+ARM_MOMENTS_SQL = """
+SELECT arm,
+       count(*)                                                   AS n,
+       count(*) FILTER (WHERE outcome IN ('error', 'timeout', 'rate_limited')) AS failures,
+       count(*) FILTER (WHERE latency_ms > 0)                     AS n_latency,
+       sum(ln(latency_ms)) FILTER (WHERE latency_ms > 0)          AS sum_log_latency,
+       sum(ln(latency_ms) ^ 2) FILTER (WHERE latency_ms > 0)      AS sum_log_latency_sq,
+       sum(cost_usd)                                              AS sum_cost,
+       sum(cost_usd ^ 2)                                          AS sum_cost_sq
+FROM requests
+WHERE config_version = ? AND NOT is_shadow
+GROUP BY arm
+"""
+"""Per-arm sufficient statistics of the served (non-shadow) rows of one config version."""
+
+SHADOW_MOMENTS_SQL = """
+WITH pairs AS (
+    SELECT CASE WHEN s.outcome IN ('error', 'timeout', 'rate_limited') THEN 1.0 ELSE 0.0 END
+               AS f_p,
+           CASE WHEN p.outcome IN ('error', 'timeout', 'rate_limited') THEN 1.0 ELSE 0.0 END
+               AS f_l,
+           ln(greatest(s.latency_ms, 1e-3)) - ln(greatest(p.latency_ms, 1e-3)) AS d_log_latency,
+           s.cost_usd AS c_p, p.cost_usd AS c_l
+    FROM requests s JOIN requests p ON p.request_id = s.primary_request_id
+    WHERE s.is_shadow AND NOT p.is_shadow AND s.config_version = ?
+)
+SELECT count(*) AS n,
+       sum(f_p - f_l) AS sum_d_fail, sum((f_p - f_l) ^ 2) AS sum_d_fail_sq,
+       sum(d_log_latency) AS sum_d_log_latency, sum(d_log_latency ^ 2) AS sum_d_log_latency_sq,
+       sum(c_p) AS sum_cost_p, sum(c_l) AS sum_cost_l,
+       sum(c_p ^ 2) AS sum_cost_pp, sum(c_l ^ 2) AS sum_cost_ll, sum(c_p * c_l) AS sum_cost_pl
+FROM pairs
+"""
+"""Paired sufficient statistics of shadow executions (production shadow minus legacy
+primary of the same request) of one config version."""
+
+
+# -- sufficient statistics ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Moments:
+    """n, sum and sum of squares of one sample (fields may be numpy arrays: one entry per
+    simulated run or look, which is how the backtest evaluates thousands at once)."""
+
+    n: Num
+    total: Num
+    total_sq: Num
+
+    @classmethod
+    def of(cls, values: npt.ArrayLike) -> Moments:
+        x = np.asarray(values, dtype=float)
+        return cls(float(x.size), float(x.sum()), float((x * x).sum()))
+
+    @property
+    def mean(self) -> Num:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.divide(self.total, self.n)
+
+    @property
+    def variance(self) -> Num:
+        """Unbiased sample variance (nan below two rows), clipped at zero against rounding."""
+        n = np.asarray(self.n, dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ss = np.asarray(self.total_sq) - np.asarray(self.total) ** 2 / n
+            out = np.where(n >= 2, np.maximum(ss, 0.0) / (n - 1), np.nan)
+        return out if out.ndim else float(out)
+
+
+@dataclass(frozen=True)
+class PairedMoments:
+    """Second moments of pairs (production x_p, legacy x_l) for the same request: n,
+    sums, sums of squares and the cross-product. The differences' n, sum and sum of
+    squares follow; only the cost ratio needs the arms' own means."""
+
+    n: Num
+    sum_p: Num
+    sum_l: Num
+    sum_pp: Num
+    sum_ll: Num
+    sum_pl: Num
+
+    @classmethod
+    def of(cls, production: npt.ArrayLike, legacy: npt.ArrayLike) -> PairedMoments:
+        p = np.asarray(production, dtype=float)
+        q = np.asarray(legacy, dtype=float)
+        return cls(
+            float(p.size),
+            float(p.sum()),
+            float(q.sum()),
+            float((p * p).sum()),
+            float((q * q).sum()),
+            float((p * q).sum()),
+        )
+
+    @classmethod
+    def from_differences(cls, n: Num, sum_d: Num, sum_d_sq: Num) -> PairedMoments:
+        """Pairs known only through d = x_p - x_l (enough for error rate and latency)."""
+        zero = np.zeros_like(np.asarray(n, dtype=float))
+        return cls(n, sum_d, zero, sum_d_sq, zero, zero)
+
+    @property
+    def differences(self) -> Moments:
+        return Moments(
+            self.n,
+            np.asarray(self.sum_p) - np.asarray(self.sum_l),
+            np.asarray(self.sum_pp) - 2 * np.asarray(self.sum_pl) + np.asarray(self.sum_ll),
+        )
+
+
+# -- the e-processes -----------------------------------------------------------------------
+
+
+def normal_mixture_log_e(x: Num, variance: Num, tau: float) -> Num:
+    """log e-value of the one-sided mSPRT of H0: effect <= 0 given an (asymptotically)
+    normal estimate x with variance V: the N(0, tau^2) mixture restricted to positive
+    effects (twice the half-normal), in closed form (Johari et al.). Because the mixture
+    only puts mass on effects > 0, it is a supermartingale for every effect <= 0."""
+    x = np.asarray(x, dtype=float)
+    v = np.asarray(variance, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = tau * tau / v
+        u = x / np.sqrt(v) * np.sqrt(r / (1.0 + r))
+        out = math.log(2.0) - 0.5 * np.log1p(r) + 0.5 * u * u + special.log_ndtr(u)
+    out = np.where(np.isfinite(out), out, 0.0)
+    return out if out.ndim else float(out)
+
+
+def normal_mixture_radius(variance: Num, tau: float, alpha: float) -> Num:
+    """Half-width of the one-sided (1 - alpha) bound got by inverting
+    `normal_mixture_log_e`: x - radius is a lower confidence sequence for the effect."""
+    v = np.asarray(variance, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = tau * tau / v
+        c = math.log(1.0 / (2.0 * alpha)) + 0.5 * np.log1p(r)
+        lo, hi = np.sqrt(2.0 * c), np.sqrt(2.0 * (c + math.log(2.0)))
+        for _ in range(60):  # h(u) = u^2/2 + log Phi(u) is increasing: bisection
+            mid = 0.5 * (lo + hi)
+            above = 0.5 * mid * mid + special.log_ndtr(mid) >= c
+            hi = np.where(above, mid, hi)
+            lo = np.where(above, lo, mid)
+        out = hi * np.sqrt(v) * np.sqrt((1.0 + r) / r)
+    return out if out.ndim else float(out)
+
+
+def _rr_grid(scale: float) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Midpoint grid on log RR in (0, 5 scale] with half-normal(scale) probability weights."""
+    step = 5.0 * scale / _GRID
+    lam = (np.arange(_GRID) + 0.5) * step
+    w = np.exp(-0.5 * (lam / scale) ** 2)
+    return lam, np.log(w / w.sum())
+
+
+def count_log_e(x: Num, f: Num, theta0: Num, scale: float = ERROR_LOG_RR_SCALE) -> Num:
+    """log e-value of the count test (Lindon & Malek) of H0: RR <= 1 from X events of F
+    falling in production, where under RR = 1 each event falls there with probability
+    theta0: a discretised half-normal mixture over log RR of Bernoulli likelihood ratios,
+    each a supermartingale for every RR <= 1, so the mixture is one too."""
+    lam, logw = _rr_grid(scale)
+    xa = np.asarray(x, dtype=float)[..., None]
+    fa = np.asarray(f, dtype=float)[..., None]
+    t0 = np.clip(np.asarray(theta0, dtype=float), 1e-12, 1 - 1e-12)[..., None]
+    # log theta_j/theta0 and log (1-theta_j)/(1-theta0), theta_j = t0 e^lam/(t0 e^lam + 1 - t0)
+    log_norm = np.logaddexp(np.log(t0) + lam, np.log1p(-t0))
+    terms = logw + xa * (lam - log_norm) + (fa - xa) * (-log_norm)
+    top = terms.max(axis=-1)
+    out = top + np.log(np.exp(terms - top[..., None]).sum(axis=-1))
+    return out if np.ndim(out) else float(out)
+
+
+def binomial_cs(successes: Num, n: Num, alpha: float) -> tuple[Num, Num]:
+    """(lower, upper) of the beta-binomial mixture confidence sequence for a Bernoulli
+    mean with a Jeffreys prior (Robbins 1970; Howard et al. 2021): the set of p whose
+    mixture likelihood ratio stays below 1/alpha, valid at every n simultaneously."""
+    s = np.asarray(successes, dtype=float)
+    m = np.asarray(n, dtype=float)
+    log_marg = special.betaln(s + 0.5, m - s + 0.5) - special.betaln(0.5, 0.5)
+    target = math.log(1.0 / alpha)
+
+    def log_ratio(p: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        return log_marg - special.xlogy(s, p) - special.xlog1py(m - s, -p)
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        phat = np.where(m > 0, s / np.where(m > 0, m, 1.0), 0.5)
+    bounds = []
+    for edge in (0.0, 1.0):
+        inside, outside = phat.copy(), np.full_like(phat, edge)
+        for _ in range(60):
+            mid = 0.5 * (inside + outside)
+            out_mid = log_ratio(mid) >= target
+            outside = np.where(out_mid, mid, outside)
+            inside = np.where(out_mid, inside, mid)
+        bounds.append(np.where(m > 0, outside, edge))
+    lower, upper = bounds
+    return (lower if lower.ndim else float(lower)), (upper if upper.ndim else float(upper))
+
+
+# -- per-metric statistics (vectorised: the backtest calls exactly these) ------------------
+
+
+def error_rate_harm_log_e(
+    production: Moments,
+    legacy: Moments,
+    production_share: Num | None = None,
+    scale: float = ERROR_LOG_RR_SCALE,
+) -> Num:
+    """Harm e-value for failure proportions (x = failure indicator, so total = failures).
+    The share defaults to the realised n_prod / (n_prod + n_legacy): robust to a split that
+    differs from the configured percent (users are bucketed, not requests)."""
+    n_p, n_l = np.asarray(production.n, float), np.asarray(legacy.n, float)
+    share = production_share
+    if share is None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            share = np.where(n_p + n_l > 0, n_p / (n_p + n_l), 0.5)
+    x = np.asarray(production.total, float)
+    return count_log_e(x, x + np.asarray(legacy.total, float), share, scale)
+
+
+def paired_error_harm_log_e(pairs: PairedMoments, scale: float = ERROR_LOG_RR_SCALE) -> Num:
+    """Harm e-value for shadow failures: the count test on discordant pairs, theta0 = 1/2."""
+    plus, minus = _discordant(pairs)
+    return count_log_e(plus, plus + minus, 0.5, scale)
+
+
+def _discordant(pairs: PairedMoments) -> tuple[Num, Num]:
+    d = pairs.differences  # d in {-1, 0, 1}: sum d^2 = discordant, sum d = plus - minus
+    s, q = np.asarray(d.total, float), np.asarray(d.total_sq, float)
+    return np.rint((q + s) / 2), np.rint((q - s) / 2)
+
+
+def log_mean_difference(production: Moments, legacy: Moments) -> tuple[Num, Num]:
+    """(estimate, variance) of mean(x_prod) - mean(x_legacy), x = ln latency. The variance
+    floor keeps the smaller arm's plug-in variance at or above the larger arm's."""
+    v_p, v_l = np.asarray(production.variance), np.asarray(legacy.variance)
+    n_p, n_l = np.asarray(production.n, float), np.asarray(legacy.n, float)
+    small_p = n_p <= n_l
+    v_p2 = np.where(small_p, np.fmax(v_p, v_l), v_p)
+    v_l2 = np.where(small_p, v_l, np.fmax(v_l, v_p))
+    est = np.asarray(production.mean) - np.asarray(legacy.mean)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        var = v_p2 / n_p + v_l2 / n_l
+    return est, var
+
+
+def log_ratio_of_means(production: Moments, legacy: Moments) -> tuple[Num, Num]:
+    """(estimate, variance) of ln(mean_prod / mean_legacy) by the delta method, with the
+    same floor on the smaller arm's squared coefficient of variation."""
+    m_p, m_l = np.asarray(production.mean), np.asarray(legacy.mean)
+    n_p, n_l = np.asarray(production.n, float), np.asarray(legacy.n, float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cv_p = np.asarray(production.variance) / (m_p * m_p)
+        cv_l = np.asarray(legacy.variance) / (m_l * m_l)
+        small_p = n_p <= n_l
+        cv_p2 = np.where(small_p, np.fmax(cv_p, cv_l), cv_p)
+        cv_l2 = np.where(small_p, cv_l, np.fmax(cv_l, cv_p))
+        est = np.log(m_p / m_l)
+        var = cv_p2 / n_p + cv_l2 / n_l
+    return est, var
+
+
+def paired_mean_difference(pairs: PairedMoments) -> tuple[Num, Num]:
+    """(estimate, variance) of the mean paired difference (shadow latency on log scale)."""
+    d = pairs.differences
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.asarray(d.mean), np.asarray(d.variance) / np.asarray(d.n, float)
+
+
+def paired_log_ratio_of_means(pairs: PairedMoments) -> tuple[Num, Num]:
+    """(estimate, variance) of ln(mean_prod / mean_legacy) over pairs (delta method with the
+    pairs' covariance)."""
+    n = np.asarray(pairs.n, float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        m_p, m_l = np.asarray(pairs.sum_p) / n, np.asarray(pairs.sum_l) / n
+        s_pp = (np.asarray(pairs.sum_pp) - n * m_p * m_p) / (n - 1)
+        s_ll = (np.asarray(pairs.sum_ll) - n * m_l * m_l) / (n - 1)
+        s_pl = (np.asarray(pairs.sum_pl) - n * m_p * m_l) / (n - 1)
+        var = (s_pp / m_p**2 + s_ll / m_l**2 - 2 * s_pl / (m_p * m_l)) / n
+        return np.log(m_p / m_l), np.maximum(var, 0.0)
+
+
+def normal_harm_log_e(est: Num, var: Num, tau: float, n_min: Num, min_n: int = MIN_N) -> Num:
+    """Harm e-value of an asymptotically normal estimate, 1 (log 0) before the burn-in or
+    while the variance is undefined: not looking never costs validity."""
+    ok = (np.asarray(n_min) >= min_n) & np.isfinite(est) & np.isfinite(var) & (var > 0)
+    safe_var = np.where(ok, var, 1.0)
+    out = np.where(ok, normal_mixture_log_e(np.where(ok, est, 0.0), safe_var, tau), 0.0)
+    return out if out.ndim else float(out)
+
+
+def latency_harm_log_e(production: Moments, legacy: Moments, tau: float, min_n: int = MIN_N) -> Num:
+    est, var = log_mean_difference(production, legacy)
+    return normal_harm_log_e(est, var, tau, np.fmin(production.n, legacy.n), min_n)
+
+
+def cost_harm_log_e(production: Moments, legacy: Moments, tau: float, min_n: int = MIN_N) -> Num:
+    est, var = log_ratio_of_means(production, legacy)
+    return normal_harm_log_e(est, var, tau, np.fmin(production.n, legacy.n), min_n)
+
+
+# -- results --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SequentialResult:
+    """What one sequential test says, in the metric's own units (error: difference of
+    rates; latency and cost: production / legacy ratio). `log_e_value` is the harm
+    e-process (H0: production not worse); the interval is a (1 - alpha) confidence
+    sequence bound on each side."""
+
+    metric: str
+    method: str
+    decision: Decision
+    log_e_value: float
+    estimate: float | None
+    lower: float | None
+    upper: float | None
+    n_legacy: int
+    n_production: int
+    alpha: float
+    margin: float
+    paired: bool = False
+    note: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def e_value(self) -> float:
+        return math.exp(min(self.log_e_value, 700.0))
+
+    @property
+    def reason(self) -> str:
+        cs = (
+            f"[{self.lower:.4g}, {self.upper:.4g}]"
+            if self.lower is not None and self.upper is not None
+            else "n/a"
+        )
+        est = "n/a" if self.estimate is None else f"{self.estimate:.4g}"
+        pairs = "paired " if self.paired else ""
+        text = (
+            f"{self.decision.value}: {pairs}{self.method}; estimate {est}, "
+            f"{100 * (1 - self.alpha):.2f}% confidence sequence {cs}, margin {self.margin:g}; "
+            f"harm e-value {self.e_value:.3g} vs 1/alpha {1 / self.alpha:.3g}; "
+            f"n legacy {self.n_legacy}, n production {self.n_production}, alpha {self.alpha:.3g}"
+        )
+        return f"{text}; {self.note}" if self.note else text
+
+
+def _decide(log_e: float, upper_ok: bool, alpha: float) -> Decision:
+    if log_e >= math.log(1.0 / alpha):
+        return Decision.HARM
+    return Decision.NON_INFERIOR if upper_ok else Decision.INCONCLUSIVE
+
+
+def _f(x: Num) -> float | None:
+    v = float(x)
+    return v if math.isfinite(v) else None
+
+
+def error_rate_test(
+    production: Moments,
+    legacy: Moments,
+    margin: float,
+    alpha: float,
+    production_share: float | None = None,
+    scale: float = ERROR_LOG_RR_SCALE,
+) -> SequentialResult:
+    """Failure proportions of two independent arms (x = failure indicator). Harm: count
+    test; interval and non-inferiority: per-arm beta-binomial confidence sequences at
+    alpha/2 each, difference bounds L_p - U_l and U_p - L_l."""
+    log_e = float(error_rate_harm_log_e(production, legacy, production_share, scale))
+    lp, up = binomial_cs(production.total, production.n, alpha / 2)
+    ll, ul = binomial_cs(legacy.total, legacy.n, alpha / 2)
+    lower, upper = float(lp) - float(ul), float(up) - float(ll)
+    n_p, n_l = int(production.n), int(legacy.n)
+    est = _f(production.mean - legacy.mean) if n_p and n_l else None
+    return SequentialResult(
+        "error_rate",
+        "count test (Lindon & Malek) on failures; beta-binomial confidence sequences",
+        _decide(log_e, upper < margin, alpha),
+        log_e,
+        est,
+        lower,
+        upper,
+        n_l,
+        n_p,
+        alpha,
+        margin,
+        details={
+            "failures_production": int(production.total),
+            "failures_legacy": int(legacy.total),
+        },
+    )
+
+
+def paired_error_rate_test(
+    pairs: PairedMoments, margin: float, alpha: float, scale: float = ERROR_LOG_RR_SCALE
+) -> SequentialResult:
+    """Shadow failures: d = f_prod - f_legacy per request. Harm: count test on discordant
+    pairs (theta0 = 1/2); bounds on E[d] = P(d=1) - P(d=-1) from their confidence
+    sequences at alpha/2 each."""
+    plus, minus = _discordant(pairs)
+    log_e = float(paired_error_harm_log_e(pairs, scale))
+    n = int(pairs.n)
+    l_plus, u_plus = binomial_cs(plus, n, alpha / 2)
+    l_minus, u_minus = binomial_cs(minus, n, alpha / 2)
+    lower, upper = float(l_plus) - float(u_minus), float(u_plus) - float(l_minus)
+    est = (float(plus) - float(minus)) / n if n else None
+    return SequentialResult(
+        "error_rate",
+        "count test on discordant pairs; beta-binomial confidence sequences",
+        _decide(log_e, upper < margin, alpha),
+        log_e,
+        est,
+        lower,
+        upper,
+        n,
+        n,
+        alpha,
+        margin,
+        paired=True,
+        details={"production_only_failures": int(plus), "legacy_only_failures": int(minus)},
+    )
+
+
+def _normal_result(
+    metric: str,
+    method: str,
+    est: Num,
+    var: Num,
+    tau: float,
+    log_margin: float,
+    margin: float,
+    alpha: float,
+    n_legacy: int,
+    n_production: int,
+    min_n: int,
+    paired: bool,
+) -> SequentialResult:
+    """Shared by latency and cost: decide on the log scale, report ratios."""
+    e, v = float(est), float(var)
+    ready = min(n_legacy, n_production) >= min_n and math.isfinite(e) and math.isfinite(v) and v > 0
+    if not ready:
+        return SequentialResult(
+            metric,
+            method,
+            Decision.INCONCLUSIVE,
+            0.0,
+            _f(math.exp(e)) if math.isfinite(e) else None,
+            None,
+            None,
+            n_legacy,
+            n_production,
+            alpha,
+            margin,
+            paired,
+            note=f"needs at least {min_n} rows per arm with a positive variance",
+        )
+    log_e = float(normal_mixture_log_e(e, v, tau))
+    radius = float(normal_mixture_radius(v, tau, alpha))
+    return SequentialResult(
+        metric,
+        method,
+        _decide(log_e, e + radius < log_margin, alpha),
+        log_e,
+        math.exp(e),
+        math.exp(e - radius),
+        math.exp(e + radius),
+        n_legacy,
+        n_production,
+        alpha,
+        margin,
+        paired,
+        details={"log_estimate": e, "variance": v, "tau": tau},
+    )
+
+
+def latency_test(
+    production: Moments,
+    legacy: Moments,
+    max_p95_ratio: float,
+    alpha: float,
+    tau: float | None = None,
+    min_n: int = MIN_N,
+) -> SequentialResult:
+    """mSPRT on the difference of mean ln(latency_ms); reported as the ratio exp(diff),
+    which is the p95 ratio when the log-latency distributions differ by a shift."""
+    log_margin = math.log(max_p95_ratio)
+    est, var = log_mean_difference(production, legacy)
+    return _normal_result(
+        "latency",
+        "mSPRT on mean log latency (ratio = p95 ratio under a shift)",
+        est,
+        var,
+        tau or abs(log_margin),
+        log_margin,
+        max_p95_ratio,
+        alpha,
+        int(legacy.n),
+        int(production.n),
+        min_n,
+        False,
+    )
+
+
+def paired_latency_test(
+    pairs: PairedMoments,
+    max_p95_ratio: float,
+    alpha: float,
+    tau: float | None = None,
+    min_n: int = MIN_N,
+) -> SequentialResult:
+    """Shadow latency: mSPRT on the mean paired difference of ln(latency_ms)."""
+    log_margin = math.log(max_p95_ratio)
+    est, var = paired_mean_difference(pairs)
+    n = int(pairs.n)
+    return _normal_result(
+        "latency",
+        "mSPRT on mean paired log-latency difference",
+        est,
+        var,
+        tau or abs(log_margin),
+        log_margin,
+        max_p95_ratio,
+        alpha,
+        n,
+        n,
+        min_n,
+        True,
+    )
+
+
+def cost_test(
+    production: Moments,
+    legacy: Moments,
+    max_cost_ratio: float,
+    alpha: float,
+    tau: float | None = None,
+    min_n: int = MIN_N,
+) -> SequentialResult:
+    """mSPRT on ln(mean cost ratio) (delta method), margin ln(max_cost_ratio)."""
+    log_margin = math.log(max_cost_ratio)
+    est, var = log_ratio_of_means(production, legacy)
+    return _normal_result(
+        "cost",
+        "mSPRT on log ratio of mean cost per request",
+        est,
+        var,
+        tau or abs(log_margin),
+        log_margin,
+        max_cost_ratio,
+        alpha,
+        int(legacy.n),
+        int(production.n),
+        min_n,
+        False,
+    )
+
+
+def paired_cost_test(
+    pairs: PairedMoments,
+    max_cost_ratio: float,
+    alpha: float,
+    tau: float | None = None,
+    min_n: int = MIN_N,
+) -> SequentialResult:
+    """Shadow cost: mSPRT on ln(mean cost ratio) over pairs."""
+    log_margin = math.log(max_cost_ratio)
+    est, var = paired_log_ratio_of_means(pairs)
+    n = int(pairs.n)
+    return _normal_result(
+        "cost",
+        "mSPRT on paired log ratio of mean cost per request",
+        est,
+        var,
+        tau or abs(log_margin),
+        log_margin,
+        max_cost_ratio,
+        alpha,
+        n,
+        n,
+        min_n,
+        True,
+    )
+
+
+# -- the gate's entry points ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArmSummary:
+    """One arm's sufficient statistics, as one row of `ARM_MOMENTS_SQL` gives them."""
+
+    failures: Moments
+    log_latency: Moments
+    cost: Moments
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> ArmSummary:
+        n = float(row.get("n") or 0)
+        fails = float(row.get("failures") or 0)
+        return cls(
+            Moments(n, fails, fails),
+            Moments(
+                float(row.get("n_latency") or 0),
+                float(row.get("sum_log_latency") or 0.0),
+                float(row.get("sum_log_latency_sq") or 0.0),
+            ),
+            Moments(n, float(row.get("sum_cost") or 0.0), float(row.get("sum_cost_sq") or 0.0)),
+        )
+
+
+@dataclass(frozen=True)
+class ShadowSummary:
+    """Paired sufficient statistics, as the row of `SHADOW_MOMENTS_SQL` gives them."""
+
+    failures: PairedMoments
+    log_latency: PairedMoments
+    cost: PairedMoments
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> ShadowSummary:
+        n = float(row.get("n") or 0)
+
+        def g(key: str) -> float:
+            return float(row.get(key) or 0.0)
+
+        return cls(
+            PairedMoments.from_differences(n, g("sum_d_fail"), g("sum_d_fail_sq")),
+            PairedMoments.from_differences(n, g("sum_d_log_latency"), g("sum_d_log_latency_sq")),
+            PairedMoments(
+                n,
+                g("sum_cost_p"),
+                g("sum_cost_l"),
+                g("sum_cost_pp"),
+                g("sum_cost_ll"),
+                g("sum_cost_pl"),
+            ),
+        )
+
+
+def metric_alpha(alpha: float, n_metrics: int = 3) -> float:
+    """The phase's alpha split evenly over the metrics that can roll back (Bonferroni):
+    the chance that *any* of them ever flags harm on a good balancer stays <= alpha."""
+    return alpha / n_metrics
+
+
+def evaluate_arms(
+    production: ArmSummary,
+    legacy: ArmSummary,
+    thresholds: Thresholds,
+    production_share: float | None = None,
+) -> list[SequentialResult]:
+    """The three sequential tests of a canary / A/B phase."""
+    a = metric_alpha(thresholds.alpha)
+    return [
+        error_rate_test(
+            production.failures,
+            legacy.failures,
+            thresholds.max_error_rate_diff,
+            a,
+            production_share,
+        ),
+        latency_test(production.log_latency, legacy.log_latency, thresholds.max_p95_ratio, a),
+        cost_test(production.cost, legacy.cost, thresholds.max_cost_ratio, a),
+    ]
+
+
+def evaluate_shadow(pairs: ShadowSummary, thresholds: Thresholds) -> list[SequentialResult]:
+    """The three sequential tests of a shadow phase, on paired per-request differences."""
+    a = metric_alpha(thresholds.alpha)
+    return [
+        paired_error_rate_test(pairs.failures, thresholds.max_error_rate_diff, a),
+        paired_latency_test(pairs.log_latency, thresholds.max_p95_ratio, a),
+        paired_cost_test(pairs.cost, thresholds.max_cost_ratio, a),
+    ]
+
+
+def to_record(
+    result: SequentialResult,
+    thresholds: Thresholds | None = None,
+    mode: MetricMode | None = None,
+) -> MetricRecord:
+    """One decision-record line. Mode: explicit, else the plan's `metric_modes`, else
+    abort for the critical metrics (error_rate, latency) and warn for the others."""
+    critical = result.metric in CRITICAL
+    if mode is None and thresholds is not None and result.metric in thresholds.metric_modes:
+        mode = thresholds.metric_modes[result.metric]
+    if mode is None:
+        mode = MetricMode.ABORT if critical else MetricMode.WARN
+    return MetricRecord(
+        check_kind="sequential",
+        metric=result.metric,
+        decision=result.decision,
+        reason=result.reason,
+        estimate=result.estimate,
+        lower_bound=result.lower,
+        upper_bound=result.upper,
+        e_value=result.e_value,
+        n_legacy=result.n_legacy,
+        n_production=result.n_production,
+        threshold=result.margin,
+        metric_mode=mode.value,
+        critical=critical and mode is MetricMode.ABORT,
+    )
+
+
+def to_records(
+    results: Sequence[SequentialResult], thresholds: Thresholds | None = None
+) -> list[MetricRecord]:
+    return [to_record(r, thresholds) for r in results]
