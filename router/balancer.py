@@ -46,6 +46,8 @@ class RouteOutcome:
     degraded: bool = False
     cost_usd: float = 0.0
     quality: float | None = None
+    #: Failed attempts whose latency sample waits for the request's end: (backend, start).
+    charged: list[tuple[BackendState, float]] = field(default_factory=list)
     #: Why the balancer stopped: answered, or why it did not try another backend.
     stop_reason: str = ""
 
@@ -83,7 +85,6 @@ class Balancer:
         deadline_s: float,
         max_bytes: int = 2_000_000,
         retry_budget: RetryBudget | None = None,
-        failure_penalty_ms: float = 5_000.0,
         score_quality: bool = True,
         honour_retry_after: bool = True,
         max_retry_after_wait_s: float = 5.0,
@@ -101,7 +102,6 @@ class Balancer:
         self.deadline_s = deadline_s
         self.max_bytes = max_bytes
         self.retry_budget = retry_budget or RetryBudget(1.0, max_attempts)
-        self.failure_penalty_ms = failure_penalty_ms
         self.score_quality = score_quality
         self.honour_retry_after = honour_retry_after
         self.max_retry_after_wait_s = max_retry_after_wait_s
@@ -189,85 +189,100 @@ class Balancer:
         budget = self.retry_budget
         budget.requests_in_flight += 1
         try:
-            while True:
-                if len(outcome.attempts) >= self.max_attempts:
-                    outcome.stop_reason = f"max attempts ({self.max_attempts}) reached"
-                    break
-                now = self.clock()
-                eligible = self.eligible(classification, tried)
-                cands, degraded = self.candidates(eligible, tried, now)
-                if not cands and self.honour_retry_after:
-                    wait = self.retry_after_wait(eligible, tried, now, deadline)
-                    if wait is not None:
-                        await asyncio.sleep(wait)  # Retry-After: wait, do not hammer
-                        continue
-                if not cands:
-                    outcome.stop_reason = "no untried backend available"
-                    if any(s.unavailable_until > now for s in eligible) and outcome.failure is None:
-                        outcome.failure = BackendFailure(
-                            ErrorKind.RATE_LIMITED,
-                            "every eligible backend asked to retry later (Retry-After)",
-                        )
-                    if outcome.failure is None:
-                        outcome.failure = BackendFailure(
-                            ErrorKind.NO_BACKEND,
-                            f"no backend of {sorted(k.value for k in classification.allowed)} "
-                            "is available",
-                        )
-                    break
-                remaining = deadline - now
-                if remaining <= 0:
-                    outcome.stop_reason = "request deadline passed"
-                    outcome.failure = BackendFailure(ErrorKind.TIMEOUT, "request deadline passed")
-                    break
-                is_retry = bool(outcome.attempts)
-                if is_retry and not budget.try_acquire():
-                    outcome.stop_reason = (
-                        f"retry budget exhausted ({budget.retries_in_flight} retries in flight)"
-                    )
-                    break
-                try:
-                    choice = self.algorithm.choose(
-                        cands, RequestContext(classification.category, region, now)
-                    )
-                    if outcome.choice is None:
-                        outcome.choice, outcome.degraded = choice, degraded
-                    state = choice.backend
-                    tried.add(state.name)
-                    answer, failure, latency_ms = await self._attempt(
-                        state, query, remaining, headers
-                    )
-                finally:
-                    if is_retry:
-                        budget.release()
-                outcome.attempts.append(
-                    Attempt(
-                        state.name,
-                        latency_ms,
-                        failure.kind if failure else None,
-                        failure.status if failure else (answer.status if answer else None),
-                    )
-                )
-                outcome.backend = state
-                if answer is not None:
-                    outcome.answer, outcome.failure = answer, None
-                    outcome.stop_reason = "answered"
-                    outcome.cost_usd = state.config.cost_model.cost(
-                        answer.tokens_in, answer.tokens_out
-                    )
-                    if self.score_quality:
-                        outcome.quality = quality_score(answer.text, answer.citations)
-                    self._learn(state, None, latency_ms, outcome)
-                    return outcome
-                assert failure is not None
-                outcome.failure = failure
-                self._learn(state, failure, latency_ms, outcome)
-                if not failure.retryable:
-                    outcome.stop_reason = f"not retryable: {failure.kind.value}"
-                    break
-            return outcome
+            return await self._route(
+                query, classification, outcome, tried, deadline, region, headers
+            )
         finally:
             budget.requests_in_flight -= 1
+            if outcome.charged:
+                end = self.clock()
+                for state, attempt_started in outcome.charged:
+                    state.latency.observe((end - attempt_started) * 1000.0, end)
+
+    async def _route(
+        self,
+        query: str,
+        classification: Classification,
+        outcome: RouteOutcome,
+        tried: set[str],
+        deadline: float,
+        region: str | None,
+        headers: dict[str, str] | None,
+    ) -> RouteOutcome:
+        budget = self.retry_budget
+        while True:
+            if len(outcome.attempts) >= self.max_attempts:
+                outcome.stop_reason = f"max attempts ({self.max_attempts}) reached"
+                break
+            now = self.clock()
+            eligible = self.eligible(classification, tried)
+            cands, degraded = self.candidates(eligible, tried, now)
+            if not cands and self.honour_retry_after:
+                wait = self.retry_after_wait(eligible, tried, now, deadline)
+                if wait is not None:
+                    await asyncio.sleep(wait)  # Retry-After: wait, do not hammer
+                    continue
+            if not cands:
+                outcome.stop_reason = "no untried backend available"
+                if any(s.unavailable_until > now for s in eligible) and outcome.failure is None:
+                    outcome.failure = BackendFailure(
+                        ErrorKind.RATE_LIMITED,
+                        "every eligible backend asked to retry later (Retry-After)",
+                    )
+                if outcome.failure is None:
+                    outcome.failure = BackendFailure(
+                        ErrorKind.NO_BACKEND,
+                        f"no backend of {sorted(k.value for k in classification.allowed)} "
+                        "is available",
+                    )
+                break
+            remaining = deadline - now
+            if remaining <= 0:
+                outcome.stop_reason = "request deadline passed"
+                outcome.failure = BackendFailure(ErrorKind.TIMEOUT, "request deadline passed")
+                break
+            is_retry = bool(outcome.attempts)
+            if is_retry and not budget.try_acquire():
+                outcome.stop_reason = (
+                    f"retry budget exhausted ({budget.retries_in_flight} retries in flight)"
+                )
+                break
+            try:
+                choice = self.algorithm.choose(
+                    cands, RequestContext(classification.category, region, now)
+                )
+                if outcome.choice is None:
+                    outcome.choice, outcome.degraded = choice, degraded
+                state = choice.backend
+                tried.add(state.name)
+                answer, failure, latency_ms = await self._attempt(state, query, remaining, headers)
+            finally:
+                if is_retry:
+                    budget.release()
+            outcome.attempts.append(
+                Attempt(
+                    state.name,
+                    latency_ms,
+                    failure.kind if failure else None,
+                    failure.status if failure else (answer.status if answer else None),
+                )
+            )
+            outcome.backend = state
+            if answer is not None:
+                outcome.answer, outcome.failure = answer, None
+                outcome.stop_reason = "answered"
+                outcome.cost_usd = state.config.cost_model.cost(answer.tokens_in, answer.tokens_out)
+                if self.score_quality:
+                    outcome.quality = quality_score(answer.text, answer.citations)
+                self._learn(state, None, latency_ms, outcome)
+                return outcome
+            assert failure is not None
+            outcome.failure = failure
+            self._learn(state, failure, latency_ms, outcome)
+            if not failure.retryable:
+                outcome.stop_reason = f"not retryable: {failure.kind.value}"
+                break
+        return outcome
 
     async def _attempt(
         self, state: BackendState, query: str, remaining_s: float, headers: dict[str, str] | None
@@ -304,9 +319,13 @@ class Balancer:
         penalised = failure is not None and failure.health_penalty
         if failure is None or penalised:
             state.outcomes.append(failure is None)
-            # A fast failure must not make a backend look fast.
-            sample = latency_ms if failure is None else max(latency_ms, self.failure_penalty_ms)
-            state.latency.observe(sample, now)
+        if failure is None:
+            state.latency.observe(latency_ms, now)
+        elif penalised:
+            # A fast failure must not make a backend look fast: its latency sample is the
+            # time from its attempt to the request's end, the detour included (`route`
+            # charges it once the request is over).
+            outcome.charged.append((state, now - latency_ms / 1000.0))
         if failure is None:
             answer = outcome.answer
             assert answer is not None

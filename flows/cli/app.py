@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import typer
 
-from flows.cli import collect_cmd, config_cmd, demo_cmd, sim_cmd, sql_cmd
+from flows.cli import (
+    backtest_cmd,
+    bench_cmd,
+    collect_cmd,
+    config_cmd,
+    demo_cmd,
+    sim_cmd,
+    sql_cmd,
+    store_cmd,
+)
 
 app = typer.Typer(
     name="rollout",
@@ -19,3 +28,22 @@ app.add_typer(demo_cmd.app_cli, name="app")
 app.command("demo")(demo_cmd.demo)
 app.command("sql")(sql_cmd.sql)
 app.command("collect")(collect_cmd.collect_cmd)
+app.command("backtest")(backtest_cmd.backtest)
+
+from flows.cli import rollout_cmd  # noqa: E402
+
+for _name in (
+    "start",
+    "status",
+    "tick",
+    "approve",
+    "promote",
+    "rollback",
+    "abort",
+    "report",
+    "nightly",
+    "deploy",
+):
+    app.command(_name)(getattr(rollout_cmd, _name))
+app.command("compact")(store_cmd.compact)
+app.add_typer(bench_cmd.app, name="bench")

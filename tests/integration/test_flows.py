@@ -1,0 +1,286 @@
+"""Each rollout flow under the shared Prefect test harness, against a real application
+process and loopback backends. Assertions read DuckDB and the control store."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from flows.plan import RolloutPlan, validate_plan
+from flows.store.database import connect
+from tests.integration.conftest import ROOT, LiveApp, wait_for
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def small_plan(approval_on: int | None = None, min_samples: int = 30) -> RolloutPlan:
+    phases: list[dict[str, Any]] = [
+        {"name": "shadow", "mode": "shadow", "traffic_percent": 0},
+        {"name": "canary-50", "mode": "canary", "traffic_percent": 50},
+    ]
+    for i, phase in enumerate(phases):
+        phase.update(
+            min_duration="2s",
+            max_duration="90s",
+            evaluation_interval="1s",
+            min_samples=min_samples,
+            requires_approval=i == approval_on,
+        )
+    return validate_plan(
+        {"name": "small", "router_group": "test", "ack_timeout": "10s", "phases": phases}
+    )
+
+
+def rows(live: LiveApp, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+    with connect(live.paths.database, read_only=True) as con:
+        return con.execute(sql, params or []).fetchall()
+
+
+def tick_until(live: LiveApp, states: set[str], limit_s: float = 90) -> dict[str, Any]:
+    from flows.rollout_flows import rollout_tick
+
+    deadline = time.monotonic() + limit_s
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        last = rollout_tick(str(live.paths.root), ack_timeout_s=10)
+        if last["state"] in states:
+            return last
+        time.sleep(0.5)
+    raise AssertionError(f"rollout never reached {states}; last tick: {last}")
+
+
+def test_start_and_ticks_complete_a_plan(live_app: LiveApp) -> None:
+    from flows.rollout_flows import rollout_start
+
+    started = rollout_start(small_plan(), str(live_app.paths.root))
+    assert started["version"] == 1
+    assert live_app.store.current().phase == "shadow"
+    last = tick_until(live_app, {"completed", "rolled_back"})
+    assert last["state"] == "completed", last
+    transitions = [
+        r[0] for r in rows(live_app, "SELECT to_state FROM rollout_transitions ORDER BY seq")
+    ]
+    assert transitions == ["started", "running", "running", "completed"]
+    verdicts = [r[0] for r in rows(live_app, "SELECT verdict FROM decisions ORDER BY decided_at")]
+    assert verdicts.count("PROMOTE") == 2
+    # every evaluation left its decision record
+    assert rows(live_app, "SELECT count(DISTINCT evaluation_id) FROM gate_evaluations")[0][
+        0
+    ] == len(verdicts)
+    # the router runs what the database says
+    ack = next(a for a in live_app.store.read_acks() if a.instance == live_app.instance)
+    assert ack.applied_version == live_app.store.current().version == 2
+
+
+def test_only_one_rollout_per_router_group(live_app: LiveApp) -> None:
+    from flows.lifecycle import RolloutError
+    from flows.rollout_flows import rollout_start
+
+    rollout_start(small_plan(), str(live_app.paths.root))
+    with pytest.raises(RolloutError, match="already running"):
+        rollout_start(small_plan(), str(live_app.paths.root))
+
+
+def test_approval_accepted_promotes(live_app: LiveApp) -> None:
+    from flows.rollout_flows import rollout_approve, rollout_start
+
+    rollout_start(small_plan(approval_on=0), str(live_app.paths.root))
+    tick_until(live_app, {"awaiting_approval"})
+    result = rollout_approve(
+        str(live_app.paths.root), approve=True, comment="looks good", approver="alice"
+    )
+    assert result["state"] == "running" and result["phase_index"] == 1
+    assert live_app.store.current().phase == "canary-50"
+    decided = rows(
+        live_app, "SELECT verdict, actor, reason FROM decisions WHERE verdict = 'APPROVED'"
+    )
+    assert decided == [("APPROVED", "alice", "approved by alice: looks good")]
+
+
+def test_approval_rejected_rolls_back(live_app: LiveApp) -> None:
+    from flows.rollout_flows import rollout_approve, rollout_start
+
+    rollout_start(small_plan(approval_on=0), str(live_app.paths.root))
+    tick_until(live_app, {"awaiting_approval"})
+    result = rollout_approve(str(live_app.paths.root), approve=False, approver="bob")
+    assert result["state"] == "rolled_back"
+    assert live_app.store.current().mode.value == "legacy_only"
+    wait_for(
+        lambda: any(
+            a.applied_version == live_app.store.current().version
+            for a in live_app.store.read_acks()
+        ),
+        10,
+        "router applies legacy",
+    )
+
+
+def test_approval_through_the_paused_form(live_app: LiveApp) -> None:
+    """The UI path: the flow pauses with a form; a resume with input decides."""
+    from flows.cli.rollout_cmd import _resume_paused_approval
+    from flows.rollout_flows import rollout_approve, rollout_start
+
+    rollout_start(small_plan(approval_on=0), str(live_app.paths.root))
+    tick_until(live_app, {"awaiting_approval"})
+    outcome: dict[str, Any] = {}
+    waiter = threading.Thread(
+        target=lambda: outcome.update(rollout_approve(str(live_app.paths.root), timeout_s=60))
+    )
+    waiter.start()
+    resumed: list[str | None] = []
+    wait_for(
+        lambda: (
+            resumed.append(
+                _resume_paused_approval(
+                    {"approve": True, "comment": "from the form", "approver": "ui-user"}
+                )
+            )
+            or resumed[-1]
+        ),
+        30,
+        "a paused approval run",
+        interval_s=1,
+    )
+    waiter.join(60)
+    assert outcome.get("approved") is True and outcome.get("state") == "running"
+
+
+def test_double_rollback_is_one_rollback(live_app: LiveApp) -> None:
+    from flows.rollout_flows import rollout_rollback, rollout_start
+
+    rollout_start(small_plan(), str(live_app.paths.root))
+    first = rollout_rollback("operator saw errors", str(live_app.paths.root))
+    second = rollout_rollback("operator saw errors", str(live_app.paths.root))
+    assert first["state"] == second["state"] == "rolled_back"
+    assert first["version"] == second["version"]
+    assert live_app.store.current().mode.value == "legacy_only"
+    assert rows(live_app, "SELECT count(*) FROM decisions WHERE verdict = 'ROLLBACK'")[0][0] == 1
+    assert (
+        rows(live_app, "SELECT count(*) FROM rollout_transitions WHERE to_state = 'rolled_back'")[
+            0
+        ][0]
+        == 1
+    )
+
+
+CRASH_AFTER_PUBLISH = textwrap.dedent("""
+    import os, sys
+    from router.control_store import FileControlStore
+    original = FileControlStore.publish
+    def publish_then_die(self, config):
+        original(self, config)
+        os._exit(137)  # the process dies after telling the routers, before recording it
+    FileControlStore.publish = publish_then_die
+    from checks.gx_suites import GxRunner
+    from flows.paths import DataPaths
+    from flows.tick import tick
+    paths = DataPaths.at(sys.argv[1])
+    tick(paths, GxRunner())
+    sys.exit(3)  # not reached when the tick promotes
+""")
+
+
+def test_crash_between_publish_and_commit_is_resumed(live_app: LiveApp) -> None:
+    from flows.rollout_flows import rollout_start
+
+    rollout_start(small_plan(), str(live_app.paths.root))
+    # once the gate would promote, a tick crashes in the middle of promoting
+    for _ in range(30):
+        crashed = subprocess.run(
+            [sys.executable, "-c", CRASH_AFTER_PUBLISH, str(live_app.paths.root)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if crashed.returncode == 137:
+            break
+        time.sleep(1)
+    assert crashed.returncode == 137, crashed.stderr[-2000:]
+    published = live_app.store.current()
+    assert published.phase == "canary-50"
+    # the database never heard of it ...
+    assert (
+        rows(
+            live_app, "SELECT count(*) FROM config_versions WHERE version = ?", [published.version]
+        )[0][0]
+        == 0
+    )
+    # ... until the next tick reconciles: same version, phase 2 running, cause recorded
+    result = tick_until(live_app, {"running", "completed"}, limit_s=30)
+    assert result["reconciled"] and "adopted promotion" in result["reconciled"]
+    phase = rows(
+        live_app, "SELECT config_version, started_at IS NOT NULL FROM phases WHERE phase_index = 1"
+    )[0]
+    assert phase == (published.version, True)
+    causes = [r[0] for r in rows(live_app, "SELECT cause FROM rollout_transitions ORDER BY seq")]
+    assert any("recovered after a crash" in c for c in causes)
+
+
+def test_unacknowledged_promotion_restores_the_previous_phase(live_app: LiveApp) -> None:
+    """A stuck instance never applies the new phase: the transaction puts phase 1 back."""
+    from flows.rollout_flows import AcknowledgementFailed, rollout_start, rollout_tick
+    from router.control_store import Acknowledgement
+
+    rollout_start(small_plan(), str(live_app.paths.root))
+    time.sleep(4)
+    live_app.stop_app()
+    current = live_app.store.current()
+    now = datetime.now(UTC)
+    stuck = Acknowledgement(
+        instance="stuck-1",
+        applied_version=current.version,
+        effective_mode=current.mode,
+        configured_mode=current.mode,
+        traffic_percent=current.traffic_percent,
+        heartbeat_at=now,
+        started_at=now,
+    )
+    live_app.store.write_ack(stuck)
+    with pytest.raises(AcknowledgementFailed):
+        rollout_tick(str(live_app.paths.root), ack_timeout_s=2)
+    restored = live_app.store.current()
+    assert restored.phase == "shadow" and restored.version > current.version + 1
+    state = rows(live_app, "SELECT state, phase_index FROM rollouts")[0]
+    assert state == ("running", 0)
+    assert rows(live_app, "SELECT count(*) FROM decisions WHERE verdict = 'RESTORED'")[0][0] == 1
+
+
+def test_nightly_comparison_stores_rows_and_artifacts(live_app: LiveApp) -> None:
+    from prefect.artifacts import Artifact
+
+    from flows.rollout_flows import nightly_comparison, rollout_start
+
+    rollout_start(small_plan(), str(live_app.paths.root))
+    tick_until(live_app, {"running"}, limit_s=20)
+    time.sleep(3)
+    result = nightly_comparison(str(live_app.paths.root), hours=1)
+    assert result["rows"] > 0 and result["legacy"] > 0
+    stored = rows(
+        live_app,
+        "SELECT count(*), count(DISTINCT backend) FROM nightly_comparisons WHERE run_id = ?",
+        [result["run_id"]],
+    )[0]
+    assert stored[0] == result["rows"] and stored[1] >= 2
+    assert Artifact.get("nightly-comparison") is not None
+
+
+def test_tick_writes_status_and_decision_artifacts(live_app: LiveApp) -> None:
+    from prefect.artifacts import Artifact
+
+    from flows.rollout_flows import rollout_start, rollout_tick
+
+    started = rollout_start(small_plan(), str(live_app.paths.root))
+    time.sleep(2)
+    rollout_tick(str(live_app.paths.root))
+    status = Artifact.get(f"rollout-{started['rollout_id']}-status")
+    assert status is not None and "shadow" in str(status.data)
+    record = Artifact.get(f"rollout-{started['rollout_id']}-decision-record")
+    assert record is not None
