@@ -75,6 +75,7 @@ class QueryFacts(NamedTuple):
     fingerprint: str
     length: int
 
+
 SPLIT_MODES = (DeploymentMode.CANARY, DeploymentMode.AB_TEST)
 
 
@@ -509,8 +510,15 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
                 config_version=config.version,
                 latency_ms=(time.perf_counter() - started) * 1000.0,
             )
-            self._record(result, outcome, bucket, self._facts(query_text), datetime.now(UTC),
-                         is_shadow=True, primary=primary_id)
+            self._record(
+                result,
+                outcome,
+                bucket,
+                self._facts(query_text),
+                datetime.now(UTC),
+                is_shadow=True,
+                primary=primary_id,
+            )
             self._guard_observe(result)
         except asyncio.CancelledError:
             raise

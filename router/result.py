@@ -46,7 +46,10 @@ class RoutingResult:
         return self._explanation
 
     def to_dict(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith(
-            ("explain", "_"))}
+        data = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if not f.name.startswith(("explain", "_"))
+        }
         data["explanation"] = self.explanation
         return data

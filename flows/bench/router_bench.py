@@ -46,19 +46,29 @@ from router.production_router import ProductionIntelligentQueryRouter
 from router.recorder import SegmentRecorder
 from router.router_config import GuardLimits, RouterConfig
 
-QUESTION = "Which plasma acylcarnitines are elevated in MCAD deficiency and how are they quantified?"
+QUESTION = (
+    "Which plasma acylcarnitines are elevated in MCAD deficiency and how are they quantified?"
+)
 MOCK_BACKENDS = [
     BackendConfig(name=f"lightrag-{i}", kind=BackendKind.LIGHTRAG, base_url=f"http://lr{i}.test")
     for i in (1, 2, 3)
 ]
 FLEET = [
-    SimBackendSpec(name="fast", kind=BackendKind.LIGHTRAG,
-                   profile=BackendProfile(latency_ms=40, latency_sigma=0.3, quality=0.85)),
-    SimBackendSpec(name="slow", kind=BackendKind.LIGHTRAG,
-                   profile=BackendProfile(latency_ms=400, latency_sigma=0.3, quality=0.85)),
-    SimBackendSpec(name="flaky", kind=BackendKind.LIGHTRAG,
-                   profile=BackendProfile(latency_ms=40, latency_sigma=0.3, error_rate=0.2,
-                                          quality=0.85)),
+    SimBackendSpec(
+        name="fast",
+        kind=BackendKind.LIGHTRAG,
+        profile=BackendProfile(latency_ms=40, latency_sigma=0.3, quality=0.85),
+    ),
+    SimBackendSpec(
+        name="slow",
+        kind=BackendKind.LIGHTRAG,
+        profile=BackendProfile(latency_ms=400, latency_sigma=0.3, quality=0.85),
+    ),
+    SimBackendSpec(
+        name="flaky",
+        kind=BackendKind.LIGHTRAG,
+        profile=BackendProfile(latency_ms=40, latency_sigma=0.3, error_rate=0.2, quality=0.85),
+    ),
 ]
 
 
@@ -68,35 +78,59 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def _production_router(
-    data_dir: Path, algorithm: AlgorithmName, backends: list[BackendConfig],
+    data_dir: Path,
+    algorithm: AlgorithmName,
+    backends: list[BackendConfig],
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> ProductionIntelligentQueryRouter:
-    flags = ProductionFeatureFlags(data_dir=data_dir, instance_id=f"bench-{algorithm.value}",
-                                   advanced_algorithms=True, control_poll_s=60)
+    flags = ProductionFeatureFlags(
+        data_dir=data_dir,
+        instance_id=f"bench-{algorithm.value}",
+        advanced_algorithms=True,
+        control_poll_s=60,
+    )
     config = ProductionLoadBalancingConfig(
-        algorithm=algorithm, backends=tuple(backends),
+        algorithm=algorithm,
+        backends=tuple(backends),
         custom_algorithm=CUSTOM_SPEC if algorithm is AlgorithmName.CUSTOM else None,
         health_check=HealthCheckSettings(enabled=False),
     )
     router = ProductionIntelligentQueryRouter(
-        backends=backends, transport=transport, health_checks=False, flags=flags,
-        production_config=config, control_store=None,
-        recorder=SegmentRecorder(data_dir / "segments", f"bench-{algorithm.value}",
-                                 flush_interval_s=0.5),
+        backends=backends,
+        transport=transport,
+        health_checks=False,
+        flags=flags,
+        production_config=config,
+        control_store=None,
+        recorder=SegmentRecorder(
+            data_dir / "segments", f"bench-{algorithm.value}", flush_interval_s=0.5
+        ),
         seed=5,
     )
     # Serve everyone from the production balancer; keep the local guard out of the way.
-    router.apply_config(RouterConfig(version=1, mode=DeploymentMode.PRODUCTION_ONLY,
-                                     traffic_percent=100, algorithm=algorithm,
-                                     guard=GuardLimits(enabled=False)))
+    router.apply_config(
+        RouterConfig(
+            version=1,
+            mode=DeploymentMode.PRODUCTION_ONLY,
+            traffic_percent=100,
+            algorithm=algorithm,
+            guard=GuardLimits(enabled=False),
+        )
+    )
     return router
 
 
 # -- decision overhead ---------------------------------------------------------------------
 async def _decision_us(data_dir: Path, requests: int, warmup: int) -> list[float]:
     router = _production_router(data_dir, AlgorithmName.LEAST_CONNECTIONS, MOCK_BACKENDS)
-    answer = BackendAnswer("Acylcarnitines C8, C6 and C10:1 rise; quantified by MS/MS [1][2][3]"
-                           " References: [1] a [2] b [3] c", 20, 60, (), 200)
+    answer = BackendAnswer(
+        "Acylcarnitines C8, C6 and C10:1 rise; quantified by MS/MS [1][2][3]"
+        " References: [1] a [2] b [3] c",
+        20,
+        60,
+        (),
+        200,
+    )
 
     async def immediate(*args: Any, **kwargs: Any) -> BackendAnswer:
         return answer
@@ -140,14 +174,15 @@ async def _rate(worker: Callable[[int], Awaitable[Any]], requests: int, concurre
 async def _throughput(data_dir: Path, requests: int, concurrency: int, rounds: int) -> dict:
     transport = _mock_transport()
     raw = httpx.AsyncClient(transport=transport)
-    router = _production_router(data_dir, AlgorithmName.LEAST_CONNECTIONS, MOCK_BACKENDS,
-                                transport=transport)
+    router = _production_router(
+        data_dir, AlgorithmName.LEAST_CONNECTIONS, MOCK_BACKENDS, transport=transport
+    )
     url = f"{MOCK_BACKENDS[0].url}/query"
 
     async def raw_call(i: int) -> None:
         response = await raw.send(
-            raw.build_request("POST", url, json={"query": QUESTION, "mode": "hybrid"}),
-            stream=True)
+            raw.build_request("POST", url, json={"query": QUESTION, "mode": "hybrid"}), stream=True
+        )
         await response.aread()
         json.loads(response.content)
         await response.aclose()
@@ -168,8 +203,9 @@ async def _throughput(data_dir: Path, requests: int, concurrency: int, rounds: i
 
 
 # -- the fleet -----------------------------------------------------------------------------
-async def _drive(route: Callable[[str, dict], Awaitable[Any]], questions: list[str],
-                 requests: int, rate: float) -> dict[str, Any]:
+async def _drive(
+    route: Callable[[str, dict], Awaitable[Any]], questions: list[str], requests: int, rate: float
+) -> dict[str, Any]:
     """Open loop: Poisson arrivals at `rate` per second, as users arrive in real life.
     A closed loop (N workers waiting for each other) would hide slow answers by sending
     fewer requests while they last (coordinated omission)."""
@@ -201,20 +237,25 @@ async def _drive(route: Callable[[str, dict], Awaitable[Any]], questions: list[s
     }
 
 
-async def _fleet(data_dir: Path, backends: list[BackendConfig], requests: int,
-                 rate: float, progress: Callable[[str], None]) -> list[dict[str, Any]]:
+async def _fleet(
+    data_dir: Path,
+    backends: list[BackendConfig],
+    requests: int,
+    rate: float,
+    progress: Callable[[str], None],
+) -> list[dict[str, Any]]:
     questions = [q.text for q in load_questions() if q.kind != "recent_events"]
     rows = []
     legacy = IntelligentQueryRouter(backends=backends, health_checks=False)
     progress("legacy")
-    rows.append({"router": "legacy", **await _drive(legacy.route_query, questions, requests,
-                                                    rate)})
+    rows.append({"router": "legacy", **await _drive(legacy.route_query, questions, requests, rate)})
     await legacy.shutdown()
     for name in AlgorithmName:
         progress(name.value)
         router = _production_router(data_dir, name, backends)
-        rows.append({"router": name.value, **await _drive(router.route_query, questions,
-                                                          requests, rate)})
+        rows.append(
+            {"router": name.value, **await _drive(router.route_query, questions, requests, rate)}
+        )
         await router.shutdown()
     return rows
 
@@ -237,8 +278,9 @@ def run(
         with FleetThread(FLEET, seed=11) as fleet:
             assert fleet.info is not None
             backends = fleet.info.backend_configs(timeout_s=2.0)
-            fleet_rows = asyncio.run(_fleet(data_dir, backends, fleet_requests, fleet_rate,
-                                            progress))
+            fleet_rows = asyncio.run(
+                _fleet(data_dir, backends, fleet_requests, fleet_rate, progress)
+            )
     legacy_p99 = next(r["p99_ms"] for r in fleet_rows if r["router"] == "legacy")
     production = [r for r in fleet_rows if r["router"] != "legacy"]
     qualified = [r for r in production if r["success_rate"] >= 0.995] or production
@@ -252,11 +294,17 @@ def run(
         "fleet": fleet_rows,
         "best_production": best["router"],
         "best_p99_ratio_vs_legacy": round(best["p99_ms"] / legacy_p99, 3),
-        "settings": {"decision_requests": decision_requests,
-                     "throughput_requests": throughput_requests, "fleet_requests": fleet_requests,
-                     "fleet_rate_per_s": fleet_rate, "throughput_concurrency": concurrency,
-                     "fleet": [{"name": s.name, **s.profile.model_dump(
-                         include={"latency_ms", "error_rate"})} for s in FLEET]},
+        "settings": {
+            "decision_requests": decision_requests,
+            "throughput_requests": throughput_requests,
+            "fleet_requests": fleet_requests,
+            "fleet_rate_per_s": fleet_rate,
+            "throughput_concurrency": concurrency,
+            "fleet": [
+                {"name": s.name, **s.profile.model_dump(include={"latency_ms", "error_rate"})}
+                for s in FLEET
+            ],
+        },
     }
 
 
