@@ -7,7 +7,7 @@ quantile bug); Python sees one row per arm plus a bounded sample of raw rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import pandas as pd
@@ -77,11 +77,18 @@ def arm_stats(con: Connection, version: int) -> dict[str, ArmStats]:
     return stats
 
 
+#: Requests started before a new config was applied finish under the old version after
+#: the switch; rows within this many seconds of the phase start may carry either.
+SWITCH_GRACE_S = 10.0
+
+
 def window_rows(
     con: Connection, version: int, since: datetime, limit: int = 200_000
 ) -> pd.DataFrame:
     """The phase's rows plus anything else seen since the phase began (newest first)."""
-    return con.execute(WINDOW_ROWS_SQL, [version, since, limit]).df()
+    return con.execute(
+        WINDOW_ROWS_SQL, [version, since + timedelta(seconds=SWITCH_GRACE_S), limit]
+    ).df()
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
