@@ -45,7 +45,11 @@ def prefect_session(in_process: bool = True) -> Iterator[str]:
             stack.enter_context(
                 temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
             )
-        url = os.environ.get("PREFECT_API_URL")
+        # The effective setting, not just the environment: a test harness or a profile
+        # may point Prefect at a server that is not ours to start or stop.
+        from prefect.settings import get_current_settings
+
+        url = get_current_settings().api.url
         if not url:
             from prefect.server.api.server import SubprocessASGIServer
 

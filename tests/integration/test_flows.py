@@ -32,6 +32,7 @@ def small_plan(approval_on: int | None = None, min_samples: int = 30) -> Rollout
             evaluation_interval="1s",
             min_samples=min_samples,
             requires_approval=i == approval_on,
+            thresholds={"max_error_rate_diff": 0.05},
         )
     return validate_plan(
         {"name": "small", "router_group": "test", "ack_timeout": "10s", "phases": phases}
@@ -230,7 +231,7 @@ def test_unacknowledged_promotion_restores_the_previous_phase(live_app: LiveApp)
     from router.control_store import Acknowledgement
 
     rollout_start(small_plan(), str(live_app.paths.root))
-    time.sleep(4)
+    time.sleep(12)  # enough paired evidence for the gate to promote out of shadow
     live_app.stop_app()
     current = live_app.store.current()
     now = datetime.now(UTC)
