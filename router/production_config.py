@@ -82,9 +82,10 @@ class AdaptiveSettings(BaseModel):
     latency_weight: float = Field(default=0.5, ge=0)
     cost_weight: float = Field(default=0.2, ge=0)
     quality_weight: float = Field(default=0.3, ge=0)
-    latency_target_ms: float = Field(default=2000.0, gt=0)
+    latency_target_ms: float = Field(default=500.0, gt=0, description="latency scoring 0.5")
     cost_target_usd: float = Field(default=0.01, gt=0)
-    decay: float = Field(default=0.98, gt=0, le=1, description="forgetting per observation")
+    decay: float = Field(default=0.995, gt=0, le=1, description="forgetting per own observation")
+    half_life_s: float = Field(default=60.0, gt=0, description="idle backends drift back")
 
 
 class ProductionLoadBalancingConfig(BaseModel):

@@ -19,6 +19,7 @@ app = typer.Typer(help="Simulated answer backends for demos and tests.", no_args
 
 class FleetName(StrEnum):
     demo = "demo"
+    bench = "bench"
 
 
 @app.command("serve")
@@ -32,12 +33,12 @@ def serve(
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
     """Start the fleet on 127.0.0.1 (free ports) and serve until Ctrl-C or SIGTERM."""
-    from flows.sim.fleet import SIM_API_KEY_ENV, Fleet, demo_fleet
+    from flows.sim.fleet import FLEETS, SIM_API_KEY_ENV, Fleet
 
     target = fleet_file or paths(data_dir).runs / "fleet.json"
 
     async def main() -> None:
-        running = Fleet(demo_fleet(api_key=os.environ.get(SIM_API_KEY_ENV)), seed=seed)
+        running = Fleet(FLEETS[fleet.value](api_key=os.environ.get(SIM_API_KEY_ENV)), seed=seed)
         info = await running.start()
         info.write(target)
         for member in info.members:

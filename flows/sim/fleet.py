@@ -65,6 +65,30 @@ def demo_fleet(api_key: str | None = None) -> list[SimBackendSpec]:
     ]
 
 
+def bench_fleet(api_key: str | None = None) -> list[SimBackendSpec]:
+    """The router benchmark's fleet: one fast, one ten times slower, one failing 20 %."""
+    return [
+        SimBackendSpec(
+            name="fast",
+            kind=BackendKind.LIGHTRAG,
+            profile=BackendProfile(latency_ms=40, latency_sigma=0.3, quality=0.85),
+        ),
+        SimBackendSpec(
+            name="slow",
+            kind=BackendKind.LIGHTRAG,
+            profile=BackendProfile(latency_ms=400, latency_sigma=0.3, quality=0.85),
+        ),
+        SimBackendSpec(
+            name="flaky",
+            kind=BackendKind.LIGHTRAG,
+            profile=BackendProfile(latency_ms=40, latency_sigma=0.3, error_rate=0.2, quality=0.85),
+        ),
+    ]
+
+
+FLEETS = {"demo": demo_fleet, "bench": bench_fleet}
+
+
 class FleetMember(BaseModel):
     spec: SimBackendSpec
     url: str

@@ -24,13 +24,17 @@ class Adaptive:
             Q = quality                     term and its weight left out when unmeasured
         (all weights zero: r = 1 on success)
 
-    Update: every observation first multiplies every backend's `S` and `F` by `decay`
-    (discounted Thompson sampling, Raj & Kalyani 2017), then adds `r` to the observed
-    backend's `S` and `1 - r` to its `F`. The memory is about `1 / (1 - decay)`
-    observations (50 at 0.98), so a backend that degrades loses traffic within tens of
-    requests, and a backend left alone drifts back to the uninformed prior and gets
-    re-tried, which is how a recovery is noticed. Failures that are not the backend's
-    fault (`health_penalty=False`, for example a rate limit) are not learned from.
+    Update (discounted Thompson sampling, Raj & Kalyani 2017, discounted per backend):
+    an observation multiplies the observed backend's `S` and `F` by `decay` and adds `r`
+    to `S` and `1 - r` to `F`, so its memory is about `1 / (1 - decay)` of its own
+    observations (200 at 0.995) and a backend that degrades loses traffic within tens of
+    its requests. Separately, every backend's totals halve every `half_life_s` seconds
+    of wall time: a backend left alone drifts back to the uninformed prior and is
+    re-tried, which is how a recovery is noticed, at a pace set by time rather than by
+    the other backends' traffic (discounting by others' traffic re-explores a bad
+    backend a few percent of the time at any request rate). Failures that are not the
+    backend's fault (`health_penalty=False`, for example a rate limit) are not learned
+    from.
     """
 
     name = "adaptive"
@@ -38,8 +42,16 @@ class Adaptive:
     def __init__(self, settings: AdaptiveSettings | None = None, seed: int | None = None) -> None:
         self.settings = settings or AdaptiveSettings()
         self._random = random.Random(seed)
-        #: Backend name -> [S, F], discounted reward and shortfall totals.
+        #: Backend name -> [S, F, t]: discounted reward and shortfall totals, as of time t.
         self._stats: dict[str, list[float]] = {}
+        self._now = 0.0  # the clock of the latest decision (observations follow decisions)
+
+    def _aged(self, stats: list[float], now: float) -> tuple[float, float]:
+        age = now - stats[2]
+        if age <= 0:
+            return stats[0], stats[1]
+        factor = 0.5 ** (age / self.settings.half_life_s)
+        return stats[0] * factor, stats[1] * factor
 
     def reward(self, observation: Observation) -> float:
         if not observation.ok:
@@ -65,33 +77,35 @@ class Adaptive:
             return
         r = self.reward(observation)
         decay = self.settings.decay
-        if decay < 1.0:
-            for stats in self._stats.values():
-                stats[0] *= decay
-                stats[1] *= decay
         stats = self._stats.get(backend.name)
         if stats is None:
-            stats = self._stats[backend.name] = [0.0, 0.0]
-        stats[0] += r
-        stats[1] += 1.0 - r
+            stats = self._stats[backend.name] = [0.0, 0.0, self._now]
+        s, f = self._aged(stats, self._now)
+        stats[0] = s * decay + r
+        stats[1] = f * decay + (1.0 - r)
+        stats[2] = self._now
 
     def posterior_mean(self, name: str) -> float:
-        s, f = self._stats.get(name, (0.0, 0.0))
+        stats = self._stats.get(name)
+        s, f = self._aged(stats, self._now) if stats else (0.0, 0.0)
         return (1.0 + s) / (2.0 + s + f)
 
     def choose(self, candidates: Sequence[BackendState], ctx: RequestContext) -> Choice:
         stats = self._stats
+        now = self._now = max(self._now, ctx.now)
         draw = self._random.betavariate
         scores: dict[str, float] = {}
         picked = candidates[0]
         best = -1.0
         for b in candidates:
-            s, f = stats.get(b.name, (0.0, 0.0))
+            found = stats.get(b.name)
+            s, f = self._aged(found, now) if found else (0.0, 0.0)
             x = draw(1.0 + s, 1.0 + f)
             scores[b.name] = x
             if x > best:
                 picked, best = b, x
-        s, f = stats.get(picked.name, (0.0, 0.0))
+        found = stats.get(picked.name)
+        s, f = self._aged(found, now) if found else (0.0, 0.0)
         return Choice(
             picked,
             f"highest Thompson draw {best:.3f} (mean reward {(1.0 + s) / (2.0 + s + f):.3f} "
