@@ -310,9 +310,28 @@ def rollout_rollback(
     return result
 
 
+@task(name="compact-old-rows", cache_policy=NONE)
+def compact_task(data_dir: str, retention_days: int | None) -> dict[str, Any]:
+    from flows.store.retention import compact
+
+    report = compact(DataPaths.at(data_dir), retention=retention_days)
+    return {
+        "archived_rows": report.rows,
+        "cutoff": str(report.cutoff),
+        "segments_deleted": report.segments_deleted,
+        "held_back": report.held_back,
+    }
+
+
 @flow(name="nightly-comparison")
-def nightly_comparison(data_dir: str = "data", hours: float = 24.0) -> dict[str, Any]:
-    """Legacy against production over the last `hours`, per backend and query category."""
+def nightly_comparison(
+    data_dir: str = "data",
+    hours: float = 24.0,
+    compact: bool = True,
+    retention_days: int | None = None,
+) -> dict[str, Any]:
+    """Legacy against production over the last `hours`, per backend and query category;
+    then the retention step (`rollout compact`), so old rows move to daily Parquet."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     comparison = nightly_task(data_dir, hours)
@@ -325,7 +344,13 @@ def nightly_comparison(data_dir: str = "data", hours: float = 24.0) -> dict[str,
         description="legacy vs production per backend and query category",
     )
     create_markdown_artifact(nightly.markdown(comparison), key=artifact_key("nightly-comparison"))
-    return {"run_id": comparison.run_id, "rows": len(comparison.rows), **comparison.totals}
+    retention = compact_task(data_dir, retention_days) if compact else None
+    return {
+        "run_id": comparison.run_id,
+        "rows": len(comparison.rows),
+        **comparison.totals,
+        "retention": retention,
+    }
 
 
 @flow(name="rollout-run")

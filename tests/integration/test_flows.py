@@ -264,6 +264,7 @@ def test_nightly_comparison_stores_rows_and_artifacts(live_app: LiveApp) -> None
     time.sleep(3)
     result = nightly_comparison(str(live_app.paths.root), hours=1)
     assert result["rows"] > 0 and result["legacy"] > 0
+    assert result["retention"]["archived_rows"] == 0  # nothing is older than 30 days
     stored = rows(
         live_app,
         "SELECT count(*), count(DISTINCT backend) FROM nightly_comparisons WHERE run_id = ?",

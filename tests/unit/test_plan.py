@@ -1,0 +1,157 @@
+"""Rollout plans: the shipped ones are valid; a broken one is refused naming the phase
+and the field, and `rollout start --dry-run` exits 2 without starting anything."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from flows.plan import PlanError, default_plan, load_plan, validate_plan
+from tests.conftest import ROOT
+
+DEMO = ROOT / "deployments" / "plans" / "demo.yaml"
+
+
+def demo_data() -> dict[str, Any]:
+    return yaml.safe_load(DEMO.read_text())
+
+
+def test_default_plan_is_the_five_weeks() -> None:
+    plan = default_plan()
+    assert [p.mode.value for p in plan.phases] == [
+        "shadow",
+        "canary",
+        "canary",
+        "ab_test",
+        "production_only",
+    ]
+    assert [p.traffic_percent for p in plan.phases] == [0, 5, 15, 50, 100]
+    assert sum((p.min_duration for p in plan.phases), timedelta()) == timedelta(weeks=5)
+
+
+def test_demo_plan_compresses_the_same_phases() -> None:
+    plan = load_plan(DEMO)
+    assert [p.mode for p in plan.phases] == [p.mode for p in default_plan().phases]
+    assert all(p.max_duration < timedelta(minutes=10) for p in plan.phases)
+    fast = plan.compressed(0.5)
+    assert fast.phases[1].min_duration == plan.phases[1].min_duration / 2
+
+
+def test_durations_accept_suffixes_and_iso() -> None:
+    data = demo_data()
+    data["phases"][0]["min_duration"] = "PT30S"
+    data["phases"][0]["max_duration"] = "2m"
+    plan = validate_plan(data)
+    assert plan.phases[0].min_duration == timedelta(seconds=30)
+    assert plan.phases[0].max_duration == timedelta(minutes=2)
+
+
+BROKEN = [
+    # (what, change, expected words in the one line)
+    (
+        "decreasing traffic",
+        lambda d: d["phases"][2].update(traffic_percent=3),
+        ["phase 3 (canary-15)", "traffic_percent", "only grow"],
+    ),
+    (
+        "percent above 100",
+        lambda d: d["phases"][1].update(traffic_percent=150),
+        ["phase 2 (canary-5)", "traffic_percent"],
+    ),
+    (
+        "negative percent",
+        lambda d: d["phases"][1].update(traffic_percent=-1),
+        ["phase 2 (canary-5)", "traffic_percent"],
+    ),
+    (
+        "shadow with traffic",
+        lambda d: d["phases"][0].update(traffic_percent=10),
+        ["phase 1 (shadow)", "percent must be 0"],
+    ),
+    (
+        "unknown mode",
+        lambda d: d["phases"][1].update(mode="canry"),
+        ["phase 2 (canary-5)", "mode", "canary"],
+    ),
+    (
+        "missing field",
+        lambda d: d["phases"][3].pop("min_duration"),
+        ["phase 4 (ab-50)", "min_duration", "required"],
+    ),
+    ("unknown field", lambda d: d["phases"][0].update(traffic=5), ["phase 1 (shadow)", "traffic"]),
+    (
+        "max below min",
+        lambda d: d["phases"][1].update(max_duration="1s"),
+        ["phase 2 (canary-5)", "shorter than min_duration"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("what", "change", "words"), BROKEN, ids=[b[0] for b in BROKEN])
+def test_broken_plan_names_phase_and_field(what: str, change: Any, words: list[str]) -> None:
+    data = copy.deepcopy(demo_data())
+    change(data)
+    with pytest.raises(PlanError) as caught:
+        validate_plan(data)
+    assert len(caught.value.lines) == 1, caught.value.lines
+    for word in words:
+        assert word in caught.value.lines[0], caught.value.lines[0]
+
+
+def test_start_dry_run_validates_without_starting(tmp_path: Path) -> None:
+    good = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "start",
+            "--plan",
+            str(DEMO),
+            "--dry-run",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert good.returncode == 0, good.stderr
+    assert "is valid" in good.stdout
+    assert not (tmp_path / "metrics.duckdb").exists()
+    data = demo_data()
+    data["phases"][2]["traffic_percent"] = 3
+    bad_file = tmp_path / "bad.yaml"
+    bad_file.write_text(yaml.safe_dump(data))
+    bad = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "start", "--plan", str(bad_file), "--dry-run"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2
+    assert "phase 3 (canary-15)" in bad.stderr and "traffic may only grow" in bad.stderr
+    missing = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "start",
+            "--plan",
+            str(tmp_path / "nope.yaml"),
+            "--dry-run",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
