@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -10,8 +11,10 @@ from rich.console import Console
 
 from flows.paths import DATA_DIR_ENV, DataPaths
 
-console = Console()
-err_console = Console(stderr=True)
+# Piped output (CI logs, files) is not a terminal: give tables room instead of rich's
+# default 80 columns, which truncates them.
+console = Console(width=None if sys.stdout.isatty() else 140)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 DataDir = Annotated[
     Path,
