@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from router.backends import BackendConfig, BackendKind
 
@@ -73,6 +74,8 @@ class BackendState:
     #: Set by passive outlier ejection or the legacy consecutive-failure rule.
     ejected_until: float = 0.0
     ejections: int = 0
+    #: The health policy's breaker for this backend, cached here for the request path.
+    breaker: Any = None
 
     def __post_init__(self) -> None:
         self.name = self.config.name

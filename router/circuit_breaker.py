@@ -212,6 +212,8 @@ class CircuitBreaker:
         self.trip: tuple[int, float, float] = (0, 0.0, 0.0)
         self.last_message: str | None = None
         self.transitions: deque[BreakerTransition] = deque(maxlen=16)
+        #: The policy that owns this breaker (lets it be cached on the backend's state).
+        self.owner: object | None = None
 
     # -- queries ----------------------------------------------------------------------
     def state_at(self, now: float) -> BreakerState:

@@ -164,11 +164,16 @@ class ProductionHealth:
         self._pending: deque[HealthEvent] = deque(maxlen=max_pending)
 
     def breaker(self, backend: BackendState) -> CircuitBreaker:
+        found = backend.breaker  # cached on the state: this runs several times per request
+        if found is not None and found.owner is self:
+            return found
         found = self.breakers.get(backend.name)
         if found is None:
             found = self.breakers[backend.name] = CircuitBreaker(
                 self.breaker_settings, backend.name, probe_lease_s=self.probe_lease_s
             )
+            found.owner = self
+        backend.breaker = found
         return found
 
     def _available(self, backend: BackendState, now: float) -> bool:

@@ -163,6 +163,7 @@ class IntelligentQueryRouter:
         )
         self._health_checks = health_checks
         self._tasks: list[asyncio.Task[Any]] = []
+        self._started = False
         self._closed = False
 
     # -- lifecycle --------------------------------------------------------------------
@@ -175,6 +176,7 @@ class IntelligentQueryRouter:
         return [self.legacy]
 
     def _start_background(self) -> None:
+        self._started = True
         if self._tasks or self._closed or not self._health_checks:
             return
         checker = ActiveHealthChecker(

@@ -1,7 +1,7 @@
 """Prometheus metrics for the host application to expose.
 
-Counters and the latency histogram are updated per request with pre-resolved label
-children (a dict lookup, no label parsing on the hot path). Everything that is state
+Counts, spend and the latency histogram are plain numbers updated per request and
+turned into Prometheus families only when scraped. Everything that is state
 rather than an event (breaker state, ejection, applied config version, failback) is
 read from the router only when Prometheus scrapes, by a custom collector.
 
@@ -14,40 +14,34 @@ Expose them with your app's registry, e.g.::
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 
 
 class RouterMetrics:
+    """Request counts, spend and the latency histogram, per arm and backend.
+
+    The request path only bumps plain Python numbers (a dict lookup, two additions and
+    a bisect); Prometheus families are built from them when scraped. The exposition is
+    what prometheus-client's Counter and Histogram would produce.
+    """
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.requests = Counter(
-            "router_requests",
-            "Routed requests (shadow executions included, see the shadow label).",
-            ["arm", "backend", "outcome", "shadow"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "router_request_latency_seconds",
-            "End-to-end routing latency, failovers included.",
-            ["arm", "backend"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=self.registry,
-        )
-        self.cost = Counter(
-            "router_cost_usd",
-            "Spend on answers, by arm and backend.",
-            ["arm", "backend"],
-            registry=self.registry,
-        )
-        self._children: dict[tuple[str, str, str, bool], tuple[Any, Any, Any]] = {}
+        #: (arm, backend, outcome, shadow) -> [requests, cost_usd]
+        self.series: dict[tuple[str, str, str, bool], list[float]] = {}
+        #: (arm, backend) -> bucket counts (len(buckets) + 1, the last is +Inf) and the sum
+        self.latency: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
+        self.registry.register(_RequestCollector(self))
 
     def observe(
         self,
@@ -58,23 +52,58 @@ class RouterMetrics:
         latency_ms: float,
         cost_usd: float,
     ) -> None:
-        key = (arm, backend or "none", outcome, shadow)
-        children = self._children.get(key)
-        if children is None:
-            children = (
-                self.requests.labels(arm, key[1], outcome, "true" if shadow else "false"),
-                self.latency.labels(arm, key[1]),
-                self.cost.labels(arm, key[1]),
-            )
-            self._children[key] = children
-        children[0].inc()
-        children[1].observe(latency_ms / 1000.0)
-        if cost_usd:
-            children[2].inc(cost_usd)
+        name = backend or "none"
+        key = (arm, name, outcome, shadow)
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = [0, 0.0]
+        series[0] += 1
+        series[1] += cost_usd
+        histogram = self.latency.get((arm, name))
+        if histogram is None:
+            histogram = self.latency[(arm, name)] = ([0] * (len(LATENCY_BUCKETS_S) + 1), [0.0])
+        seconds = latency_ms / 1000.0
+        histogram[0][bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
+        histogram[1][0] += seconds
 
     def watch(self, state: Callable[[], dict[str, Any]]) -> None:
         """Register the scrape-time collector; `state` returns a health/status snapshot."""
         self.registry.register(_StateCollector(state))
+
+
+class _RequestCollector(Collector):
+    def __init__(self, metrics: RouterMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        requests = CounterMetricFamily(
+            "router_requests",
+            "Routed requests (shadow executions included, see the shadow label).",
+            labels=["arm", "backend", "outcome", "shadow"],
+        )
+        cost = CounterMetricFamily(
+            "router_cost_usd", "Spend on answers, by arm and backend.", labels=["arm", "backend"]
+        )
+        spend: dict[tuple[str, str], float] = {}
+        for (arm, backend, outcome, shadow), (count, usd) in list(self.metrics.series.items()):
+            requests.add_metric([arm, backend, outcome, "true" if shadow else "false"], count)
+            spend[(arm, backend)] = spend.get((arm, backend), 0.0) + usd
+        for (arm, backend), usd in spend.items():
+            cost.add_metric([arm, backend], usd)
+        latency = HistogramMetricFamily(
+            "router_request_latency_seconds",
+            "End-to-end routing latency, failovers included.",
+            labels=["arm", "backend"],
+        )
+        for (arm, backend), (counts, total) in list(self.metrics.latency.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip((*LATENCY_BUCKETS_S, float("inf")), counts, strict=True):
+                cumulative += count
+                buckets.append((floatToGoString(bound), cumulative))
+            latency.add_metric([arm, backend], buckets, total[0])
+        yield requests
+        yield cost
+        yield latency
 
 
 class _StateCollector(Collector):

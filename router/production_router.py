@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 
 PRODUCTION = Arm.PRODUCTION.value
 FACTS_CACHE_SIZE = 4096
+BUCKET_CACHE_SIZE = 65_536
 
 
 class QueryFacts(NamedTuple):
@@ -167,6 +168,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         self._id_prefix = uuid.uuid4().hex[:12]
         self._id_counter = itertools.count(1)
         self._facts_cache: dict[str, QueryFacts] = {}
+        self._bucket_cache: dict[tuple[str, str], int] = {}
         self.shadow_skipped = 0
         #: Prometheus metrics; pass `metrics_registry=prometheus_client.REGISTRY` to expose
         #: them with the host application's other metrics.
@@ -340,6 +342,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
 
     def _start_background(self) -> None:
         if self._tasks or self._closed:
+            self._started = True
             return
         super()._start_background()
         if self.control_store is not None:
@@ -388,6 +391,16 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         would cost a system call per request)."""
         return f"{self._id_prefix}{next(self._id_counter):010x}"
 
+    def _bucket(self, key: str, salt: str) -> int:
+        """A subject's bucket (SHA-256), cached: the same users come back all day."""
+        cache = self._bucket_cache
+        found = cache.get((salt, key))
+        if found is None:
+            if len(cache) >= BUCKET_CACHE_SIZE:
+                cache.clear()
+            found = cache[(salt, key)] = bucket_of(key, salt)
+        return found
+
     def _facts(self, query_text: str) -> QueryFacts:
         """Classification, fingerprint and length of a question; pure functions of the
         text, cached (bounded) because popular questions repeat."""
@@ -406,13 +419,13 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
     async def route_query(
         self, query_text: str, context: Mapping[str, Any] | None = None
     ) -> RoutingResult:
-        if not self._tasks:
+        if not self._started:
             self._start_background()
         config = self.config
         mode = self.effective_mode
         context = context or {}
         request_id = str(context.get("request_id") or self._new_request_id())
-        bucket = bucket_of(subject_key(context, request_id), config.salt)
+        bucket = self._bucket(subject_key(context, request_id), config.salt)
         arm = self.arm_for(bucket, config, mode)
         facts = self._facts(query_text)
         classification = facts.classification
@@ -423,6 +436,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             and self._random.random() < config.shadow_sample_rate
         ):
             self._start_shadow(query_text, classification, request_id, bucket, config, region)
+        arm_name = arm.value
         balancer = self.production if arm is Arm.PRODUCTION else self.legacy
         algorithm = balancer.algorithm.name  # the one this request starts with
         started = time.perf_counter()
@@ -431,21 +445,21 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
                 query_text,
                 classification,
                 region,
-                {"X-Request-ID": request_id, "X-Router-Arm": arm.value},
+                {"X-Request-ID": request_id, "X-Router-Arm": arm_name},
             )
         else:
             outcome = await balancer.route(
                 query_text,
                 classification,
                 region=region,
-                headers={"X-Request-ID": request_id, "X-Router-Arm": arm.value},
+                headers={"X-Request-ID": request_id, "X-Router-Arm": arm_name},
             )
         latency_ms = (time.perf_counter() - started) * 1000.0
         result = build_result(
             request_id=request_id,
             classification=classification,
             outcome=outcome,
-            arm=arm.value,
+            arm=arm_name,
             mode=mode.value,
             algorithm=algorithm,
             config_version=config.version,

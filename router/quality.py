@@ -13,7 +13,9 @@ _REFERENCE = re.compile(r"\[(\d+)\]|\bReferences?:", re.IGNORECASE)
 
 
 def quality_score(text: str, citations: tuple[str, ...] = ()) -> float:
-    markers = len(_REFERENCE.findall(text))
+    # Citation markers look like "[1]"; counting brackets first skips the regex for the
+    # many answers that have none.
+    markers = len(_REFERENCE.findall(text)) if "[" in text or "eferenc" in text else 0
     sources = max(len(citations), markers)
     cited = min(1.0, sources / 3.0)
     substance = min(1.0, len(text) / 600.0)
