@@ -74,12 +74,11 @@ class CostSettings(BaseModel):
 
 
 class AdaptiveSettings(BaseModel):
-    """Reward weights of the adaptive (Thompson sampling) algorithm."""
+    """The adaptive (Thompson sampling) algorithm's reward: exponents of its factors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    success_weight: float = Field(default=1.0, ge=0)
-    latency_weight: float = Field(default=0.5, ge=0)
+    latency_weight: float = Field(default=1.0, ge=0)
     cost_weight: float = Field(default=0.2, ge=0)
     quality_weight: float = Field(default=0.3, ge=0)
     latency_target_ms: float = Field(default=500.0, gt=0, description="latency scoring 0.5")

@@ -15,14 +15,17 @@ class Adaptive:
     totals and pick the highest draw (Thompson sampling). A backend never observed
     draws from Beta(1, 1), so it is tried.
 
-    Reward of one attempt, in [0, 1], with the weights of `AdaptiveSettings`:
+    Reward of one attempt, in [0, 1], with the exponents of `AdaptiveSettings`:
 
         failed attempt:      r = 0   (a fast or cheap failure is worth nothing)
-        successful attempt:  r = (w_s * 1 + w_l * L + w_c * C + w_q * Q) / (w_s + w_l + w_c + w_q)
+        successful attempt:  r = L ** w_l * C ** w_c * Q ** w_q
             L = T_l / (T_l + latency_ms)    1 when instant, 0.5 at latency_target_ms
             C = T_c / (T_c + cost_usd)      1 when free,    0.5 at cost_target_usd
-            Q = quality                     term and its weight left out when unmeasured
-        (all weights zero: r = 1 on success)
+            Q = quality                     factor left out when unmeasured
+
+    A product, not a weighted sum: a success that is ten times slower is worth about
+    half as much, so the posteriors of a fast and a slow backend separate after tens of
+    observations instead of hundreds, and a clearly worse backend is rarely re-explored.
 
     Update (discounted Thompson sampling, Raj & Kalyani 2017, discounted per backend):
     an observation multiplies the observed backend's `S` and `F` by `decay` and adds `r`
@@ -57,20 +60,12 @@ class Adaptive:
         if not observation.ok:
             return 0.0
         s = self.settings
-        total = s.success_weight
-        weights = s.success_weight + s.latency_weight + s.cost_weight
-        total += (
-            s.latency_weight
-            * s.latency_target_ms
-            / (s.latency_target_ms + max(0.0, observation.latency_ms))
-        )
-        total += (
-            s.cost_weight * s.cost_target_usd / (s.cost_target_usd + max(0.0, observation.cost_usd))
-        )
+        latency = s.latency_target_ms / (s.latency_target_ms + max(0.0, observation.latency_ms))
+        cost = s.cost_target_usd / (s.cost_target_usd + max(0.0, observation.cost_usd))
+        r = latency**s.latency_weight * cost**s.cost_weight
         if observation.quality is not None:
-            total += s.quality_weight * min(1.0, max(0.0, observation.quality))
-            weights += s.quality_weight
-        return total / weights if weights > 0 else 1.0
+            r *= min(1.0, max(0.0, observation.quality)) ** s.quality_weight
+        return r
 
     def observe(self, backend: BackendState, observation: Observation) -> None:
         if not observation.ok and not observation.health_penalty:

@@ -386,7 +386,6 @@ def test_default_region_distances_cover_every_pair() -> None:
 
 def test_adaptive_reward_combines_success_latency_cost_and_quality() -> None:
     s = AdaptiveSettings(
-        success_weight=1.0,
         latency_weight=1.0,
         cost_weight=1.0,
         quality_weight=1.0,
@@ -395,9 +394,11 @@ def test_adaptive_reward_combines_success_latency_cost_and_quality() -> None:
     )
     algorithm = Adaptive(s, seed=0)
     at_target = Observation(ok=True, latency_ms=1000.0, cost_usd=0.01, quality=0.5)
-    assert algorithm.reward(at_target) == pytest.approx((1 + 0.5 + 0.5 + 0.5) / 4)
+    assert algorithm.reward(at_target) == pytest.approx(0.5 * 0.5 * 0.5)
     no_quality = Observation(ok=True, latency_ms=1000.0, cost_usd=0.01, quality=None)
-    assert algorithm.reward(no_quality) == pytest.approx((1 + 0.5 + 0.5) / 3)
+    assert algorithm.reward(no_quality) == pytest.approx(0.5 * 0.5)
+    ten_times_slower = Observation(ok=True, latency_ms=10_000.0, cost_usd=0.01, quality=None)
+    assert algorithm.reward(ten_times_slower) < algorithm.reward(no_quality) / 4
     assert algorithm.reward(Observation(ok=False, latency_ms=1.0)) == 0.0
     perfect = Observation(ok=True, latency_ms=0.0, cost_usd=0.0, quality=1.0)
     assert algorithm.reward(perfect) == pytest.approx(1.0)
