@@ -7,6 +7,7 @@ decides failover and health from types, never from exception text.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -128,6 +129,17 @@ async def call_backend(
         raise
 
 
+@functools.lru_cache(maxsize=256)
+def _timeout_dict(timeout_s: float) -> tuple[tuple[str, float | None], ...]:
+    return tuple(httpx.Timeout(timeout_s).as_dict().items())
+
+
+def _timeouts(timeout_s: float) -> dict[str, float | None]:
+    """httpx per-operation timeouts; rounded to the millisecond so the cache stays small
+    when deadlines shrink request by request."""
+    return dict(_timeout_dict(round(timeout_s, 3)))
+
+
 async def _call(
     client: httpx.AsyncClient,
     backend: BackendConfig,
@@ -137,7 +149,7 @@ async def _call(
     headers: dict[str, str],
 ) -> BackendAnswer:
     request = request_for(backend, query, headers)
-    request.extensions["timeout"] = httpx.Timeout(timeout_s).as_dict()
+    request.extensions["timeout"] = _timeouts(timeout_s)
     try:
         response = await client.send(request, stream=True)
     except httpx.TimeoutException as exc:
