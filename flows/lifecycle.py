@@ -23,7 +23,7 @@ from flows.control import control_store, legacy_only_config, phase_config
 from flows.paths import DataPaths
 from flows.plan import RolloutPlan
 from flows.state import RolloutState
-from flows.store.database import connect, first
+from flows.store.database import connect, first, transaction
 from flows.store.rollouts import (
     Rollout,
     active_rollouts,
@@ -81,8 +81,7 @@ def start(
                 f"rollout {active[0].rollout_id} is already {active[0].state.value} on router "
                 f"group {plan.router_group!r}: finish, roll back or abort it first"
             )
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             rollout = create_rollout(con, rollout_id, plan, actor)
             version = next_config_version(con, _store_floor(paths))
             config = phase_config(plan, 0, version, rollout_id, "rollout started: phase 1")
@@ -96,10 +95,6 @@ def start(
                 actor=actor,
             )
             _publish_in_txn(con, paths, config, 0)
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
     return Published(rollout, config)
 
 
@@ -135,13 +130,10 @@ def promote(
     """Next phase (publishes its config) or, after the last phase, completion."""
     index = rollout.phase_index
     plan = rollout.plan
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         end_phase(con, rollout.rollout_id, index, "promoted")
         if index + 1 >= len(plan.phases):
-            done = transition(con, rollout, RolloutState.COMPLETED, cause=reason, actor=actor)
-            con.execute("COMMIT")
-            return done
+            return transition(con, rollout, RolloutState.COMPLETED, cause=reason, actor=actor)
         version = next_config_version(con, _store_floor(paths))
         nxt = plan.phases[index + 1]
         config = phase_config(
@@ -161,11 +153,7 @@ def promote(
             actor=actor,
         )
         _publish_in_txn(con, paths, config, index + 1)
-        con.execute("COMMIT")
         return Published(moved, config)
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
 
 
 def rollback(
@@ -180,92 +168,83 @@ def rollback(
 
     `decided`: the caller (a gate evaluation) already recorded the ROLLBACK decision.
     """
+    return _back_to_legacy(
+        paths,
+        rollout_id,
+        RolloutState.ROLLED_BACK,
+        reason=reason,
+        actor=actor,
+        record=not decided,
+    )
+
+
+def abort(paths: DataPaths, *, reason: str, actor: str, rollout_id: str | None = None) -> Rollout:
+    """Stop a rollout on purpose: routers go back to legacy, the rollout ends as aborted."""
+    _, rollout = _back_to_legacy(
+        paths, rollout_id, RolloutState.ABORTED, reason=reason, actor=actor, record=True
+    )
+    if rollout is None:
+        raise RolloutError("no active rollout to abort")
+    return rollout
+
+
+_ENDINGS = {
+    RolloutState.ROLLED_BACK: ("rolled_back", "ROLLBACK", "rolled back", "rollback"),
+    RolloutState.ABORTED: ("aborted", "ABORT", "aborted", "abort"),
+}
+
+
+def _back_to_legacy(
+    paths: DataPaths,
+    rollout_id: str | None,
+    target: RolloutState,
+    *,
+    reason: str,
+    actor: str,
+    record: bool,
+) -> tuple[RouterConfig, Rollout | None]:
+    """Publish legacy_only (unless this rollout's legacy_only is already out), then end
+    the rollout in `target`. A rollback may target no or a finished rollout (the routers
+    go back to legacy all the same); an abort needs an active one."""
+    outcome, verdict, past, noun = _ENDINGS[target]
     store = control_store(paths)
     current = store.current_or_none()
     with connect(paths.database) as con:
-        rollout = _resolve(con, rollout_id, allow_terminal=True)
-        already = (
+        rollout = _resolve(con, rollout_id, allow_terminal=target is RolloutState.ROLLED_BACK)
+        if rollout is None and target is RolloutState.ABORTED:
+            raise RolloutError("no active rollout to abort")
+        if (
             current is not None
             and current.mode.value == "legacy_only"
             and rollout is not None
             and current.rollout_id == rollout.rollout_id
-        )
-        if already:
-            config = current
+        ):
+            config = current  # already published: repeating is a no-op for the routers
         else:
-            version = next_config_version(con, current.version if current else 0)
             config = legacy_only_config(
-                version,
+                next_config_version(con, current.version if current else 0),
                 rollout.rollout_id if rollout else None,
                 rollout.plan.salt if rollout else (current.salt if current else "rollout-v1"),
-                f"rollback: {reason}",
+                f"{noun}: {reason}",
             )
             store.publish(config)  # users first
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             record_config(con, config, rollout.phase_index if rollout else None)
             if rollout is not None and rollout.active:
-                end_phase(con, rollout.rollout_id, rollout.phase_index, "rolled_back")
-                rollout = transition(
-                    con,
-                    rollout,
-                    RolloutState.ROLLED_BACK,
-                    cause=f"rolled back: {reason}",
-                    actor=actor,
-                )
-                if not decided:
+                end_phase(con, rollout.rollout_id, rollout.phase_index, outcome)
+                rollout = transition(con, rollout, target, cause=f"{past}: {reason}", actor=actor)
+                if record:
                     record_decision(
                         con,
                         decision_id=uuid.uuid4().hex,
                         rollout=rollout,
                         config_version=config.version,
-                        verdict="ROLLBACK",
+                        verdict=verdict,
                         action="published legacy_only",
                         actor=actor,
                         reason=reason,
                     )
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
     return config, rollout
-
-
-def abort(paths: DataPaths, *, reason: str, actor: str, rollout_id: str | None = None) -> Rollout:
-    """Stop a rollout on purpose: routers go back to legacy, the rollout ends as aborted."""
-    store = control_store(paths)
-    current = store.current_or_none()
-    with connect(paths.database) as con:
-        rollout = _resolve(con, rollout_id)
-        if rollout is None:
-            raise RolloutError("no active rollout to abort")
-        version = next_config_version(con, current.version if current else 0)
-        config = legacy_only_config(
-            version, rollout.rollout_id, rollout.plan.salt, f"abort: {reason}"
-        )
-        store.publish(config)
-        con.execute("BEGIN TRANSACTION")
-        try:
-            record_config(con, config, rollout.phase_index)
-            end_phase(con, rollout.rollout_id, rollout.phase_index, "aborted")
-            rollout = transition(
-                con, rollout, RolloutState.ABORTED, cause=f"aborted: {reason}", actor=actor
-            )
-            record_decision(
-                con,
-                decision_id=uuid.uuid4().hex,
-                rollout=rollout,
-                config_version=version,
-                verdict="ABORT",
-                action="published legacy_only",
-                actor=actor,
-                reason=reason,
-            )
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-    return rollout
 
 
 def _resolve(
@@ -372,8 +351,7 @@ def restore_previous(
                 }
             )
             target_state, phase_index = RolloutState.RUNNING, max(0, int(failed[1]) - 1)
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             record_config(con, config, phase_index)
             con.execute(
                 "UPDATE phases SET started_at = NULL, config_version = NULL, ended_at = NULL, "
@@ -406,10 +384,6 @@ def restore_previous(
                 reason=reason,
             )
             store.publish(config)
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
     return config
 
 
@@ -471,18 +445,13 @@ def reconcile(paths: DataPaths) -> str | None:
             rollout.rollout_id,
             "republished: the control document was missing or stale",
         )
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             record_config(con, config, rollout.phase_index)
             con.execute(
                 "UPDATE phases SET config_version = ? WHERE rollout_id = ? AND phase_index = ?",
                 [version, rollout.rollout_id, rollout.phase_index],
             )
             store.publish(config)
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
         return f"republished phase {rollout.phase_index + 1} as v{version}"
 
 
@@ -490,8 +459,7 @@ def _adopt(
     con: duckdb.DuckDBPyConnection, paths: DataPaths, rollout: Rollout, document: RouterConfig
 ) -> str:
     names = [p.name for p in rollout.plan.phases]
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         if document.mode.value == "legacy_only":
             record_config(con, document, rollout.phase_index)
             end_phase(con, rollout.rollout_id, rollout.phase_index, "rolled_back")
@@ -522,8 +490,4 @@ def _adopt(
         else:
             record_config(con, document, rollout.phase_index)
             what = f"recorded unexpected v{document.version} ({document.phase})"
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     return what

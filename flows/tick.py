@@ -20,7 +20,7 @@ from flows import lifecycle
 from flows.control import ack_status, control_store
 from flows.paths import DataPaths
 from flows.state import RolloutState
-from flows.store.database import connect
+from flows.store.database import connect, transaction
 from flows.store.ingest import IngestReport, collect
 from flows.store.rollouts import (
     Rollout,
@@ -153,22 +153,21 @@ def tick(
         report.data_docs_url = result.data_docs_url
         # Intent first: the decision is on record before anything is changed, so a crash
         # in the action leaves a decision the next tick simply carries out again.
-        con.execute("BEGIN TRANSACTION")
-        record_evaluations(con, rows)
-        record_decision(
-            con,
-            decision_id=evaluation_id,
-            rollout=rollout,
-            config_version=version,
-            verdict=result.verdict.value,
-            action=INTENT[result.verdict],
-            actor=actor,
-            reason=result.reason,
-            evaluation_id=evaluation_id,
-            n_legacy=result.n_legacy,
-            n_production=result.n_production,
-        )
-        con.execute("COMMIT")
+        with transaction(con):
+            record_evaluations(con, rows)
+            record_decision(
+                con,
+                decision_id=evaluation_id,
+                rollout=rollout,
+                config_version=version,
+                verdict=result.verdict.value,
+                action=INTENT[result.verdict],
+                actor=actor,
+                reason=result.reason,
+                evaluation_id=evaluation_id,
+                n_legacy=result.n_legacy,
+                n_production=result.n_production,
+            )
         report.action, report.published_version = _act(con, paths, rollout, result, actor)
     if result.verdict is Verdict.ROLLBACK:
         _, rolled = lifecycle.rollback(

@@ -131,6 +131,19 @@ def connect(
         con.close()
 
 
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """BEGIN ... COMMIT, or ROLLBACK on any exception (KeyboardInterrupt included), so a
+    failed step never leaves half of its writes behind."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
 def first(cursor: duckdb.DuckDBPyConnection) -> tuple | None:
     """The first row or None, reading the whole (small) result so the connection is free.
 
@@ -180,18 +193,13 @@ def migrate(
     for version, description, statements in MIGRATIONS:
         if version <= current:
             continue
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             for statement in statements:
                 con.execute(statement)
             con.execute(
                 "INSERT INTO schema_version VALUES (?, ?, ?)",
                 [version, description, datetime.now(UTC)],
             )
-            con.execute("COMMIT")
-        except Exception:
-            con.execute("ROLLBACK")
-            raise
     for macro in MACROS:
         con.execute(macro)
     location = _settle_archive(con, database, archive, relocate_archive)

@@ -33,7 +33,7 @@ import duckdb
 import pyarrow as pa
 
 from flows.paths import DataPaths
-from flows.store.database import connect
+from flows.store.database import connect, transaction
 from flows.store.locations import is_remote, join, segments_location
 from router.record import EVENT_SCHEMA, REQUEST_SCHEMA, EventKind
 from router.recorder import SEGMENT_SUFFIX
@@ -213,8 +213,7 @@ def _ingest_batch(
     before_commit: Callable[[], None] | None,
 ) -> None:
     now = datetime.now(UTC)
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         for kind, (table, schema) in KINDS.items():
             files = [s.path for s, _ in good if s.kind == kind]
             if not files:
@@ -254,10 +253,6 @@ def _ingest_batch(
             )
         if before_commit is not None:
             before_commit()
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
 
 
 def _move_to_quarantine(paths: DataPaths, segment: Segment, reason: str) -> None:

@@ -35,7 +35,7 @@ import duckdb
 
 from flows.paths import DataPaths
 from flows.state import ACTIVE
-from flows.store.database import StoreError, connect, first, recorded_archive
+from flows.store.database import StoreError, connect, first, recorded_archive, transaction
 from flows.store.locations import is_remote, join, retention_days, segments_location
 from flows.store.schema import ARCHIVE_TABLE_DIR, REQUEST_COLUMN_NAMES, sql_literal
 
@@ -154,8 +154,7 @@ def _archive(
     if after_copy is not None:
         after_copy()
     now = datetime.now(UTC)
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         deleted = con.execute("DELETE FROM requests WHERE ts < ?", [cutoff_ts]).fetchall()[0][0]
         if deleted != copied:
             raise StoreError(
@@ -175,10 +174,6 @@ def _archive(
             },
         )
         con.execute("DELETE FROM store_settings WHERE key = ?", [PENDING_SETTING])
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     report.batch_id = batch
     report.days = [(d[0], int(d[1])) for d in days]
     report.rows = int(copied)
