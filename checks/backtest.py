@@ -6,10 +6,12 @@ arms) and A/B runs with injected regressions, and judges the *same* simulated da
 three gates side by side:
 
 * `sequential` (ours): the anytime-valid tests of `checks.sequential` (the real code),
-  harm on any of error rate, latency, cost rolls back; alpha split over the three
-  metrics (Bonferroni), so the false-rollback rate is <= alpha however often it looks.
-* `threshold` (Argo Rollouts / Flagger style, and what `checks.gate`'s comparison suite
-  does): roll back as soon as the observed error-rate difference > max_error_rate_diff,
+  harm on any of error rate, latency, cost rolls back, as the gate's policy does with
+  its default metric modes (all three are critical, `abort`); alpha split over the
+  three metrics (Bonferroni), so the false-rollback rate is <= alpha however often it
+  looks.
+* `threshold` (Argo Rollouts / Flagger style; the same margins the gate's comparison
+  suite reports as warnings): roll back as soon as the observed error-rate difference > max_error_rate_diff,
   observed p95 ratio > max_p95_ratio or observed mean-cost ratio > max_cost_ratio, once
   production has `min_production` requests.
 * `mann_whitney` (Kayenta style): a Mann-Whitney U test per metric at every look, no

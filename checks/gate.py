@@ -98,9 +98,9 @@ def sequential_records(con: Connection, spec: GateSpec) -> list[MetricRecord]:
     th = spec.thresholds
     if spec.mode == DeploymentMode.SHADOW.value:
         rows = _dict_rows(con, SHADOW_MOMENTS_SQL, [spec.config_version])
-        if not rows or not rows[0].get("n"):
-            return []
-        return to_records(evaluate_shadow(ShadowSummary.from_row(rows[0]), th), th)
+        # No pairs yet still yields three inconclusive records: "nothing compared" must
+        # hold the phase, not let it through.
+        return to_records(evaluate_shadow(ShadowSummary.from_row(rows[0] if rows else {}), th), th)
     if spec.mode in SPLIT_MODES:
         by_arm = {r["arm"]: r for r in _dict_rows(con, ARM_MOMENTS_SQL, [spec.config_version])}
         production = ArmSummary.from_row(by_arm.get("production", {}))
@@ -156,8 +156,20 @@ def evaluate(
             "data_quality",
             True,
         )
-    newest = max((a.last_ts for a in arms.values() if a.last_ts is not None), default=None)
-    staleness = (spec.now - newest).total_seconds() if newest is not None else float("inf")
+    # Freshness per arm that should be receiving traffic: legacy rows arriving must not
+    # hide a production arm that went quiet. An arm with no rows yet is the min-rows
+    # check's business, not a staleness alarm.
+    expected = (
+        ("production",)
+        if spec.mode == DeploymentMode.PRODUCTION_ONLY.value
+        else ("legacy", "production")
+    )
+    ages = [
+        (spec.now - arms[a].last_ts).total_seconds()
+        for a in expected
+        if arms[a].last_ts is not None
+    ]
+    staleness = max(ages) if ages else float("inf")
     srm_applies = spec.mode in SPLIT_MODES
     srm = (
         sample_ratio_p_value(prod.subjects, legacy.subjects, spec.traffic_percent / 100.0)

@@ -11,8 +11,10 @@ Order of precedence:
 7. minimum duration not reached                                   -> HOLD
 8. the phase asks a human                                         -> NEEDS_APPROVAL
 9. otherwise                                                      -> PROMOTE
-Past the maximum duration, a HOLD or INSUFFICIENT_DATA becomes what the plan's
-`on_max_duration` says. `observe` and `warn` metrics are reported and never act.
+Past the maximum duration, a HOLD becomes what the plan's `on_max_duration` says. An
+INSUFFICIENT_DATA never becomes PROMOTE: with `promote` (or `ask`) a human decides,
+with `rollback` it rolls back, with `hold` it holds. `observe` and `warn` metrics are
+reported and never act.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ AT_MAX = {
     MaxDurationPolicy.ASK: Verdict.NEEDS_APPROVAL,
     MaxDurationPolicy.HOLD: Verdict.HOLD,
 }
+#: Without the data to judge, "promote at maximum duration" means "ask a human".
+AT_MAX_WITHOUT_DATA = {**AT_MAX, MaxDurationPolicy.PROMOTE: Verdict.NEEDS_APPROVAL}
 
 
 def _names(records: Sequence[MetricRecord]) -> str:
@@ -45,7 +49,8 @@ def decide(
         Verdict.HOLD,
         Verdict.INSUFFICIENT_DATA,
     ):
-        final = AT_MAX[spec.on_max_duration]
+        table = AT_MAX if verdict is Verdict.HOLD else AT_MAX_WITHOUT_DATA
+        final = table[spec.on_max_duration]
         return final, (
             f"maximum duration {spec.max_duration_s:g}s reached while {verdict.value} "
             f"({reason}); plan policy on_max_duration={spec.on_max_duration.value}"
@@ -69,10 +74,10 @@ def _decide(
     pipeline = [r for r in data if not r.metric.startswith("min_rows")]
     if pipeline:
         return Verdict.INSUFFICIENT_DATA, f"data quality alarm: {_names(pipeline)}"
-    if n_production < spec.min_samples or data:
-        return Verdict.INSUFFICIENT_DATA, (
-            f"{n_production} of {spec.min_samples} production samples"
-        )
+    if n_production < spec.min_samples:
+        return Verdict.INSUFFICIENT_DATA, f"{n_production} of {spec.min_samples} production samples"
+    if data:
+        return Verdict.INSUFFICIENT_DATA, f"too few rows: {_names(data)}"
     pauses = [r for r in acting if r.metric_mode == MetricMode.PAUSE.value]
     if pauses:
         return Verdict.NEEDS_APPROVAL, f"paused for a human by {_names(pauses)}"

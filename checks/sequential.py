@@ -85,13 +85,13 @@ import numpy as np
 import numpy.typing as npt
 from scipy import special
 
-from checks.thresholds import MetricMode, Thresholds
+from checks.thresholds import CRITICAL_METRICS, MetricMode, Thresholds
 from checks.verdict import Decision, MetricRecord
 
 Num = float | npt.NDArray[np.float64]
 
-#: Metrics whose detected harm rolls back by default (the policy's critical metrics).
-CRITICAL = ("error_rate", "latency")
+#: Metrics whose detected harm rolls back by default (one list for the whole gate).
+CRITICAL = tuple(m for m in CRITICAL_METRICS if m in ("error_rate", "latency", "cost"))
 #: Defaults, chosen by the backtest (`checks.backtest`): scale of the half-normal mixing
 #: distribution on log RR for error rates; latency and cost mix at the scale of their
 #: margin (tau = ln ratio margin), where effects start to matter.
@@ -783,7 +783,7 @@ def to_record(
     mode: MetricMode | None = None,
 ) -> MetricRecord:
     """One decision-record line. Mode: explicit, else the plan's `metric_modes`, else
-    abort for the critical metrics (error_rate, latency) and warn for the others."""
+    abort for the critical metrics (error_rate, latency, cost) and warn for others."""
     critical = result.metric in CRITICAL
     if mode is None and thresholds is not None and result.metric in thresholds.metric_modes:
         mode = thresholds.metric_modes[result.metric]

@@ -33,8 +33,10 @@ class MaxDurationPolicy(StrEnum):
     HOLD = "hold"
 
 
-#: Metrics whose detected harm rolls back unless the plan sets another mode.
-CRITICAL_METRICS = ("error_rate", "p95_latency_ms")
+#: Metrics that roll back (mode `abort`) unless the plan sets another mode: the
+#: sequential comparisons with legacy (error_rate, latency, cost) and the absolute
+#: guardrails on error rate and p95 latency. Others warn.
+CRITICAL_METRICS = ("error_rate", "latency", "cost", "p95_latency_ms")
 
 
 class Thresholds(BaseModel):
@@ -46,9 +48,9 @@ class Thresholds(BaseModel):
     max_p95_latency_ms: float = Field(default=5000.0, gt=0)
     max_cost_per_request_usd: float | None = Field(default=None, gt=0)
     min_mean_quality: float | None = Field(default=None, ge=0, le=1)
-    max_p95_ratio: float = Field(default=1.25, gt=0, description="production / legacy")
+    max_p95_ratio: float = Field(default=1.25, gt=1, description="production / legacy")
     max_error_rate_diff: float = Field(default=0.02, ge=0, le=1, description="production - legacy")
-    max_cost_ratio: float = Field(default=1.3, gt=0, description="production / legacy")
+    max_cost_ratio: float = Field(default=1.3, gt=1, description="production / legacy")
     min_quality_diff: float = Field(default=-0.1, ge=-1, le=1, description="production - legacy")
     alpha: float = Field(default=0.01, gt=0, lt=0.5, description="sequential tests' error rate")
     srm_p_value: float = Field(default=0.001, gt=0, lt=0.5, description="sample-ratio alarm")

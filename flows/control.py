@@ -41,6 +41,7 @@ def phase_config(
         rollout_id=rollout_id,
         phase=phase.name,
         reason=reason,
+        rearm_guard=phase_index == 0,  # a new rollout starts with an armed guard
     )
 
 

@@ -7,10 +7,37 @@ process never grows. The durable record is the segment files, not this.
 from __future__ import annotations
 
 from collections import defaultdict, deque
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from router.result import RoutingResult
+
+#: What a decision keeps for `export_analytics`: no answer text (clinical answers can
+#: identify people) and no explanation (it would pin the whole response in memory).
+KEPT = (
+    "request_id",
+    "routing_decision",
+    "confidence",
+    "arm",
+    "mode",
+    "algorithm",
+    "config_version",
+    "backend",
+    "attempts",
+    "outcome",
+    "error",
+    "latency_ms",
+    "cost_usd",
+    "quality_score",
+    "category",
+)
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    """Naive datetimes are taken as UTC, as everything here is."""
+    if moment is not None and moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:
@@ -22,12 +49,12 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
 
 class Analytics:
     def __init__(self, capacity: int = 10_000) -> None:
-        self.recent: deque[tuple[datetime, RoutingResult]] = deque(maxlen=capacity)
+        self.recent: deque[tuple[datetime, tuple[Any, ...]]] = deque(maxlen=capacity)
         self.latencies: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=capacity))
         self.counts: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
 
     def add(self, when: datetime, result: RoutingResult) -> None:
-        self.recent.append((when, result))
+        self.recent.append((when, tuple(getattr(result, name) for name in KEPT)))
         counts = self.counts[result.arm]
         counts["requests"] += 1
         counts["ok"] += result.ok
@@ -40,14 +67,14 @@ class Analytics:
     def export(
         self, start_time: datetime | None = None, end_time: datetime | None = None
     ) -> list[dict[str, Any]]:
+        start_time, end_time = _aware(start_time), _aware(end_time)
         rows = []
-        for when, result in self.recent:
+        for when, values in list(self.recent):
             if start_time and when < start_time:
                 continue
             if end_time and when > end_time:
                 continue
-            row = result.to_dict()
-            row.pop("answer", None)  # answers can carry patient details; analytics must not
+            row = dict(zip(KEPT, values, strict=True))
             row["timestamp"] = when.isoformat()
             rows.append(row)
         return rows

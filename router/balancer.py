@@ -189,8 +189,10 @@ class Balancer:
         budget = self.retry_budget
         budget.requests_in_flight += 1
         try:
+            # One algorithm for the whole request, retries and learning included, even
+            # if a new config swaps it meanwhile.
             return await self._route(
-                query, classification, outcome, tried, deadline, region, headers
+                query, classification, outcome, tried, deadline, region, headers, self.algorithm
             )
         finally:
             budget.requests_in_flight -= 1
@@ -208,6 +210,7 @@ class Balancer:
         deadline: float,
         region: str | None,
         headers: dict[str, str] | None,
+        algorithm: Algorithm,
     ) -> RouteOutcome:
         budget = self.retry_budget
         while True:
@@ -248,7 +251,7 @@ class Balancer:
                 )
                 break
             try:
-                choice = self.algorithm.choose(
+                choice = algorithm.choose(
                     cands, RequestContext(classification.category, region, now)
                 )
                 if outcome.choice is None:
@@ -274,11 +277,11 @@ class Balancer:
                 outcome.cost_usd = state.config.cost_model.cost(answer.tokens_in, answer.tokens_out)
                 if self.score_quality:
                     outcome.quality = quality_score(answer.text, answer.citations)
-                self._learn(state, None, latency_ms, outcome)
+                self._learn(state, None, latency_ms, outcome, algorithm)
                 return outcome
             assert failure is not None
             outcome.failure = failure
-            self._learn(state, failure, latency_ms, outcome)
+            self._learn(state, failure, latency_ms, outcome, algorithm)
             if not failure.retryable:
                 outcome.stop_reason = f"not retryable: {failure.kind.value}"
                 break
@@ -311,6 +314,7 @@ class Balancer:
         failure: BackendFailure | None,
         latency_ms: float,
         outcome: RouteOutcome,
+        algorithm: Algorithm,
     ) -> None:
         now = self.clock()
         state.calls += 1
@@ -348,7 +352,7 @@ class Balancer:
         event = self.health.observe(state, self.states, failure, latency_ms, now)
         if event is not None and self.on_event is not None:
             self.on_event(event)
-        self.algorithm.observe(
+        algorithm.observe(
             state,
             Observation(
                 ok=failure is None,
@@ -380,7 +384,9 @@ class Balancer:
         return {
             s.name: {
                 "kind": s.kind.value,
-                "available": self._usable(s, now),
+                "available": s.healthy
+                and now >= s.unavailable_until
+                and self.health.would_allow(s, now),
                 "active_check_healthy": s.healthy,
                 "in_flight": s.in_flight,
                 "weight": s.weight,

@@ -52,7 +52,8 @@ def bucket_of(key: str, salt: str) -> int:
 
 
 def in_production(bucket: int, traffic_percent: float) -> bool:
-    return bucket < round(traffic_percent * 100)
+    """Buckets strictly below `traffic_percent * 100` (so 0.125 % owns buckets 0..12)."""
+    return bucket < traffic_percent * 100
 
 
 def subject_key(context: Mapping[str, Any] | None, request_id: str) -> str:

@@ -17,6 +17,16 @@ class FailbackGuard:
     def __init__(self, limits: GuardLimits) -> None:
         self.reset(limits)
 
+    def reconfigure(self, limits: GuardLimits, *, rearm: bool) -> None:
+        """New limits from a new document. A tripped guard stays tripped (keeping its
+        reason) unless `rearm`: the failback must survive until a flow has seen it."""
+        if self.tripped and not rearm:
+            reason, tripped_at = self.reason, self.tripped_at
+            self.reset(limits)
+            self.reason, self.tripped_at = reason, tripped_at
+            return
+        self.reset(limits)
+
     def reset(self, limits: GuardLimits) -> None:
         self.limits = limits
         self.window: deque[tuple[bool, float]] = deque(maxlen=limits.window)

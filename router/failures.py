@@ -27,6 +27,7 @@ OUTCOME_OF = {
     ErrorKind.CLIENT_ERROR: Outcome.REJECTED,
     ErrorKind.NO_BACKEND: Outcome.ERROR,
     ErrorKind.BUDGET_EXHAUSTED: Outcome.REJECTED,
+    ErrorKind.CANCELLED: Outcome.TIMEOUT,  # the user got no answer in the time they gave
 }
 
 

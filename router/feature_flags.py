@@ -162,12 +162,24 @@ def load_backends_file(path: Path) -> tuple[BackendConfig, ...]:
         raise SettingsError(
             [f"{ENV_PREFIX}BACKENDS_FILE={str(path)!r} cannot be read: {exc}"]
         ) from None
-    try:
-        return tuple(BackendConfig.model_validate(item) for item in raw)
-    except (ValidationError, TypeError) as exc:
+    if not isinstance(raw, list):
         raise SettingsError(
-            [f"{ENV_PREFIX}BACKENDS_FILE={str(path)!r} is not valid: {exc}"]
-        ) from None
+            [f"{ENV_PREFIX}BACKENDS_FILE={str(path)!r} must hold a JSON list of backends"]
+        )
+    backends = []
+    for index, item in enumerate(raw):
+        try:
+            backends.append(BackendConfig.model_validate(item))
+        except ValidationError as exc:
+            # Locations and messages only: the input values may hold a pasted API key.
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'backend'}: {e['msg']}"
+                for e in exc.errors()
+            )
+            raise SettingsError(
+                [f"{ENV_PREFIX}BACKENDS_FILE={str(path)!r} backend #{index + 1}: {problems}"]
+            ) from None
+    return tuple(backends)
 
 
 def unknown_variables(environ: dict[str, str] | os._Environ[str]) -> list[str]:

@@ -47,7 +47,11 @@ class HealthPolicy(Protocol):
         ...
 
     def allows(self, backend: BackendState, now: float) -> bool:
-        """Whether the policy lets a request go to `backend` now."""
+        """Whether the policy lets a request go to `backend` now (may advance state)."""
+        ...
+
+    def would_allow(self, backend: BackendState, now: float) -> bool:
+        """The same answer without changing anything: for status pages and scrapes."""
         ...
 
     def describe(self, backend: BackendState, now: float) -> dict[str, object]:
@@ -94,6 +98,9 @@ class ConsecutiveFailures:
         return None
 
     def allows(self, backend: BackendState, now: float) -> bool:
+        return now >= backend.ejected_until
+
+    def would_allow(self, backend: BackendState, now: float) -> bool:
         return now >= backend.ejected_until
 
     def describe(self, backend: BackendState, now: float) -> dict[str, object]:
@@ -212,6 +219,12 @@ class ProductionHealth:
             return False
         self._queue(self.outlier.check_return(backend, now))
         return permitted
+
+    def would_allow(self, backend: BackendState, now: float) -> bool:
+        found = self.breakers.get(backend.name)
+        if now < backend.ejected_until:
+            return False
+        return found is None or found.state_at(now) is not BreakerState.OPEN
 
     def observe(
         self,

@@ -10,7 +10,6 @@ user's answer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import logging
@@ -67,7 +66,9 @@ from router.router_config import RouterConfig
 log = logging.getLogger(__name__)
 
 PRODUCTION = Arm.PRODUCTION.value
+NOT_PRODUCTIONS_FAULT = frozenset({Outcome.REJECTED.value, Outcome.RATE_LIMITED.value})
 FACTS_CACHE_SIZE = 4096
+INT32_MAX = 2**31 - 1  # the row schema's token columns
 BUCKET_CACHE_SIZE = 65_536
 
 
@@ -112,10 +113,20 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             health_checks=health_checks,
         )
         if production_config is None:
-            production_config = ConfigurationMigrator().migrate_config(
+            # PROD_LB_* decide algorithm, budget, region and custom class; the legacy
+            # config's health, breaker and ejection settings carry over through the migrator.
+            migrated = ConfigurationMigrator().migrate_config(
                 self.load_balancing_config,
                 backends=self.backends,
                 algorithm=self.flags.primary_algorithm,
+            )
+            production_config = self.flags.production_config().model_copy(
+                update={
+                    "backends": tuple(self.backends),
+                    "health_check": migrated.health_check,
+                    "circuit_breaker": migrated.circuit_breaker,
+                    "outlier": migrated.outlier,
+                }
             )
         self.production_config = production_config
         self.instance_id = instance_id or self.flags.instance_id or default_instance_id()
@@ -131,7 +142,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             segments = self.flags.data_dir / "segments"
             recorder_cls = SegmentRecorder if self.flags.perf_comparison else NullRecorder
             recorder = recorder_cls(segments, self.instance_id)
-        self.recorder = recorder.start()
+        self.recorder = recorder  # started at the end, once nothing else can fail
         self.config = self.flags.initial_router_config().model_copy(
             update={"algorithm": production_config.algorithm}
         )
@@ -177,6 +188,8 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         self._ack_lock = threading.Lock()
         self._ack_seq = 0
         self._ack_written = 0
+        self._background_acks: set[asyncio.Task[None]] = set()
+        self.recorder.start()
 
     # -- configuration ----------------------------------------------------------------
     def _build_algorithm(self, config: RouterConfig) -> Algorithm:
@@ -223,11 +236,12 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         )
         # A document's weights are absolute: a backend it does not name gets its
         # configured weight back, so every instance converges on the same state.
-        self.legacy.set_weights(config.legacy_weights, reset=True)
+        if config.legacy_weights:  # else operators' update_load_balancing_weights stand
+            self.legacy.set_weights(config.legacy_weights, reset=True)
         self.production.set_weights(config.production_weights, reset=True)
         self.production.algorithm = algorithm
         self.config = config
-        self.guard.reset(config.guard)
+        self.guard.reconfigure(config.guard, rearm=config.rearm_guard)
         self.refused = None
         self.recorder.event(
             EventKind.CONFIG_APPLIED,
@@ -358,11 +372,15 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             task.cancel()
         if self._shadow_tasks:
             await asyncio.gather(*self._shadow_tasks, return_exceptions=True)
-        if self.control_store is not None and not self._closed:
-            with contextlib.suppress(OSError):
-                self.heartbeat()
-        await super().shutdown()
-        self.recorder.close()
+        try:
+            if self._background_acks:
+                await asyncio.gather(*self._background_acks, return_exceptions=True)
+            if self.control_store is not None and not self._closed:
+                self._check_staleness()
+                self._write_ack_logged(*self._next_ack())
+            await super().shutdown()
+        finally:
+            self.recorder.close()  # the buffered rows are flushed whatever happened above
 
     def _on_health_change(self, backend: str, healthy: bool, reason: str) -> None:
         kind = EventKind.BACKEND_HEALTHY if healthy else EventKind.BACKEND_UNHEALTHY
@@ -440,19 +458,25 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         balancer = self.production if arm is Arm.PRODUCTION else self.legacy
         algorithm = balancer.algorithm.name  # the one this request starts with
         started = time.perf_counter()
-        if arm is Arm.PRODUCTION:
-            outcome = await self._route_production(
-                query_text,
-                classification,
-                region,
-                {"X-Request-ID": request_id, "X-Router-Arm": arm_name},
-            )
-        else:
-            outcome = await balancer.route(
-                query_text,
-                classification,
-                region=region,
-                headers={"X-Request-ID": request_id, "X-Router-Arm": arm_name},
+        headers = {"X-Request-ID": request_id, "X-Router-Arm": arm_name}
+        cancelled = False
+        try:
+            if arm is Arm.PRODUCTION:
+                outcome = await self._route_production(query_text, classification, region, headers)
+            else:
+                outcome = await balancer.route(
+                    query_text, classification, region=region, headers=headers
+                )
+        except asyncio.CancelledError:
+            # The caller gave up (disconnect, its own timeout): still one row, so an arm
+            # whose users give up is not flattered by their absence. Re-raised below.
+            cancelled = True
+            outcome = RouteOutcome(
+                None,
+                None,
+                BackendFailure(
+                    ErrorKind.CANCELLED, "the caller cancelled the request before an answer"
+                ),
             )
         latency_ms = (time.perf_counter() - started) * 1000.0
         result = build_result(
@@ -471,6 +495,8 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         self.routed += 1
         if arm is Arm.PRODUCTION:
             self._guard_observe(result)
+        if cancelled:
+            raise asyncio.CancelledError
         return result
 
     def _start_shadow(
@@ -564,8 +590,8 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             )
 
     def _guard_observe(self, result: RoutingResult) -> None:
-        if result.outcome == Outcome.REJECTED.value:
-            return  # the caller's fault (4xx), not production's
+        if result.outcome in NOT_PRODUCTIONS_FAULT:
+            return  # the caller's 4xx, or a quota both arms share (429): not ill health
         reason = self.guard.observe(result.ok, result.latency_ms)
         if reason:
             self._record_failback(reason)
@@ -573,8 +599,28 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
     def _record_failback(self, reason: str) -> None:
         log.error("auto-failback to legacy: %s", reason)
         self.recorder.event(EventKind.FAILBACK, reason, config_version=self.config.version)
-        with contextlib.suppress(OSError):
-            self.heartbeat()
+        self._announce()
+
+    def _announce(self) -> None:
+        """Tell the control store now (the flows watch acks), without touching the store
+        on the caller's request path: the write runs in a thread, errors go to the log."""
+        if self.control_store is None:
+            return
+        ack = self._next_ack()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a synchronous caller): write here, never raise
+            self._write_ack_logged(*ack)
+            return
+        task = loop.create_task(asyncio.to_thread(self._write_ack_logged, *ack))
+        self._background_acks.add(task)
+        task.add_done_callback(self._background_acks.discard)
+
+    def _write_ack_logged(self, ack: Acknowledgement, seq: int) -> None:
+        try:
+            self._write_ack(ack, seq)
+        except Exception:
+            log.exception("could not write the acknowledgement to the control store")
 
     def _record(
         self,
@@ -620,8 +666,8 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
                 http_status=status,
                 error_kind=failure.kind.value if failure else None,
                 latency_ms=result.latency_ms,
-                tokens_in=answer.tokens_in if answer else 0,
-                tokens_out=answer.tokens_out if answer else 0,
+                tokens_in=min(answer.tokens_in, INT32_MAX) if answer else 0,
+                tokens_out=min(answer.tokens_out, INT32_MAX) if answer else 0,
                 cost_usd=result.cost_usd,
                 quality_score=result.quality_score,
                 query_hash=facts.fingerprint,
@@ -638,8 +684,9 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         }
 
     # -- the legacy surface, production flavour ----------------------------------------
-    def update_load_balancing_weights(self, weights: dict[str, float]) -> None:
-        """Weights of the production balancer (weight-aware algorithms)."""
+    def update_production_weights(self, weights: dict[str, float]) -> None:
+        """Weights of the production balancer, until the next RouterConfig sets them
+        (documents own the production arm's weights during a rollout)."""
         self.production.set_weights(weights)
 
     def get_health_status(self) -> dict[str, Any]:
@@ -649,19 +696,31 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         }
 
     def get_system_health_status(self) -> dict[str, Any]:
-        status = super().get_system_health_status()
+        """Overall status of the arm(s) serving users now (both while they share traffic)."""
+        mode = self.effective_mode
+        serving = {
+            DeploymentMode.LEGACY_ONLY: [self.legacy],
+            DeploymentMode.SHADOW: [self.legacy],
+            DeploymentMode.PRODUCTION_ONLY: [self.production],
+        }.get(mode, [self.legacy, self.production])
+        reports = [balancer.health_report() for balancer in serving]
+        available = min(sum(1 for b in r.values() if b["available"]) for r in reports)
+        total = len(self.backends)
+        status = "healthy" if available == total else "degraded" if available else "critical"
         production = self.production.health_report()
-        status.update(
-            mode=self.effective_mode.value,
-            configured_mode=self.config.mode.value,
-            traffic_percent=self.config.traffic_percent,
-            config_version=self.config.version,
-            algorithm=self.config.algorithm.value,
-            failback_reason=self.guard.reason,
-            production_available_backends=sum(1 for b in production.values() if b["available"]),
-            instance=self.instance_id,
-        )
-        return status
+        return {
+            "status": status,
+            "available_backends": available,
+            "total_backends": total,
+            "mode": mode.value,
+            "configured_mode": self.config.mode.value,
+            "traffic_percent": self.config.traffic_percent,
+            "config_version": self.config.version,
+            "algorithm": self.config.algorithm.value,
+            "failback_reason": self.guard.reason,
+            "production_available_backends": sum(1 for b in production.values() if b["available"]),
+            "instance": self.instance_id,
+        }
 
     def force_rollback(self, reason: str = "manual rollback") -> bool:
         """Fail back to legacy on this instance now; the next config from the store can undo it."""

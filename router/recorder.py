@@ -59,6 +59,22 @@ def rows_to_table(rows: list[tuple[Any, ...]], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+def _table_without_bad_rows(
+    rows: list[tuple[Any, ...]], schema: pa.Schema
+) -> tuple[pa.Table | None, int]:
+    """The rows as a table, minus any row the schema cannot hold (found by halving)."""
+    try:
+        return rows_to_table(rows, schema), 0
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+        if len(rows) == 1:
+            return None, 1
+    middle = len(rows) // 2
+    left, bad_left = _table_without_bad_rows(rows[:middle], schema)
+    right, bad_right = _table_without_bad_rows(rows[middle:], schema)
+    parts = [t for t in (left, right) if t is not None]
+    return (pa.concat_tables(parts) if parts else None), bad_left + bad_right
+
+
 def write_segment(table: pa.Table, directory: Path, prefix: str, seq: int) -> Path:
     """Write atomically: temporary name, fsync, rename. Returns the final path."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -165,10 +181,19 @@ class SegmentRecorder:
                 rows = stream.drain()
                 if not rows:
                     continue
+                table, bad = _table_without_bad_rows(rows, stream.schema)
+                if bad:
+                    # One unconvertible row must not stop recording for good: drop it,
+                    # count it, say so in router_events, write the rest.
+                    self.event(
+                        EventKind.ROWS_DROPPED,
+                        f"{bad} {stream.name} row(s) dropped: values the schema cannot hold",
+                    )
+                if table is None:
+                    continue
                 try:
-                    table = rows_to_table(rows, stream.schema)
                     path = write_segment(table, self.directory, stream.name, next(self._seq))
-                except Exception:
+                except Exception:  # I/O: keep the rows for the next try
                     stream.buffer.extendleft(reversed(rows))
                     raise
                 stream.written_rows += len(rows)
@@ -177,13 +202,19 @@ class SegmentRecorder:
         return written
 
     def close(self) -> None:
-        """Stop the flusher and write everything still buffered."""
+        """Stop the flusher and write everything still buffered. Never raises: a failed
+        final write is logged (the rows stay in memory until the process ends)."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
-        self.flush()
+        try:
+            self.flush()
+        except Exception:
+            log.exception(
+                "final segment flush failed; %d rows unwritten", len(self.requests.buffer)
+            )
 
     def __enter__(self) -> SegmentRecorder:
         return self.start()

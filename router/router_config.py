@@ -46,6 +46,10 @@ class RouterConfig(BaseModel):
     guard: GuardLimits = GuardLimits()
     rollout_id: str | None = None
     phase: str | None = None
+    #: A tripped failback guard stays tripped across new documents (a flow that has not
+    #: seen the failback yet must not switch production back on); only a document with
+    #: `rearm_guard` (the first phase of a new rollout) arms it again.
+    rearm_guard: bool = False
     reason: str = ""
     published_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 

@@ -300,13 +300,15 @@ async def test_an_isolated_failure_is_always_retried() -> None:
 
 async def test_the_request_deadline_stops_retries() -> None:
     async def slow_failure(request: httpx.Request) -> httpx.Response:
-        await asyncio.sleep(0.15)
+        await asyncio.sleep(0.25)
         return httpx.Response(500)
 
     fleet = Fleet({n: slow_failure for n in "abcdefgh"})
-    b = balancer(fleet, [lightrag(n) for n in "abcdefgh"], max_attempts=8, deadline_s=0.4)
+    b = balancer(fleet, [lightrag(n) for n in "abcdefgh"], max_attempts=8, deadline_s=1.0)
     outcome = await route(b)
-    assert 2 <= len(outcome.attempts) <= 3
+    # At most 4 attempts fit in the deadline; the 8 allowed are never reached however
+    # slow the machine is, and at least one retry happened.
+    assert 2 <= len(outcome.attempts) <= 4
     assert outcome.failure is not None
     assert outcome.failure.kind in (ErrorKind.TIMEOUT, ErrorKind.SERVER_ERROR)
 

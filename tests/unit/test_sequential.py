@@ -228,7 +228,7 @@ def test_records_explain_themselves_and_follow_the_policy_modes() -> None:
     assert lat.critical and lat.lower_bound is not None and lat.upper_bound is not None
     assert cost.metric_mode == "pause" and not cost.critical
     default_cost = sq.to_record(results[2])
-    assert default_cost.metric_mode == "warn"
+    assert default_cost.metric_mode == "abort" and default_cost.critical  # cost is critical
 
 
 # -- the SQL that feeds them ----------------------------------------------------------------

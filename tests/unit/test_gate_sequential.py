@@ -1,0 +1,74 @@
+"""The gate's sequential step on real DuckDB rows: what it compares in each mode."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from checks.gate import sequential_records
+from checks.thresholds import GateSpec, Thresholds
+from checks.verdict import Decision
+from flows.store.database import connect
+
+NOW = datetime(2026, 11, 27, 12, tzinfo=UTC)
+
+
+def spec(mode: str) -> GateSpec:
+    return GateSpec(
+        config_version=1,
+        mode=mode,
+        traffic_percent=0.0 if mode == "shadow" else 50.0,
+        shadow_sample_rate=1.0,
+        thresholds=Thresholds(),
+        min_samples=10,
+        min_duration_s=0,
+        max_duration_s=600,
+        phase_started_at=NOW,
+        now=NOW,
+    )
+
+
+def insert(
+    con,
+    request_id: str,
+    arm: str,
+    shadow: bool,
+    primary: str | None,
+    latency: float,
+    outcome: str = "ok",
+) -> None:
+    con.execute(
+        "INSERT INTO requests (request_id, ts, router_instance, config_version, mode, arm, "
+        "is_shadow, primary_request_id, subject_bucket, query_category, algorithm, backend, "
+        "attempts, fallback_used, outcome, latency_ms, tokens_in, tokens_out, cost_usd, "
+        "query_hash, query_length) VALUES (?, ?, 'i', 1, 'shadow', ?, ?, ?, 1, 'general', 'x', "
+        "'b', 1, false, ?, ?, 1, 1, 0.001, 'h', 10)",
+        [request_id, NOW, arm, shadow, primary, outcome, latency],
+    )
+
+
+def test_shadow_without_pairs_holds_instead_of_passing(tmp_path: Path) -> None:
+    with connect(tmp_path / "m.duckdb") as con:
+        for i in range(50):  # shadows whose primaries never landed: nothing to compare
+            insert(con, f"s{i}", "production", True, f"missing-{i}", 100.0)
+        records = sequential_records(con, spec("shadow"))
+    assert {r.metric for r in records} == {"error_rate", "latency", "cost"}
+    assert {r.decision for r in records} == {Decision.INCONCLUSIVE}
+    assert all(r.critical for r in records)
+
+
+def test_shadow_pairs_detect_a_slower_production(tmp_path: Path) -> None:
+    with connect(tmp_path / "m.duckdb") as con:
+        for i in range(400):
+            insert(con, f"p{i}", "legacy", False, None, 100.0 + i % 7)
+            insert(con, f"s{i}", "production", True, f"p{i}", 300.0 + i % 11)
+        records = {r.metric: r for r in sequential_records(con, spec("shadow"))}
+    assert records["latency"].decision is Decision.HARM
+    assert records["error_rate"].decision is not Decision.HARM
+
+
+def test_production_only_has_no_concurrent_comparison(tmp_path: Path) -> None:
+    with connect(tmp_path / "m.duckdb") as con:
+        records = sequential_records(con, spec("production_only"))
+    assert {r.decision for r in records} == {Decision.SKIPPED}
+    assert not any(r.critical for r in records)
