@@ -7,9 +7,14 @@ but before COMMIT, the next tick finds a published document the database does no
 and adopts it (`reconcile`). Either way the recorded state never claims a config the
 routers were not sent.
 
-Rollback is the exception: it publishes `legacy_only` FIRST and records afterwards,
-because getting users off a bad balancer matters more than bookkeeping, and publishing
-legacy twice is harmless.
+Rollback and abort are the exception: they publish `legacy_only` FIRST, without waiting
+for the database (a reader or writer holding the DuckDB lock must not keep users on a
+bad balancer), and record afterwards. If recording fails, the published document is
+adopted by the next tick's `reconcile`, and publishing legacy twice is harmless.
+
+`reconcile` is the crash recovery for every step: whatever document is live, the
+database ends up describing it, or the live document is replaced by the one the
+database describes.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from flows.control import control_store, legacy_only_config, phase_config
 from flows.paths import DataPaths
 from flows.plan import RolloutPlan
 from flows.state import RolloutState
-from flows.store.database import connect, first, transaction
+from flows.store.database import StoreError, connect, first, transaction
 from flows.store.rollouts import (
     Rollout,
     active_rollouts,
@@ -37,6 +42,7 @@ from flows.store.rollouts import (
     start_phase,
     transition,
 )
+from router.control_store import FileControlStore
 from router.router_config import RouterConfig
 
 
@@ -44,10 +50,20 @@ class RolloutError(RuntimeError):
     """A request that cannot be carried out in the rollout's current state."""
 
 
+class RecordingDeferred(RolloutError):
+    """The routers were told, the database could not be written yet (locked)."""
+
+
+#: How long a rollback waits for the database *after* it has told the routers.
+RECORD_WAIT_S = 15.0
+
+
 @dataclass(frozen=True)
 class Published:
     rollout: Rollout
     config: RouterConfig
+    #: False when nothing was published (re-running a start that already happened).
+    new: bool = True
 
 
 def _store_floor(paths: DataPaths) -> int:
@@ -68,18 +84,22 @@ def _publish_in_txn(
 def start(
     paths: DataPaths, plan: RolloutPlan, *, actor: str, rollout_id: str | None = None
 ) -> Published:
-    """Record a new rollout and publish its first phase. One active rollout per router group."""
+    """Record a new rollout and publish its first phase.
+
+    One active rollout per data directory: its control store is the one document every
+    router instance of the group reads, so two rollouts would overwrite each other."""
     rollout_id = rollout_id or f"ro-{uuid.uuid4().hex[:10]}"
     with connect(paths.database) as con:
         existing = get_rollout(con, rollout_id)
         if existing is not None:  # re-running the same start is a no-op
             version = _phase_version(con, existing)
-            return Published(existing, _config_of(con, version))
-        active = active_rollouts(con, plan.router_group)
+            return Published(existing, _config_of(con, version), new=False)
+        active = active_rollouts(con)
         if active:
             raise RolloutError(
-                f"rollout {active[0].rollout_id} is already {active[0].state.value} on router "
-                f"group {plan.router_group!r}: finish, roll back or abort it first"
+                f"rollout {active[0].rollout_id} (router group {active[0].router_group!r}) is "
+                f"already {active[0].state.value} in {paths.root}: finish, roll back or abort "
+                "it first (one control store, one rollout at a time)"
             )
         with transaction(con):
             rollout = create_rollout(con, rollout_id, plan, actor)
@@ -110,6 +130,16 @@ def _phase_version(con: duckdb.DuckDBPyConnection, rollout: Rollout) -> int:
             f"rollout {rollout.rollout_id} phase {rollout.phase_index} has no config"
         )
     return int(row[0])
+
+
+def _phase_version_or_none(con: duckdb.DuckDBPyConnection, rollout: Rollout) -> int | None:
+    row = first(
+        con.execute(
+            "SELECT config_version FROM phases WHERE rollout_id = ? AND phase_index = ?",
+            [rollout.rollout_id, rollout.phase_index],
+        )
+    )
+    return int(row[0]) if row and row[0] is not None else None
 
 
 def _config_of(con: duckdb.DuckDBPyConnection, version: int) -> RouterConfig:
@@ -203,48 +233,79 @@ def _back_to_legacy(
     actor: str,
     record: bool,
 ) -> tuple[RouterConfig, Rollout | None]:
-    """Publish legacy_only (unless this rollout's legacy_only is already out), then end
-    the rollout in `target`. A rollback may target no or a finished rollout (the routers
-    go back to legacy all the same); an abort needs an active one."""
+    """Publish legacy_only first, from the control store alone, then end the rollout in
+    `target`. A rollback may target no or a finished rollout (the routers go back to
+    legacy all the same); an abort needs an active one."""
     outcome, verdict, past, noun = _ENDINGS[target]
     store = control_store(paths)
     current = store.current_or_none()
-    with connect(paths.database) as con:
-        rollout = _resolve(con, rollout_id, allow_terminal=target is RolloutState.ROLLED_BACK)
-        if rollout is None and target is RolloutState.ABORTED:
-            raise RolloutError("no active rollout to abort")
-        if (
-            current is not None
-            and current.mode.value == "legacy_only"
-            and rollout is not None
-            and current.rollout_id == rollout.rollout_id
-        ):
-            config = current  # already published: repeating is a no-op for the routers
-        else:
-            config = legacy_only_config(
-                next_config_version(con, current.version if current else 0),
-                rollout.rollout_id if rollout else None,
-                rollout.plan.salt if rollout else (current.salt if current else "rollout-v1"),
-                f"{noun}: {reason}",
-            )
-            store.publish(config)  # users first
-        with transaction(con):
-            record_config(con, config, rollout.phase_index if rollout else None)
-            if rollout is not None and rollout.active:
-                end_phase(con, rollout.rollout_id, rollout.phase_index, outcome)
-                rollout = transition(con, rollout, target, cause=f"{past}: {reason}", actor=actor)
-                if record:
-                    record_decision(
-                        con,
-                        decision_id=uuid.uuid4().hex,
-                        rollout=rollout,
-                        config_version=config.version,
-                        verdict=verdict,
-                        action="published legacy_only",
-                        actor=actor,
-                        reason=reason,
+    owner = rollout_id or (current.rollout_id if current is not None else None)
+    if (
+        current is not None
+        and current.mode.value == "legacy_only"
+        and current.rollout_id == owner
+        and owner is not None
+    ):
+        config = current  # already out: repeating is a no-op for the routers
+    else:
+        config = legacy_only_config(
+            (current.version if current else 0) + 1,
+            owner,
+            current.salt if current else "rollout-v1",
+            f"{noun}: {reason}",
+        )
+        store.publish(config)  # users first; the database may be busy
+    try:
+        with connect(paths.database, wait_s=RECORD_WAIT_S) as con:
+            rollout = _resolve(con, rollout_id, allow_terminal=target is RolloutState.ROLLED_BACK)
+            if rollout is None and target is RolloutState.ABORTED:
+                raise RolloutError("no active rollout to abort")
+            with transaction(con):
+                if (
+                    first(
+                        con.execute(
+                            "SELECT 1 FROM config_versions WHERE version = ?", [config.version]
+                        )
                     )
+                    is None
+                ):
+                    config = _renumber_if_taken(con, store, config)
+                    record_config(con, config, rollout.phase_index if rollout else None)
+                if rollout is not None and rollout.active:
+                    end_phase(con, rollout.rollout_id, rollout.phase_index, outcome)
+                    rollout = transition(
+                        con, rollout, target, cause=f"{past}: {reason}", actor=actor
+                    )
+                    if record:
+                        record_decision(
+                            con,
+                            decision_id=uuid.uuid4().hex,
+                            rollout=rollout,
+                            config_version=config.version,
+                            verdict=verdict,
+                            action="published legacy_only",
+                            actor=actor,
+                            reason=reason,
+                        )
+    except StoreError as exc:
+        raise RecordingDeferred(
+            f"legacy_only is published as v{config.version} (routers are switching now); "
+            f"recording it is deferred to the next tick: {exc}"
+        ) from exc
     return config, rollout
+
+
+def _renumber_if_taken(
+    con: duckdb.DuckDBPyConnection, store: FileControlStore, config: RouterConfig
+) -> RouterConfig:
+    """The control document was older than the database (restored from a backup, say):
+    versions must still only grow, so publish the same legacy document again, higher."""
+    floor = next_config_version(con, config.version - 1)
+    if floor == config.version:
+        return config
+    renumbered = config.model_copy(update={"version": floor})
+    store.publish(renumbered)
+    return renumbered
 
 
 def _resolve(
@@ -335,6 +396,8 @@ def restore_previous(
         )
         if rollout is None or failed is None or failed[0] == "legacy_only":
             return None
+        if not rollout.active or _phase_version_or_none(con, rollout) != failed_version:
+            return None  # not the live, unacknowledged phase: nothing to undo
         current = store.current_or_none()
         version = next_config_version(con, current.version if current else 0)
         if row is None:  # the failed publish was phase 1: before it, legacy served everyone
@@ -364,6 +427,8 @@ def restore_previous(
                     "WHERE rollout_id = ? AND phase_index = ?",
                     [version, rollout_id, phase_index],
                 )
+            if target_state is RolloutState.ABORTED:
+                end_phase(con, rollout_id, 0, "aborted")
             if rollout.state is not target_state or rollout.phase_index != phase_index:
                 rollout = transition(
                     con,
@@ -388,62 +453,59 @@ def restore_previous(
 
 
 def reconcile(paths: DataPaths) -> str | None:
-    """Make the database and the control store agree again after a crash.
+    """Make the database and the live control document agree again after a crash.
 
-    - a document the database does not know, for the active rollout: adopt it (the
-      process died between publishing and committing);
-    - no document, or an older one than the current phase's: republish the phase.
+    With one active rollout and its current phase recorded as version E:
+    - a live document for another, unrecorded rollout (a start that died before
+      recording): revert the routers to legacy;
+    - a live `legacy_only` of this rollout: it was rolled back or aborted and the record
+      is missing: record it;
+    - the live document is E: nothing to do;
+    - an unrecorded document for the next phase: a promotion that died before recording:
+      adopt it;
+    - a document for the previous phase published after E: a restore that died before
+      recording: adopt it (the rollout moves back);
+    - anything else (no document, a stale or foreign one): republish phase E's config.
     Returns what was done, or None when both already agree.
     """
     store = control_store(paths)
     document = store.current_or_none()
     with connect(paths.database) as con:
-        if document is not None and document.mode.value != "legacy_only":
-            owner = document.rollout_id and get_rollout(con, document.rollout_id)
-            if document.rollout_id and owner is None:
-                # A start published its first phase and died before recording the
-                # rollout: nobody owns that split, so the safe state is legacy.
-                version = next_config_version(con, document.version)
-                config = legacy_only_config(
-                    version,
-                    None,
-                    document.salt,
-                    f"reverted unrecorded rollout {document.rollout_id}",
-                )
+        if (
+            document is not None
+            and document.mode.value != "legacy_only"
+            and document.rollout_id
+            and get_rollout(con, document.rollout_id) is None
+        ):
+            version = next_config_version(con, document.version)
+            config = legacy_only_config(
+                version,
+                None,
+                document.salt,
+                f"reverted unrecorded rollout {document.rollout_id}",
+            )
+            with transaction(con):
                 record_config(con, config, None)
                 store.publish(config)
-                return f"reverted unrecorded rollout {document.rollout_id} to legacy as v{version}"
+            return f"reverted unrecorded rollout {document.rollout_id} to legacy as v{version}"
         active = active_rollouts(con)
         if len(active) != 1:
             return None
         rollout = active[0]
-        expected = first(
-            con.execute(
-                "SELECT config_version FROM phases WHERE rollout_id = ? AND phase_index = ?",
-                [rollout.rollout_id, rollout.phase_index],
-            )
-        )
-        expected_version = expected[0] if expected else None
-        known = (
-            document is not None
-            and first(
-                con.execute("SELECT 1 FROM config_versions WHERE version = ?", [document.version])
-            )
-            is not None
-        )
-        if document is not None and not known and document.rollout_id == rollout.rollout_id:
-            return _adopt(con, paths, rollout, document)
-        if expected_version is None or (
-            document is not None and document.version >= expected_version
-        ):
+        expected = _phase_version_or_none(con, rollout)
+        if expected is None:
             return None
+        if document is not None and document.rollout_id == rollout.rollout_id:
+            adopted = _adopt(con, rollout, document, expected)
+            if adopted is not None or document.version == expected:
+                return adopted
         version = next_config_version(con, document.version if document else 0)
         config = phase_config(
             rollout.plan,
             rollout.phase_index,
             version,
             rollout.rollout_id,
-            "republished: the control document was missing or stale",
+            "republished: the live control document was missing, stale or foreign",
         )
         with transaction(con):
             record_config(con, config, rollout.phase_index)
@@ -456,24 +518,40 @@ def reconcile(paths: DataPaths) -> str | None:
 
 
 def _adopt(
-    con: duckdb.DuckDBPyConnection, paths: DataPaths, rollout: Rollout, document: RouterConfig
-) -> str:
+    con: duckdb.DuckDBPyConnection, rollout: Rollout, document: RouterConfig, expected: int
+) -> str | None:
+    """Record what the live document of this rollout says happened; None if it says
+    nothing the database could adopt."""
     names = [p.name for p in rollout.plan.phases]
+    index = names.index(document.phase) if document.phase in names else None
+    known = (
+        first(con.execute("SELECT 1 FROM config_versions WHERE version = ?", [document.version]))
+        is not None
+    )
+    cause = f"recovered after a crash: v{document.version} was published but not recorded"
     with transaction(con):
         if document.mode.value == "legacy_only":
-            record_config(con, document, rollout.phase_index)
-            end_phase(con, rollout.rollout_id, rollout.phase_index, "rolled_back")
+            aborted = document.reason.startswith("abort")
+            target = RolloutState.ABORTED if aborted else RolloutState.ROLLED_BACK
+            if not known:
+                record_config(con, document, rollout.phase_index)
+            end_phase(
+                con,
+                rollout.rollout_id,
+                rollout.phase_index,
+                "aborted" if aborted else "rolled_back",
+            )
             transition(
                 con,
                 rollout,
-                RolloutState.ROLLED_BACK,
+                target,
                 actor="reconcile",
-                cause=f"recovered after a crash: v{document.version} (legacy_only) was "
-                "published but not recorded",
+                cause=f"{cause} ({'abort' if aborted else 'rollback'})",
             )
-            what = f"adopted rollback v{document.version}"
-        elif document.phase in names and names.index(document.phase) == rollout.phase_index + 1:
-            index = rollout.phase_index + 1
+            return f"adopted {'abort' if aborted else 'rollback'} v{document.version}"
+        if document.version <= expected or index is None:
+            return None
+        if index == rollout.phase_index + 1 and not known:
             end_phase(con, rollout.rollout_id, rollout.phase_index, "promoted")
             record_config(con, document, index)
             start_phase(con, rollout.rollout_id, index, document.version)
@@ -483,11 +561,29 @@ def _adopt(
                 RolloutState.RUNNING,
                 phase_index=index,
                 actor="reconcile",
-                cause=f"recovered after a crash: promotion to phase {index + 1} "
-                f"(v{document.version}) was published but not recorded",
+                cause=f"{cause} (promotion to phase {index + 1})",
             )
-            what = f"adopted promotion to phase {index + 1} (v{document.version})"
-        else:
-            record_config(con, document, rollout.phase_index)
-            what = f"recorded unexpected v{document.version} ({document.phase})"
-    return what
+            return f"adopted promotion to phase {index + 1} (v{document.version})"
+        if index == rollout.phase_index - 1:
+            if not known:
+                record_config(con, document, index)
+            con.execute(
+                "UPDATE phases SET started_at = NULL, config_version = NULL, ended_at = NULL, "
+                "outcome = NULL WHERE rollout_id = ? AND phase_index = ?",
+                [rollout.rollout_id, rollout.phase_index],
+            )
+            con.execute(
+                "UPDATE phases SET config_version = ?, ended_at = NULL, outcome = NULL "
+                "WHERE rollout_id = ? AND phase_index = ?",
+                [document.version, rollout.rollout_id, index],
+            )
+            transition(
+                con,
+                rollout,
+                RolloutState.RUNNING,
+                phase_index=index,
+                actor="reconcile",
+                cause=f"{cause} (restore of phase {index + 1})",
+            )
+            return f"adopted restore of phase {index + 1} (v{document.version})"
+    return None

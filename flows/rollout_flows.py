@@ -66,7 +66,7 @@ class AcknowledgementFailed(RuntimeError):
 def start_task(data_dir: str, plan: RolloutPlan, rollout_id: str | None, actor: str) -> dict:
     published = lifecycle.start(DataPaths.at(data_dir), plan, actor=actor, rollout_id=rollout_id)
     txn = get_transaction()
-    if txn is not None:
+    if txn is not None and published.new:  # a re-run published nothing: nothing to undo
         txn.set("published", (data_dir, published.rollout.rollout_id, published.config.version))
     return {"rollout_id": published.rollout.rollout_id, "version": published.config.version}
 
@@ -257,11 +257,19 @@ def rollout_approve(
             [rollout.rollout_id, rollout.phase_index],
         ).fetchall()
     if approve and rollout.state.value == "running" and version_row and version_row[0][0]:
-        with transaction():
-            txn = get_transaction()
-            if txn is not None:
-                txn.set("published", (data_dir, rollout.rollout_id, int(version_row[0][0])))
-            ack_task(data_dir, int(version_row[0][0]), ack_timeout_s)
+        version = int(version_row[0][0])
+        try:
+            ack_task(data_dir, version, ack_timeout_s)
+        except AcknowledgementFailed as exc:
+            # The same undo as a tick's promotion: the previous phase goes back out.
+            lifecycle.restore_previous(
+                paths,
+                rollout_id=rollout.rollout_id,
+                failed_version=version,
+                reason=str(exc),
+                actor="approval",
+            )
+            raise
     emit(
         EVENT_APPROVAL_DECIDED,
         rollout.rollout_id,

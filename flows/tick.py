@@ -125,6 +125,27 @@ def tick(
         if not acks.complete:
             report.verdict = Verdict.INSUFFICIENT_DATA.value
             report.reason = f"waiting for routers: {acks.describe()}"
+            started = phase_started_at(con, rollout.rollout_id, rollout.phase_index)
+            overdue = (
+                acks.live
+                and started is not None
+                and datetime.now(UTC) - started > rollout.plan.ack_timeout
+            )
+            if acks.refused or overdue:
+                # Routers refused this phase or never took it: put the previous one back
+                # (or end the rollout if this was phase 1) instead of waiting forever.
+                restored = lifecycle.restore_previous(
+                    paths,
+                    rollout_id=rollout.rollout_id,
+                    failed_version=version,
+                    reason=report.reason,
+                    actor=actor,
+                )
+                report.action = (
+                    f"restored the previous config as v{restored.version}"
+                    if restored
+                    else "nothing to restore"
+                )
             return report
         now = datetime.now(UTC)
         evaluation_id = uuid.uuid4().hex
@@ -151,8 +172,17 @@ def tick(
         report.reason = result.reason
         report.n_legacy, report.n_production = result.n_legacy, result.n_production
         report.data_docs_url = result.data_docs_url
-        # Intent first: the decision is on record before anything is changed, so a crash
-        # in the action leaves a decision the next tick simply carries out again.
+        if result.verdict is Verdict.ROLLBACK:
+            # Users first: legacy_only goes out before anything is written here.
+            lifecycle.rollback(
+                paths,
+                reason=result.reason,
+                actor=actor,
+                rollout_id=rollout.rollout_id,
+                decided=True,
+            )
+        # The decision is on record before any other action; if the process dies in the
+        # action, the next tick re-evaluates and `reconcile` repairs a half-done publish.
         with transaction(con):
             record_evaluations(con, rows)
             record_decision(
@@ -169,17 +199,10 @@ def tick(
                 n_production=result.n_production,
             )
         report.action, report.published_version = _act(con, paths, rollout, result, actor)
-    if result.verdict is Verdict.ROLLBACK:
-        _, rolled = lifecycle.rollback(
-            paths, reason=result.reason, actor=actor, rollout_id=rollout.rollout_id, decided=True
-        )
-        report.state = rolled.state.value if rolled else report.state
-        return report
-    with connect(paths.database, read_only=False) as con:
         current = lifecycle.get_state(con, rollout.rollout_id)
-    report.state = current.state.value
-    report.phase_index = current.phase_index
-    report.phase_name = current.phase.name
+        report.state = current.state.value
+        report.phase_index = current.phase_index
+        report.phase_name = current.phase.name
     return report
 
 
@@ -206,7 +229,10 @@ def _act(
             )
         return "completed: last phase promoted", None
     if verdict is Verdict.NEEDS_APPROVAL:
-        transition(con, rollout, RolloutState.AWAITING_APPROVAL, cause=result.reason, actor=actor)
+        with transaction(con):
+            transition(
+                con, rollout, RolloutState.AWAITING_APPROVAL, cause=result.reason, actor=actor
+            )
         return "awaiting approval", None
     if verdict is Verdict.ROLLBACK:
         return "rolled back: published legacy_only", None
@@ -215,6 +241,7 @@ def _act(
         and rollout.state is not RolloutState.HOLDING
         and result.reason.startswith("maximum duration")
     ):
-        transition(con, rollout, RolloutState.HOLDING, cause=result.reason, actor=actor)
+        with transaction(con):
+            transition(con, rollout, RolloutState.HOLDING, cause=result.reason, actor=actor)
         return "holding at maximum duration", None
     return "none", None

@@ -286,3 +286,71 @@ def test_tick_writes_status_and_decision_artifacts(live_app: LiveApp) -> None:
     assert status is not None and "shadow" in str(status.data)
     record = Artifact.get(f"rollout-{started['rollout_id']}-decision-record")
     assert record is not None
+
+
+HOLD_THE_LOCK = textwrap.dedent("""
+    import sys, time, duckdb
+    con = duckdb.connect(sys.argv[1], read_only=True)  # a reader blocks every writer
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[2]))
+""")
+
+
+def test_rollback_reaches_routers_while_the_database_is_locked(
+    live_app: LiveApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows import lifecycle
+    from flows.rollout_flows import rollout_start, rollout_tick
+
+    rollout_start(small_plan(), str(live_app.paths.root))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_LOCK, str(live_app.paths.database), "8"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        monkeypatch.setattr(lifecycle, "RECORD_WAIT_S", 1.0)
+        with pytest.raises(lifecycle.RecordingDeferred, match="legacy_only is published"):
+            lifecycle.rollback(live_app.paths, reason="pager went off", actor="on-call")
+        # the routers were told at once, the lock notwithstanding
+        assert live_app.store.current().mode.value == "legacy_only"
+        wait_for(
+            lambda: any(
+                a.effective_mode.value == "legacy_only" for a in live_app.store.read_acks()
+            ),
+            10,
+            "router on legacy",
+        )
+    finally:
+        holder.wait(30)
+    # once the lock is gone, the next tick records what happened
+    result = rollout_tick(str(live_app.paths.root))
+    assert result["reconciled"] and "adopted rollback" in result["reconciled"]
+    assert rows(live_app, "SELECT state FROM rollouts")[0][0] == "rolled_back"
+
+
+def test_a_restore_that_died_before_recording_is_adopted(live_app: LiveApp) -> None:
+    from flows.control import phase_config
+    from flows.lifecycle import reconcile
+    from flows.rollout_flows import rollout_start
+
+    plan = small_plan()
+    rollout_start(plan, str(live_app.paths.root))
+    tick_until(live_app, {"running"}, limit_s=5)
+    # fake the state "promoted to phase 2, then a restore published phase 1 and died"
+    (rollout_id,) = rows(live_app, "SELECT rollout_id FROM rollouts")[0]
+    with connect(live_app.paths.database) as con:
+        from flows.lifecycle import get_state, promote
+
+        promote(con, live_app.paths, get_state(con, rollout_id), reason="test", actor="test")
+    live = live_app.store.current()
+    restored = phase_config(plan, 0, live.version + 1, rollout_id, "restore (crashed)")
+    live_app.store.publish(restored)
+    what = reconcile(live_app.paths)
+    assert what and "adopted restore of phase 1" in what
+    assert rows(live_app, "SELECT state, phase_index FROM rollouts")[0] == ("running", 0)
+    assert (
+        rows(live_app, "SELECT config_version FROM phases WHERE phase_index = 0")[0][0]
+        == restored.version
+    )
