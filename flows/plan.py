@@ -152,6 +152,8 @@ def load_plan(path: Path | str) -> RolloutPlan:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise PlanError([f"plan file {str(path)!r} does not exist"]) from None
+    except OSError as exc:
+        raise PlanError([f"plan file {str(path)!r} cannot be read: {exc.strerror}"]) from None
     except yaml.YAMLError as exc:
         raise PlanError([f"plan file {str(path)!r} is not valid YAML: {exc}"]) from None
     return validate_plan(data)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from types import FrameType
@@ -24,6 +26,19 @@ def configure_prefect(console_level: str = "WARNING") -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", console_level)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+
+def _reap_with_this_process(server: object) -> None:
+    """Prefect's server is Prefect's child, not ours: if this process is killed outright
+    (SIGKILL runs no cleanup), a watcher stops the server instead of leaving it behind."""
+    process = getattr(server, "server_process", None)
+    if process is None:
+        return
+    subprocess.Popen(
+        [sys.executable, "-m", "flows.demo.reaper", str(os.getpid()), str(process.pid)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -57,6 +72,7 @@ def prefect_session(in_process: bool = True) -> Iterator[str]:
             server.start(
                 timeout=int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
             )
+            _reap_with_this_process(server)
         try:
             yield url or "ephemeral"
         finally:

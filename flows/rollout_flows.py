@@ -239,9 +239,9 @@ def rollout_approve(
     if approve is None:
         logger.info("waiting for a human decision (Prefect UI form, or `rollout approve`)")
         answer = pause_flow_run(
+            # No default answer: a click on Resume must not promote by accident.
             wait_for_input=ApprovalInput.with_initial_data(
                 description="Approve promotion to the next phase, or reject to roll back.",
-                approve=True,
             ),
             timeout=timeout_s,
             poll_interval=2,

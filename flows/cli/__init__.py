@@ -3,11 +3,41 @@
 
 from __future__ import annotations
 
+import sys
+
 from flows.cli.app import app
+from flows.cli.common import err_console
+
+#: Errors an operator can act on, by class name (matched along the exception's class
+#: hierarchy so importing this table costs nothing), with the exit code they get:
+#: 2 for bad input or a request the current state refuses, 1 for a failure to act.
+#: Anything else is a bug and keeps its traceback.
+ACTIONABLE = {
+    "RecordingDeferred": 1,
+    "PlanError": 2,
+    "SettingsError": 2,
+    "RolloutError": 2,
+    "StoreError": 1,
+    "AcknowledgementFailed": 1,
+    "HTTPError": 1,
+    "FileNotFoundError": 2,
+    "IsADirectoryError": 2,
+    "NotADirectoryError": 2,
+    "PermissionError": 1,
+}
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except Exception as exc:
+        code = next(
+            (ACTIONABLE[c.__name__] for c in type(exc).__mro__ if c.__name__ in ACTIONABLE), None
+        )
+        if code is None:
+            raise
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(code)
 
 
 __all__ = ["app", "main"]

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from flows.demo.processes import exit_on_signals
 
 app = typer.Typer(help="Benchmarks of the hot paths.", no_args_is_help=True)
 
@@ -57,13 +60,14 @@ def router(
     from flows.bench.router_bench import run
 
     err = Console(stderr=True)
-    result = run(
-        decision_requests=decision_requests,
-        fleet_requests=fleet_requests,
-        fleet_rate=fleet_rate,
-        progress=lambda step: err.print(f"[dim]... {step}[/]"),
-        only=frozenset(only) if only else None,
-    )
+    with exit_on_signals(signal.SIGTERM, signal.SIGHUP):  # the fleet process is stopped
+        result = run(
+            decision_requests=decision_requests,
+            fleet_requests=fleet_requests,
+            fleet_rate=fleet_rate,
+            progress=lambda step: err.print(f"[dim]... {step}[/]"),
+            only=frozenset(only) if only else None,
+        )
     if as_json:
         print(json.dumps(result))
         return

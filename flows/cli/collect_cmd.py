@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from flows.cli.common import DEFAULT_DATA_DIR, DataDir, console, paths
+from flows.cli.common import DEFAULT_DATA_DIR, DataDir, console, existing
 
 
 def collect_cmd(
@@ -18,7 +18,7 @@ def collect_cmd(
 
     from flows.store.ingest import collect
 
-    report = collect(paths(data_dir).ensure())
+    report = collect(existing(data_dir).ensure())
     if as_json:
         print(
             json.dumps(

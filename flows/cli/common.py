@@ -32,6 +32,18 @@ def paths(data_dir: Path) -> DataPaths:
     return DataPaths.at(data_dir)
 
 
+def existing(data_dir: Path) -> DataPaths:
+    """For commands that act on an existing rollout: a mistyped --data-dir must fail,
+    not quietly create an empty directory and act on nobody."""
+    found = DataPaths.at(data_dir)
+    if not found.root.is_dir():
+        fail(
+            f"no data directory at {found.root}: pass --data-dir or set ROLLOUT_DATA_DIR "
+            "(rollout demo, rollout start and rollout app run create one)"
+        )
+    return found
+
+
 def fail(lines: str | list[str], code: int = 2) -> NoReturn:
     """Print each problem on its own line to stderr and exit (2: bad input)."""
     for line in [lines] if isinstance(lines, str) else lines:

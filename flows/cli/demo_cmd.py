@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from flows.cli.common import DEFAULT_DATA_DIR, DataDir, console, fail
+from flows.demo.processes import exit_on_signals
+from flows.paths import DATA_DIR_ENV
 from flows.prefect_env import configure_prefect
 
 
@@ -43,12 +47,14 @@ def demo(
         rate=rate,
     )
     try:
-        outcome = run_demo(settings, console)
+        with exit_on_signals(signal.SIGTERM, signal.SIGHUP):
+            outcome = run_demo(settings, console)
     except (PlanError, ValueError) as exc:
         fail(str(exc))
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted: every process the demo started has been stopped[/]")
-        raise typer.Exit(130) from None
+    except (KeyboardInterrupt, SystemExit) as exc:
+        console.print("\n[yellow]interrupted: every process the demo started has been stopped[/]")
+        code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 130
+        raise typer.Exit(code) from None
     console.print(
         f"rollout [bold]{outcome.rollout_id}[/] ended [bold]{outcome.state}[/] "
         f"after {outcome.seconds:.0f}s: {outcome.reason}",
@@ -83,10 +89,22 @@ def app_run(
     duration: Annotated[float, typer.Option(help="Seconds to run; 0 until SIGTERM.")] = 0.0,
     seed: Annotated[int, typer.Option()] = 11,
     workload: Annotated[Path | None, typer.Option(help="Questions (JSON lines).")] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            envvar=DATA_DIR_ENV,
+            help="Where the router writes segments and reads its control store, unless "
+            "PROD_LB_DATA_DIR is set (that wins); else data/. The flows must use the same.",
+        ),
+    ] = None,
 ) -> None:
     """Route questions through ProductionIntelligentQueryRouter configured by PROD_LB_*."""
     from flows.demo.app import LoadSpec, run_app
     from router.settings_errors import SettingsError
+
+    if data_dir is not None and "PROD_LB_DATA_DIR" not in os.environ:
+        os.environ["PROD_LB_DATA_DIR"] = str(data_dir)  # the router reads its own variable
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from flows.cli.common import DEFAULT_DATA_DIR, DataDir, console, fail, paths
+from flows.cli.common import DEFAULT_DATA_DIR, DataDir, console, existing, fail, paths
 from flows.prefect_env import configure_prefect, prefect_session
 
 RolloutId = Annotated[
@@ -186,7 +186,7 @@ def tick(
         from flows.rollout_flows import rollout_tick
 
         state = rollout_tick(
-            str(paths(data_dir).ensure().root), rollout_id, actor=_actor(), return_state=True
+            str(existing(data_dir).root), rollout_id, actor=_actor(), return_state=True
         )
         if state.is_failed():
             fail(f"tick failed: {state.message}", code=1)
@@ -215,15 +215,21 @@ def approve(
 
     answer = {"approve": not reject, "comment": comment, "approver": _actor()}
     with prefect_session():
-        resumed = _resume_paused_approval(answer)
+        resumed = _resume_paused_approval(answer, existing(data_dir).root, rollout_id)
         if resumed:
-            console.print(f"resumed approval run {resumed} with your answer")
+            state = _wait_for_run(resumed, timeout_s=120)
+            console.print(
+                f"resumed approval run {resumed} with your answer: it ended {state}",
+                highlight=False,
+            )
+            if state != "COMPLETED":
+                fail(f"the approval run ended {state}; see it in the Prefect UI", code=1)
             return
         from flows.rollout_flows import rollout_approve
 
         try:
             result = rollout_approve(
-                str(paths(data_dir).root),
+                str(existing(data_dir).root),
                 rollout_id,
                 approve=not reject,
                 comment=comment,
@@ -234,7 +240,11 @@ def approve(
     console.print(f"rollout {result['rollout_id']} is now {result['state']}", highlight=False)
 
 
-def _resume_paused_approval(answer: dict[str, Any]) -> str | None:
+def _resume_paused_approval(
+    answer: dict[str, Any], data_dir: Path, rollout_id: str | None = None
+) -> str | None:
+    """Resume the paused `rollout-approve` run of this data directory (and rollout, if
+    given) with `answer`; None if there is none."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowFilter,
@@ -253,12 +263,36 @@ def _resume_paused_approval(answer: dict[str, Any]) -> str | None:
                 state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
             ),
         )
-    waiting = [r for r in runs if r.state and r.state.state_details.run_input_keyset]
+    target = Path(data_dir).resolve()
+
+    def ours(run: Any) -> bool:
+        params = run.parameters or {}
+        same_dir = Path(str(params.get("data_dir", "data"))).resolve() == target
+        same_rollout = rollout_id is None or params.get("rollout_id") in (None, rollout_id)
+        return same_dir and same_rollout
+
+    waiting = [r for r in runs if r.state and r.state.state_details.run_input_keyset and ours(r)]
     if not waiting:
         return None
     run = max(waiting, key=lambda r: r.created or 0)
     resume_flow_run(run.id, run_input=answer)
     return str(run.id)
+
+
+def _wait_for_run(run_id: str, timeout_s: float) -> str:
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(run_id)
+            if run.state is not None and run.state.is_final():
+                return run.state.type.value
+            if time.monotonic() >= deadline:
+                return "still running"
+            time.sleep(1)
 
 
 def promote(
@@ -303,11 +337,13 @@ def rollback(
     from flows import lifecycle
     from flows.control import control_store, wait_for_ack
 
-    p = paths(data_dir).ensure()
+    p = existing(data_dir)
     try:
         config, rollout = lifecycle.rollback(
             p, reason=reason, actor=_actor(), rollout_id=rollout_id
         )
+    except lifecycle.RecordingDeferred as exc:  # the routers were told: say so, exit 1
+        fail(str(exc), code=1)
     except lifecycle.RolloutError as exc:
         fail(str(exc))
     acks = wait_for_ack(control_store(p), config.version, 10)
@@ -316,6 +352,8 @@ def rollback(
         f"legacy_only published as v{config.version} ({acks.describe()}); rollout: {state}",
         highlight=False,
     )
+    if acks.live and not acks.complete:
+        fail(f"not every router applied v{config.version} within 10 s: {acks.describe()}", code=1)
 
 
 def abort(
@@ -328,7 +366,7 @@ def abort(
 
     try:
         rollout = lifecycle.abort(
-            paths(data_dir), reason=reason, actor=_actor(), rollout_id=rollout_id
+            existing(data_dir), reason=reason, actor=_actor(), rollout_id=rollout_id
         )
     except lifecycle.RolloutError as exc:
         fail(str(exc))
@@ -416,7 +454,7 @@ def nightly(
     with prefect_session():
         from flows.rollout_flows import nightly_comparison
 
-        result = nightly_comparison(str(paths(data_dir).ensure().root), hours)
+        result = nightly_comparison(str(existing(data_dir).root), hours)
     console.print(
         f"nightly comparison {result['run_id']}: {result['rows']} rows "
         f"(legacy {result['legacy']}, production {result['production']})",

@@ -33,6 +33,7 @@ def serve(
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
     """Start the fleet on 127.0.0.1 (free ports) and serve until Ctrl-C or SIGTERM."""
+    from flows.demo.processes import stop_when_orphaned
     from flows.sim.fleet import FLEETS, SIM_API_KEY_ENV, Fleet
 
     target = fleet_file or paths(data_dir).runs / "fleet.json"
@@ -48,9 +49,11 @@ def serve(
         console.print(f"fleet file: {target}", highlight=False)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, stop.set)
+        watchdog = asyncio.create_task(stop_when_orphaned(stop))
         await stop.wait()
+        watchdog.cancel()
         await running.stop()
         target.unlink(missing_ok=True)
 

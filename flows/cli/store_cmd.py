@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from flows.cli.common import DEFAULT_DATA_DIR, DataDir, console, fail, paths
+from flows.cli.common import DEFAULT_DATA_DIR, DataDir, console, existing, fail
 
 
 def compact(
@@ -59,7 +59,7 @@ def compact(
 
     try:
         report = run_compact(
-            paths(data_dir).ensure(),
+            existing(data_dir).ensure(),
             retention=retention_days,
             archive=archive,
             segments=segments,

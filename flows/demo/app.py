@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from flows.demo.processes import stop_when_orphaned
 from flows.demo.workload import Users, load_questions
 from router.feature_flags import load_flags
 from router.production_router import ProductionIntelligentQueryRouter
@@ -80,8 +81,9 @@ async def run_app(spec: LoadSpec) -> dict[str, int]:
     router = ProductionIntelligentQueryRouter(flags=flags)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
+    watchdog = asyncio.create_task(stop_when_orphaned(stop))
     await router.start()
     log.info(
         "app %s started: %d backends, control store %s",
@@ -92,6 +94,7 @@ async def run_app(spec: LoadSpec) -> dict[str, int]:
     try:
         counts = await generate_load(router, spec, stop)
     finally:
+        watchdog.cancel()
         await router.shutdown()
     log.info("app %s stopped: %s", router.instance_id, counts)
     return counts

@@ -4,14 +4,51 @@ exit, on an exception and on Ctrl-C."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+
+#: Set for every child: it stops itself when this parent is gone (see `orphaned`), so
+#: even a parent killed with SIGKILL leaves nothing running.
+PARENT_PID_ENV = "ROLLOUT_PARENT_PID"
+
+
+def orphaned() -> bool:
+    """True in a child whose starting parent has died (the child was re-parented)."""
+    expected = os.environ.get(PARENT_PID_ENV)
+    return bool(expected) and str(os.getppid()) != expected
+
+
+async def stop_when_orphaned(stop: asyncio.Event, every_s: float = 1.0) -> None:
+    """For the children's event loops: set `stop` once the parent is gone."""
+    while not stop.is_set():
+        if orphaned():
+            stop.set()
+            return
+        await asyncio.sleep(every_s)
+
+
+@contextmanager
+def exit_on_signals(*signals: signal.Signals) -> Iterator[None]:
+    """SIGTERM, SIGHUP...: leave through normal exception handling, so every `finally`
+    that stops a child runs (a closed terminal or `kill` must not leave orphans)."""
+
+    def _exit(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, _exit) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class ChildProcess:
@@ -36,7 +73,7 @@ class ChildProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, **(self.env or {})},
+            env={**os.environ, **(self.env or {}), PARENT_PID_ENV: str(os.getpid())},
             start_new_session=True,  # Ctrl-C in the terminal goes to us; we stop the child
         )
         log.close()

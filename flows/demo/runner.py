@@ -260,19 +260,25 @@ def run_demo(settings: DemoSettings, console: Console) -> DemoOutcome:
 
 
 def _abort_leftovers(paths: DataPaths) -> None:
-    """A demo killed mid-run leaves an active rollout: end it so a new one can start."""
+    """Start from legacy: a demo killed mid-run leaves an active rollout (abort it), and
+    a finished one leaves its last phase live (production_only after a completed run),
+    which the new app would otherwise apply while Prefect starts, stamping its rows
+    with the old rollout's version."""
     from flows import lifecycle
+    from flows.control import control_store
     from flows.store.database import connect
     from flows.store.rollouts import active_rollouts
 
-    if not paths.database.exists():
-        return
-    with connect(paths.database) as con:
-        leftovers = [r.rollout_id for r in active_rollouts(con, "demo")]
-    for rollout_id in leftovers:
-        lifecycle.abort(
-            paths, reason="superseded by a new demo run", actor="demo", rollout_id=rollout_id
-        )
+    if paths.database.exists():
+        with connect(paths.database) as con:
+            leftovers = [r.rollout_id for r in active_rollouts(con)]
+        for rollout_id in leftovers:
+            lifecycle.abort(
+                paths, reason="superseded by a new demo run", actor="demo", rollout_id=rollout_id
+            )
+    live = control_store(paths).current_or_none()
+    if live is not None and live.mode.value != "legacy_only":
+        lifecycle.rollback(paths, reason="reset before a new demo run", actor="demo")
 
 
 def _fmt(value: Any, kind: str) -> str:

@@ -23,6 +23,7 @@ def _db(data_dir: Path) -> duckdb.DuckDBPyConnection:
     return duckdb.connect(str(data_dir / "metrics.duckdb"), read_only=True)
 
 
+@pytest.mark.timeout(900)  # above the subprocess's own 600 s, so that one fires first
 def test_healthy_demo_completes_all_five_phases(tmp_path: Path) -> None:
     """Through the CLI, as `make demo` runs it (its own ephemeral Prefect API)."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
@@ -79,6 +80,7 @@ def test_healthy_demo_completes_all_five_phases(tmp_path: Path) -> None:
         assert "Bearer sim-" not in log.read_text()
 
 
+@pytest.mark.timeout(600)
 def test_injected_regression_ends_in_recorded_rollback(
     tmp_path: Path, prefect_harness: None
 ) -> None:

@@ -54,11 +54,15 @@ def start_app(paths: DataPaths, backends_file: Path, instance: str, rate: float)
         env,
     ).start()
     store = FileControlStore(paths.control)
-    app.wait_until(
-        lambda: any(a.instance == instance and a.age_s() < 5 for a in store.read_acks()),
-        60,
-        "router heartbeat",
-    )
+    try:
+        app.wait_until(
+            lambda: any(a.instance == instance and a.age_s() < 5 for a in store.read_acks()),
+            60,
+            "router heartbeat",
+        )
+    except BaseException:
+        app.stop()  # never leave the app running when the fixture could not start
+        raise
     return app
 
 

@@ -140,7 +140,8 @@ def test_approval_through_the_paused_form(live_app: LiveApp) -> None:
         lambda: (
             resumed.append(
                 _resume_paused_approval(
-                    {"approve": True, "comment": "from the form", "approver": "ui-user"}
+                    {"approve": True, "comment": "from the form", "approver": "ui-user"},
+                    live_app.paths.root,
                 )
             )
             or resumed[-1]
@@ -231,24 +232,34 @@ def test_unacknowledged_promotion_restores_the_previous_phase(live_app: LiveApp)
     from router.control_store import Acknowledgement
 
     rollout_start(small_plan(), str(live_app.paths.root))
-    time.sleep(12)  # enough paired evidence for the gate to promote out of shadow
-    live_app.stop_app()
-    current = live_app.store.current()
-    now = datetime.now(UTC)
-    stuck = Acknowledgement(
-        instance="stuck-1",
-        applied_version=current.version,
-        effective_mode=current.mode,
-        configured_mode=current.mode,
-        traffic_percent=current.traffic_percent,
-        heartbeat_at=now,
-        started_at=now,
-    )
-    live_app.store.write_ack(stuck)
-    with pytest.raises(AcknowledgementFailed):
-        rollout_tick(str(live_app.paths.root), ack_timeout_s=2)
+    shadow = live_app.store.current()
+
+    def stuck_heartbeat() -> None:  # alive, but forever on the shadow phase's version
+        now = datetime.now(UTC)
+        live_app.store.write_ack(
+            Acknowledgement(
+                instance="stuck-1",
+                applied_version=shadow.version,
+                effective_mode=shadow.mode,
+                configured_mode=shadow.mode,
+                traffic_percent=shadow.traffic_percent,
+                heartbeat_at=now,
+                started_at=now,
+            )
+        )
+
+    failed = None
+    deadline = time.monotonic() + 90
+    while failed is None and time.monotonic() < deadline:  # tick until the gate promotes
+        stuck_heartbeat()
+        try:
+            rollout_tick(str(live_app.paths.root), ack_timeout_s=2)
+        except AcknowledgementFailed as exc:
+            failed = exc
+        time.sleep(0.5)
+    assert failed is not None, "the gate never promoted out of shadow"
     restored = live_app.store.current()
-    assert restored.phase == "shadow" and restored.version > current.version + 1
+    assert restored.phase == "shadow" and restored.version > shadow.version + 1
     state = rows(live_app, "SELECT state, phase_index FROM rollouts")[0]
     assert state == ("running", 0)
     assert rows(live_app, "SELECT count(*) FROM decisions WHERE verdict = 'RESTORED'")[0][0] == 1
@@ -261,7 +272,12 @@ def test_nightly_comparison_stores_rows_and_artifacts(live_app: LiveApp) -> None
 
     rollout_start(small_plan(), str(live_app.paths.root))
     tick_until(live_app, {"running"}, limit_s=20)
-    time.sleep(3)
+    wait_for(
+        lambda: rows(live_app, "SELECT count(*) FROM requests WHERE NOT is_shadow")[0][0] > 0,
+        30,
+        "served rows in DuckDB",
+        interval_s=1,
+    )
     result = nightly_comparison(str(live_app.paths.root), hours=1)
     assert result["rows"] > 0 and result["legacy"] > 0
     assert result["retention"]["archived_rows"] == 0  # nothing is older than 30 days

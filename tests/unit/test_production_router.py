@@ -786,6 +786,7 @@ async def test_health_status_shows_an_open_breaker(tmp_path: Path, backends: Bac
         await router.route_query(QUESTION, {"user_id": f"u{i}"})
     after = router.get_health_status()["production"]
     assert "open" in {r["breaker_state"] for r in after.values()}
+
     # reading the status again changes no state (a scrape must not advance breakers;
     # countdowns and decaying estimates do move with time)
     def states(report: dict) -> dict:
