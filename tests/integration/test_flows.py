@@ -272,12 +272,13 @@ def test_nightly_comparison_stores_rows_and_artifacts(live_app: LiveApp) -> None
 
     rollout_start(small_plan(), str(live_app.paths.root))
     tick_until(live_app, {"running"}, limit_s=20)
-    wait_for(
-        lambda: rows(live_app, "SELECT count(*) FROM requests WHERE NOT is_shadow")[0][0] > 0,
-        30,
-        "served rows in DuckDB",
-        interval_s=1,
-    )
+    from flows.store.ingest import collect
+
+    def served_rows() -> int:
+        collect(live_app.paths)  # rows reach DuckDB only through collection
+        return rows(live_app, "SELECT count(*) FROM requests WHERE NOT is_shadow")[0][0]
+
+    wait_for(lambda: served_rows() > 0, 30, "served rows in DuckDB", interval_s=1)
     result = nightly_comparison(str(live_app.paths.root), hours=1)
     assert result["rows"] > 0 and result["legacy"] > 0
     assert result["retention"]["archived_rows"] == 0  # nothing is older than 30 days
