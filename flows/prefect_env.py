@@ -36,7 +36,9 @@ def _reap_with_this_process(server: object) -> None:
         return
     subprocess.Popen(
         [sys.executable, "-m", "flows.demo.reaper", str(os.getpid()), str(process.pid)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
 

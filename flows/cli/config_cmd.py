@@ -52,10 +52,18 @@ def validate(profile: Profile = None) -> None:
     """Exit 0 if the configuration is valid; otherwise one line per bad variable, exit 2."""
     flags = _load(profile)
     backends = flags.backends()
+    hint = (
+        ""
+        if backends
+        else (
+            " (set PROD_LB_LIGHTRAG_URLS / PROD_LB_PERPLEXITY_URL or PROD_LB_BACKENDS_FILE on "
+            "each host: profiles hold policy, not addresses)"
+        )
+    )
     console.print(
         f"[green]valid[/green]: mode {flags.effective_mode.value} at "
         f"{flags.effective_percent:g}%, algorithm {flags.primary_algorithm.value}, "
-        f"{len(backends)} backend(s)",
+        f"{len(backends)} backend(s){hint}",
         highlight=False,
     )
 

@@ -89,6 +89,10 @@ def app_run(
     duration: Annotated[float, typer.Option(help="Seconds to run; 0 until SIGTERM.")] = 0.0,
     seed: Annotated[int, typer.Option()] = 11,
     workload: Annotated[Path | None, typer.Option(help="Questions (JSON lines).")] = None,
+    fleet_file: Annotated[
+        Path | None,
+        typer.Option(help="Use the backends of a running `rollout sim serve` (its fleet file)."),
+    ] = None,
     data_dir: Annotated[
         Path | None,
         typer.Option(
@@ -105,6 +109,20 @@ def app_run(
 
     if data_dir is not None and "PROD_LB_DATA_DIR" not in os.environ:
         os.environ["PROD_LB_DATA_DIR"] = str(data_dir)  # the router reads its own variable
+    if fleet_file is not None:
+        import json
+
+        from flows.sim.fleet import FleetInfo
+
+        try:
+            info = FleetInfo.read(fleet_file)
+        except FileNotFoundError:
+            fail(f"no fleet file at {fleet_file}: is `rollout sim serve` running?")
+        backends_file = fleet_file.with_name("backends.json")
+        backends_file.write_text(
+            json.dumps([b.model_dump(mode="json") for b in info.backend_configs(timeout_s=5.0)])
+        )
+        os.environ["PROD_LB_BACKENDS_FILE"] = str(backends_file)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise

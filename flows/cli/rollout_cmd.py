@@ -103,7 +103,12 @@ def status(
         fail(str(exc))
     acks = control_store(p).read_acks()
     if snap is None:
-        fail("no rollout recorded yet: start one with `rollout start --plan FILE`", code=1)
+        fail(
+            f"no rollout {rollout_id!r} in {p.root}"
+            if rollout_id
+            else "no rollout recorded yet: start one with `rollout start --plan FILE`",
+            code=1,
+        )
     r = snap.rollout
     if as_json:
         _print_json(
@@ -390,7 +395,10 @@ def report(
         with connect(paths(data_dir).database, read_only=True) as con:
             snap = snapshot(con, rollout_id, decisions=1000)
             if snap is None:
-                fail("no rollout recorded yet", code=1)
+                fail(
+                    f"no rollout {rollout_id!r}" if rollout_id else "no rollout recorded yet",
+                    code=1,
+                )
             cursor = con.execute(FINAL_TABLE_SQL, [snap.rollout.rollout_id])
             names = [d[0] for d in cursor.description]
             arms = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]

@@ -42,7 +42,7 @@ SELECT r.arm,
        quantile_cont(r.latency_ms, 0.95)                               AS p95_ms,
        avg(r.cost_usd)                                                 AS cost_per_request_usd,
        avg(r.quality_score)                                            AS mean_quality
-FROM requests r JOIN config_versions cv ON cv.version = r.config_version
+FROM all_requests r JOIN config_versions cv ON cv.version = r.config_version
 WHERE cv.rollout_id = ?
 GROUP BY r.arm ORDER BY r.arm
 """
