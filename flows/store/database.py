@@ -78,6 +78,9 @@ def lock_down(con: duckdb.DuckDBPyConnection, readable: list[Path | str]) -> Non
     con.execute("SET lock_configuration = true")  # last: nothing can be changed after this
 
 
+_MIGRATED: set[str] = set()
+
+
 @contextmanager
 def connect(
     path: Path,
@@ -122,7 +125,18 @@ def connect(
             delay = min(delay * 2, 0.5)
     try:
         if not read_only:
-            migrate(con, database=path, archive=archive, relocate_archive=relocate_archive)
+            key = str(path.resolve())
+            # Views and macros live in the file: once per process is enough unless the
+            # schema moved meanwhile (re-creating them on every short-lived connection
+            # cost more than the work done on it).
+            if (
+                key not in _MIGRATED
+                or archive is not None
+                or relocate_archive
+                or schema_version(con) != LATEST_VERSION
+            ):
+                migrate(con, database=path, archive=archive, relocate_archive=relocate_archive)
+                _MIGRATED.add(key)
         elif sandbox is not None:
             location = recorded_archive(con)
             lock_down(con, [*sandbox, *([location] if location else [])])
