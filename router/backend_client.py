@@ -56,16 +56,25 @@ def parse_retry_after(value: str | None, default_s: float = 1.0) -> float:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
+@functools.lru_cache(maxsize=1024)
+def _endpoint(base_url: str, path: str) -> httpx.URL:
+    """Parsed once per backend: parsing the URL was a fifth of a mocked request's cost."""
+    return httpx.URL(f"{base_url}{path}")
+
+
 def request_for(backend: BackendConfig, query: str, headers: dict[str, str]) -> httpx.Request:
     if backend.kind is BackendKind.LIGHTRAG:
         return httpx.Request(
-            "POST", f"{backend.url}/query", json={"query": query, "mode": "hybrid"}, headers=headers
+            "POST",
+            _endpoint(backend.url, "/query"),
+            json={"query": query, "mode": "hybrid"},
+            headers=headers,
         )
     key = backend.api_key()
     auth = {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
     body = {"model": backend.model, "messages": [{"role": "user", "content": query}]}
     return httpx.Request(
-        "POST", f"{backend.url}/chat/completions", json=body, headers={**headers, **auth}
+        "POST", _endpoint(backend.url, "/chat/completions"), json=body, headers={**headers, **auth}
     )
 
 
