@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 _listeners: list[Callable[[Any], None]] = []
+_log = logging.getLogger(__name__)
 
 
 def subscribe(listener: Callable[[Any], None]) -> Callable[[], None]:
@@ -14,5 +16,10 @@ def subscribe(listener: Callable[[Any], None]) -> Callable[[], None]:
 
 
 def publish(report: Any) -> None:
+    """Tell every listener. A failing listener is logged, never raised: a display or a
+    scenario hook must not turn a finished evaluation into a failed tick."""
     for listener in list(_listeners):
-        listener(report)
+        try:
+            listener(report)
+        except Exception:
+            _log.exception("progress listener %r failed", listener)

@@ -3,12 +3,20 @@
 It watches the production arm's most recent requests (shadow executions included: a
 failing shadow is not worth its load either). The flow's next evaluation sees the
 `failback` event and confirms the rollback by publishing `legacy_only`.
+
+The guard is checked on every request, so a bare observed rate over a small window
+would trip on noise sooner or later (3 timeouts in 20 requests on a busy machine is
+15 %). It therefore trips only when the one-sided Wilson lower bound of the rate, at
+`GuardLimits.confidence`, is over the limit: a real breakdown (35 % errors) still trips
+within the first 20 requests, a blip does not.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from datetime import UTC, datetime
+from statistics import NormalDist
 
 from router.router_config import GuardLimits
 
@@ -37,6 +45,7 @@ class FailbackGuard:
         self.slow = 0
         self.reason: str | None = None
         self.tripped_at: datetime | None = None
+        self.z = NormalDist().inv_cdf(limits.confidence)
 
     @property
     def tripped(self) -> bool:
@@ -65,20 +74,33 @@ class FailbackGuard:
         if n < self.limits.min_requests:
             return None
         error_rate = self.errors / n
-        if error_rate > self.limits.error_rate:
+        if error_rate > self.limits.error_rate and self._beyond_noise(
+            self.errors, n, self.limits.error_rate
+        ):
             return self.trip(
                 f"production error rate {error_rate:.1%} over the last {n} requests "
                 f"exceeds the hard limit {self.limits.error_rate:.1%}"
+                f"{self._evidence(self.errors, n)}"
             )
         # p95 = sorted(latencies)[p95_index(n)] is above the limit iff at least
-        # n - p95_index(n) latencies are.
-        if self.slow >= n - p95_index(n):
+        # n - p95_index(n) latencies are, i.e. more than 5 % of them.
+        if self.slow >= n - p95_index(n) and self._beyond_noise(self.slow, n, 0.05):
             p95 = sorted(latency for _, latency in window)[p95_index(n)]
             return self.trip(
                 f"production p95 latency {p95:.0f} ms over the last {n} requests "
                 f"exceeds the hard limit {limit_ms:.0f} ms"
+                f"{self._evidence(self.slow, n, 'share over the limit ')}"
             )
         return None
+
+    def _beyond_noise(self, k: int, n: int, limit: float) -> bool:
+        return self.z <= 0 or wilson_lower(k, n, self.z) > limit
+
+    def _evidence(self, k: int, n: int, what: str = "") -> str:
+        if self.z <= 0:
+            return ""
+        level = f"{self.limits.confidence:.0%}"
+        return f" ({what}{level} lower bound {wilson_lower(k, n, self.z):.1%})"
 
     def check_staleness(self, published_at: datetime, split_active: bool) -> str | None:
         """Dead-man's switch: a split nobody re-published for `canary_max_hours` ends."""
@@ -92,6 +114,15 @@ class FailbackGuard:
                 f"over the {limit:g} h maximum (PROD_LB_CANARY_MAX_HOURS)"
             )
         return None
+
+
+def wilson_lower(k: int, n: int, z: float) -> float:
+    """One-sided Wilson score lower bound of a binomial proportion k/n."""
+    p = k / n
+    z2n = z * z / n
+    centre = p + z2n / 2
+    spread = z * math.sqrt(p * (1 - p) / n + z2n / (4 * n))
+    return (centre - spread) / (1 + z2n)
 
 
 def p95_index(n: int) -> int:

@@ -20,6 +20,13 @@ class GuardLimits(BaseModel):
     p95_latency_ms: float = Field(default=5000.0, gt=0)
     min_requests: int = Field(default=20, ge=1)
     window: int = Field(default=200, ge=1, description="most recent production requests")
+    confidence: float = Field(
+        default=0.99,
+        ge=0.5,
+        lt=1,
+        description="trip only when the one-sided Wilson lower bound at this level is over "
+        "the limit; 0.5 trips on the observed rate alone",
+    )
     canary_max_hours: float | None = Field(
         default=None, gt=0, description="fail back if a split outlives this with no new config"
     )

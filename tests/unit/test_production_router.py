@@ -14,6 +14,7 @@ import math
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import httpx
@@ -37,7 +38,7 @@ from router import (
 )
 from router.bucketing import bucket_of, in_production
 from router.control_store import Acknowledgement, atomic_write
-from router.failback_guard import FailbackGuard
+from router.failback_guard import FailbackGuard, wilson_lower
 from router.recorder import SegmentRecorder
 
 KEY_ENV = "TEST_PPLX_KEY"
@@ -433,7 +434,8 @@ async def test_guard_trips_on_p95_latency_not_on_one_outlier(
     # Fast answers are well under a millisecond; a 300 ms limit leaves a loaded machine
     # two orders of magnitude of room before a fast request could count as slow.
     backends.faults["production"] = slow_when_asked
-    guard = production_guard(min_requests=20, p95_latency_ms=300, error_rate=0.5)
+    # confidence 0.5: the bare nearest-rank rule, to pin its exact boundary.
+    guard = production_guard(min_requests=20, p95_latency_ms=300, error_rate=0.5, confidence=0.5)
     router = await started(tmp_path, backends, 1, "production_only", 100, guard=guard)
     for i in range(19):
         await router.route_query(QUESTION, {"user_id": i})
@@ -466,7 +468,11 @@ def test_guard_decides_as_the_window_statistics_say(
     """The guard's running counts agree with recomputing error rate and nearest-rank p95
     over the last `window` requests, and it trips on the first request that crosses."""
     limits = GuardLimits(
-        error_rate=0.25, p95_latency_ms=100.0, min_requests=min_requests, window=window
+        error_rate=0.25,
+        p95_latency_ms=100.0,
+        min_requests=min_requests,
+        window=window,
+        confidence=0.5,  # the observed statistics alone
     )
     guard = FailbackGuard(limits)
     for i, (ok, latency) in enumerate(samples):
@@ -480,6 +486,31 @@ def test_guard_decides_as_the_window_statistics_say(
         assert (reason is not None) == should, (i, recent, reason)
         if should:
             break
+
+
+@pytest.mark.parametrize(("k", "n"), [(3, 20), (7, 20), (10, 10), (19, 200), (0, 5)])
+def test_wilson_lower_bound_matches_scipy(k: int, n: int) -> None:
+    from scipy.stats import binomtest
+
+    expected = binomtest(k, n).proportion_ci(confidence_level=0.98, method="wilson").low
+    assert wilson_lower(k, n, NormalDist().inv_cdf(0.99)) == pytest.approx(expected, abs=1e-12)
+
+
+def test_guard_ignores_a_blip_but_trips_on_a_breakdown() -> None:
+    """Checked on every request, a bare rate over 20 requests trips on noise: 3 timeouts
+    in 20 on a busy machine is 15 %. The evidence rule waits for a real breakdown."""
+    limits = GuardLimits(error_rate=0.10, min_requests=20)
+    blip = FailbackGuard(limits)
+    outcomes = [False] * 3 + [True] * 17  # 15 % observed, lower bound 4.4 %
+    assert [blip.observe(ok, 50.0) for ok in outcomes] == [None] * 20
+    assert blip.observe(True, 50.0) is None and not blip.tripped
+    bare = FailbackGuard(limits.model_copy(update={"confidence": 0.5}))
+    assert [bare.observe(ok, 50.0) for ok in outcomes][-1] is not None  # the old rule trips
+    breakdown = FailbackGuard(limits)
+    pattern = [False, True, True]  # 33 % errors, the demo's injected regression
+    trips = [i for i in range(60) if breakdown.observe(pattern[i % 3], 50.0)]
+    assert trips == [19]  # on the first request the window allows
+    assert "99% lower bound" in (breakdown.reason or "")
 
 
 async def test_a_bug_in_the_production_path_fails_back_instead_of_raising(
