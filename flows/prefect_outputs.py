@@ -17,6 +17,7 @@ EVENT_COMPLETED = "rollout.completed"
 EVENT_ROLLED_BACK = "rollout.rolled-back"
 EVENT_APPROVAL_REQUESTED = "rollout.approval.requested"
 EVENT_APPROVAL_DECIDED = "rollout.approval.decided"
+EVENT_ABORTED = "rollout.aborted"
 
 
 def artifact_key(*parts: str) -> str:
@@ -85,3 +86,18 @@ def emit(event: str, rollout_id: str, router_group: str, payload: dict[str, Any]
         )
     except Exception:  # an event is a notification; never fail a rollout step over it
         log.exception("could not emit %s", event)
+
+
+def emit_from_cli(event: str, rollout_id: str, router_group: str, payload: dict[str, Any]) -> bool:
+    """The CLI's fast paths (`rollout rollback|promote|abort`) act without a flow run, so
+    they emit the same events themselves: an automation on `rollout.rolled-back` must fire
+    whoever rolled back. Only against a configured Prefect server (without one there is
+    nobody to notify); waits a few seconds for delivery. True if sent."""
+    from prefect.events.worker import EventsWorker
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        return False
+    emit(event, rollout_id, router_group, payload)
+    EventsWorker.drain_all(timeout=10)
+    return True

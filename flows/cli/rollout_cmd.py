@@ -2,8 +2,9 @@
 
 Commands that run a flow work without a Prefect server (an ephemeral API in this
 process) and against one (`PREFECT_API_URL`), where the runs appear in the UI.
-`rollback` and `abort` act directly and at once; the `rollout-rollback` deployment is
-the same fast path from the UI.
+`rollback`, `promote` and `abort` act directly and at once (the `rollout-rollback`
+deployment is the same fast path from the UI) and, against a server, emit the same
+events as the flows.
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ from rich.table import Table
 
 from flows.cli.common import DEFAULT_DATA_DIR, DataDir, console, existing, fail, paths
 from flows.prefect_env import configure_prefect, prefect_session
+from flows.prefect_outputs import (
+    EVENT_ABORTED,
+    EVENT_COMPLETED,
+    EVENT_PROMOTED,
+    EVENT_ROLLED_BACK,
+    emit_from_cli,
+)
 
 RolloutId = Annotated[
     str | None, typer.Option("--rollout-id", help="Which rollout (default: the active one).")
@@ -319,6 +327,13 @@ def promote(
             moved = lifecycle.promote(con, p, rollout, reason=f"manual: {reason}", actor=_actor())
     except lifecycle.RolloutError as exc:
         fail(str(exc))
+    finished = not isinstance(moved, lifecycle.Published)
+    emit_from_cli(
+        EVENT_COMPLETED if finished else EVENT_PROMOTED,
+        rollout.rollout_id,
+        rollout.plan.router_group,
+        {"reason": f"manual: {reason}", "actor": _actor(), "source": "cli"},
+    )
     if isinstance(moved, lifecycle.Published):
         status_ = wait_for_ack(
             control_store(p), moved.config.version, rollout.plan.ack_timeout.total_seconds()
@@ -352,6 +367,13 @@ def rollback(
     except lifecycle.RolloutError as exc:
         fail(str(exc))
     acks = wait_for_ack(control_store(p), config.version, 10)
+    if rollout is not None:
+        emit_from_cli(
+            EVENT_ROLLED_BACK,
+            rollout.rollout_id,
+            rollout.plan.router_group,
+            {"reason": reason, "actor": _actor(), "source": "cli"},
+        )
     state = rollout.state.value if rollout else "no rollout recorded"
     console.print(
         f"legacy_only published as v{config.version} ({acks.describe()}); rollout: {state}",
@@ -375,6 +397,12 @@ def abort(
         )
     except lifecycle.RolloutError as exc:
         fail(str(exc))
+    emit_from_cli(
+        EVENT_ABORTED,
+        rollout.rollout_id,
+        rollout.plan.router_group,
+        {"reason": reason, "actor": _actor(), "source": "cli"},
+    )
     console.print(
         f"rollout {rollout.rollout_id} aborted; routers told to use legacy", highlight=False
     )

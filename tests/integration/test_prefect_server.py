@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +22,7 @@ from flows.store.ingest import collect
 from router.record import RequestRecord
 from router.recorder import SegmentRecorder
 from tests.conftest import ROOT
+from tests.integration.conftest import LiveApp
 
 pytestmark = pytest.mark.prefect
 
@@ -190,3 +192,42 @@ def test_deploy_and_run_the_nightly_comparison(server: dict[str, str], tmp_path:
             "FROM nightly_comparisons"
         ).fetchall()[0]
     assert stored[0] >= 2 and stored[1] == 30 and stored[2] == 10
+
+
+def test_cli_rollback_emits_the_event_an_automation_listens_for(
+    server: dict[str, str], live_app: LiveApp
+) -> None:
+    """`rollout rollback` acts without a flow run; an automation on `rollout.rolled-back`
+    must still fire, so the CLI emits the event to the server itself."""
+    data = live_app.paths.root
+    plan = ROOT / "deployments/plans/demo.yaml"
+    cli = [sys.executable, "-m", "flows.cli"]
+    started = run([*cli, "start", "--plan", str(plan), "--data-dir", str(data)], server)
+    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+    rolled = run(
+        [*cli, "rollback", "--reason", "on-call saw bad answers", "--data-dir", str(data)], server
+    )
+    assert rolled.returncode == 0, rolled.stdout[-2000:] + rolled.stderr[-2000:]
+    with connect(DataPaths.at(data).database, read_only=True) as con:
+        (rollout_id,) = con.execute("SELECT rollout_id FROM rollouts").fetchone()
+
+    def rolled_back_events() -> list[dict]:
+        response = httpx.post(
+            f"{server['PREFECT_API_URL']}/events/filter",
+            json={"filter": {"event": {"name": ["rollout.rolled-back"]}}, "limit": 10},
+            timeout=10,
+        )
+        response.raise_for_status()
+        return response.json()["events"]
+
+    deadline = time.monotonic() + 60
+    events = rolled_back_events()
+    while not events and time.monotonic() < deadline:  # the server persists events async
+        time.sleep(1)
+        events = rolled_back_events()
+    assert len(events) == 1, events
+    (event,) = events
+    assert event["resource"]["prefect.resource.id"] == "rollout.group.demo"
+    assert event["payload"]["rollout_id"] == rollout_id
+    assert event["payload"]["reason"] == "on-call saw bad answers"
+    assert event["payload"]["source"] == "cli"
