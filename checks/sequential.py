@@ -576,6 +576,38 @@ def _normal_result(
     )
 
 
+def _ratio_test(
+    metric: str,
+    method: str,
+    estimate: tuple[float, float],
+    max_ratio: float,
+    alpha: float,
+    tau: float | None,
+    n_legacy: int,
+    n_production: int,
+    min_n: int,
+    paired: bool,
+) -> SequentialResult:
+    """mSPRT on a log ratio (estimate, variance) against the margin ln(max_ratio); the
+    mixture's scale defaults to the margin, where the test must have its power."""
+    log_margin = math.log(max_ratio)
+    est, var = estimate
+    return _normal_result(
+        metric,
+        method,
+        est,
+        var,
+        tau or abs(log_margin),
+        log_margin,
+        max_ratio,
+        alpha,
+        n_legacy,
+        n_production,
+        min_n,
+        paired,
+    )
+
+
 def latency_test(
     production: Moments,
     legacy: Moments,
@@ -586,21 +618,17 @@ def latency_test(
 ) -> SequentialResult:
     """mSPRT on the difference of mean ln(latency_ms); reported as the ratio exp(diff),
     which is the p95 ratio when the log-latency distributions differ by a shift."""
-    log_margin = math.log(max_p95_ratio)
-    est, var = log_mean_difference(production, legacy)
-    return _normal_result(
+    return _ratio_test(
         "latency",
         "mSPRT on mean log latency (ratio = p95 ratio under a shift)",
-        est,
-        var,
-        tau or abs(log_margin),
-        log_margin,
+        log_mean_difference(production, legacy),
         max_p95_ratio,
         alpha,
+        tau,
         int(legacy.n),
         int(production.n),
         min_n,
-        False,
+        paired=False,
     )
 
 
@@ -612,22 +640,18 @@ def paired_latency_test(
     min_n: int = MIN_N,
 ) -> SequentialResult:
     """Shadow latency: mSPRT on the mean paired difference of ln(latency_ms)."""
-    log_margin = math.log(max_p95_ratio)
-    est, var = paired_mean_difference(pairs)
     n = int(pairs.n)
-    return _normal_result(
+    return _ratio_test(
         "latency",
         "mSPRT on mean paired log-latency difference",
-        est,
-        var,
-        tau or abs(log_margin),
-        log_margin,
+        paired_mean_difference(pairs),
         max_p95_ratio,
         alpha,
+        tau,
         n,
         n,
         min_n,
-        True,
+        paired=True,
     )
 
 
@@ -640,21 +664,17 @@ def cost_test(
     min_n: int = MIN_N,
 ) -> SequentialResult:
     """mSPRT on ln(mean cost ratio) (delta method), margin ln(max_cost_ratio)."""
-    log_margin = math.log(max_cost_ratio)
-    est, var = log_ratio_of_means(production, legacy)
-    return _normal_result(
+    return _ratio_test(
         "cost",
         "mSPRT on log ratio of mean cost per request",
-        est,
-        var,
-        tau or abs(log_margin),
-        log_margin,
+        log_ratio_of_means(production, legacy),
         max_cost_ratio,
         alpha,
+        tau,
         int(legacy.n),
         int(production.n),
         min_n,
-        False,
+        paired=False,
     )
 
 
@@ -666,22 +686,18 @@ def paired_cost_test(
     min_n: int = MIN_N,
 ) -> SequentialResult:
     """Shadow cost: mSPRT on ln(mean cost ratio) over pairs."""
-    log_margin = math.log(max_cost_ratio)
-    est, var = paired_log_ratio_of_means(pairs)
     n = int(pairs.n)
-    return _normal_result(
+    return _ratio_test(
         "cost",
         "mSPRT on paired log ratio of mean cost per request",
-        est,
-        var,
-        tau or abs(log_margin),
-        log_margin,
+        paired_log_ratio_of_means(pairs),
         max_cost_ratio,
         alpha,
+        tau,
         n,
         n,
         min_n,
-        True,
+        paired=True,
     )
 
 
