@@ -10,12 +10,13 @@ import typer
 from rich.table import Table
 
 from flows.cli.common import console, fail
+from flows.resources import resource
 from router.feature_flags import ENV_PREFIX, ProductionFeatureFlags, load_flags
 from router.settings_errors import SECRET_MARKERS, SettingsError
 
 app = typer.Typer(help="Validate and show the PROD_LB_* configuration.", no_args_is_help=True)
 
-PROFILES_DIR = Path(__file__).resolve().parents[2] / "deployments" / "profiles"
+PROFILES_DIR = resource("deployments/profiles")
 
 Profile = Annotated[
     str | None,

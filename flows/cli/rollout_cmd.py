@@ -528,8 +528,10 @@ def deploy(
             "PREFECT_API_URL is not set: start `prefect server start` and export "
             "PREFECT_API_URL=http://127.0.0.1:4200/api first"
         )
-    root = Path(__file__).resolve().parents[2]
-    target = (prefect_file if prefect_file.is_absolute() else root / prefect_file).resolve()
+    from flows.resources import code_root, resource
+
+    root = code_root()
+    target = (prefect_file if prefect_file.is_absolute() else resource(str(prefect_file))).resolve()
     if not target.is_file():
         fail(f"no deployment file at {target}")
     prefect = [sys.executable, "-m", "prefect"]

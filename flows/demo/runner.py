@@ -24,11 +24,11 @@ from flows.demo.processes import ChildProcess, python_module
 from flows.paths import DataPaths
 from flows.plan import RolloutPlan, load_plan
 from flows.prefect_env import prefect_session
+from flows.resources import resource
 from flows.sim.fleet import SIM_API_KEY_ENV, FleetInfo, set_profile
 from router.control_store import FileControlStore
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEMO_PLAN = REPO_ROOT / "deployments" / "plans" / "demo.yaml"
+DEMO_PLAN = resource("deployments/plans/demo.yaml")
 APP_INSTANCE = "demo-app-1"
 
 #: What `--inject-regression PHASE` does to the production path during that phase.

@@ -7,8 +7,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_WORKLOAD = REPO_ROOT / "data" / "workload" / "questions.jsonl"
+from flows.resources import resource
+
+DEFAULT_WORKLOAD = resource("data/workload/questions.jsonl")
 
 
 @dataclass(frozen=True)
