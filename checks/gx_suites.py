@@ -81,7 +81,8 @@ class GxRunner:
         self._gx = gx
         self.context = gx.get_context(mode="ephemeral")
         self.context.variables.progress_bars = {"globally": False, "metric_calculations": False}
-        self.docs_dir = Path(docs_dir) if docs_dir else None
+        # GX refuses a relative base directory for its filesystem store.
+        self.docs_dir = Path(docs_dir).absolute() if docs_dir else None
         if self.docs_dir is not None:
             self.docs_dir.mkdir(parents=True, exist_ok=True)
             self.context.add_data_docs_site(

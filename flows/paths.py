@@ -19,7 +19,9 @@ class DataPaths:
 
     @classmethod
     def at(cls, root: Path | str | None = None) -> DataPaths:
-        return cls(Path(root) if root is not None else default_data_dir())
+        """Absolute from here on: child processes, GX and Prefect artifacts may run
+        elsewhere than the working directory the user typed `data/` in."""
+        return cls((Path(root) if root is not None else default_data_dir()).absolute())
 
     @property
     def database(self) -> Path:

@@ -25,12 +25,14 @@ def _db(data_dir: Path) -> duckdb.DuckDBPyConnection:
 
 @pytest.mark.timeout(900)  # above the subprocess's own 600 s, so that one fires first
 def test_healthy_demo_completes_all_five_phases(tmp_path: Path) -> None:
-    """Through the CLI, as `make demo` runs it (its own ephemeral Prefect API)."""
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    """Through the CLI, as `make demo` runs it: its own ephemeral Prefect API, and a
+    data folder given relative to the working directory (`data/` by default)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "ROLLOUT_DATA_DIR")}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    env["PYTHONPATH"] = str(ROOT)
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "demo", "--fast", "--data-dir", str(tmp_path)],
-        cwd=ROOT,
+        [sys.executable, "-m", "flows.cli", "demo", "--fast", "--data-dir", "data"],
+        cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
@@ -38,7 +40,8 @@ def test_healthy_demo_completes_all_five_phases(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "legacy vs production" in result.stdout
-    con = _db(tmp_path)
+    data = tmp_path / "data"
+    con = _db(data)
     (state,) = con.execute("SELECT state FROM rollouts").fetchall()[0]
     assert state == "completed"
     per_phase = dict(
@@ -76,7 +79,7 @@ def test_healthy_demo_completes_all_five_phases(tmp_path: Path) -> None:
         "SELECT count(*) FROM config_versions WHERE document LIKE '%sim-%'"
     ).fetchall()[0][0]
     assert key_hits == 0
-    for log in (tmp_path / "runs").glob("*.log"):
+    for log in (data / "runs").glob("*.log"):
         assert "Bearer sim-" not in log.read_text()
 
 
