@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from statistics import NormalDist
 from typing import Any
 
 import pandas as pd
@@ -27,6 +29,7 @@ from checks.suites import (
 )
 from checks.thresholds import GateSpec
 from checks.verdict import Decision, GateResult, MetricRecord
+from router.failback_guard import wilson_lower
 from router.modes import DeploymentMode
 
 SPLIT_MODES = (DeploymentMode.CANARY.value, DeploymentMode.AB_TEST.value)
@@ -58,11 +61,12 @@ def _records(
     records = []
     for check in outcome.outcomes:
         mode = "data_quality" if data_quality else spec.thresholds.mode_of(check.metric).value
-        observed = check.observed if isinstance(check.observed, int | float) else None
+        observed = float(check.observed) if isinstance(check.observed, int | float) else None
+        shown = f"{check.metric} = {_number(observed)}"
         if check.success:
-            reason = f"{check.metric} = {observed!r} within {check.threshold!r}"
+            reason = f"{shown} within {_number(check.threshold)}"
         else:
-            reason = f"{check.metric} = {observed!r} breaks {check.threshold!r}"
+            reason = f"{shown} breaks {_number(check.threshold)}"
         if check.detail:
             reason += f"; {check.detail}"
         records.append(
@@ -80,6 +84,37 @@ def _records(
             )
         )
     return records
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def weigh_error_rate_breach(
+    record: MetricRecord, failures: int, n: int, alpha: float
+) -> MetricRecord:
+    """A breached error-rate guardrail rolls back only beyond noise.
+
+    The guardrail is checked at every evaluation, so an observed rate a hair over the
+    limit (24 failures in 466 against 5 %) would roll back a healthy balancer sooner or
+    later. The breach stands when the one-sided Wilson lower bound at 1 - alpha is over
+    the limit; otherwise the metric is inconclusive, which holds the phase (and the
+    plan's `on_max_duration` applies if it never clears)."""
+    if record.decision is not Decision.FAIL or record.threshold is None or n == 0:
+        return record
+    z = NormalDist().inv_cdf(1 - alpha)
+    low = wilson_lower(failures, n, z)
+    high = 1 - wilson_lower(n - failures, n, z)
+    bounds = {"lower_bound": low, "upper_bound": high}
+    interval = f"{1 - alpha:.0%} bounds [{low:.2%}, {high:.2%}] over {n} requests"
+    if low > record.threshold:
+        return replace(record, reason=f"{record.reason}; beyond noise: {interval}", **bounds)
+    return replace(
+        record,
+        decision=Decision.INCONCLUSIVE,
+        reason=f"{record.reason}, but within noise ({interval}): holding for more data",
+        **bounds,
+    )
 
 
 def _dict_rows(con: Connection, sql: str, params: list[Any]) -> list[dict[str, Any]]:
@@ -215,6 +250,12 @@ def evaluate(
         )
         if prod.n >= spec.min_samples:
             run("guardrails", checks, pd.DataFrame([guard_frame]), params, "guardrail")
+            records[:] = [
+                weigh_error_rate_breach(r, prod.failures, prod.n, th.alpha)
+                if (r.check_kind, r.metric) == ("guardrail", "error_rate")
+                else r
+                for r in records
+            ]
 
     # -- production against legacy ---------------------------------------------------------
     if prod.n >= spec.min_samples and legacy.n >= spec.min_samples:

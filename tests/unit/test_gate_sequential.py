@@ -72,3 +72,65 @@ def test_production_only_has_no_concurrent_comparison(tmp_path: Path) -> None:
         records = sequential_records(con, spec("production_only"))
     assert {r.decision for r in records} == {Decision.SKIPPED}
     assert not any(r.critical for r in records)
+
+
+def _production_rows(con, n: int, failures: int) -> None:
+    for i in range(n):
+        failed = i < failures
+        con.execute(
+            "INSERT INTO requests (request_id, ts, router_instance, config_version, mode, arm, "
+            "is_shadow, subject_bucket, query_category, algorithm, backend, attempts, "
+            "fallback_used, outcome, http_status, error_kind, latency_ms, tokens_in, tokens_out, "
+            "cost_usd, query_hash, query_length) VALUES (?, ?, 'i', 1, 'production_only', "
+            "'production', false, ?, 'general', 'response_time', 'b', 1, false, ?, ?, ?, 120.0, "
+            "10, 50, 0.001, 'h', 40)",
+            [
+                f"r{i}",
+                NOW,
+                i % 10_000,
+                "error" if failed else "ok",
+                500 if failed else 200,
+                "server_error" if failed else None,
+            ],
+        )
+
+
+def test_an_error_rate_a_hair_over_the_guardrail_holds_a_clear_breach_rolls_back(
+    tmp_path: Path,
+) -> None:
+    """Checked at every evaluation, a point estimate just over the limit would roll back
+    healthy balancers by chance; the breach must be beyond noise (Wilson, 1 - alpha)."""
+    from checks.gate import evaluate
+    from checks.gx_suites import GxRunner
+    from checks.verdict import Verdict
+
+    gate = GateSpec(
+        config_version=1,
+        mode="production_only",
+        traffic_percent=100.0,
+        shadow_sample_rate=1.0,
+        thresholds=Thresholds(max_error_rate=0.05),
+        min_samples=100,
+        min_duration_s=0,
+        max_duration_s=600,
+        phase_started_at=NOW,
+        now=NOW,
+    )
+    runner = GxRunner()
+    outcomes = {}
+    for failures in (24, 45):  # 5.2 % and 9.7 % of 466
+        with connect(tmp_path / f"m{failures}.duckdb") as con:
+            _production_rows(con, 466, failures)
+            result = evaluate(con, gate, runner, f"run-{failures}")
+        (record,) = [
+            r for r in result.records if (r.check_kind, r.metric) == ("guardrail", "error_rate")
+        ]
+        outcomes[failures] = (result.verdict, record)
+    verdict, record = outcomes[24]
+    assert verdict is Verdict.HOLD, record
+    assert record.decision is Decision.INCONCLUSIVE
+    assert record.lower_bound is not None and record.lower_bound < 0.05 < record.estimate
+    assert "within noise" in record.reason and "np.float64" not in record.reason
+    verdict, record = outcomes[45]
+    assert verdict is Verdict.ROLLBACK, record
+    assert record.decision is Decision.FAIL and record.lower_bound > 0.05
