@@ -9,8 +9,10 @@ memory.
 Back-pressure policy: when the disk is slower than the traffic and `max_buffered_rows`
 rows are waiting, new rows are dropped (never the request) and counted; the count is
 written as a `rows_dropped` router event at the next flush, so the loss is visible in
-`router_events` rather than silent. Memory therefore stays bounded by
-`max_buffered_rows` per stream.
+`router_events` rather than silent. A failed write puts its rows back in front (the
+oldest are kept) and drops the newest beyond the bound, counted the same way. Memory
+therefore stays bounded by `max_buffered_rows` per stream, whether the disk is slow or
+failing.
 """
 
 from __future__ import annotations
@@ -51,6 +53,13 @@ class Stream:
     def drain(self) -> list[tuple[Any, ...]]:
         count = len(self.buffer)
         return [self.buffer.popleft() for _ in range(count)]
+
+    def requeue(self, rows: list[tuple[Any, ...]]) -> None:
+        """Put unwritten rows back in front; drop (and count) the newest over the bound."""
+        self.buffer.extendleft(reversed(rows))
+        while len(self.buffer) > self.max_rows:
+            self.buffer.pop()
+            self.dropped += 1
 
 
 def rows_to_table(rows: list[tuple[Any, ...]], schema: pa.Schema) -> pa.Table:
@@ -193,8 +202,8 @@ class SegmentRecorder:
                     continue
                 try:
                     path = write_segment(table, self.directory, stream.name, next(self._seq))
-                except Exception:  # I/O: keep the rows for the next try
-                    stream.buffer.extendleft(reversed(rows))
+                except Exception:  # I/O: keep the rows for the next try, within the bound
+                    stream.requeue(rows)
                     raise
                 stream.written_rows += len(rows)
                 stream.written_segments += 1
