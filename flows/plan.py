@@ -17,10 +17,12 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from checks.thresholds import MaxDurationPolicy, Thresholds
+from flows.resources import resource
 from router.algorithms.names import AlgorithmName
 from router.modes import DeploymentMode
 from router.router_config import check_mode_percent
 
+DEFAULT_PLAN_FILE = resource("deployments/plans/five_weeks.yaml")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
 
@@ -159,60 +161,8 @@ def load_plan(path: Path | str) -> RolloutPlan:
     return validate_plan(data)
 
 
-def _default_phases() -> list[Phase]:
-    week = timedelta(days=7)
-    return [
-        Phase(
-            name="shadow",
-            mode=DeploymentMode.SHADOW,
-            traffic_percent=0,
-            min_duration=week,
-            max_duration=2 * week,
-            evaluation_interval=timedelta(minutes=15),
-            min_samples=5000,
-            on_max_duration=MaxDurationPolicy.ASK,
-        ),
-        Phase(
-            name="canary-5",
-            mode=DeploymentMode.CANARY,
-            traffic_percent=5,
-            min_duration=week,
-            max_duration=2 * week,
-            evaluation_interval=timedelta(minutes=15),
-            min_samples=2000,
-        ),
-        Phase(
-            name="canary-15",
-            mode=DeploymentMode.CANARY,
-            traffic_percent=15,
-            min_duration=week,
-            max_duration=2 * week,
-            evaluation_interval=timedelta(minutes=15),
-            min_samples=5000,
-        ),
-        Phase(
-            name="ab-50",
-            mode=DeploymentMode.AB_TEST,
-            traffic_percent=50,
-            min_duration=week,
-            max_duration=2 * week,
-            evaluation_interval=timedelta(minutes=30),
-            min_samples=20000,
-            requires_approval=True,
-        ),
-        Phase(
-            name="full",
-            mode=DeploymentMode.PRODUCTION_ONLY,
-            traffic_percent=100,
-            min_duration=week,
-            max_duration=2 * week,
-            evaluation_interval=timedelta(hours=1),
-            min_samples=20000,
-            on_max_duration=MaxDurationPolicy.PROMOTE,
-        ),
-    ]
-
-
 def default_plan() -> RolloutPlan:
-    """The five weeks of DESIGN.md: shadow, canary 5 %, canary 15 %, A/B 50 %, full."""
-    return RolloutPlan(name="five-week", phases=_default_phases())
+    """The five weeks of DESIGN.md: shadow, canary 5 %, canary 15 %, A/B 50 %, full.
+
+    One source of truth: `deployments/plans/five_weeks.yaml`, the file people copy."""
+    return load_plan(DEFAULT_PLAN_FILE)

@@ -30,7 +30,7 @@ from checks.gx_suites import GxRunner
 from flows import lifecycle, nightly, progress
 from flows.control import control_store, wait_for_ack
 from flows.paths import DataPaths
-from flows.plan import RolloutPlan
+from flows.plan import RolloutPlan, default_plan
 from flows.prefect_outputs import (
     EVENT_APPROVAL_DECIDED,
     EVENT_APPROVAL_REQUESTED,
@@ -80,9 +80,13 @@ def ack_task(data_dir: str, version: int, timeout_s: float) -> str:
 
 
 @task(name="evaluate-and-act", cache_policy=NONE)
-def tick_task(data_dir: str, rollout_id: str | None, actor: str) -> TickReport:
+def tick_task(
+    data_dir: str, rollout_id: str | None, actor: str, only_when_due: bool = False
+) -> TickReport:
     paths = DataPaths.at(data_dir)
-    report = tick(paths, gx_runner(paths), rollout_id=rollout_id, actor=actor)
+    report = tick(
+        paths, gx_runner(paths), rollout_id=rollout_id, actor=actor, only_when_due=only_when_due
+    )
     txn = get_transaction()
     if txn is not None and report.published_version is not None:
         txn.set("published", (data_dir, report.rollout_id, report.published_version))
@@ -136,13 +140,15 @@ def nightly_task(data_dir: str, hours: float) -> nightly.Comparison:
 # -- flows ---------------------------------------------------------------------------------
 @flow(name="rollout-start")
 def rollout_start(
-    plan: RolloutPlan,
+    plan: RolloutPlan | None = None,
     data_dir: str = "data",
     rollout_id: str | None = None,
     actor: str = "prefect",
 ) -> dict[str, Any]:
-    """Validate the plan, record the rollout and publish phase 1; wait for the routers."""
+    """Validate the plan, record the rollout and publish phase 1; wait for the routers.
+    Without a plan: the five-week plan (deployments/plans/five_weeks.yaml)."""
     logger = get_run_logger()
+    plan = plan or default_plan()
     with transaction():
         started = start_task(data_dir, plan, rollout_id, actor)
         acks = ack_task(data_dir, started["version"], plan.ack_timeout.total_seconds())
@@ -163,11 +169,16 @@ def rollout_tick(
     rollout_id: str | None = None,
     actor: str = "gate",
     ack_timeout_s: float = 30.0,
+    only_when_due: bool = False,
 ) -> dict[str, Any]:
-    """One evaluation: collect new segments, run the checks, decide, act."""
+    """One evaluation: collect new segments, run the checks, decide, act.
+
+    `only_when_due` (what the schedule sets): run often, evaluate at each phase's own
+    `evaluation_interval` (collection still runs every time; a failback is acted on at
+    once)."""
     logger = get_run_logger()
     with transaction():
-        report = tick_task(data_dir, rollout_id, actor)
+        report = tick_task(data_dir, rollout_id, actor, only_when_due)
         if report.published_version is not None:
             ack_task(data_dir, report.published_version, ack_timeout_s)
     logger.info(
@@ -183,9 +194,9 @@ def rollout_tick(
     if report.reconciled:
         logger.warning("reconciled after an earlier crash: %s", report.reconciled)
     if report.rollout_id:
-        paths = DataPaths.at(data_dir)
-        publish_decision(report.rollout_id, report)
-        publish_status(paths, report.rollout_id, report.data_docs_url)
+        if report.evaluation_id:  # a decision record only where there was a decision
+            publish_decision(report.rollout_id, report)
+        publish_status(DataPaths.at(data_dir), report.rollout_id, report.data_docs_url)
         _emit_for(report)
     progress.publish(report)
     return {k: v for k, v in report.__dict__.items() if k != "records"} | {

@@ -82,13 +82,33 @@ def gate_spec(con, rollout: Rollout, version: int, now: datetime) -> GateSpec:
     )
 
 
+def _not_due_for(con: Any, rollout: Rollout, version: int, now: datetime) -> float | None:
+    """Seconds until this phase's next evaluation is due; None when it is due now (never
+    evaluated, interval passed, or the router failed back and that must be confirmed)."""
+    last = con.execute(
+        "SELECT max(evaluated_at) FROM gate_evaluations WHERE rollout_id = ? AND phase_index = ?",
+        [rollout.rollout_id, rollout.phase_index],
+    ).fetchone()[0]
+    if last is None:
+        return None
+    failbacks = con.execute(
+        "SELECT count(*) FROM router_events WHERE kind = 'failback' AND config_version = ?",
+        [version],
+    ).fetchone()[0]
+    remaining = (last + rollout.phase.evaluation_interval - now).total_seconds()
+    return remaining if remaining > 0 and not failbacks else None
+
+
 def tick(
     paths: DataPaths,
     runner: GxRunner,
     *,
     rollout_id: str | None = None,
     actor: str = "gate",
+    only_when_due: bool = False,
 ) -> TickReport:
+    """Collect, then (unless `only_when_due` and the phase's evaluation interval has not
+    passed since its last evaluation, with no failback to act on) evaluate and act."""
     ingest: IngestReport = collect(paths)
     reconciled = lifecycle.reconcile(paths)
     store = control_store(paths)
@@ -148,6 +168,15 @@ def tick(
                 )
             return report
         now = datetime.now(UTC)
+        if only_when_due:
+            wait = _not_due_for(con, rollout, version, now)
+            if wait is not None:
+                report.reason = (
+                    f"next evaluation in {wait:.0f}s (phase {rollout.phase.name} evaluates "
+                    f"every {rollout.phase.evaluation_interval})"
+                )
+                report.action = "not due"
+                return report
         evaluation_id = uuid.uuid4().hex
         result: GateResult = evaluate(
             con,

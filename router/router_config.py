@@ -82,8 +82,10 @@ class RouterConfig(BaseModel):
 def check_mode_percent(mode: DeploymentMode, percent: float) -> None:
     """The one rule tying mode to traffic percent, shared by env flags, configs and plans."""
     if mode in (DeploymentMode.LEGACY_ONLY, DeploymentMode.SHADOW) and percent != 0:
-        raise ValueError(f"mode {mode.value} serves no production traffic: percent must be 0")
+        raise ValueError(
+            f"mode {mode.value} serves no production traffic: traffic_percent must be 0"
+        )
     if mode is DeploymentMode.PRODUCTION_ONLY and percent != 100:
-        raise ValueError("mode production_only serves all traffic: percent must be 100")
+        raise ValueError("mode production_only serves all traffic: traffic_percent must be 100")
     if mode in (DeploymentMode.CANARY, DeploymentMode.AB_TEST) and not 0 < percent < 100:
-        raise ValueError(f"mode {mode.value} needs a percent above 0 and below 100")
+        raise ValueError(f"mode {mode.value} needs a traffic_percent above 0 and below 100")

@@ -45,16 +45,23 @@ def _print_json(value: Any) -> None:
 
 
 def start(
-    plan: Annotated[Path, typer.Option("--plan", help="Rollout plan YAML.")],
+    plan: Annotated[
+        Path | None,
+        typer.Option(
+            "--plan",
+            help="Rollout plan YAML (default: the five-week plan, "
+            "deployments/plans/five_weeks.yaml).",
+        ),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate only.")] = False,
     rollout_id: RolloutId = None,
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
     """Validate a plan and start the rollout (publishes phase 1, waits for the routers)."""
-    from flows.plan import PlanError, load_plan
+    from flows.plan import DEFAULT_PLAN_FILE, PlanError, load_plan
 
     try:
-        parsed = load_plan(plan)
+        parsed = load_plan(plan or DEFAULT_PLAN_FILE)
     except PlanError as exc:
         fail(exc.lines)
     table = Table("#", "phase", "mode", "%", "min", "max", "every", "min samples", "approval")

@@ -8,7 +8,7 @@ import sys
 import textwrap
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -64,7 +64,7 @@ def test_start_and_ticks_complete_a_plan(live_app: LiveApp) -> None:
     assert started["version"] == 1
     assert live_app.store.current().phase == "shadow"
     last = tick_until(live_app, {"completed", "rolled_back"})
-    assert last["state"] == "completed", last
+    assert last["state"] == "completed", (last["reason"], last)
     transitions = [
         r[0] for r in rows(live_app, "SELECT to_state FROM rollout_transitions ORDER BY seq")
     ]
@@ -371,3 +371,26 @@ def test_a_restore_that_died_before_recording_is_adopted(live_app: LiveApp) -> N
         rows(live_app, "SELECT config_version FROM phases WHERE phase_index = 0")[0][0]
         == restored.version
     )
+
+
+def test_a_scheduled_tick_evaluates_at_the_phase_interval(live_app: LiveApp) -> None:
+    """The deployment ticks every minute with only_when_due: it collects each time but
+    judges the phase only at the phase's own evaluation_interval."""
+    from flows.rollout_flows import rollout_start, rollout_tick
+
+    plan = small_plan()
+    plan.phases[0].evaluation_interval = timedelta(seconds=4)
+    started = rollout_start(plan, str(live_app.paths.root))
+    data_dir = str(live_app.paths.root)
+    count_sql = "SELECT count(DISTINCT evaluation_id) FROM gate_evaluations WHERE rollout_id = ?"
+    first = rollout_tick(data_dir, ack_timeout_s=10, only_when_due=True)
+    assert first["evaluation_id"], first  # never evaluated: due at once
+    early = rollout_tick(data_dir, ack_timeout_s=10, only_when_due=True)
+    assert early["action"] == "not due" and "evaluates every 0:00:04" in early["reason"]
+    assert rows(live_app, count_sql, [started["rollout_id"]]) == [(1,)]
+    forced = rollout_tick(data_dir, ack_timeout_s=10)  # a human's `rollout tick`
+    assert forced["evaluation_id"] and forced["evaluation_id"] != first["evaluation_id"]
+    time.sleep(4.2)
+    due = rollout_tick(data_dir, ack_timeout_s=10, only_when_due=True)
+    assert due["evaluation_id"], due
+    assert rows(live_app, count_sql, [started["rollout_id"]]) == [(3,)]

@@ -73,7 +73,7 @@ BROKEN = [
     (
         "shadow with traffic",
         lambda d: d["phases"][0].update(traffic_percent=10),
-        ["phase 1 (shadow)", "percent must be 0"],
+        ["phase 1 (shadow)", "traffic_percent must be 0"],
     ),
     (
         "unknown mode",
@@ -155,3 +155,13 @@ def test_start_dry_run_validates_without_starting(tmp_path: Path) -> None:
         timeout=60,
     )
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+    # No --plan: the five-week plan of DESIGN.md, from the file people copy.
+    default = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "start", "--dry-run", "--data-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert default.returncode == 0, default.stderr
+    assert "plan 'five-week' is valid (5 phases" in default.stdout
