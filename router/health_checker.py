@@ -45,16 +45,25 @@ class ActiveHealthChecker:
         self.healthy: dict[str, bool] = {b.name: True for b in backends}
 
     async def probe(self, backend: BackendConfig) -> bool | None:
-        """True healthy, False unhealthy, None "busy" (no verdict)."""
-        headers = {}
-        key = backend.api_key()
-        if key is not None:
-            headers["Authorization"] = f"Bearer {key.get_secret_value()}"
+        """True healthy, False unhealthy, None "busy" (no verdict).
+
+        `timeout_s` bounds the whole probe (httpx's timeouts are per network step, so a
+        body trickled a byte at a time would pass). Anything else that goes wrong while
+        probing one backend (a key that cannot be sent as a header, say) is a failed
+        check for that backend only, never a lost round for all of them."""
         try:
-            response = await self.client.get(
-                health_url(backend), headers=headers, timeout=self.settings.timeout_s
-            )
-        except httpx.HTTPError:
+            async with asyncio.timeout(self.settings.timeout_s):
+                headers = {}
+                key = backend.api_key()
+                if key is not None:
+                    headers["Authorization"] = f"Bearer {key.get_secret_value()}"
+                response = await self.client.get(
+                    health_url(backend), headers=headers, timeout=self.settings.timeout_s
+                )
+        except (httpx.HTTPError, TimeoutError):
+            return False
+        except Exception as exc:  # one backend must not blind the checker to the others
+            log.warning("health check of %s failed: %s", backend.name, type(exc).__name__)
             return False
         if response.status_code == 429:
             return None

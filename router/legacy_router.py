@@ -177,7 +177,12 @@ class IntelligentQueryRouter:
 
     def _start_background(self) -> None:
         self._started = True
-        if self._tasks or self._closed or not self._health_checks:
+        if (
+            self._tasks
+            or self._closed
+            or not self._health_checks
+            or not self._health_settings().enabled
+        ):
             return
         checker = ActiveHealthChecker(
             self._client,
