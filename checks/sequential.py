@@ -105,16 +105,21 @@ ARM_MOMENTS_SQL = """
 SELECT arm,
        count(*)                                                   AS n,
        count(*) FILTER (WHERE outcome IN ('error', 'timeout', 'rate_limited')) AS failures,
-       count(*) FILTER (WHERE latency_ms > 0)                     AS n_latency,
-       sum(ln(latency_ms)) FILTER (WHERE latency_ms > 0)          AS sum_log_latency,
-       sum(ln(latency_ms) ^ 2) FILTER (WHERE latency_ms > 0)      AS sum_log_latency_sq,
+       count(*) FILTER (WHERE outcome = 'ok' AND latency_ms > 0)  AS n_latency,
+       sum(ln(latency_ms)) FILTER (WHERE outcome = 'ok' AND latency_ms > 0) AS sum_log_latency,
+       sum(ln(latency_ms) ^ 2) FILTER (WHERE outcome = 'ok' AND latency_ms > 0)
+                                                                  AS sum_log_latency_sq,
        sum(cost_usd)                                              AS sum_cost,
        sum(cost_usd ^ 2)                                          AS sum_cost_sq
 FROM requests
 WHERE config_version = ? AND NOT is_shadow
 GROUP BY arm
 """
-"""Per-arm sufficient statistics of the served (non-shadow) rows of one config version."""
+"""Per-arm sufficient statistics of the served (non-shadow) rows of one config version.
+
+Latency is over answered requests only: a 429 refused in 3 ms is not fast service
+(failures are the error metric's business). Counting them let an arm that was
+rate-limited more look faster, and the other roll back for "harm in latency"."""
 
 SHADOW_MOMENTS_SQL = """
 WITH pairs AS (
@@ -122,12 +127,14 @@ WITH pairs AS (
                AS f_p,
            CASE WHEN p.outcome IN ('error', 'timeout', 'rate_limited') THEN 1.0 ELSE 0.0 END
                AS f_l,
-           ln(greatest(s.latency_ms, 1e-3)) - ln(greatest(p.latency_ms, 1e-3)) AS d_log_latency,
+           CASE WHEN s.outcome = 'ok' AND p.outcome = 'ok'
+                THEN ln(greatest(s.latency_ms, 1e-3)) - ln(greatest(p.latency_ms, 1e-3))
+           END AS d_log_latency,
            s.cost_usd AS c_p, p.cost_usd AS c_l
     FROM requests s JOIN requests p ON p.request_id = s.primary_request_id
     WHERE s.is_shadow AND NOT p.is_shadow AND s.config_version = ?
 )
-SELECT count(*) AS n,
+SELECT count(*) AS n, count(d_log_latency) AS n_latency,
        sum(f_p - f_l) AS sum_d_fail, sum((f_p - f_l) ^ 2) AS sum_d_fail_sq,
        sum(d_log_latency) AS sum_d_log_latency, sum(d_log_latency ^ 2) AS sum_d_log_latency_sq,
        sum(c_p) AS sum_cost_p, sum(c_l) AS sum_cost_l,
@@ -744,7 +751,9 @@ class ShadowSummary:
 
         return cls(
             PairedMoments.from_differences(n, g("sum_d_fail"), g("sum_d_fail_sq")),
-            PairedMoments.from_differences(n, g("sum_d_log_latency"), g("sum_d_log_latency_sq")),
+            PairedMoments.from_differences(
+                g("n_latency"), g("sum_d_log_latency"), g("sum_d_log_latency_sq")
+            ),
             PairedMoments(
                 n,
                 g("sum_cost_p"),

@@ -260,7 +260,9 @@ def test_sufficient_statistics_sql() -> None:
     assert set(arms) == {"legacy"}  # shadow rows are not served traffic
     legacy = arms["legacy"]
     assert legacy.failures.total == (outcomes[:n] == "timeout").sum()
-    assert legacy.log_latency.total == pytest.approx(np.log(lat[:n]).sum())
+    ok_l = outcomes[:n] == "ok"  # latency over answered requests only
+    assert legacy.log_latency.n == ok_l.sum()
+    assert legacy.log_latency.total == pytest.approx(np.log(lat[:n][ok_l]).sum())
     assert legacy.cost.total_sq == pytest.approx((cost[:n] ** 2).sum())
 
     cur = con.execute(sq.SHADOW_MOMENTS_SQL, [3])
@@ -272,7 +274,9 @@ def test_sufficient_statistics_sql() -> None:
     assert d.total == pytest.approx((f_p - f_l).sum())
     assert d.total_sq == pytest.approx(((f_p - f_l) ** 2).sum())
     dl = shadow.log_latency.differences
-    assert dl.total == pytest.approx((np.log(lat[n:]) - np.log(lat[:n])).sum())
+    both_ok = (outcomes[n:] == "ok") & ok_l
+    assert dl.n == both_ok.sum()
+    assert dl.total == pytest.approx((np.log(lat[n:]) - np.log(lat[:n]))[both_ok].sum())
     assert shadow.cost.sum_pl == pytest.approx((cost[n:] * cost[:n]).sum())
     assert len(sq.evaluate_shadow(shadow, Thresholds())) == 3
     assert FAILURE_SQL in sq.ARM_MOMENTS_SQL
