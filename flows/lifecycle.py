@@ -209,7 +209,16 @@ def rollback(
 
 
 def abort(paths: DataPaths, *, reason: str, actor: str, rollout_id: str | None = None) -> Rollout:
-    """Stop a rollout on purpose: routers go back to legacy, the rollout ends as aborted."""
+    """Stop a rollout on purpose: routers go back to legacy, the rollout ends as aborted.
+
+    Unlike a rollback (the emergency path, which tells the routers first, whatever the
+    database says), an abort with no active rollout is refused before anything is
+    published: it must not move routers off a completed rollout's config."""
+    if not paths.database.exists():
+        raise RolloutError("no active rollout to abort")
+    with connect(paths.database, read_only=True) as con:
+        if _resolve(con, rollout_id, allow_terminal=False) is None:
+            raise RolloutError("no active rollout to abort")
     _, rollout = _back_to_legacy(
         paths, rollout_id, RolloutState.ABORTED, reason=reason, actor=actor, record=True
     )

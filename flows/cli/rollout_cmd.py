@@ -325,7 +325,7 @@ def promote(
     from flows.control import control_store, wait_for_ack
     from flows.store.database import connect
 
-    p = paths(data_dir)
+    p = existing(data_dir)
     try:
         with connect(p.database) as con:
             rollout = lifecycle.resolve_active(con, rollout_id)
