@@ -34,9 +34,18 @@ class MaxDurationPolicy(StrEnum):
 
 
 #: Metrics that roll back (mode `abort`) unless the plan sets another mode: the
-#: sequential comparisons with legacy (error_rate, latency, cost) and the absolute
-#: guardrails on error rate and p95 latency. Others warn.
-CRITICAL_METRICS = ("error_rate", "latency", "cost", "p95_latency_ms")
+#: sequential comparisons with legacy (error_rate, latency, cost) and every absolute
+#: guardrail (error rate, p95 latency, and cost per request and mean quality when the
+#: plan sets those limits): a hard limit the plan wrote down is a hard limit. The
+#: point-estimate comparisons (p95_ratio, error_rate_diff, ...) warn.
+CRITICAL_METRICS = (
+    "error_rate",
+    "latency",
+    "cost",
+    "p95_latency_ms",
+    "cost_per_request",
+    "mean_quality",
+)
 
 
 class Thresholds(BaseModel):

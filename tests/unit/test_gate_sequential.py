@@ -134,3 +134,32 @@ def test_an_error_rate_a_hair_over_the_guardrail_holds_a_clear_breach_rolls_back
     verdict, record = outcomes[45]
     assert verdict is Verdict.ROLLBACK, record
     assert record.decision is Decision.FAIL and record.lower_bound > 0.05
+
+
+def test_a_cost_limit_the_plan_sets_is_a_hard_limit(tmp_path: Path) -> None:
+    """A breached cost-per-request guardrail rolls back by default (it used to warn)."""
+    from checks.gate import evaluate
+    from checks.gx_suites import GxRunner
+    from checks.verdict import Verdict
+
+    def gate(limit: float) -> GateSpec:
+        return GateSpec(
+            config_version=1,
+            mode="production_only",
+            traffic_percent=100.0,
+            shadow_sample_rate=1.0,
+            thresholds=Thresholds(max_cost_per_request_usd=limit),
+            min_samples=100,
+            min_duration_s=0,
+            max_duration_s=600,
+            phase_started_at=NOW,
+            now=NOW,
+        )
+
+    runner = GxRunner()
+    with connect(tmp_path / "m.duckdb") as con:
+        _production_rows(con, 200, 0)  # every request costs 0.001 USD
+        over = evaluate(con, gate(0.0005), runner, "over")
+        within = evaluate(con, gate(0.002), runner, "within")
+    assert over.verdict is Verdict.ROLLBACK and "cost_per_request" in over.reason
+    assert within.verdict is Verdict.PROMOTE, within.reason
