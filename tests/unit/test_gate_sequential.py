@@ -74,6 +74,22 @@ def test_production_only_has_no_concurrent_comparison(tmp_path: Path) -> None:
     assert not any(r.critical for r in records)
 
 
+def production_only(thresholds: Thresholds) -> GateSpec:
+    """A production_only phase: no legacy arm, so the guardrails decide alone."""
+    return GateSpec(
+        config_version=1,
+        mode="production_only",
+        traffic_percent=100.0,
+        shadow_sample_rate=1.0,
+        thresholds=thresholds,
+        min_samples=100,
+        min_duration_s=0,
+        max_duration_s=600,
+        phase_started_at=NOW,
+        now=NOW,
+    )
+
+
 def _production_rows(con, n: int, failures: int) -> None:
     for i in range(n):
         failed = i < failures
@@ -104,18 +120,7 @@ def test_an_error_rate_a_hair_over_the_guardrail_holds_a_clear_breach_rolls_back
     from checks.gx_suites import GxRunner
     from checks.verdict import Verdict
 
-    gate = GateSpec(
-        config_version=1,
-        mode="production_only",
-        traffic_percent=100.0,
-        shadow_sample_rate=1.0,
-        thresholds=Thresholds(max_error_rate=0.05),
-        min_samples=100,
-        min_duration_s=0,
-        max_duration_s=600,
-        phase_started_at=NOW,
-        now=NOW,
-    )
+    gate = production_only(Thresholds(max_error_rate=0.05))
     runner = GxRunner()
     outcomes = {}
     for failures in (24, 45):  # 5.2 % and 9.7 % of 466
@@ -143,18 +148,7 @@ def test_a_cost_limit_the_plan_sets_is_a_hard_limit(tmp_path: Path) -> None:
     from checks.verdict import Verdict
 
     def gate(limit: float) -> GateSpec:
-        return GateSpec(
-            config_version=1,
-            mode="production_only",
-            traffic_percent=100.0,
-            shadow_sample_rate=1.0,
-            thresholds=Thresholds(max_cost_per_request_usd=limit),
-            min_samples=100,
-            min_duration_s=0,
-            max_duration_s=600,
-            phase_started_at=NOW,
-            now=NOW,
-        )
+        return production_only(Thresholds(max_cost_per_request_usd=limit))
 
     runner = GxRunner()
     with connect(tmp_path / "m.duckdb") as con:
