@@ -19,13 +19,6 @@ from rich.table import Table
 
 from flows.cli.common import DEFAULT_DATA_DIR, DataDir, console, existing, fail, paths
 from flows.prefect_env import configure_prefect, prefect_session
-from flows.prefect_outputs import (
-    EVENT_ABORTED,
-    EVENT_COMPLETED,
-    EVENT_PROMOTED,
-    EVENT_ROLLED_BACK,
-    emit_from_cli,
-)
 
 RolloutId = Annotated[
     str | None, typer.Option("--rollout-id", help="Which rollout (default: the active one).")
@@ -38,6 +31,14 @@ def _actor() -> str:
         return f"cli:{getpass.getuser()}"
     except Exception:  # no user name in some containers
         return "cli"
+
+
+def _notify(event: str, rollout: Any, reason: str) -> None:
+    """The flows' event for what this command just did (sent only to a configured server)."""
+    from flows.prefect_outputs import emit_from_cli
+
+    payload = {"reason": reason, "actor": _actor(), "source": "cli"}
+    emit_from_cli(event, rollout.rollout_id, rollout.plan.router_group, payload)
 
 
 def _print_json(value: Any) -> None:
@@ -323,6 +324,7 @@ def promote(
     """Promote to the next phase now, overriding the gate (recorded with your name)."""
     from flows import lifecycle
     from flows.control import control_store, wait_for_ack
+    from flows.prefect_outputs import EVENT_COMPLETED, EVENT_PROMOTED
     from flows.store.database import connect
 
     p = existing(data_dir)
@@ -335,12 +337,7 @@ def promote(
     except lifecycle.RolloutError as exc:
         fail(str(exc))
     finished = not isinstance(moved, lifecycle.Published)
-    emit_from_cli(
-        EVENT_COMPLETED if finished else EVENT_PROMOTED,
-        rollout.rollout_id,
-        rollout.plan.router_group,
-        {"reason": f"manual: {reason}", "actor": _actor(), "source": "cli"},
-    )
+    _notify(EVENT_COMPLETED if finished else EVENT_PROMOTED, rollout, f"manual: {reason}")
     if isinstance(moved, lifecycle.Published):
         status_ = wait_for_ack(
             control_store(p), moved.config.version, rollout.plan.ack_timeout.total_seconds()
@@ -363,6 +360,7 @@ def rollback(
     """Send every router back to legacy now (publishes legacy_only first). Safe to repeat."""
     from flows import lifecycle
     from flows.control import control_store, wait_for_ack
+    from flows.prefect_outputs import EVENT_ROLLED_BACK
 
     p = existing(data_dir)
     try:
@@ -375,12 +373,7 @@ def rollback(
         fail(str(exc))
     acks = wait_for_ack(control_store(p), config.version, 10)
     if rollout is not None:
-        emit_from_cli(
-            EVENT_ROLLED_BACK,
-            rollout.rollout_id,
-            rollout.plan.router_group,
-            {"reason": reason, "actor": _actor(), "source": "cli"},
-        )
+        _notify(EVENT_ROLLED_BACK, rollout, reason)
     state = rollout.state.value if rollout else "no rollout recorded"
     console.print(
         f"legacy_only published as v{config.version} ({acks.describe()}); rollout: {state}",
@@ -397,6 +390,7 @@ def abort(
 ) -> None:
     """Stop the rollout on purpose: routers go back to legacy, the rollout ends aborted."""
     from flows import lifecycle
+    from flows.prefect_outputs import EVENT_ABORTED
 
     try:
         rollout = lifecycle.abort(
@@ -404,12 +398,7 @@ def abort(
         )
     except lifecycle.RolloutError as exc:
         fail(str(exc))
-    emit_from_cli(
-        EVENT_ABORTED,
-        rollout.rollout_id,
-        rollout.plan.router_group,
-        {"reason": reason, "actor": _actor(), "source": "cli"},
-    )
+    _notify(EVENT_ABORTED, rollout, reason)
     console.print(
         f"rollout {rollout.rollout_id} aborted; routers told to use legacy", highlight=False
     )
