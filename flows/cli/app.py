@@ -9,6 +9,7 @@ from flows.cli import (
     bench_cmd,
     collect_cmd,
     config_cmd,
+    dashboard_cmd,
     demo_cmd,
     sim_cmd,
     sql_cmd,
@@ -29,6 +30,7 @@ app.command("demo")(demo_cmd.demo)
 app.command("sql")(sql_cmd.sql)
 app.command("collect")(collect_cmd.collect_cmd)
 app.command("backtest")(backtest_cmd.backtest)
+app.command("dashboard")(dashboard_cmd.dashboard)
 
 from flows.cli import rollout_cmd  # noqa: E402
 

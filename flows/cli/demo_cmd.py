@@ -32,9 +32,17 @@ def demo(
         Path | None, typer.Option(help="Plan YAML (default: deployments/plans/demo.yaml).")
     ] = None,
     rate: Annotated[float | None, typer.Option(help="Questions per second from the app.")] = None,
+    dashboard: Annotated[
+        bool, typer.Option(help="Serve the live dashboard (127.0.0.1) while the demo runs.")
+    ] = True,
+    dashboard_port: Annotated[
+        int, typer.Option(help="Its port; a free one if taken (0: always a free one).")
+    ] = 8765,
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
     """Run a compressed five-phase rollout against simulated backends on 127.0.0.1."""
+    if not 0 <= dashboard_port <= 65535:
+        fail(f"--dashboard-port {dashboard_port}: allowed is 0-65535")
     configure_prefect()
     from flows.demo.runner import DEMO_PLAN, DemoSettings, run_demo
     from flows.plan import PlanError
@@ -45,6 +53,7 @@ def demo(
         inject_regression=inject_regression,
         plan_path=plan or DEMO_PLAN,
         rate=rate,
+        dashboard_port=dashboard_port if dashboard else None,
     )
     try:
         with exit_on_signals(signal.SIGTERM, signal.SIGHUP):
@@ -70,6 +79,9 @@ def demo(
         f"metrics database: {outcome.database}  (try: rollout sql --data-dir "
         f'{data_dir} "SELECT * FROM arm_summary")',
         highlight=False,
+    )
+    console.print(
+        f"dashboard of this run: rollout dashboard --data-dir {data_dir}", highlight=False
     )
     expected = "rolled_back" if inject_regression else "completed"
     if outcome.state != expected:

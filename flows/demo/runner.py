@@ -64,6 +64,8 @@ class DemoSettings:
     rate: float | None = None
     users: int = 2000
     seed: int = 11
+    #: Serve `rollout dashboard` during the run on this port (0: any free port).
+    dashboard_port: int | None = None
 
 
 @dataclass
@@ -86,6 +88,7 @@ class LiveView:
         self.last: Any = None
         self.history: list[str] = []
         self.status = "starting"
+        self.dashboard_url: str | None = None
 
     def update(self, report: Any) -> None:
         self.last = report
@@ -124,11 +127,37 @@ class LiveView:
                 report.verdict or "",
                 (report.reason or "")[:70],
             )
-        return Group(table, Text("\n".join(self.history[-8:]), style="dim"))
+        parts: list[Any] = [table, Text("\n".join(self.history[-8:]), style="dim")]
+        if self.dashboard_url:
+            parts.insert(0, Text(f"live dashboard: {self.dashboard_url}", style="bold"))
+        return Group(*parts)
 
 
 def _wait_for_heartbeat(store: FileControlStore, instance: str) -> bool:
     return any(a.instance == instance and a.age_s() < 5 for a in store.read_acks())
+
+
+def _start_dashboard(paths: DataPaths, port: int) -> tuple[ChildProcess, str] | None:
+    """The dashboard as a child process, on `port` or, if that is taken, any free port.
+    A dashboard that cannot start is reported, never a reason to fail the demo."""
+    log = paths.runs / "dashboard.log"
+    for attempt in dict.fromkeys((port, 0)):
+        log.unlink(missing_ok=True)
+        child = ChildProcess(
+            "dashboard",
+            python_module(
+                "flows.cli", "dashboard", "--port", str(attempt), "--data-dir", str(paths.root)
+            ),
+            log,
+        ).start()
+        try:
+            child.wait_until(lambda c=child: "dashboard: http" in c.tail(5), 30, "dashboard URL")
+        except (RuntimeError, TimeoutError):
+            child.stop()
+            continue
+        url = next(w for w in child.tail(5).split() if w.startswith("http://"))
+        return child, url
+    return None
 
 
 def run_demo(settings: DemoSettings, console: Console) -> DemoOutcome:
@@ -171,6 +200,7 @@ def run_demo(settings: DemoSettings, console: Console) -> DemoOutcome:
         env,
     )
     app: ChildProcess | None = None
+    dashboard: ChildProcess | None = None
     started = time.monotonic()
     outcome = DemoOutcome(None, "not started", "", 0.0, paths.database.resolve())
     view = LiveView(plan)
@@ -190,6 +220,13 @@ def run_demo(settings: DemoSettings, console: Console) -> DemoOutcome:
     unsubscribe = progress.subscribe(on_tick)
     try:
         with Live(view, console=console, refresh_per_second=4):
+            if settings.dashboard_port is not None:
+                view.status = "starting the dashboard"
+                served = _start_dashboard(paths, settings.dashboard_port)
+                if served is None:
+                    view.history.append(f"the dashboard did not start; see {paths.runs}")
+                else:
+                    dashboard, view.dashboard_url = served
             view.status = "starting the simulated fleet"
             fleet.start()
             fleet.wait_until(fleet_file.exists, 30, "fleet file")
@@ -247,6 +284,8 @@ def run_demo(settings: DemoSettings, console: Console) -> DemoOutcome:
         if app is not None:
             app.stop()
         fleet.stop()
+        if dashboard is not None:
+            dashboard.stop()
         collect(paths)  # the rows the app flushed on its way out
         outcome.seconds = time.monotonic() - started
     outcome.regression_injected_at = injected.get("phase")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import duckdb
+import httpx
 import pytest
 from rich.console import Console
 
@@ -81,6 +82,11 @@ def test_healthy_demo_completes_all_five_phases(tmp_path: Path) -> None:
     assert key_hits == 0
     for log in (data / "runs").glob("*.log"):
         assert "Bearer sim-" not in log.read_text()
+    # the live dashboard was served on loopback during the run and stopped with the demo
+    served = (data / "runs" / "dashboard.log").read_text()
+    url = next(w for w in served.split() if w.startswith("http://127.0.0.1:"))
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "healthz", timeout=2)
 
 
 @pytest.mark.timeout(600)

@@ -1,0 +1,64 @@
+"""`rollout dashboard`: serve the live dashboard on loopback until Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Annotated
+
+import typer
+
+from flows.cli.common import DEFAULT_DATA_DIR, DataDir, console, existing, fail
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def dashboard(
+    host: Annotated[
+        str,
+        typer.Option(
+            help="Interface to listen on. The dashboard has no login: keep "
+            "it on loopback unless a proxy in front of it authenticates."
+        ),
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port; 0 picks a free one.")] = 8765,
+    refresh: Annotated[
+        float, typer.Option(help="Seconds between database reads (and page refreshes).")
+    ] = 2.0,
+    rollout_id: Annotated[
+        str | None, typer.Option("--rollout-id", help="Which rollout (default: the latest).")
+    ] = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Live view of the rollout: phase, per-arm metrics and charts, the last gate
+    evaluation, decisions, router instances and events. Read-only; never blocks the
+    flows for more than one short read per refresh."""
+    from flows.dashboard.server import bind, make_app, serve
+    from flows.demo.processes import stop_when_orphaned
+
+    if not 0 <= port <= 65535:
+        fail(f"--port {port}: allowed is 0-65535 (0 picks a free port)")
+    if not 0.5 <= refresh <= 300:
+        fail(f"--refresh {refresh:g}: allowed is 0.5 to 300 seconds")
+    paths = existing(data_dir)
+    try:
+        sock = bind(host, port)
+    except OSError as exc:
+        fail(str(exc))
+    bound_port = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    if host not in LOOPBACK:
+        console.print(f"[yellow]warning:[/] listening on {host}: anyone who reaches it can read it")
+    console.print(f"dashboard: http://{shown}:{bound_port}/  (Ctrl-C stops it)", highlight=False)
+    app = make_app(paths, rollout_id=rollout_id, refresh_s=refresh)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, stop.set)
+        watchdog = asyncio.create_task(stop_when_orphaned(stop))
+        await serve(app, sock, stop)
+        watchdog.cancel()
+
+    asyncio.run(main())
