@@ -26,7 +26,7 @@ import duckdb
 
 from flows.control import control_store, legacy_only_config, phase_config
 from flows.paths import DataPaths
-from flows.plan import RolloutPlan
+from flows.plan import PlanError, RolloutPlan, apply_profiles
 from flows.state import RolloutState
 from flows.store.database import StoreError, connect, first, transaction
 from flows.store.rollouts import (
@@ -89,6 +89,10 @@ def start(
     One active rollout per data directory: its control store is the one document every
     router instance of the group reads, so two rollouts would overwrite each other."""
     rollout_id = rollout_id or f"ro-{uuid.uuid4().hex[:10]}"
+    try:  # a plan from the UI form or the API has not been through load_plan
+        plan = apply_profiles(plan)
+    except PlanError as exc:
+        raise RolloutError("invalid plan: " + "; ".join(exc.lines)) from None
     with connect(paths.database) as con:
         existing = get_rollout(con, rollout_id)
         if existing is not None:  # re-running the same start is a no-op

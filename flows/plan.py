@@ -23,6 +23,12 @@ from router.modes import DeploymentMode
 from router.router_config import check_mode_percent
 
 DEFAULT_PLAN_FILE = resource("deployments/plans/five_weeks.yaml")
+PROFILES_DIR = resource("deployments/profiles")
+#: Profile variable -> (threshold it bounds, factor from the variable's unit).
+PROFILE_LIMITS = {
+    "PROD_LB_ROLLBACK_ERROR_RATE": ("max_error_rate", 0.01),  # percent
+    "PROD_LB_ROLLBACK_LATENCY_MS": ("max_p95_latency_ms", 1.0),
+}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
 
@@ -55,6 +61,12 @@ class Phase(BaseModel):
     on_max_duration: MaxDurationPolicy = MaxDurationPolicy.ASK
     algorithm: AlgorithmName | None = None
     shadow_sample_rate: float = Field(default=1.0, ge=0, le=1)
+    profile: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="deployments/profiles/NAME.env: its PROD_LB_ROLLBACK_* limits also bound "
+        "this phase's guardrails (the stricter limit wins)",
+    )
 
     @model_validator(mode="after")
     def _coherent(self) -> Phase:
@@ -148,6 +160,65 @@ def validate_plan(data: Any) -> RolloutPlan:
         raise PlanError(lines) from None
 
 
+def profile_limits(name: str) -> dict[str, float]:
+    """The guardrail limits a profile file sets, validated as the router validates them.
+
+    Only the file counts, not this process's environment: the gate must judge by what
+    the profile says, whatever variables the flow worker happens to carry."""
+    from dotenv import dotenv_values
+
+    from router.feature_flags import ENV_PREFIX, ProductionFeatureFlags
+    from router.settings_errors import format_error
+
+    path = PROFILES_DIR / f"{name}.env"
+    if not path.is_file():
+        have = sorted(p.stem for p in PROFILES_DIR.glob("*.env"))
+        raise PlanError([f"profile {name!r}: no file {path}; allowed: {', '.join(have)}"])
+    values = {k: v for k, v in dotenv_values(path).items() if k in PROFILE_LIMITS and v}
+    fields = {k.removeprefix(ENV_PREFIX).lower(): v for k, v in values.items()}
+    try:
+        flags = ProductionFeatureFlags.model_validate(fields)
+    except ValidationError as exc:
+        raise PlanError(
+            [
+                f"profile {name!r}: {line}"
+                for line in format_error(exc, ProductionFeatureFlags, ENV_PREFIX).lines
+            ]
+        ) from None
+    return {
+        PROFILE_LIMITS[k][0]: getattr(flags, k.removeprefix(ENV_PREFIX).lower())
+        * PROFILE_LIMITS[k][1]
+        for k in values
+    }
+
+
+def apply_profiles(plan: RolloutPlan) -> RolloutPlan:
+    """Bound each phase's guardrails by its profile's limits (the stricter wins).
+
+    Applied once, when a plan is loaded or a rollout starts; the stored plan carries the
+    result, so reading a rollout back never depends on the profile files."""
+    phases, problems = [], []
+    for index, phase in enumerate(plan.phases):
+        if phase.profile is None:
+            phases.append(phase)
+            continue
+        try:
+            limits = profile_limits(phase.profile)
+        except PlanError as exc:
+            problems += [
+                f"phase {index + 1} ({phase.name}) field profile: {ln}" for ln in exc.lines
+            ]
+            continue
+        th = phase.thresholds
+        bounded = th.model_copy(
+            update={field: min(getattr(th, field), limit) for field, limit in limits.items()}
+        )
+        phases.append(phase.model_copy(update={"thresholds": bounded}))
+    if problems:
+        raise PlanError(problems)
+    return plan.model_copy(update={"phases": phases})
+
+
 def load_plan(path: Path | str) -> RolloutPlan:
     path = Path(path)
     try:
@@ -158,7 +229,7 @@ def load_plan(path: Path | str) -> RolloutPlan:
         raise PlanError([f"plan file {str(path)!r} cannot be read: {exc.strerror}"]) from None
     except yaml.YAMLError as exc:
         raise PlanError([f"plan file {str(path)!r} is not valid YAML: {exc}"]) from None
-    return validate_plan(data)
+    return apply_profiles(validate_plan(data))
 
 
 def default_plan() -> RolloutPlan:

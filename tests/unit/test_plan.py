@@ -13,7 +13,16 @@ from typing import Any
 import pytest
 import yaml
 
-from flows.plan import PlanError, default_plan, load_plan, validate_plan
+from flows.plan import (
+    DEFAULT_PLAN_FILE,
+    PlanError,
+    RolloutPlan,
+    apply_profiles,
+    default_plan,
+    load_plan,
+    profile_limits,
+    validate_plan,
+)
 from tests.conftest import ROOT
 
 DEMO = ROOT / "deployments" / "plans" / "demo.yaml"
@@ -165,3 +174,74 @@ def test_start_dry_run_validates_without_starting(tmp_path: Path) -> None:
     )
     assert default.returncode == 0, default.stderr
     assert "plan 'five-week' is valid (5 phases" in default.stdout
+
+
+def test_profiles_bound_the_guardrails_and_the_stricter_limit_wins() -> None:
+    plan = default_plan()
+    by_name = {p.name: p for p in plan.phases}
+    # canary.env: PROD_LB_ROLLBACK_ERROR_RATE=3 (percent), PROD_LB_ROLLBACK_LATENCY_MS=4000
+    for name in ("canary-5", "canary-15"):
+        th = by_name[name].thresholds
+        assert (th.max_error_rate, th.max_p95_latency_ms) == (0.03, 4000.0)
+    assert by_name["ab-50"].thresholds.max_error_rate == 0.05  # ab_test.env: 5 %
+    strict = validate_plan(
+        {
+            "name": "strict",
+            "phases": [
+                {
+                    "name": "canary",
+                    "profile": "canary",
+                    "mode": "canary",
+                    "traffic_percent": 5,
+                    "min_duration": 60,
+                    "max_duration": 120,
+                    "evaluation_interval": 10,
+                    "thresholds": {"max_error_rate": 0.01, "max_p95_latency_ms": 9000},
+                }
+            ],
+        }
+    )
+    th = apply_profiles(strict).phases[0].thresholds
+    assert (th.max_error_rate, th.max_p95_latency_ms) == (0.01, 4000.0)
+
+
+def test_the_profile_file_counts_not_the_flow_workers_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PROD_LB_ROLLBACK_ERROR_RATE", "50")
+    assert profile_limits("canary")["max_error_rate"] == 0.03
+
+
+def test_unknown_or_broken_profiles_are_refused_naming_phase_and_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = yaml.safe_load(DEFAULT_PLAN_FILE.read_text())
+    data["phases"][1]["profile"] = "canry"
+    with pytest.raises(PlanError) as typo:
+        apply_profiles(validate_plan(data))
+    (line,) = typo.value.lines
+    assert line.startswith("phase 2 (canary-5) field profile: profile 'canry': no file")
+    assert "allowed: ab_test, canary, production_full, shadow" in line
+
+    (tmp_path / "loose.env").write_text("PROD_LB_ROLLBACK_ERROR_RATE=150\n")
+    monkeypatch.setattr("flows.plan.PROFILES_DIR", tmp_path)
+    data["phases"][1]["profile"] = "loose"
+    with pytest.raises(PlanError) as broken:
+        apply_profiles(validate_plan(data))
+    (loose,) = [ln for ln in broken.value.lines if ln.startswith("phase 2 (canary-5)")]
+    assert "profile 'loose'" in loose and "PROD_LB_ROLLBACK_ERROR_RATE" in loose, loose
+    assert "150" in loose
+
+
+def test_a_plan_from_the_ui_form_gets_its_profiles_applied_when_it_starts(
+    tmp_path: Path,
+) -> None:
+    from flows import lifecycle
+    from flows.paths import DataPaths
+
+    form = RolloutPlan.model_validate(yaml.safe_load(DEFAULT_PLAN_FILE.read_text()))
+    assert form.phases[1].thresholds.max_error_rate == 0.05  # not applied by the form
+    paths = DataPaths.at(tmp_path / "data").ensure()
+    started = lifecycle.start(paths, form, actor="test")
+    stored = started.rollout.plan.phases[1].thresholds
+    assert (stored.max_error_rate, stored.max_p95_latency_ms) == (0.03, 4000.0)
