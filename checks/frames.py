@@ -25,7 +25,6 @@ SELECT arm,
        avg(cost_usd)                              AS cost_mean,
        avg(quality_score)                         AS quality_mean,
        count(quality_score)                       AS quality_n,
-       count(DISTINCT subject_bucket)             AS subjects,
        max(ts)                                    AS last_ts
 FROM requests
 WHERE config_version = ?
@@ -57,7 +56,6 @@ class ArmStats:
     cost_mean: float | None = None
     quality_mean: float | None = None
     quality_n: int = 0
-    subjects: int = 0
     last_ts: datetime | None = None
 
     @property

@@ -7,11 +7,11 @@ from statistics import NormalDist
 from typing import Any
 
 import pandas as pd
-from scipy import stats as scipy_stats
 
 from checks.frames import Connection, arm_stats, difference, ratio, window_rows
 from checks.gx_suites import Check, GxRunner, SuiteOutcome
 from checks.policy import decide
+from checks.sample_ratio import sample_ratio
 from checks.sequential import (
     ARM_MOMENTS_SQL,
     SHADOW_MOMENTS_SQL,
@@ -39,15 +39,6 @@ SELECT detail FROM router_events
 WHERE kind = 'failback' AND config_version = ?
 ORDER BY ts
 """
-
-
-def sample_ratio_p_value(production: int, legacy: int, expected_share: float) -> float | None:
-    """Chi-square goodness of fit of the units per arm against the configured split."""
-    total = production + legacy
-    if total == 0 or not 0 < expected_share < 1:
-        return None
-    expected = [total * expected_share, total * (1 - expected_share)]
-    return float(scipy_stats.chisquare([production, legacy], expected).pvalue)
 
 
 def _records(
@@ -206,11 +197,8 @@ def evaluate(
     ]
     staleness = max(ages) if ages else float("inf")
     srm_applies = spec.mode in SPLIT_MODES
-    srm = (
-        sample_ratio_p_value(prod.subjects, legacy.subjects, spec.traffic_percent / 100.0)
-        if srm_applies
-        else None
-    )
+    split = sample_ratio(con, version, spec.traffic_percent) if srm_applies else None
+    srm = split.p_value if split is not None else None
     expect_legacy = spec.mode != DeploymentMode.PRODUCTION_ONLY.value
     aggregate: dict[str, Any] = {
         "n_production": prod.n,
@@ -230,6 +218,15 @@ def evaluate(
         "data_quality",
         True,
     )
+    if split is not None:
+        for record in records:
+            if record.metric == "sample_ratio":
+                record.reason += (
+                    f"; production served {split.production_share:.2%} of the requests in "
+                    f"its own buckets, {split.expected_share:.2%} expected (Welch test of "
+                    f"requests per bucket, {split.production_buckets:,} vs "
+                    f"{split.legacy_buckets:,} buckets)"
+                )
 
     # -- guardrails on the production arm -------------------------------------------------
     if prod.n:
