@@ -59,6 +59,15 @@ RECORD_WAIT_S = 15.0
 
 
 @dataclass(frozen=True)
+class BackToLegacy:
+    config: RouterConfig
+    rollout: Rollout | None
+    #: True only for the call that ended the rollout: repeats and rollbacks of a finished
+    #: rollout publish nothing new and must not announce it again.
+    ended_now: bool = False
+
+
+@dataclass(frozen=True)
 class Published:
     rollout: Rollout
     config: RouterConfig
@@ -160,11 +169,26 @@ def promote(
     *,
     reason: str,
     actor: str,
+    override: bool = False,
 ) -> Published | Rollout:
-    """Next phase (publishes its config) or, after the last phase, completion."""
+    """Next phase (publishes its config) or, after the last phase, completion.
+
+    `override`: a person promotes without the gate's verdict; their decision is recorded
+    with the move, in the same transaction (the gate and `approve` record their own)."""
     index = rollout.phase_index
     plan = rollout.plan
     with transaction(con):
+        if override:
+            record_decision(
+                con,
+                decision_id=uuid.uuid4().hex,
+                rollout=rollout,
+                config_version=_phase_version_or_none(con, rollout),
+                verdict="PROMOTE",
+                action="manual override of the gate",
+                actor=actor,
+                reason=reason,
+            )
         end_phase(con, rollout.rollout_id, index, "promoted")
         if index + 1 >= len(plan.phases):
             return transition(con, rollout, RolloutState.COMPLETED, cause=reason, actor=actor)
@@ -197,7 +221,7 @@ def rollback(
     actor: str,
     rollout_id: str | None = None,
     decided: bool = False,
-) -> tuple[RouterConfig, Rollout | None]:
+) -> BackToLegacy:
     """Fast path: publish legacy_only first, then record. Safe to repeat.
 
     `decided`: the caller (a gate evaluation) already recorded the ROLLBACK decision.
@@ -223,9 +247,9 @@ def abort(paths: DataPaths, *, reason: str, actor: str, rollout_id: str | None =
     with connect(paths.database, read_only=True) as con:
         if _resolve(con, rollout_id, allow_terminal=False) is None:
             raise RolloutError("no active rollout to abort")
-    _, rollout = _back_to_legacy(
+    rollout = _back_to_legacy(
         paths, rollout_id, RolloutState.ABORTED, reason=reason, actor=actor, record=True
-    )
+    ).rollout
     if rollout is None:
         raise RolloutError("no active rollout to abort")
     return rollout
@@ -245,7 +269,7 @@ def _back_to_legacy(
     reason: str,
     actor: str,
     record: bool,
-) -> tuple[RouterConfig, Rollout | None]:
+) -> BackToLegacy:
     """Publish legacy_only first, from the control store alone, then end the rollout in
     `target`. A rollback may target no or a finished rollout (the routers go back to
     legacy all the same); an abort needs an active one."""
@@ -268,6 +292,7 @@ def _back_to_legacy(
             f"{noun}: {reason}",
         )
         store.publish(config)  # users first; the database may be busy
+    ended_now = False
     try:
         with connect(paths.database, wait_s=RECORD_WAIT_S) as con:
             rollout = _resolve(con, rollout_id, allow_terminal=target is RolloutState.ROLLED_BACK)
@@ -289,6 +314,7 @@ def _back_to_legacy(
                     rollout = transition(
                         con, rollout, target, cause=f"{past}: {reason}", actor=actor
                     )
+                    ended_now = True
                     if record:
                         record_decision(
                             con,
@@ -305,7 +331,7 @@ def _back_to_legacy(
             f"legacy_only is published as v{config.version} (routers are switching now); "
             f"recording it is deferred to the next tick: {exc}"
         ) from exc
-    return config, rollout
+    return BackToLegacy(config, rollout, ended_now)
 
 
 def _renumber_if_taken(
@@ -381,7 +407,7 @@ def approve(
         if approved:
             moved = promote(con, paths, rollout, reason=reason, actor=actor)
             return moved.rollout if isinstance(moved, Published) else moved
-    _, rolled = rollback(paths, reason=reason, actor=actor, rollout_id=rollout.rollout_id)
+    rolled = rollback(paths, reason=reason, actor=actor, rollout_id=rollout.rollout_id).rollout
     assert rolled is not None
     return rolled
 

@@ -114,11 +114,13 @@ tick_task.on_rollback(_restore)
 
 @task(name="rollback", cache_policy=NONE)
 def rollback_task(data_dir: str, reason: str, rollout_id: str | None, actor: str) -> dict:
-    config, rollout = lifecycle.rollback(
+    done = lifecycle.rollback(
         DataPaths.at(data_dir), reason=reason, actor=actor, rollout_id=rollout_id
     )
+    rollout = done.rollout
     return {
-        "version": config.version,
+        "version": done.config.version,
+        "ended_now": done.ended_now,
         "rollout_id": rollout.rollout_id if rollout else None,
         "state": rollout.state.value if rollout else None,
         "router_group": rollout.router_group if rollout else None,
@@ -317,13 +319,14 @@ def rollout_rollback(
 ) -> dict[str, Any]:
     """Fast path: publish legacy_only first, then record. Safe to repeat."""
     result = rollback_task(data_dir, reason, rollout_id, actor)
-    if result["rollout_id"]:
+    if result["ended_now"]:  # a repeat changes nothing: no second event
         emit(
             EVENT_ROLLED_BACK,
             result["rollout_id"],
             result["router_group"] or "default",
             {"reason": reason, "actor": actor},
         )
+    if result["rollout_id"]:
         publish_status(DataPaths.at(data_dir), result["rollout_id"])
     get_run_logger().warning("rolled back (%s): legacy_only is v%s", reason, result["version"])
     return result

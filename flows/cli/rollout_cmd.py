@@ -333,7 +333,9 @@ def promote(
             rollout = lifecycle.resolve_active(con, rollout_id)
             if rollout is None:
                 fail("no active rollout to promote")
-            moved = lifecycle.promote(con, p, rollout, reason=f"manual: {reason}", actor=_actor())
+            moved = lifecycle.promote(
+                con, p, rollout, reason=f"manual: {reason}", actor=_actor(), override=True
+            )
     except lifecycle.RolloutError as exc:
         fail(str(exc))
     finished = not isinstance(moved, lifecycle.Published)
@@ -364,17 +366,18 @@ def rollback(
 
     p = existing(data_dir)
     try:
-        config, rollout = lifecycle.rollback(
-            p, reason=reason, actor=_actor(), rollout_id=rollout_id
-        )
+        done = lifecycle.rollback(p, reason=reason, actor=_actor(), rollout_id=rollout_id)
     except lifecycle.RecordingDeferred as exc:  # the routers were told: say so, exit 1
         fail(str(exc), code=1)
     except lifecycle.RolloutError as exc:
         fail(str(exc))
+    config, rollout = done.config, done.rollout
     acks = wait_for_ack(control_store(p), config.version, 10)
-    if rollout is not None:
+    if rollout is not None and done.ended_now:  # a repeat announces nothing new
         _notify(EVENT_ROLLED_BACK, rollout, reason)
     state = rollout.state.value if rollout else "no rollout recorded"
+    if rollout is not None and not done.ended_now:
+        state += " (already)"
     console.print(
         f"legacy_only published as v{config.version} ({acks.describe()}); rollout: {state}",
         highlight=False,

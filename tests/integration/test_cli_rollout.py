@@ -200,6 +200,15 @@ def test_cli_walks_a_rollout_without_a_prefect_server(
     assert rows(
         live_app, "SELECT outcome FROM phases WHERE rollout_id = ? AND phase_index = 0", [rid]
     ) == [("promoted",)]
+    # the override is a decision on record, next to the gate's, under the person's name
+    ((verdict, action, who, why, version),) = rows(
+        live_app,
+        "SELECT verdict, action, actor, reason, config_version FROM decisions "
+        "WHERE rollout_id = ? AND action = 'manual override of the gate'",
+        [rid],
+    )
+    assert (verdict, who, version) == ("PROMOTE", actor, 1)
+    assert why == "manual: shadow looks clean"
     assert live_app.store.current().phase == "canary-50"
     wait_for(lambda: router_applied(live_app, 2), 10, "router applies phase 2")
 

@@ -231,3 +231,10 @@ def test_cli_rollback_emits_the_event_an_automation_listens_for(
     assert event["payload"]["rollout_id"] == rollout_id
     assert event["payload"]["reason"] == "on-call saw bad answers"
     assert event["payload"]["source"] == "cli"
+
+    # rollback is safe to repeat: the routers stay on legacy, nobody is paged twice
+    again = run([*cli, "rollback", "--reason", "pressed it again", "--data-dir", str(data)], server)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "rollout: rolled_back (already)" in again.stdout
+    time.sleep(5)  # what the first event needed to be persisted, and more
+    assert len(rolled_back_events()) == 1
