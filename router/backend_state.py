@@ -19,15 +19,24 @@ class PeakEwma:
 
     A sample above the estimate replaces it at once, so a backend turning slow is
     avoided immediately; samples below pull it down with time constant `tau_s`, so it
-    earns its way back. Reading decays the estimate toward the last sample, so an idle
-    backend is retried eventually.
+    earns its way back. Reading decays the estimate toward the backend's baseline (a slow
+    average of its answers), so an idle backend is retried once a past spike has faded,
+    but an idle slow backend does not start to look fast (decaying toward zero, as tower
+    does, had the demo probe its slow, paid backend over and over).
+
+    Failures only ever raise the estimate and the baseline (`observe_failure`): the time
+    a refused request took says nothing about how fast the backend answers.
     """
 
-    __slots__ = ("estimate_ms", "last_sample_ms", "samples", "tau_s", "updated_at")
+    __slots__ = ("baseline_ms", "estimate_ms", "samples", "tau_s", "updated_at")
+
+    #: Weight of a new answer in the baseline: a spike moves it by 5 %, a backend that
+    #: stays slow moves it past its rivals within a few probes.
+    BASELINE_ALPHA = 0.05
 
     def __init__(self, initial_ms: float, tau_s: float = 10.0, now: float = 0.0) -> None:
         self.estimate_ms = initial_ms
-        self.last_sample_ms = initial_ms
+        self.baseline_ms = initial_ms
         self.tau_s = tau_s
         self.updated_at = now
         self.samples = 0
@@ -37,20 +46,33 @@ class PeakEwma:
         if self.samples == 1:
             # The default only stands in until there is evidence: the first real sample
             # replaces it, or a fast backend would look as slow as the default for ~tau.
-            self.estimate_ms = self.last_sample_ms = sample_ms
+            self.estimate_ms = self.baseline_ms = sample_ms
             self.updated_at = now
             return
-        if sample_ms > self.estimate_ms:
+        current = self.value(now)
+        if sample_ms > current:
             self.estimate_ms = sample_ms
         else:
             weight = math.exp(-max(0.0, now - self.updated_at) / self.tau_s)
-            self.estimate_ms = self.estimate_ms * weight + sample_ms * (1.0 - weight)
-        self.last_sample_ms = sample_ms
+            self.estimate_ms = current * weight + sample_ms * (1.0 - weight)
+        self.baseline_ms += self.BASELINE_ALPHA * (sample_ms - self.baseline_ms)
         self.updated_at = now
+
+    def observe_failure(self, sample_ms: float, now: float) -> None:
+        """A failed attempt, charged `sample_ms` (its time plus any detour it caused).
+
+        An answer from this backend now costs at least that: the estimate and the
+        baseline it decays toward are raised to it (never lowered); answers pull the
+        baseline back down, 5 % each."""
+        current = self.value(now)
+        if sample_ms > current:
+            self.estimate_ms = sample_ms
+            self.updated_at = now
+        self.baseline_ms = max(self.baseline_ms, sample_ms)
 
     def value(self, now: float) -> float:
         weight = math.exp(-max(0.0, now - self.updated_at) / self.tau_s)
-        return self.estimate_ms * weight + self.last_sample_ms * (1.0 - weight)
+        return self.estimate_ms * weight + self.baseline_ms * (1.0 - weight)
 
 
 @dataclass(eq=False, slots=True)

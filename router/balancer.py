@@ -199,7 +199,7 @@ class Balancer:
             if outcome.charged:
                 end = self.clock()
                 for state, attempt_started in outcome.charged:
-                    state.latency.observe((end - attempt_started) * 1000.0, end)
+                    state.latency.observe_failure((end - attempt_started) * 1000.0, end)
 
     async def _route(
         self,

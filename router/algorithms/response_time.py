@@ -11,16 +11,20 @@ from router.backend_state import BackendState
 
 def cost_of(backend: BackendState, now: float) -> float:
     weight = backend.weight if backend.weight > 0 else 1e-9
-    return backend.latency.value(now) * (backend.in_flight + 1) / weight
+    load = backend.latency.value(now) * (backend.in_flight + 1) / weight
+    # Expected time to an answer: a backend answering a share p of its requests needs
+    # 1/p tries per answer (p smoothed, so one early failure costs x1.5, not x infinity).
+    return load / backend.success_rate()
 
 
 class ResponseTime(StatelessAlgorithm):
-    """Rule: lowest `peak_ewma_latency_ms * (in_flight + 1) / weight`.
+    """Rule: lowest `peak_ewma_latency_ms * (in_flight + 1) / weight / success_rate`.
 
-    The latency estimate jumps up on a slow sample and decays back over time (see
-    `PeakEwma`). Failures are fed in at a penalty latency by the balancer, so a backend
-    that fails fast does not look fast. Full scan up to three candidates, power of two
-    choices above.
+    The latency estimate jumps up on a slow sample and decays back over time toward the
+    backend's baseline (see `PeakEwma`). A backend that fails fast does not look fast:
+    failures never lower its estimate (the balancer charges them the detour they caused)
+    and its recent success rate divides its score. Full scan up to three candidates,
+    power of two choices above.
     """
 
     name = "response_time"

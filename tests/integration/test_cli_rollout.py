@@ -201,9 +201,9 @@ def test_cli_walks_a_rollout_without_a_prefect_server(
         live_app, "SELECT outcome FROM phases WHERE rollout_id = ? AND phase_index = 0", [rid]
     ) == [("promoted",)]
     # the override is a decision on record, next to the gate's, under the person's name
-    ((verdict, action, who, why, version),) = rows(
+    ((verdict, who, why, version),) = rows(
         live_app,
-        "SELECT verdict, action, actor, reason, config_version FROM decisions "
+        "SELECT verdict, actor, reason, config_version FROM decisions "
         "WHERE rollout_id = ? AND action = 'manual override of the gate'",
         [rid],
     )
