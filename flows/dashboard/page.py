@@ -3,7 +3,7 @@ every value escaped. Charts are inline SVG polylines, one per arm."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import datetime
 from html import escape
 from typing import Any
@@ -86,7 +86,7 @@ def _when(value: datetime | None) -> str:
 def _table(
     headers: Sequence[str],
     rows: Iterable[Sequence[str]],
-    numeric: set[int] = frozenset(),  # type: ignore[assignment]
+    numeric: Collection[int] = (),
     row_class: Callable[[int], str] | None = None,
 ) -> str:
     head = "".join(f"<th>{escape(h)}</th>" for h in headers)
