@@ -88,6 +88,7 @@ class Balancer:
         score_quality: bool = True,
         honour_retry_after: bool = True,
         max_retry_after_wait_s: float = 5.0,
+        max_retry_after_s: float = 300.0,
         on_event: EventSink | None = None,
         candidate_filter: Callable[[list[BackendState]], list[BackendState]] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -105,6 +106,9 @@ class Balancer:
         self.score_quality = score_quality
         self.honour_retry_after = honour_retry_after
         self.max_retry_after_wait_s = max_retry_after_wait_s
+        #: A Retry-After longer than this is cut to it: a backend asking for a year off
+        #: (or a buggy proxy) must not be out until the process restarts.
+        self.max_retry_after_s = max_retry_after_s
         self.on_event = on_event
         self.candidate_filter = candidate_filter
         self.clock = clock
@@ -293,17 +297,22 @@ class Balancer:
         state.in_flight += 1
         self.health.on_start(state, self.clock())
         started = self.clock()
+        timeout_s = min(state.config.timeout_s, remaining_s)
         try:
             answer = await self.call(
                 self.client,
                 state.config,
                 query,
-                timeout_s=min(state.config.timeout_s, remaining_s),
+                timeout_s=timeout_s,
                 max_bytes=self.max_bytes,
                 headers=headers,
             )
             return answer, None, (self.clock() - started) * 1000.0
         except BackendFailure as failure:
+            # Less than half its own timeout, left by the request's deadline: a timeout
+            # then is the deadline's doing, not a sign of ill health.
+            if failure.kind is ErrorKind.TIMEOUT and timeout_s < 0.5 * state.config.timeout_s:
+                failure.cut_by_deadline = True
             return None, failure, (self.clock() - started) * 1000.0
         finally:
             state.in_flight -= 1
@@ -319,7 +328,7 @@ class Balancer:
         now = self.clock()
         state.calls += 1
         if failure is not None and failure.retry_after_s is not None:
-            state.unavailable_until = now + failure.retry_after_s
+            state.unavailable_until = now + min(failure.retry_after_s, self.max_retry_after_s)
         penalised = failure is not None and failure.health_penalty
         if failure is None or penalised:
             state.outcomes.append(failure is None)

@@ -26,7 +26,6 @@ OUTCOME_OF = {
     ErrorKind.RATE_LIMITED: Outcome.RATE_LIMITED,
     ErrorKind.CLIENT_ERROR: Outcome.REJECTED,
     ErrorKind.NO_BACKEND: Outcome.ERROR,
-    ErrorKind.BUDGET_EXHAUSTED: Outcome.REJECTED,
     ErrorKind.CANCELLED: Outcome.TIMEOUT,  # the user got no answer in the time they gave
 }
 
@@ -46,6 +45,9 @@ class BackendFailure(Exception):
         self.kind = kind
         self.status = status
         self.retry_after_s = retry_after_s
+        #: A timeout of an attempt the request's deadline left too little time for: it
+        #: fails the user all the same, but says nothing about the backend's health.
+        self.cut_by_deadline = False
 
     @property
     def retryable(self) -> bool:
@@ -53,7 +55,7 @@ class BackendFailure(Exception):
 
     @property
     def health_penalty(self) -> bool:
-        return self.kind not in NO_HEALTH_PENALTY
+        return self.kind not in NO_HEALTH_PENALTY and not self.cut_by_deadline
 
     @property
     def outcome(self) -> Outcome:

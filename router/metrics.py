@@ -110,7 +110,7 @@ class _StateCollector(Collector):
     def __init__(self, state: Callable[[], dict[str, Any]]) -> None:
         self.state = state
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         snapshot = self.state()
         breaker = GaugeMetricFamily(
             "router_breaker_state",
@@ -144,6 +144,14 @@ class _StateCollector(Collector):
             "Share of users the production balancer serves now (0..1).",
             value=float(snapshot.get("production_share", 0.0)),
         )
+        denied = CounterMetricFamily(
+            "router_retries_denied",
+            "Retries the retry budget refused (the user got the failure before it).",
+            labels=["arm"],
+        )
+        for arm, count in snapshot.get("retries_denied", {}).items():
+            denied.add_metric([arm], float(count))
+        yield denied
         yield GaugeMetricFamily(
             "router_failback",
             "1 after the local guard failed back.",

@@ -634,7 +634,12 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         primary: str | None,
     ) -> None:
         failure = outcome.failure if not outcome.ok else None
-        status = outcome.attempts[-1].status if outcome.attempts else None
+        # The status of what failed the user: NULL for a deadline that passed between
+        # attempts, not the status of the attempt before it.
+        if failure is not None:
+            status = failure.status
+        else:
+            status = outcome.attempts[-1].status if outcome.attempts else None
         answer = outcome.answer
         if self.budget is not None and result.arm == PRODUCTION:
             self.budget.add(result.cost_usd)  # shadow answers cost real money too
@@ -681,6 +686,10 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             "config_version": self.config.version,
             "production_share": 0.0 if self.guard.tripped else self.config.production_share,
             "failback": self.guard.tripped,
+            "retries_denied": {
+                Arm.LEGACY.value: self.legacy.retry_budget.denied,
+                PRODUCTION: self.production.retry_budget.denied,
+            },
         }
 
     # -- the legacy surface, production flavour ----------------------------------------

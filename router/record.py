@@ -30,7 +30,6 @@ class ErrorKind(StrEnum):
     MALFORMED = "malformed"
     OVERSIZED = "oversized"
     NO_BACKEND = "no_backend"
-    BUDGET_EXHAUSTED = "budget_exhausted"
     CANCELLED = "cancelled"
 
 
