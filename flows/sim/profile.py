@@ -27,6 +27,9 @@ class BackendProfile(BaseModel):
     retry_after_s: float = Field(default=1.0, ge=0)
     quality: float = Field(default=0.85, ge=0, le=1)
     tokens_scale: float = Field(default=1.0, gt=0)
+    #: An outage: every request and the health endpoint answer 503 at once, so active
+    #: health checks see it too (partial faults leave `/health` green, as real servers do).
+    down: bool = False
 
 
 class ProfilePatch(BaseModel):
@@ -43,6 +46,7 @@ class ProfilePatch(BaseModel):
     retry_after_s: float | None = Field(default=None, ge=0)
     quality: float | None = Field(default=None, ge=0, le=1)
     tokens_scale: float | None = Field(default=None, gt=0)
+    down: bool | None = None
 
     def apply(self, profile: BackendProfile) -> BackendProfile:
         return profile.model_copy(update=self.model_dump(exclude_none=True))

@@ -55,6 +55,9 @@ async def _simulate(state: SimState, request: Request) -> JSONResponse | None:
     """Apply the profile: sleep, maybe fail. None means "answer normally"."""
     arm = request.headers.get("x-router-arm")
     profile = state.profile_for(arm)
+    if profile.down:
+        state.stats[f"{arm or 'none'}:down"] += 1
+        return _error(503, "simulated outage")
     now = time.monotonic()
     if now < state.throttled_until:
         state.stats[f"{arm or 'none'}:{Fault.RATE_LIMITED}"] += 1
@@ -108,6 +111,8 @@ def lightrag_routes(state: SimState) -> list[Route]:
         return JSONResponse({"response": answer})
 
     async def health(request: Request) -> JSONResponse:
+        if state.profile.down:
+            return JSONResponse({"status": "down", "name": state.name}, 503)
         return JSONResponse({"status": "healthy", "name": state.name})
 
     return [Route("/query", query, methods=["POST"]), Route("/health", health)]
@@ -156,6 +161,8 @@ def perplexity_routes(state: SimState) -> list[Route]:
     async def models(request: Request) -> JSONResponse:
         if not _authorised(state, request):
             return _error(401, "invalid or missing API key")
+        if state.profile.down:
+            return _error(503, "simulated outage")
         return JSONResponse({"object": "list", "data": [{"id": "sonar", "object": "model"}]})
 
     return [Route("/chat/completions", completions, methods=["POST"]), Route("/models", models)]

@@ -525,6 +525,16 @@ async def test_simulated_fleet_loses_and_regains_backends_on_loopback(
                 assert harness.routable("lightrag-1")
                 assert harness.routable("perplexity-1")
 
+                # An outage injected through the admin API is seen by the checks too,
+                # and so is its end.
+                admin = info.member("lightrag-1").admin_url
+                (await http.put(admin, json={"down": True})).raise_for_status()
+                await wait_until(lambda: not checker.healthy["lightrag-1"], "lightrag-1 down")
+                assert not harness.routable("lightrag-1")
+                (await http.put(admin, json={"down": False})).raise_for_status()
+                await wait_until(lambda: checker.healthy["lightrag-1"], "lightrag-1 back")
+                assert harness.routable("lightrag-1")
+
                 # Perplexity rejects the key, then gets the right one back.
                 monkeypatch.setenv(SIM_API_KEY_ENV, "revoked-key")
                 await wait_until(lambda: not checker.healthy["perplexity-1"], "perplexity down")
@@ -542,6 +552,8 @@ async def test_simulated_fleet_loses_and_regains_backends_on_loopback(
 
     assert harness.changes == [
         ("lightrag-2", False, "2 check(s) failed"),
+        ("lightrag-1", False, "2 check(s) failed"),
+        ("lightrag-1", True, "1 check(s) passed"),
         ("perplexity-1", False, "2 check(s) failed"),
         ("perplexity-1", True, "1 check(s) passed"),
     ]

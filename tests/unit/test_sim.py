@@ -231,3 +231,18 @@ def test_fleet_binds_loopback_only() -> None:
     spec = SimBackendSpec(name="x", kind=BackendKind.LIGHTRAG)
     with pytest.raises(ValueError, match="loopback"):
         Fleet([spec], host="0.0.0.0")
+
+
+async def test_an_outage_fails_queries_and_health_at_once_until_lifted(
+    lightrag: httpx.AsyncClient, perplexity: httpx.AsyncClient
+) -> None:
+    for client, probe in ((lightrag, "/health"), (perplexity, "/models")):
+        assert (await client.put("/admin/profile", json={"down": True})).status_code == 200
+        headers = {"authorization": f"Bearer {KEY}"}
+        assert (await client.get(probe, headers=headers)).status_code == 503
+        (await client.put("/admin/profile", json={"down": False})).raise_for_status()
+        assert (await client.get(probe, headers=headers)).status_code == 200
+    await lightrag.put("/admin/profile", json={"down": True})
+    refused = await lightrag.post("/query", json={"query": QUERY, "mode": "hybrid"})
+    assert refused.status_code == 503
+    assert refused.json()["error"]["message"] == "simulated outage"
