@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from statistics import NormalDist
 from typing import Any
 
 import pandas as pd
 
-from checks.frames import Connection, arm_stats, difference, ratio, window_rows
+from checks.frames import ArmStats, Connection, arm_stats, difference, ratio, window_rows
 from checks.gx_suites import Check, GxRunner, SuiteOutcome
 from checks.policy import decide
 from checks.sample_ratio import sample_ratio
@@ -105,6 +106,44 @@ def weigh_error_rate_breach(
         decision=Decision.INCONCLUSIVE,
         reason=f"{record.reason}, but within noise ({interval}): holding for more data",
         **bounds,
+    )
+
+
+#: Guardrail metric -> the legacy arm's value of it, for `excuse_shared_breach`.
+SHARED_BREACH_METRICS: dict[str, Callable[[ArmStats], float | None]] = {
+    "error_rate": lambda arm: arm.error_rate,
+    "p95_latency_ms": lambda arm: arm.p95_ms,
+}
+
+
+def excuse_shared_breach(record: MetricRecord, legacy: ArmStats, min_samples: int) -> MetricRecord:
+    """A breach legacy shares, as badly or worse, over the same window, holds instead
+    of rolling back.
+
+    Backends down, a saturated host, a network incident: every arm breaks the absolute
+    limit at once, and sending users back to legacy cannot help them. The comparison
+    with legacy (sequential tests) still catches the balancer being worse than legacy
+    during the incident; the hold is on record with both values. A production-only
+    phase has no legacy arm, so its guardrails always act."""
+    value_of = SHARED_BREACH_METRICS.get(record.metric)
+    if (
+        record.check_kind != "guardrail"
+        or record.decision is not Decision.FAIL
+        or value_of is None
+        or record.threshold is None
+        or record.estimate is None
+        or legacy.n < min_samples
+    ):
+        return record
+    theirs = value_of(legacy)
+    if theirs is None or theirs <= record.threshold or theirs < record.estimate:
+        return record
+    return replace(
+        record,
+        decision=Decision.INCONCLUSIVE,
+        reason=f"{record.reason}; legacy breaches it too ({_number(theirs)} over "
+        f"{legacy.n} requests): an incident beyond the balancer, holding (a rollback "
+        "would not help users)",
     )
 
 
@@ -253,6 +292,7 @@ def evaluate(
                 else r
                 for r in records
             ]
+            records[:] = [excuse_shared_breach(r, legacy, spec.min_samples) for r in records]
 
     # -- production against legacy ---------------------------------------------------------
     if prod.n >= spec.min_samples and legacy.n >= spec.min_samples:

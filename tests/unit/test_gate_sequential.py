@@ -90,7 +90,9 @@ def production_only(thresholds: Thresholds) -> GateSpec:
     )
 
 
-def _production_rows(con, n: int, failures: int) -> None:
+def _production_rows(
+    con, n: int, failures: int, arm: str = "production", first_bucket: int = 0
+) -> None:
     for i in range(n):
         failed = i < failures
         con.execute(
@@ -98,12 +100,13 @@ def _production_rows(con, n: int, failures: int) -> None:
             "is_shadow, subject_bucket, query_category, algorithm, backend, attempts, "
             "fallback_used, outcome, http_status, error_kind, latency_ms, tokens_in, tokens_out, "
             "cost_usd, query_hash, query_length) VALUES (?, ?, 'i', 1, 'production_only', "
-            "'production', false, ?, 'general', 'response_time', 'b', 1, false, ?, ?, ?, 120.0, "
+            "?, false, ?, 'general', 'response_time', 'b', 1, false, ?, ?, ?, 120.0, "
             "10, 50, 0.001, 'h', 40)",
             [
-                f"r{i}",
+                f"{arm}-{i}",
                 NOW,
-                i % 10_000,
+                arm,
+                (first_bucket + i) % 10_000,
                 "error" if failed else "ok",
                 500 if failed else 200,
                 "server_error" if failed else None,
@@ -157,3 +160,45 @@ def test_a_cost_limit_the_plan_sets_is_a_hard_limit(tmp_path: Path) -> None:
         within = evaluate(con, gate(0.002), runner, "within")
     assert over.verdict is Verdict.ROLLBACK and "cost_per_request" in over.reason
     assert within.verdict is Verdict.PROMOTE, within.reason
+
+
+def test_a_breach_legacy_shares_holds_instead_of_rolling_back(tmp_path: Path) -> None:
+    """An incident beyond the balancer (both arms over the 5 % error limit, legacy
+    worse) holds: sending users back to legacy would not help them. The same breach
+    with a healthy legacy rolls back."""
+    from checks.gate import evaluate
+    from checks.gx_suites import GxRunner
+    from checks.verdict import Verdict
+
+    gate = GateSpec(
+        config_version=1,
+        mode="ab_test",
+        traffic_percent=50.0,
+        shadow_sample_rate=1.0,
+        thresholds=Thresholds(max_error_rate=0.05),
+        min_samples=100,
+        min_duration_s=0,
+        max_duration_s=600,
+        phase_started_at=NOW,
+        now=NOW,
+    )
+    runner = GxRunner()
+    results = {}
+    for legacy_failures in (60, 4):  # 15 % and 1 % of 400
+        with connect(tmp_path / f"m{legacy_failures}.duckdb") as con:
+            _production_rows(con, 400, 40)  # production: 10 %, clearly over 5 %
+            _production_rows(con, 400, legacy_failures, arm="legacy", first_bucket=5_000)
+            result = evaluate(con, gate, runner, f"run-{legacy_failures}")
+        (guard,) = [
+            r for r in result.records if (r.check_kind, r.metric) == ("guardrail", "error_rate")
+        ]
+        results[legacy_failures] = (result, guard)
+
+    shared, guard = results[60]
+    assert guard.decision is Decision.INCONCLUSIVE, guard
+    assert "legacy breaches it too (0.15 over 400 requests)" in guard.reason
+    assert shared.verdict is not Verdict.ROLLBACK, shared.reason
+
+    alone, guard = results[4]
+    assert guard.decision is Decision.FAIL, guard
+    assert alone.verdict is Verdict.ROLLBACK and "error_rate" in alone.reason
