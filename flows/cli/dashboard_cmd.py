@@ -33,8 +33,9 @@ def dashboard(
     """Live view of the rollout: phase, per-arm metrics and charts, the last gate
     evaluation, decisions, router instances and events. Read-only; never blocks the
     flows for more than one short read per refresh."""
-    from flows.dashboard.server import bind, make_app, serve
+    from flows.dashboard.server import make_app, serve
     from flows.demo.processes import stop_when_orphaned
+    from flows.loopback import bind
 
     if not 0 <= port <= 65535:
         fail(f"--port {port}: allowed is 0-65535 (0 picks a free port)")

@@ -13,8 +13,6 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 
 import uvicorn
@@ -26,6 +24,7 @@ from starlette.routing import Route
 
 from flows.dashboard.page import fragment, page
 from flows.dashboard.view import DashboardView, read_view
+from flows.loopback import QuietServer
 from flows.paths import DataPaths
 
 
@@ -92,34 +91,10 @@ def make_app(
     return app
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """Bind before serving, so a taken port is a clear error and port 0 a known port."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise OSError(
-            f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port "
-            "(0 picks a free one)"
-        ) from exc
-    return sock
-
-
-class _Server(uvicorn.Server):
-    """The CLI owns the signals (it also stops when orphaned), not uvicorn."""
-
-    @contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 async def serve(app: Starlette, sock: socket.socket, stop: asyncio.Event) -> None:
     """Serve on `sock` until `stop` is set or the server fails."""
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
-    server = _Server(config)
+    server = QuietServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)

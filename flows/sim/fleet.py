@@ -8,11 +8,9 @@ and writes a fleet file that other processes read to find the servers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import httpx
 import uvicorn
 from pydantic import BaseModel, ConfigDict
 
+from flows.loopback import QuietServer, bind
 from flows.sim.profile import BackendProfile
 from flows.sim.servers import SimState, make_app
 from router.backends import BackendConfig, BackendKind, CostModel
@@ -138,18 +137,10 @@ class FleetInfo(BaseModel):
         return cls.model_validate_json(Path(path).read_text())
 
 
-class _QuietServer(uvicorn.Server):
-    """Several servers share one process: the owner handles signals, not each server."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 @dataclass
 class _Running:
     state: SimState
-    server: _QuietServer
+    server: QuietServer
     task: asyncio.Task[None]
     url: str
 
@@ -167,9 +158,7 @@ class Fleet:
         import random
 
         for index, spec in enumerate(self.specs):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, 0))
+            sock = bind(self.host, 0)
             port = sock.getsockname()[1]
             state = SimState(
                 spec.name,
@@ -185,7 +174,7 @@ class Fleet:
                 lifespan="off",
                 timeout_keep_alive=30,
             )
-            server = _QuietServer(config)
+            server = QuietServer(config)
             task = asyncio.create_task(server.serve(sockets=[sock]), name=f"sim-{spec.name}")
             self.running[spec.name] = _Running(state, server, task, f"http://{self.host}:{port}")
         for running in self.running.values():
