@@ -8,7 +8,7 @@ from datetime import datetime
 from html import escape
 from typing import Any
 
-from flows.dashboard.view import DashboardView
+from flows.dashboard.view import BACKEND_WINDOW_S, DashboardView
 
 ARM_COLOURS = {"legacy": "#5b7083", "production": "#e8590c"}
 VERDICT_CLASS = {
@@ -197,6 +197,7 @@ def fragment(view: DashboardView) -> str:
                 ),
             )
         )
+    parts.append(_backends(view))
     parts.append(_routers(view))
     parts.append(_events(view))
     return "\n".join(parts)
@@ -309,6 +310,27 @@ def _timeline(view: DashboardView) -> str:
         ),
         numeric={0, 3, 7, 8},
         row_class=lambda i: "current" if rows[i]["phase_index"] == current else "",
+    )
+
+
+def _backends(view: DashboardView) -> str:
+    title = f"<h2>Backends, last {BACKEND_WINDOW_S // 60} minutes of collected rows</h2>"
+    return title + _table(
+        ["backend", "arm", "requests", "errors", "timeouts", "429s", "failovers", "p95"],
+        (
+            [
+                escape(b["backend"]),
+                escape(b["arm"]),
+                _num(b["requests"]),
+                _pct(b["error_rate"]),
+                _num(b["timeouts"]),
+                _num(b["rate_limited"]),
+                _num(b["failovers"]),
+                _num(b["p95_ms"], 0, " ms"),
+            ]
+            for b in view.backends
+        ),
+        numeric=set(range(2, 8)),
     )
 
 

@@ -64,6 +64,24 @@ SELECT ts, router_instance, kind, backend, detail FROM router_events
 ORDER BY ts DESC LIMIT ?
 """
 
+#: Each backend over the last `window` seconds of collected rows (both arms, shadow
+#: included): where failures and failovers come from right now.
+BACKENDS_SQL = """
+WITH recent AS (
+    SELECT * FROM all_requests
+    WHERE backend IS NOT NULL
+      AND ts >= (SELECT max(ts) FROM all_requests) - to_seconds($window)
+)
+SELECT backend, arm, count(*) AS requests,
+       avg(CASE WHEN is_failure(outcome) THEN 1.0 ELSE 0.0 END) AS error_rate,
+       count(*) FILTER (WHERE outcome = 'timeout') AS timeouts,
+       count(*) FILTER (WHERE outcome = 'rate_limited') AS rate_limited,
+       count(*) FILTER (WHERE fallback_used) AS failovers,
+       quantile_cont(latency_ms, 0.95) AS p95_ms
+FROM recent GROUP BY ALL ORDER BY backend, arm
+"""
+BACKEND_WINDOW_S = 300
+
 INGEST_SQL = """
 SELECT max(ingested_at) AS last_ingest, count(*) AS segments,
        count(*) FILTER (WHERE status = 'quarantined') AS quarantined,
@@ -88,6 +106,7 @@ class DashboardView:
     evaluated_at: datetime | None = None
     evaluated_phase: int | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
+    backends: list[dict[str, Any]] = field(default_factory=list)
     routers: list[dict[str, Any]] = field(default_factory=list)
     ingest: dict[str, Any] = field(default_factory=dict)
     problem: str | None = None
@@ -144,6 +163,7 @@ def _read(
 ) -> None:
     view.ingest = _dicts(con.execute(INGEST_SQL))[0]
     view.events = _dicts(con.execute(EVENTS_SQL, [events]))
+    view.backends = _dicts(con.execute(BACKENDS_SQL, {"window": BACKEND_WINDOW_S}))
     snap = snapshot(con, rollout_id, decisions=8)
     if snap is None:
         if rollout_id:

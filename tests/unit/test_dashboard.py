@@ -141,6 +141,18 @@ def test_status_json_agrees_with_the_sql_views(store: tuple[DataPaths, str]) -> 
         per_arm[point["arm"]] = per_arm.get(point["arm"], 0) + point["requests"]
     assert per_arm == arms
     assert status["ingest"]["rows"] == 1_000
+    # per backend, over the last five minutes of rows: those rows' backends, nothing else
+    with connect(paths.database, read_only=True) as con:
+        recent = dict(
+            con.execute(
+                "SELECT backend, count(*) FROM requests WHERE backend IS NOT NULL AND ts >= "
+                "(SELECT max(ts) FROM requests) - INTERVAL 300 SECOND GROUP BY backend"
+            ).fetchall()
+        )
+    shown: dict[str, int] = {}
+    for b in status["backends"]:
+        shown[b["backend"]] = shown.get(b["backend"], 0) + b["requests"]
+    assert shown == recent and recent
     assert status["problem"] is None
     assert "sim-" not in json.dumps(status)  # no API key can be in what it shows
 
