@@ -377,6 +377,23 @@ def get_state(con: duckdb.DuckDBPyConnection, rollout_id: str) -> Rollout:
     return rollout
 
 
+def check_awaiting_approval(rollout: Rollout | None) -> None:
+    if rollout is None or rollout.state is not RolloutState.AWAITING_APPROVAL:
+        state = rollout.state.value if rollout else "no active rollout"
+        raise RolloutError(f"nothing awaits approval (state: {state})")
+
+
+def awaiting_approval(paths: DataPaths, rollout_id: str | None) -> Rollout:
+    """The rollout an answer is for, checked before any flow runs (a read)."""
+    if not paths.database.exists():
+        raise RolloutError("nothing awaits approval (state: no rollout recorded)")
+    with connect(paths.database, read_only=True) as con:
+        rollout = _resolve(con, rollout_id)
+    check_awaiting_approval(rollout)
+    assert rollout is not None
+    return rollout
+
+
 def approve(
     paths: DataPaths,
     *,
@@ -388,9 +405,7 @@ def approve(
     """A human's answer to NEEDS_APPROVAL: approval promotes, rejection rolls back."""
     with connect(paths.database) as con:
         rollout = _resolve(con, rollout_id)
-        if rollout is None or rollout.state is not RolloutState.AWAITING_APPROVAL:
-            state = rollout.state.value if rollout else "no active rollout"
-            raise RolloutError(f"nothing awaits approval (state: {state})")
+        check_awaiting_approval(rollout)
         reason = f"{'approved' if approved else 'rejected'} by {actor}" + (
             f": {comment}" if comment else ""
         )

@@ -104,6 +104,8 @@ def build_result(
             "backend_kind": outcome.backend.kind.value if outcome.backend else None,
             "query_category": classification.category,
             "arm": arm,
+            # Perplexity's sources, for the caller to show with the answer
+            "citations": list(outcome.answer.citations) if outcome.answer else [],
         },
         request_id=request_id,
         answer=outcome.answer.text if outcome.answer else None,

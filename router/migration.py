@@ -66,9 +66,10 @@ class ConfigurationMigrator:
         *,
         backends: Sequence[BackendConfig] = (),
         algorithm: AlgorithmName | None = None,
+        custom_algorithm: str | None = None,
     ) -> ProductionLoadBalancingConfig:
         production, self.report = self.migrate_with_report(
-            legacy, backends=backends, algorithm=algorithm
+            legacy, backends=backends, algorithm=algorithm, custom_algorithm=custom_algorithm
         )
         return production
 
@@ -78,7 +79,9 @@ class ConfigurationMigrator:
         *,
         backends: Sequence[BackendConfig] = (),
         algorithm: AlgorithmName | None = None,
+        custom_algorithm: str | None = None,
     ) -> tuple[ProductionLoadBalancingConfig, MigrationReport]:
+        """`custom_algorithm`: the 'module:Class' an explicit `custom` algorithm needs."""
         report = MigrationReport()
         mapped = STRATEGY_MAP.get(legacy.strategy.lower())
         if algorithm is not None:
@@ -153,6 +156,7 @@ class ConfigurationMigrator:
 
         production = ProductionLoadBalancingConfig(
             algorithm=chosen,
+            custom_algorithm=custom_algorithm,
             backends=tuple(backends),
             health_check=health,
             circuit_breaker=breaker,

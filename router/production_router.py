@@ -119,6 +119,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
                 self.load_balancing_config,
                 backends=self.backends,
                 algorithm=self.flags.primary_algorithm,
+                custom_algorithm=self.flags.custom_algorithm,
             )
             production_config = self.flags.production_config().model_copy(
                 update={

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -52,6 +53,14 @@ def _load(profile: str | None) -> ProductionFeatureFlags:
 def validate(profile: Profile = None) -> None:
     """Exit 0 if the configuration is valid; otherwise one line per bad variable, exit 2."""
     flags = _load(profile)
+    if flags.primary_algorithm.value == "custom" and flags.custom_algorithm:
+        from router.algorithms.custom import load_class
+
+        try:  # what the router checks at start-up: import it and look for the methods
+            load_class(flags.custom_algorithm)
+        except ValueError as exc:
+            problem = str(exc).removeprefix(f"custom_algorithm {flags.custom_algorithm!r}: ")
+            fail(f"{ENV_PREFIX}CUSTOM_ALGORITHM={flags.custom_algorithm}: {problem}")
     backends = flags.backends()
     hint = (
         ""
@@ -69,12 +78,18 @@ def validate(profile: Profile = None) -> None:
     )
 
 
+#: `scheme://user:password@host`: the password part of a URL's userinfo.
+_URL_PASSWORD = re.compile(r"(//[^/:@\s]*):[^@/\s]*@")
+
+
 def masked_value(name: str, value: object) -> str:
     if any(marker in name.upper() for marker in SECRET_MARKERS) and "ENV" not in name.upper():
         return "***"
     if isinstance(value, list):
-        return ",".join(str(v) for v in value)
-    return "" if value is None else str(value)
+        text = ",".join(str(v) for v in value)
+    else:
+        text = "" if value is None else str(value)
+    return _URL_PASSWORD.sub(r"\1:***@", text)  # a password in a backend URL is a secret
 
 
 @app.command("show")

@@ -232,8 +232,12 @@ def approve(
 
     If a `rollout-approve` run is paused waiting for the UI form, this resumes it with
     your answer; otherwise it runs the approval flow directly."""
-    from flows.lifecycle import RolloutError
+    from flows.lifecycle import RolloutError, awaiting_approval
 
+    try:  # a mistake gets one line, not a failed flow run and its traceback
+        awaiting_approval(existing(data_dir), rollout_id)
+    except RolloutError as exc:
+        fail(str(exc))
     answer = {"approve": not reject, "comment": comment, "approver": _actor()}
     with prefect_session():
         resumed = _resume_paused_approval(answer, existing(data_dir).root, rollout_id)

@@ -84,9 +84,11 @@ def _segment(path: str) -> Segment | None:
         return None
     name, instance = parts[-1], parts[-2]
     kind = name.split("-", 1)[0]
-    if name.startswith(".") or not name.endswith(SEGMENT_SUFFIX) or kind not in KINDS:
+    if name.startswith(".") or not name.endswith(SEGMENT_SUFFIX):
         return None
-    return Segment(path, f"{instance}/{name}", instance, kind)
+    # A Parquet file under another name is not ignored (it would sit there forever,
+    # unexplained): it is quarantined with the reason.
+    return Segment(path, f"{instance}/{name}", instance, kind if kind in KINDS else UNKNOWN_KIND)
 
 
 def discover(location: str | Path, con: duckdb.DuckDBPyConnection | None = None) -> list[Segment]:
@@ -113,6 +115,9 @@ def discover(location: str | Path, con: duckdb.DuckDBPyConnection | None = None)
                 if segment is not None:
                     found.append(segment)
     return found
+
+
+UNKNOWN_KIND = "unknown"
 
 
 def _expected(kind: str) -> dict[str, str]:
@@ -153,6 +158,11 @@ def check_segments(
     """
     if not segments:
         return []
+    if any(s.kind == UNKNOWN_KIND for s in segments):
+        named = f"not a segment name (expected {' or '.join(f'{k}-*' for k in KINDS)})"
+        return [(s, 0, named) for s in segments if s.kind == UNKNOWN_KIND] + check_segments(
+            con, [s for s in segments if s.kind != UNKNOWN_KIND]
+        )
     try:
         rows = con.execute(_FOOTERS_SQL, {"files": [s.path for s in segments]}).fetchall()
     except duckdb.Error:

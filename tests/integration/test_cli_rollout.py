@@ -326,3 +326,8 @@ def test_promote_without_an_active_rollout_fails_with_one_line(
     assert result.returncode == 2, explain(result)
     assert result.stderr.strip() == "error: no active rollout to abort", explain(result)
     assert not (empty / "control").exists() or not any((empty / "control").iterdir())
+    # ... and an answer with nothing awaiting it is one line too, no flow-run traceback.
+    result = rollout(cli_env, "approve", "--data-dir", str(empty))
+    assert result.returncode == 2, explain(result)
+    assert result.stdout == "", explain(result)
+    assert result.stderr.strip() == "error: nothing awaits approval (state: no active rollout)"

@@ -162,3 +162,59 @@ def test_cli_validate_accepts_profile_and_show_masks_nothing_secret() -> None:
     assert shown.returncode == 0, shown.stderr
     assert "pplx-123456" not in shown.stdout
     assert "set (from $PERPLEXITY_API_KEY)" in shown.stdout
+
+
+CUSTOM_ENV = {
+    "PROD_LB_ENABLED": "true",
+    "PROD_LB_DEPLOYMENT_MODE": "production_only",
+    "PROD_LB_TRAFFIC_PERCENT": "100",
+    "PROD_LB_PRIMARY_ALGORITHM": "custom",
+    "PROD_LB_ADVANCED_ALGORITHMS": "true",
+    "PROD_LB_LIGHTRAG_URLS": "http://127.0.0.1:9",
+}
+
+
+def test_a_custom_algorithm_chosen_by_environment_starts_and_routes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`PROD_LB_PRIMARY_ALGORITHM=custom` used to crash the router at start-up: the
+    migrated config lost the 'module:Class'."""
+    from router import ProductionIntelligentQueryRouter
+    from tests.fixtures_custom_algorithm import SPEC
+
+    for name, value in CUSTOM_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PROD_LB_CUSTOM_ALGORITHM", SPEC)
+    monkeypatch.setenv("PROD_LB_DATA_DIR", str(tmp_path))
+    router = ProductionIntelligentQueryRouter(health_checks=False, control_store=None)
+    assert router.production.algorithm.name == "custom:fewest_calls"
+    assert router.get_system_health_status()["algorithm"] == "custom"
+
+
+def test_cli_validate_imports_the_custom_class_and_names_the_variable() -> None:
+    good = _cli(
+        "config",
+        "validate",
+        env={
+            **CUSTOM_ENV,
+            "PROD_LB_CUSTOM_ALGORITHM": "tests.fixtures_custom_algorithm:FewestCalls",
+        },
+    )
+    assert good.returncode == 0, good.stderr
+    bad = _cli("config", "validate", env={**CUSTOM_ENV, "PROD_LB_CUSTOM_ALGORITHM": "nope:Missing"})
+    assert bad.returncode == 2
+    (line,) = [ln for ln in bad.stderr.splitlines() if ln.strip()]
+    assert line.startswith("error: PROD_LB_CUSTOM_ALGORITHM=nope:Missing: "), line
+    assert "nope" in line.split(": ", 2)[2]
+
+
+def test_cli_show_masks_a_password_in_a_backend_url() -> None:
+    shown = _cli(
+        "config",
+        "show",
+        "--json",
+        env={"PROD_LB_PERPLEXITY_URL": "http://svc:sk-hidden@127.0.0.1:1"},
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "sk-hidden" not in shown.stdout
+    assert "http://svc:***@127.0.0.1:1" in shown.stdout

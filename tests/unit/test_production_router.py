@@ -154,6 +154,14 @@ async def test_legacy_only_serves_everyone_from_legacy(tmp_path: Path, backends:
     assert all(r.answer and r.answer.startswith("ANSWER legacy|") for r in results)
 
 
+async def test_perplexity_citations_reach_the_caller(tmp_path: Path, backends: Backends) -> None:
+    router = await started(tmp_path, backends, 1, "production_only", 100)
+    recent = await router.route_query("What is the latest news on newborn screening this week?")
+    assert recent.backend == "perplexity-1"
+    assert recent.metadata["citations"] == ["https://ref.example/1"]
+    await router.shutdown()
+
+
 async def test_production_only_serves_everyone_from_production(
     tmp_path: Path, backends: Backends
 ) -> None:

@@ -129,6 +129,7 @@ def test_corrupt_and_partial_segments_are_quarantined_while_others_land(
     (folder / "requests-t-000012.parquet").write_bytes(bytes(damaged))
     wrong = make_table(10).drop(["latency_ms"])
     write_segment(wrong, folder, "requests", 13)
+    (folder / "export.parquet").write_bytes(data)  # readable, but nobody's segment
 
     report = collect(paths)
     assert report.rows == 400
@@ -138,8 +139,10 @@ def test_corrupt_and_partial_segments_are_quarantined_while_others_land(
         "app-2/requests-t-000010.parquet",
         "app-2/requests-t-000011.parquet",
         "app-2/requests-t-000012.parquet",
+        "app-2/export.parquet",
         wrong_key,
     }
+    assert bad["app-2/export.parquet"] == "not a segment name (expected requests-* or events-*)"
     assert bad["app-2/requests-t-000010.parquet"].startswith("unreadable parquet")
     assert bad["app-2/requests-t-000012.parquet"].startswith("unreadable data pages")
     assert bad[wrong_key] == "missing columns ['latency_ms']"
@@ -155,8 +158,8 @@ def test_corrupt_and_partial_segments_are_quarantined_while_others_land(
         statuses = con.execute(
             "SELECT status, count(*) FROM ingested_segments GROUP BY ALL ORDER BY 1"
         ).fetchall()
-    assert len(events) == 4 and all(instance == "app-2" for instance, _ in events)
-    assert statuses == [("ingested", 4), ("quarantined", 4)]
+    assert len(events) == 5 and all(instance == "app-2" for instance, _ in events)
+    assert statuses == [("ingested", 4), ("quarantined", 5)]
     again = collect(paths)
     assert again.rows == 0 and again.quarantined == []
     assert counts(paths)[0] == 400
