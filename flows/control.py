@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
 from flows.paths import DataPaths
 from flows.plan import RolloutPlan
 from router.control_store import Acknowledgement, FileControlStore
+from router.http_control_store import HttpControlStore
 from router.modes import DeploymentMode
 from router.router_config import GuardLimits, RouterConfig
 
@@ -15,7 +17,19 @@ from router.router_config import GuardLimits, RouterConfig
 STALE_AFTER_S = 15.0
 
 
-def control_store(paths: DataPaths) -> FileControlStore:
+#: Publish to and read heartbeats from an HTTP control endpoint instead of the folder
+#: (set it where the routers have PROD_LB_CONTROL_URL).
+CONTROL_URL_ENV = "ROLLOUT_CONTROL_URL"
+
+
+#: What the flows publish through: a folder, or an HTTP endpoint for a fleet.
+Store = FileControlStore | HttpControlStore
+
+
+def control_store(paths: DataPaths) -> Store:
+    url = os.environ.get(CONTROL_URL_ENV)
+    if url:
+        return HttpControlStore(url)
     return FileControlStore(paths.control)
 
 
@@ -80,7 +94,7 @@ class AckStatus:
         return "; ".join(parts)
 
 
-def ack_status(store: FileControlStore, version: int) -> AckStatus:
+def ack_status(store: Store, version: int) -> AckStatus:
     status = AckStatus(version)
     for ack in store.read_acks():
         if ack.age_s() > STALE_AFTER_S:
@@ -95,9 +109,7 @@ def ack_status(store: FileControlStore, version: int) -> AckStatus:
     return status
 
 
-def wait_for_ack(
-    store: FileControlStore, version: int, timeout_s: float, poll_s: float = 0.1
-) -> AckStatus:
+def wait_for_ack(store: Store, version: int, timeout_s: float, poll_s: float = 0.1) -> AckStatus:
     """Until every live instance applied `version` (or refused it), or `timeout_s` passes."""
     deadline = time.monotonic() + timeout_s
     while True:

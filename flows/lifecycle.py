@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import duckdb
 
-from flows.control import control_store, legacy_only_config, phase_config
+from flows.control import Store, control_store, legacy_only_config, phase_config
 from flows.paths import DataPaths
 from flows.plan import PlanError, RolloutPlan, apply_profiles
 from flows.state import RolloutState
@@ -42,7 +42,6 @@ from flows.store.rollouts import (
     start_phase,
     transition,
 )
-from router.control_store import FileControlStore
 from router.router_config import RouterConfig
 
 
@@ -335,7 +334,7 @@ def _back_to_legacy(
 
 
 def _renumber_if_taken(
-    con: duckdb.DuckDBPyConnection, store: FileControlStore, config: RouterConfig
+    con: duckdb.DuckDBPyConnection, store: Store, config: RouterConfig
 ) -> RouterConfig:
     """The control document was older than the database (restored from a backup, say):
     versions must still only grow, so publish the same legacy document again, higher."""

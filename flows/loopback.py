@@ -7,9 +7,12 @@ can then share one process (the simulated fleet) or one CLI command (the dashboa
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import signal
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import uvicorn
 
@@ -35,3 +38,32 @@ class QuietServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+async def serve(app: Any, sock: socket.socket, stop: asyncio.Event) -> None:
+    """Serve `app` on `sock` until `stop` is set or the server fails."""
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+    server = QuietServer(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    server.should_exit = True
+    stopper.cancel()
+    await task
+
+
+def serve_until_stopped(app: Any, sock: socket.socket) -> None:
+    """For a CLI command: serve until Ctrl-C, SIGTERM, SIGHUP, or the parent that started
+    this process is gone."""
+    from flows.demo.processes import stop_when_orphaned
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, stop.set)
+        watchdog = asyncio.create_task(stop_when_orphaned(stop))
+        await serve(app, sock, stop)
+        watchdog.cancel()
+
+    asyncio.run(main())

@@ -5,8 +5,11 @@ The default store is a folder (local, or shared between hosts):
     <dir>/router_config.json        the current document (replaced atomically)
     <dir>/acks/<instance>.json      each instance's heartbeat: applied version, refusals
 
-Anything with the same four methods can replace it (a Prefect Variable, an HTTP
-endpoint for a fleet); the router only needs `read_document` and `write_ack`.
+Anything with the same four methods can replace it; the router only needs
+`read_document` and `write_ack`. `router.http_control_store.HttpControlStore` is the
+fleet's option: one HTTP endpoint instead of a shared folder (`PROD_LB_CONTROL_URL` for
+routers, `ROLLOUT_CONTROL_URL` for the flows; `rollout control serve` is a stand-in
+endpoint over a folder).
 """
 
 from __future__ import annotations
@@ -70,7 +73,28 @@ def atomic_write(path: Path, text: str) -> None:
     temp.replace(path)
 
 
-class FileControlStore:
+class DocumentReads:
+    """`current` and `current_or_none` for any store with `read_document`."""
+
+    def read_document(self) -> tuple[object, str] | None:
+        raise NotImplementedError
+
+    def current(self) -> RouterConfig | None:
+        """The published document, validated; None if nothing was published yet."""
+        found = self.read_document()
+        if found is None:
+            return None
+        return RouterConfig.model_validate_json(found[1])
+
+    def current_or_none(self) -> RouterConfig | None:
+        """Like `current`, but an unreadable document counts as none (the caller republishes)."""
+        try:
+            return self.current()
+        except (ValidationError, ValueError):
+            return None
+
+
+class FileControlStore(DocumentReads):
     def __init__(self, directory: Path | str) -> None:
         self.directory = Path(directory)
         self.config_path = self.directory / "router_config.json"
@@ -86,20 +110,6 @@ class FileControlStore:
         except FileNotFoundError:
             return None
         return (stat.st_ino, stat.st_mtime_ns, stat.st_size), text
-
-    def current(self) -> RouterConfig | None:
-        """The published document, validated; None if nothing was published yet."""
-        found = self.read_document()
-        if found is None:
-            return None
-        return RouterConfig.model_validate_json(found[1])
-
-    def current_or_none(self) -> RouterConfig | None:
-        """Like `current`, but an unreadable document counts as none (the caller republishes)."""
-        try:
-            return self.current()
-        except (ValidationError, ValueError):
-            return None
 
     def write_ack(self, ack: Acknowledgement) -> None:
         atomic_write(self.acks_dir / f"{ack.instance}.json", ack.model_dump_json())

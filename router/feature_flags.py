@@ -56,6 +56,9 @@ class ProductionFeatureFlags(BaseSettings):
     data_dir: Path = Field(default=Path("data"), description="control/ and segments/ live here")
     instance_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
     control_poll_s: float = Field(default=1.0, gt=0, le=60)
+    control_url: HttpUrl | None = Field(
+        default=None, description="an HTTP control endpoint instead of DATA_DIR/control"
+    )
 
     @field_validator("lightrag_urls", mode="before")
     @classmethod

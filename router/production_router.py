@@ -135,9 +135,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         self._random = random.Random(seed)
         #: "env": the folder store under PROD_LB_DATA_DIR; None: no rollout control at all.
         self.control_store: ControlStore | None = (
-            FileControlStore(self.flags.data_dir / "control")
-            if control_store == "env"
-            else control_store  # type: ignore[assignment]
+            _store_from_flags(self.flags) if control_store == "env" else control_store  # type: ignore[assignment]
         )
         if recorder is None:
             segments = self.flags.data_dir / "segments"
@@ -739,6 +737,14 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         self.guard.trip(f"forced: {reason}")
         self._record_failback(f"forced: {reason}")
         return True
+
+
+def _store_from_flags(flags: ProductionFeatureFlags) -> ControlStore:
+    if flags.control_url is not None:
+        from router.http_control_store import HttpControlStore
+
+        return HttpControlStore(str(flags.control_url))
+    return FileControlStore(flags.data_dir / "control")
 
 
 def _version_hint(text: str) -> int | None:

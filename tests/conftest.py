@@ -3,7 +3,11 @@ whole session is fixed here, before anything imports Prefect."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,3 +41,24 @@ def prefect_harness() -> Iterator[None]:
         prefect_test_harness(server_startup_timeout=120),
     ):
         yield
+
+
+@contextlib.contextmanager
+def cli_server(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`python -m flows.cli ARGS` serving in its own process group: yields the process and
+    the first line it prints (where it listens); killed on the way out if still running."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    try:
+        assert process.stdout is not None
+        yield process, process.stdout.readline()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)

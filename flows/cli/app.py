@@ -9,6 +9,7 @@ from flows.cli import (
     bench_cmd,
     collect_cmd,
     config_cmd,
+    control_cmd,
     dashboard_cmd,
     demo_cmd,
     sim_cmd,
@@ -24,6 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(config_cmd.app, name="config")
+app.add_typer(control_cmd.app, name="control")
 app.add_typer(sim_cmd.app, name="sim")
 app.add_typer(demo_cmd.app_cli, name="app")
 app.command("demo")(demo_cmd.demo)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import signal
 from typing import Annotated
 
 import typer
@@ -33,9 +31,8 @@ def dashboard(
     """Live view of the rollout: phase, per-arm metrics and charts, the last gate
     evaluation, decisions, router instances and events. Read-only; never blocks the
     flows for more than one short read per refresh."""
-    from flows.dashboard.server import make_app, serve
-    from flows.demo.processes import stop_when_orphaned
-    from flows.loopback import bind
+    from flows.dashboard.server import make_app
+    from flows.loopback import bind, serve_until_stopped
 
     if not 0 <= port <= 65535:
         fail(f"--port {port}: allowed is 0-65535 (0 picks a free port)")
@@ -51,15 +48,4 @@ def dashboard(
     if host not in LOOPBACK:
         console.print(f"[yellow]warning:[/] listening on {host}: anyone who reaches it can read it")
     console.print(f"dashboard: http://{shown}:{bound_port}/  (Ctrl-C stops it)", highlight=False)
-    app = make_app(paths, rollout_id=rollout_id, refresh_s=refresh)
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.add_signal_handler(sig, stop.set)
-        watchdog = asyncio.create_task(stop_when_orphaned(stop))
-        await serve(app, sock, stop)
-        watchdog.cancel()
-
-    asyncio.run(main())
+    serve_until_stopped(make_app(paths, rollout_id=rollout_id, refresh_s=refresh), sock)

@@ -8,14 +8,11 @@ snapshot is served with the problem shown above it.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
 import threading
 import time
 from dataclasses import replace
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -24,7 +21,6 @@ from starlette.routing import Route
 
 from flows.dashboard.page import fragment, page
 from flows.dashboard.view import DashboardView, read_view
-from flows.loopback import QuietServer
 from flows.paths import DataPaths
 
 
@@ -89,15 +85,3 @@ def make_app(
     )
     app.state.cache = cache
     return app
-
-
-async def serve(app: Starlette, sock: socket.socket, stop: asyncio.Event) -> None:
-    """Serve on `sock` until `stop` is set or the server fails."""
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
-    server = QuietServer(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    stopper = asyncio.create_task(stop.wait())
-    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    server.should_exit = True
-    stopper.cancel()
-    await task

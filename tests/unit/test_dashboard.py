@@ -30,7 +30,7 @@ from flows.plan import load_plan
 from flows.store.database import connect
 from flows.store.ingest import collect
 from flows.store.rollouts import get_rollout, record_decision, record_evaluations
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cli_server
 
 
 def _evaluation(rid: str, metric: str, decision: str, reason: str) -> dict[str, object]:
@@ -234,34 +234,10 @@ def test_bad_options_are_refused_with_what_is_allowed(tmp_path: Path) -> None:
 @pytest.fixture
 def served(store: tuple[DataPaths, str]) -> Iterator[tuple[subprocess.Popen[str], str]]:
     paths, _ = store
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "flows.cli",
-            "dashboard",
-            "--port",
-            "0",
-            "--refresh",
-            "0.5",
-            "--data-dir",
-            str(paths.root),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=ROOT,
-        start_new_session=True,
-    )
-    try:
-        assert process.stdout is not None
-        first = process.stdout.readline()
+    args = ("dashboard", "--port", "0", "--refresh", "0.5", "--data-dir", str(paths.root))
+    with cli_server(*args) as (process, first):
         assert first.startswith("dashboard: http://127.0.0.1:"), first
         yield process, first.split()[1]
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
 
 
 def test_served_on_loopback_while_the_flows_keep_writing(

@@ -1,0 +1,75 @@
+"""The control store over HTTP, for a fleet with no shared folder.
+
+    GET  {url}/config               the current document (404: none yet); ETag = change token
+    PUT  {url}/config               publish a document
+    GET  {url}/acks                 every instance's heartbeat, a JSON list
+    PUT  {url}/acks/{instance}      one instance's heartbeat
+
+Any server with these four routes will do (`rollout control serve` is one, over a
+folder). Network errors surface as `OSError`, which the router treats as "unreadable
+this time": it keeps the config it runs and tries again at the next poll.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import httpx
+from pydantic import ValidationError
+
+from router.control_store import Acknowledgement, DocumentReads
+from router.router_config import RouterConfig
+
+
+class HttpControlStore(DocumentReads):
+    def __init__(
+        self, url: str, *, timeout_s: float = 2.0, transport: httpx.BaseTransport | None = None
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.client = httpx.Client(timeout=timeout_s, transport=transport)
+
+    def _call(self, method: str, path: str, **kwargs: object) -> httpx.Response:
+        try:
+            response = self.client.request(method, f"{self.url}{path}", **kwargs)  # type: ignore[arg-type]
+        except httpx.HTTPError as exc:
+            raise OSError(f"control endpoint {self.url}: {exc!r}") from None
+        if response.status_code >= 400 and not (method == "GET" and response.status_code == 404):
+            raise OSError(f"control endpoint {self.url}{path}: HTTP {response.status_code}")
+        return response
+
+    def publish(self, config: RouterConfig) -> None:
+        self._call(
+            "PUT",
+            "/config",
+            content=config.model_dump_json(indent=2),
+            headers={"content-type": "application/json"},
+        )
+
+    def read_document(self) -> tuple[object, str] | None:
+        response = self._call("GET", "/config")
+        if response.status_code == 404:
+            return None
+        text = response.text
+        token = response.headers.get("etag") or hashlib.sha256(text.encode()).hexdigest()
+        return token, text
+
+    def write_ack(self, ack: Acknowledgement) -> None:
+        self._call(
+            "PUT",
+            f"/acks/{ack.instance}",
+            content=ack.model_dump_json(),
+            headers={"content-type": "application/json"},
+        )
+
+    def read_acks(self) -> list[Acknowledgement]:
+        acks = []
+        for item in self._call("GET", "/acks").json():
+            try:
+                acks.append(Acknowledgement.model_validate(item))
+            except (ValidationError, json.JSONDecodeError):
+                continue  # one bad heartbeat must not hide the others
+        return acks
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,151 @@
+"""The control store over HTTP: exact failure shapes with respx, and the whole path on
+loopback (flows publish to `rollout control serve`, a router polls it and heartbeats)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import respx
+
+from flows.control import CONTROL_URL_ENV, control_store
+from flows.paths import DataPaths
+from router import BackendConfig, BackendKind, ProductionFeatureFlags
+from router import ProductionIntelligentQueryRouter as Router
+from router.http_control_store import HttpControlStore
+from router.modes import DeploymentMode
+from router.recorder import NullRecorder
+from router.router_config import RouterConfig
+from tests.conftest import cli_server
+
+URL = "http://control.test"
+
+
+@respx.mock
+def test_a_missing_document_is_none_and_the_etag_is_the_change_token() -> None:
+    respx.get(f"{URL}/config").mock(
+        side_effect=[
+            httpx.Response(404),
+            httpx.Response(200, text='{"version": 3}', headers={"etag": "abc"}),
+        ]
+    )
+    store = HttpControlStore(URL)
+    assert store.read_document() is None
+    assert store.read_document() == ("abc", '{"version": 3}')
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [httpx.ConnectError("refused"), httpx.ReadTimeout("slow"), httpx.Response(500)],
+    ids=["refused", "timeout", "500"],
+)
+@respx.mock
+def test_an_unreachable_or_failing_endpoint_is_an_os_error(failure: object) -> None:
+    """The router treats OSError as "unreadable this time" and keeps what it runs."""
+    route = respx.get(f"{URL}/config")
+    if isinstance(failure, httpx.Response):
+        route.mock(return_value=failure)
+    else:
+        route.mock(side_effect=failure)
+    with pytest.raises(OSError, match="control endpoint"):
+        HttpControlStore(URL).read_document()
+
+
+@pytest.fixture
+def endpoint(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str], DataPaths]]:
+    paths = DataPaths.at(tmp_path / "control-host").ensure()
+    with cli_server("control", "serve", "--port", "0", "--data-dir", str(paths.root)) as (
+        process,
+        line,
+    ):
+        assert line.startswith("control endpoint: http://127.0.0.1:"), line
+        yield line.split()[2], process, paths
+
+
+async def wait_for(predicate, what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.timeout(60)
+async def test_flows_publish_and_a_router_applies_through_the_endpoint(
+    endpoint: tuple[str, subprocess.Popen[str], DataPaths],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url, process, served = endpoint
+    monkeypatch.setenv(CONTROL_URL_ENV, url)
+    flows_side = control_store(DataPaths.at(tmp_path / "flows-host"))  # no shared folder
+    assert isinstance(flows_side, HttpControlStore)
+    router = Router(
+        backends=[BackendConfig(name="a", kind=BackendKind.LIGHTRAG, base_url="http://a.test")],
+        transport=httpx.MockTransport(lambda r: httpx.Response(200, json={"response": "ok"})),
+        health_checks=False,
+        flags=ProductionFeatureFlags(
+            data_dir=tmp_path / "router-host",
+            instance_id="http-1",
+            control_poll_s=0.1,
+            control_url=url,
+        ),
+        recorder=NullRecorder(tmp_path / "segments", "http-1"),
+    )
+    await router.start()
+    try:
+        flows_side.publish(
+            RouterConfig(version=1, mode=DeploymentMode.CANARY, traffic_percent=5, phase="c5")
+        )
+        await wait_for(lambda: router.config.version == 1, "the router to apply v1")
+        await wait_for(
+            lambda: any(a.applied_version == 1 for a in flows_side.read_acks()), "a heartbeat"
+        )
+        # what the endpoint stores is the folder the file store reads
+        assert served.control.joinpath("acks", "http-1.json").exists()
+
+        # an invalid document is refused by the router, and the refusal comes back
+        garbage = b'{"version": 2, "mode": "sideways"}'
+        await asyncio.to_thread(httpx.put, f"{url}/config", content=garbage)
+        await wait_for(
+            lambda: any(a.refused_version == 2 for a in flows_side.read_acks()), "the refusal"
+        )
+        assert router.config.version == 1
+
+        # the endpoint goes away: the router keeps v1 and keeps answering
+        os.killpg(process.pid, signal.SIGTERM)
+        assert process.wait(15) == 0
+        await asyncio.sleep(0.3)  # a few failed polls
+        result = await router.route_query("What is glycine?", {"user_id": "u1"})
+        assert result.ok and router.config.version == 1
+    finally:
+        await router.shutdown()
+
+
+def test_a_heartbeat_for_another_instance_or_a_bad_name_is_refused(
+    endpoint: tuple[str, subprocess.Popen[str], DataPaths],
+) -> None:
+    url, _, served = endpoint
+    ack = {
+        "instance": "a",
+        "applied_version": 1,
+        "effective_mode": "legacy_only",
+        "configured_mode": "legacy_only",
+        "traffic_percent": 0,
+        "heartbeat_at": "2026-11-27T00:00:00Z",
+        "started_at": "2026-11-27T00:00:00Z",
+    }
+    assert httpx.put(f"{url}/acks/b", json=ack).status_code == 400
+    assert httpx.put(f"{url}/acks/..%2Fx", json=ack | {"instance": "../x"}).status_code in (
+        400,
+        404,
+    )
+    assert httpx.put(f"{url}/acks/a", json={"instance": "a"}).status_code == 422
+    assert httpx.put(f"{url}/acks/a", json=ack).status_code == 204
+    assert [p.name for p in served.control.joinpath("acks").iterdir()] == ["a.json"]
