@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -26,10 +27,17 @@ CONTROL_URL_ENV = "ROLLOUT_CONTROL_URL"
 Store = FileControlStore | HttpControlStore
 
 
+@functools.lru_cache(maxsize=8)
+def _http_store(url: str) -> HttpControlStore:
+    """One client per endpoint: the flows ask for the store often, and each
+    `HttpControlStore` holds a connection pool."""
+    return HttpControlStore(url)
+
+
 def control_store(paths: DataPaths) -> Store:
     url = os.environ.get(CONTROL_URL_ENV)
     if url:
-        return HttpControlStore(url)
+        return _http_store(url)
     return FileControlStore(paths.control)
 
 
