@@ -27,9 +27,11 @@ test is O(1) in them):
 * error_rate: per arm n and failures (outcome error, timeout or rate_limited). Shadow:
   n pairs, sum and sum of squares of d = f_prod - f_legacy (they give the discordant
   counts: (sum d^2 + sum d)/2 production-only and (sum d^2 - sum d)/2 legacy-only failures).
-* latency: per arm n, sum and sum of squares of ln(latency_ms). Shadow: n, sum and sum
-  of squares of d = ln(latency_prod) - ln(latency_legacy).
-* cost: per arm n, sum and sum of squares of cost_usd. Shadow: n, sums and sums of
+* latency: per arm n, sum and sum of squares of ln(latency_ms), answered requests only.
+  Shadow: n, sum and sum of squares of d = ln(latency_prod) - ln(latency_legacy), over
+  pairs where both answered.
+* cost: per arm n, sum and sum of squares of cost_usd, answered requests only (a refusal
+  costs nothing and buys nothing). Shadow, over pairs where both answered: n, sums and sums of
   squares of c_prod and c_legacy and the sum of c_prod * c_legacy (the ratio margin
   needs the arms' means, not only their difference).
 
@@ -109,17 +111,19 @@ SELECT arm,
        sum(ln(latency_ms)) FILTER (WHERE outcome = 'ok' AND latency_ms > 0) AS sum_log_latency,
        sum(ln(latency_ms) ^ 2) FILTER (WHERE outcome = 'ok' AND latency_ms > 0)
                                                                   AS sum_log_latency_sq,
-       sum(cost_usd)                                              AS sum_cost,
-       sum(cost_usd ^ 2)                                          AS sum_cost_sq
+       count(*) FILTER (WHERE outcome = 'ok')                     AS n_cost,
+       sum(cost_usd) FILTER (WHERE outcome = 'ok')                AS sum_cost,
+       sum(cost_usd ^ 2) FILTER (WHERE outcome = 'ok')            AS sum_cost_sq
 FROM requests
 WHERE config_version = ? AND NOT is_shadow
 GROUP BY arm
 """
 """Per-arm sufficient statistics of the served (non-shadow) rows of one config version.
 
-Latency is over answered requests only: a 429 refused in 3 ms is not fast service
-(failures are the error metric's business). Counting them let an arm that was
-rate-limited more look faster, and the other roll back for "harm in latency"."""
+Latency and cost are over answered requests only: a 429 refused in 3 ms for free is
+neither fast nor cheap service (failures are the error metric's business). Counting
+them let an arm that was rate-limited more look faster and cheaper, and the other roll
+back for "harm" in latency or cost."""
 
 SHADOW_MOMENTS_SQL = """
 WITH pairs AS (
@@ -130,11 +134,12 @@ WITH pairs AS (
            CASE WHEN s.outcome = 'ok' AND p.outcome = 'ok'
                 THEN ln(greatest(s.latency_ms, 1e-3)) - ln(greatest(p.latency_ms, 1e-3))
            END AS d_log_latency,
-           s.cost_usd AS c_p, p.cost_usd AS c_l
+           CASE WHEN s.outcome = 'ok' AND p.outcome = 'ok' THEN s.cost_usd END AS c_p,
+           CASE WHEN s.outcome = 'ok' AND p.outcome = 'ok' THEN p.cost_usd END AS c_l
     FROM requests s JOIN requests p ON p.request_id = s.primary_request_id
     WHERE s.is_shadow AND NOT p.is_shadow AND s.config_version = ?
 )
-SELECT count(*) AS n, count(d_log_latency) AS n_latency,
+SELECT count(*) AS n, count(d_log_latency) AS n_latency, count(c_p) AS n_cost,
        sum(f_p - f_l) AS sum_d_fail, sum((f_p - f_l) ^ 2) AS sum_d_fail_sq,
        sum(d_log_latency) AS sum_d_log_latency, sum(d_log_latency ^ 2) AS sum_d_log_latency_sq,
        sum(c_p) AS sum_cost_p, sum(c_l) AS sum_cost_l,
@@ -730,7 +735,11 @@ class ArmSummary:
                 float(row.get("sum_log_latency") or 0.0),
                 float(row.get("sum_log_latency_sq") or 0.0),
             ),
-            Moments(n, float(row.get("sum_cost") or 0.0), float(row.get("sum_cost_sq") or 0.0)),
+            Moments(
+                float(row.get("n_cost") or 0),
+                float(row.get("sum_cost") or 0.0),
+                float(row.get("sum_cost_sq") or 0.0),
+            ),
         )
 
 
@@ -755,7 +764,7 @@ class ShadowSummary:
                 g("n_latency"), g("sum_d_log_latency"), g("sum_d_log_latency_sq")
             ),
             PairedMoments(
-                n,
+                g("n_cost"),
                 g("sum_cost_p"),
                 g("sum_cost_l"),
                 g("sum_cost_pp"),

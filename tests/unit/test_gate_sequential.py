@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from checks.gate import sequential_records
 from checks.thresholds import GateSpec, Thresholds
 from checks.verdict import Decision
@@ -36,14 +38,15 @@ def insert(
     primary: str | None,
     latency: float,
     outcome: str = "ok",
+    cost: float = 0.001,
 ) -> None:
     con.execute(
         "INSERT INTO requests (request_id, ts, router_instance, config_version, mode, arm, "
         "is_shadow, primary_request_id, subject_bucket, query_category, algorithm, backend, "
         "attempts, fallback_used, outcome, latency_ms, tokens_in, tokens_out, cost_usd, "
         "query_hash, query_length) VALUES (?, ?, 'i', 1, 'shadow', ?, ?, ?, 1, 'general', 'x', "
-        "'b', 1, false, ?, ?, 1, 1, 0.001, 'h', 10)",
-        [request_id, NOW, arm, shadow, primary, outcome, latency],
+        "'b', 1, false, ?, ?, 1, 1, ?, 'h', 10)",
+        [request_id, NOW, arm, shadow, primary, outcome, latency, cost],
     )
 
 
@@ -65,6 +68,28 @@ def test_shadow_pairs_detect_a_slower_production(tmp_path: Path) -> None:
         records = {r.metric: r for r in sequential_records(con, spec("shadow"))}
     assert records["latency"].decision is Decision.HARM
     assert records["error_rate"].decision is not Decision.HARM
+
+
+def test_legacy_refusals_do_not_make_production_look_costlier(tmp_path: Path) -> None:
+    """A clean-clone demo rolled back for "harm in cost": legacy's 429s cost nothing, so
+    the same answers looked dearer on production. Cost is compared on answered pairs."""
+    with connect(tmp_path / "m.duckdb") as con:
+        for i in range(600):
+            refused = i % 8 == 0  # legacy rate-limited on one request in eight
+            insert(
+                con,
+                f"p{i}",
+                "legacy",
+                False,
+                None,
+                3.0 if refused else 150.0,
+                "rate_limited" if refused else "ok",
+                0.0 if refused else 0.005,
+            )
+            insert(con, f"s{i}", "production", True, f"p{i}", 150.0, cost=0.005)
+        records = {r.metric: r for r in sequential_records(con, spec("shadow"))}
+    assert records["cost"].decision is not Decision.HARM, records["cost"].reason
+    assert records["cost"].estimate == pytest.approx(1.0)
 
 
 def test_production_only_has_no_concurrent_comparison(tmp_path: Path) -> None:

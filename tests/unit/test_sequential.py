@@ -263,7 +263,9 @@ def test_sufficient_statistics_sql() -> None:
     ok_l = outcomes[:n] == "ok"  # latency over answered requests only
     assert legacy.log_latency.n == ok_l.sum()
     assert legacy.log_latency.total == pytest.approx(np.log(lat[:n][ok_l]).sum())
-    assert legacy.cost.total_sq == pytest.approx((cost[:n] ** 2).sum())
+    # cost too: a refusal costs nothing and buys nothing
+    assert legacy.cost.n == ok_l.sum()
+    assert legacy.cost.total_sq == pytest.approx((cost[:n][ok_l] ** 2).sum())
 
     cur = con.execute(sq.SHADOW_MOMENTS_SQL, [3])
     names = [d[0] for d in cur.description]
@@ -277,7 +279,8 @@ def test_sufficient_statistics_sql() -> None:
     both_ok = (outcomes[n:] == "ok") & ok_l
     assert dl.n == both_ok.sum()
     assert dl.total == pytest.approx((np.log(lat[n:]) - np.log(lat[:n]))[both_ok].sum())
-    assert shadow.cost.sum_pl == pytest.approx((cost[n:] * cost[:n]).sum())
+    assert shadow.cost.n == both_ok.sum()
+    assert shadow.cost.sum_pl == pytest.approx((cost[n:] * cost[:n])[both_ok].sum())
     assert len(sq.evaluate_shadow(shadow, Thresholds())) == 3
     assert FAILURE_SQL in sq.ARM_MOMENTS_SQL
 
