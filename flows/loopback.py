@@ -29,6 +29,9 @@ def bind(host: str, port: int) -> socket.socket:
             f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port "
             "(0 picks a free one)"
         ) from exc
+    # Listening at once: a client told the URL may connect before the server loop has
+    # started; it waits in the backlog instead of being refused.
+    sock.listen(2048)
     return sock
 
 
