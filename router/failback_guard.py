@@ -9,6 +9,11 @@ would trip on noise sooner or later (3 timeouts in 20 requests on a busy machine
 15 %). It therefore trips only when the one-sided Wilson lower bound of the rate, at
 `GuardLimits.confidence`, is over the limit: a real breakdown (35 % errors) still trips
 within the first 20 requests, a blip does not.
+
+It also watches the legacy arm's recent requests, when there are any. A breach that
+legacy shows as badly or worse at the same time (backends down, a starved host) is not
+the new balancer's doing, and sending users to legacy would not help them: the guard
+holds. Without legacy traffic (production_only) it acts on production alone.
 """
 
 from __future__ import annotations
@@ -19,6 +24,33 @@ from datetime import UTC, datetime
 from statistics import NormalDist
 
 from router.router_config import GuardLimits
+
+
+class _Window:
+    """The most recent outcomes of one arm: error count and count over the p95 limit."""
+
+    def __init__(self, size: int, limit_ms: float) -> None:
+        self.items: deque[tuple[bool, float]] = deque(maxlen=size)
+        self.limit_ms = limit_ms
+        self.errors = 0
+        #: Requests slower than the p95 limit. The p95 is over the limit exactly when
+        #: enough of them are: an O(1) check per request.
+        self.slow = 0
+
+    def add(self, ok: bool, latency_ms: float) -> None:
+        items = self.items
+        if len(items) == items.maxlen:
+            old_ok, old_latency = items[0]
+            self.errors -= not old_ok
+            self.slow -= old_latency > self.limit_ms
+        items.append((ok, latency_ms))
+        self.errors += not ok
+        self.slow += latency_ms > self.limit_ms
+
+    def rates(self) -> tuple[float, float]:
+        """(error rate, share over the p95 limit); zeros when empty."""
+        n = len(self.items)
+        return (self.errors / n, self.slow / n) if n else (0.0, 0.0)
 
 
 class FailbackGuard:
@@ -37,12 +69,8 @@ class FailbackGuard:
 
     def reset(self, limits: GuardLimits) -> None:
         self.limits = limits
-        self.window: deque[tuple[bool, float]] = deque(maxlen=limits.window)
-        self.errors = 0
-        #: Requests in the window slower than the p95 limit. The p95 is over the limit
-        #: exactly when enough of them are (see `observe`): an O(1) check per request,
-        #: so the guard trips on the very request that crosses the limit.
-        self.slow = 0
+        self.production = _Window(limits.window, limits.p95_latency_ms)
+        self.legacy = _Window(limits.window, limits.p95_latency_ms)
         self.reason: str | None = None
         self.tripped_at: datetime | None = None
         self.z = NormalDist().inv_cdf(limits.confidence)
@@ -57,39 +85,49 @@ class FailbackGuard:
             self.tripped_at = datetime.now(UTC)
         return self.reason
 
+    def observe_legacy(self, ok: bool, latency_ms: float) -> None:
+        """Record one legacy outcome: the reference a breach is judged against."""
+        if self.limits.enabled and not self.tripped:
+            self.legacy.add(ok, latency_ms)
+
+    def _shared(self, production_rate: float, which: int) -> bool:
+        """Legacy, over enough recent requests, is as bad or worse."""
+        if len(self.legacy.items) < self.limits.min_requests:
+            return False
+        return self.legacy.rates()[which] >= production_rate
+
     def observe(self, ok: bool, latency_ms: float) -> str | None:
         """Record one production outcome; return the reason if this one trips the guard."""
         if not self.limits.enabled or self.tripped:
             return None
-        window = self.window
-        limit_ms = self.limits.p95_latency_ms
-        if len(window) == window.maxlen:
-            old_ok, old_latency = window[0]
-            self.errors -= not old_ok
-            self.slow -= old_latency > limit_ms
-        window.append((ok, latency_ms))
-        self.errors += not ok
-        self.slow += latency_ms > limit_ms
-        n = len(window)
+        window = self.production
+        window.add(ok, latency_ms)
+        n = len(window.items)
         if n < self.limits.min_requests:
             return None
-        error_rate = self.errors / n
-        if error_rate > self.limits.error_rate and self._beyond_noise(
-            self.errors, n, self.limits.error_rate
+        error_rate, slow_share = window.rates()
+        if (
+            error_rate > self.limits.error_rate
+            and self._beyond_noise(window.errors, n, self.limits.error_rate)
+            and not self._shared(error_rate, 0)
         ):
             return self.trip(
                 f"production error rate {error_rate:.1%} over the last {n} requests "
                 f"exceeds the hard limit {self.limits.error_rate:.1%}"
-                f"{self._evidence(self.errors, n)}"
+                f"{self._evidence(window.errors, n)}"
             )
         # p95 = sorted(latencies)[p95_index(n)] is above the limit iff at least
         # n - p95_index(n) latencies are, i.e. more than 5 % of them.
-        if self.slow >= n - p95_index(n) and self._beyond_noise(self.slow, n, 0.05):
-            p95 = sorted(latency for _, latency in window)[p95_index(n)]
+        if (
+            window.slow >= n - p95_index(n)
+            and self._beyond_noise(window.slow, n, 0.05)
+            and not self._shared(slow_share, 1)
+        ):
+            p95 = sorted(latency for _, latency in window.items)[p95_index(n)]
             return self.trip(
                 f"production p95 latency {p95:.0f} ms over the last {n} requests "
-                f"exceeds the hard limit {limit_ms:.0f} ms"
-                f"{self._evidence(self.slow, n, 'share over the limit ')}"
+                f"exceeds the hard limit {window.limit_ms:.0f} ms"
+                f"{self._evidence(window.slow, n, 'share over the limit ')}"
             )
         return None
 

@@ -494,6 +494,8 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         self.routed += 1
         if arm is Arm.PRODUCTION:
             self._guard_observe(result)
+        elif result.outcome not in NOT_PRODUCTIONS_FAULT:
+            self.guard.observe_legacy(result.ok, result.latency_ms)
         if cancelled:
             raise asyncio.CancelledError
         return result

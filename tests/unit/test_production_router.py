@@ -521,6 +521,34 @@ def test_guard_ignores_a_blip_but_trips_on_a_breakdown() -> None:
     assert "99% lower bound" in (breakdown.reason or "")
 
 
+def test_guard_holds_when_legacy_breaks_down_as_badly() -> None:
+    """A starved host or dead backends fail both arms: failing back to legacy would not
+    help users, so a breach legacy shares (as badly or worse) does not trip the guard.
+    A breach of production alone still does, and so does one without legacy traffic."""
+    limits = GuardLimits(error_rate=0.10, p95_latency_ms=1_000.0, min_requests=20)
+    pattern = [False, True, True]  # 33 % errors
+    shared = FailbackGuard(limits)
+    for i in range(120):
+        shared.observe_legacy(i % 2 == 0, 4_000.0)  # legacy: 50 % errors, all slow
+        assert shared.observe(pattern[i % 3], 4_000.0) is None
+    assert not shared.tripped
+
+    alone = FailbackGuard(limits)
+    for i in range(60):
+        alone.observe_legacy(True, 100.0)  # legacy healthy
+        alone.observe(pattern[i % 3], 100.0)
+    assert alone.tripped and "error rate" in (alone.reason or "")
+
+    slow_alone = FailbackGuard(limits)
+    for _ in range(60):
+        slow_alone.observe_legacy(True, 100.0)  # legacy fast
+        slow_alone.observe(True, 4_000.0)  # production slow: its own doing
+    assert slow_alone.tripped and "p95" in (slow_alone.reason or "")
+
+    no_legacy = FailbackGuard(limits)
+    assert [i for i in range(60) if no_legacy.observe(pattern[i % 3], 100.0)] == [19]
+
+
 async def test_a_bug_in_the_production_path_fails_back_instead_of_raising(
     tmp_path: Path, backends: Backends
 ) -> None:
