@@ -11,7 +11,7 @@ would trip on noise sooner or later (3 timeouts in 20 requests on a busy machine
 within the first 20 requests, a blip does not.
 
 It also watches the legacy arm's recent requests, when there are any. A breach that
-legacy shows as badly or worse at the same time (backends down, a starved host) is not
+legacy shows as badly or worse over the same stretch of time (backends down, a starved host) is not
 the new balancer's doing, and sending users to legacy would not help them: the guard
 holds. Without legacy traffic (production_only) it acts on production alone.
 """
@@ -19,31 +19,38 @@ holds. Without legacy traffic (production_only) it acts on production alone.
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from datetime import UTC, datetime
 from statistics import NormalDist
 
 from router.router_config import GuardLimits
 
+#: The legacy window holds this many times production's window (bounded memory).
+LEGACY_WINDOW_FACTOR = 20
+
 
 class _Window:
     """The most recent outcomes of one arm: error count and count over the p95 limit."""
 
     def __init__(self, size: int, limit_ms: float) -> None:
-        self.items: deque[tuple[bool, float]] = deque(maxlen=size)
+        self.items: deque[tuple[float, bool, float]] = deque(maxlen=size)
         self.limit_ms = limit_ms
         self.errors = 0
         #: Requests slower than the p95 limit. The p95 is over the limit exactly when
         #: enough of them are: an O(1) check per request.
         self.slow = 0
+        #: When the newest request that has left the window was seen (monotonic clock):
+        #: the window covers the time since then.
+        self.began_after = -math.inf
 
     def add(self, ok: bool, latency_ms: float) -> None:
         items = self.items
         if len(items) == items.maxlen:
-            old_ok, old_latency = items[0]
+            self.began_after, old_ok, old_latency = items[0]
             self.errors -= not old_ok
             self.slow -= old_latency > self.limit_ms
-        items.append((ok, latency_ms))
+        items.append((time.monotonic(), ok, latency_ms))
         self.errors += not ok
         self.slow += latency_ms > self.limit_ms
 
@@ -51,6 +58,18 @@ class _Window:
         """(error rate, share over the p95 limit); zeros when empty."""
         n = len(self.items)
         return (self.errors / n, self.slow / n) if n else (0.0, 0.0)
+
+    def since(self, after: float) -> tuple[int, float, float]:
+        """(count, error rate, share over the p95 limit) of the requests seen after
+        `after`. O(count); only asked when production breaks a limit."""
+        n = errors = slow = 0
+        for seen, ok, latency_ms in reversed(self.items):
+            if seen <= after:
+                break
+            n += 1
+            errors += not ok
+            slow += latency_ms > self.limit_ms
+        return (n, errors / n, slow / n) if n else (0, 0.0, 0.0)
 
 
 class FailbackGuard:
@@ -70,7 +89,9 @@ class FailbackGuard:
     def reset(self, limits: GuardLimits) -> None:
         self.limits = limits
         self.production = _Window(limits.window, limits.p95_latency_ms)
-        self.legacy = _Window(limits.window, limits.p95_latency_ms)
+        # Legacy may serve many times production's traffic (a 5 % canary: 19 times), so
+        # its window holds more requests: it is compared over the same stretch of time.
+        self.legacy = _Window(limits.window * LEGACY_WINDOW_FACTOR, limits.p95_latency_ms)
         self.reason: str | None = None
         self.tripped_at: datetime | None = None
         self.z = NormalDist().inv_cdf(limits.confidence)
@@ -91,10 +112,14 @@ class FailbackGuard:
             self.legacy.add(ok, latency_ms)
 
     def _shared(self, production_rate: float, which: int) -> bool:
-        """Legacy, over enough recent requests, is as bad or worse."""
-        if len(self.legacy.items) < self.limits.min_requests:
+        """Legacy, over enough requests in the time production's window covers, is as
+        bad or worse. A count-based legacy window would cover a far shorter time when
+        legacy carries most traffic, and a stall of a second or two would look like
+        production's fault."""
+        n, *rates = self.legacy.since(self.production.began_after)
+        if n < self.limits.min_requests:
             return False
-        return self.legacy.rates()[which] >= production_rate
+        return rates[which] >= production_rate
 
     def observe(self, ok: bool, latency_ms: float) -> str | None:
         """Record one production outcome; return the reason if this one trips the guard."""
@@ -123,7 +148,7 @@ class FailbackGuard:
             and self._beyond_noise(window.slow, n, 0.05)
             and not self._shared(slow_share, 1)
         ):
-            p95 = sorted(latency for _, latency in window.items)[p95_index(n)]
+            p95 = sorted(latency for _, _, latency in window.items)[p95_index(n)]
             return self.trip(
                 f"production p95 latency {p95:.0f} ms over the last {n} requests "
                 f"exceeds the hard limit {window.limit_ms:.0f} ms"

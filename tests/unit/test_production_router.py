@@ -549,6 +549,34 @@ def test_guard_holds_when_legacy_breaks_down_as_badly() -> None:
     assert [i for i in range(60) if no_legacy.observe(pattern[i % 3], 100.0)] == [19]
 
 
+def test_guard_compares_legacy_over_the_same_stretch_of_time() -> None:
+    """Legacy carries ten times production's traffic. After a stall that failed both
+    arms, legacy's last 200 requests are all healthy again while production's last 200
+    still include the stall: compared request for request, production would look worse
+    and fail back. Compared over the same time, legacy did worse, and the guard holds."""
+    limits = GuardLimits(error_rate=0.10, min_requests=20, window=200)
+    guard = FailbackGuard(limits)
+    for i in range(100):  # the stall: production 40 % errors, legacy 50 %
+        for j in range(10):
+            guard.observe_legacy(j % 2 == 0, 100.0)
+        assert guard.observe(i % 5 < 3, 100.0) is None
+    for _ in range(100):  # recovered: both healthy
+        for _ in range(10):
+            guard.observe_legacy(True, 100.0)
+        assert guard.observe(True, 100.0) is None
+    assert not guard.tripped
+
+    # The same production stream beside a legacy arm that stayed healthy throughout.
+    alone = FailbackGuard(limits)
+    trips = []
+    for i in range(100):
+        for _ in range(10):
+            alone.observe_legacy(True, 100.0)
+        if alone.observe(i % 5 < 3, 100.0):
+            trips.append(i)
+    assert trips and alone.tripped and "error rate" in (alone.reason or "")
+
+
 async def test_a_bug_in_the_production_path_fails_back_instead_of_raising(
     tmp_path: Path, backends: Backends
 ) -> None:
