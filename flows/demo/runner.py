@@ -33,6 +33,9 @@ APP_INSTANCE = "demo-app-1"
 
 #: What `--inject-regression PHASE` does to the production path during that phase.
 REGRESSION = {"error_rate": 0.35, "latency_ms": 400.0}
+#: Each attempt's timeout: 15x the simulated backends' p95, so a host stall of a few
+#: seconds (shared CI machines have them) shows as latency on both arms, not as errors.
+DEMO_BACKEND_TIMEOUT_S = 5.0
 
 FINAL_TABLE_SQL = """
 SELECT r.arm,
@@ -234,7 +237,10 @@ def run_demo(settings: DemoSettings, console: Console) -> DemoOutcome:
             backends_file = paths.runs / "backends.json"
             backends_file.write_text(
                 json.dumps(
-                    [b.model_dump(mode="json") for b in info.backend_configs(timeout_s=2.0)],
+                    [
+                        b.model_dump(mode="json")
+                        for b in info.backend_configs(timeout_s=DEMO_BACKEND_TIMEOUT_S)
+                    ],
                     indent=2,
                 )
             )
@@ -263,7 +269,7 @@ def run_demo(settings: DemoSettings, console: Console) -> DemoOutcome:
                     "PROD_LB_INSTANCE_ID": APP_INSTANCE,
                     "PROD_LB_CONTROL_POLL_S": "0.2",
                     "PROD_LB_PRIMARY_ALGORITHM": plan.algorithm.value,
-                    "PROD_LB_REQUEST_TIMEOUT_S": "2",
+                    "PROD_LB_REQUEST_TIMEOUT_S": str(DEMO_BACKEND_TIMEOUT_S),
                 },
             )
             app.start()
