@@ -67,6 +67,19 @@ def describe_allowed(info: FieldInfo) -> str:
     return ""
 
 
+def _suggestions(bare: str, known: list[str], prefix: str) -> list[str]:
+    """Names the unknown one is a shortened form of (ALGORITHM: PRIMARY_ALGORITHM and
+    CUSTOM_ALGORITHM, both), else the closest spelling (TRAFIC_PERCENT)."""
+    shortened = [
+        k
+        for k in known
+        if k.endswith(f"_{bare}") or k.startswith(f"{prefix}{bare}_") or f"_{bare}_" in k
+    ]
+    if shortened:
+        return shortened[:3]
+    return difflib.get_close_matches(f"{prefix}{bare}", known, n=1)
+
+
 def format_error(exc: ValidationError, model: type[BaseModel], prefix: str) -> SettingsError:
     lines: list[str] = []
     fields = model.model_fields
@@ -89,8 +102,8 @@ def format_error(exc: ValidationError, model: type[BaseModel], prefix: str) -> S
                 lines.append(f"{var} is not a {prefix}* variable: profiles hold only those")
                 continue
             known = [f"{prefix}{name.upper()}" for name in fields]
-            close = difflib.get_close_matches(var, known, n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
+            close = _suggestions(var.removeprefix(prefix), known, prefix)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
             lines.append(f"{var} is not a known variable{hint}")
             continue
         var = f"{prefix}{field.upper()}"

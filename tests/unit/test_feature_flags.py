@@ -87,6 +87,16 @@ def test_unknown_variable_suggests_the_right_name(monkeypatch: pytest.MonkeyPatc
         load_flags()
 
 
+def test_a_shortened_name_lists_every_variable_it_could_mean(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PROD_LB_ALGORITHM", "adaptive")
+    with pytest.raises(SettingsError) as caught:
+        load_flags()
+    (line,) = caught.value.lines
+    assert "PROD_LB_PRIMARY_ALGORITHM" in line and "PROD_LB_CUSTOM_ALGORITHM" in line
+
+
 def test_mode_and_percent_must_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PROD_LB_DEPLOYMENT_MODE", "shadow")
     monkeypatch.setenv("PROD_LB_TRAFFIC_PERCENT", "5")
