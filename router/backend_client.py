@@ -175,7 +175,15 @@ async def _call(
                 retry_after_s=parse_retry_after(response.headers.get("retry-after")),
             )
         if status >= 500:
-            raise BackendFailure(ErrorKind.SERVER_ERROR, f"{backend.name}: {status}", status=status)
+            # A 503 with Retry-After says when to come back (maintenance, overload): the
+            # backend is left alone until then, and it still counts as a server error.
+            retry_after = response.headers.get("retry-after") if status == 503 else None
+            raise BackendFailure(
+                ErrorKind.SERVER_ERROR,
+                f"{backend.name}: {status}",
+                status=status,
+                retry_after_s=parse_retry_after(retry_after) if retry_after else None,
+            )
         if status >= 400:
             raise BackendFailure(ErrorKind.CLIENT_ERROR, f"{backend.name}: {status}", status=status)
         declared = response.headers.get("content-length")

@@ -334,6 +334,49 @@ async def test_a_429_fails_over_waits_out_retry_after_and_is_not_ill_health(
     assert health(router, "a")["breaker_state"] == "closed"
 
 
+async def test_a_503_with_retry_after_is_left_alone_until_then(
+    mock: respx.MockRouter, make_router: MakeRouter
+) -> None:
+    """Maintenance or overload announced with Retry-After: fail over, and do not ask that
+    backend again before the time it gave. Unlike a 429 it is still a server error."""
+    clock = ManualClock()
+    routes = script(
+        mock,
+        a=[httpx.Response(503, headers={"Retry-After": "20"}), ok("from a")],
+        b=lambda r: ok("from b"),
+    )
+    router = make_router([lightrag("a"), lightrag("b")], clock=clock)
+
+    first = await ask(router, "first")
+    assert (first.ok, first.backend, first.attempts) == (True, "b", 2)
+    assert attempts(first) == [("a", "server_error"), ("b", None)]
+    assert health(router, "a")["rate_limited_for_s"] == 20.0
+    for seconds in (0.0, 10.0, 19.999):
+        clock.now = T0 + seconds
+        assert (await ask(router, f"at-{seconds}")).backend == "b"
+    assert calls(routes)["a"] == 1
+
+    clock.now = T0 + 20.0
+    back = await ask(router, "after")
+    assert (back.answer, back.backend) == ("from a", "a")
+
+
+async def test_a_503_without_retry_after_may_be_asked_again_at_once(
+    mock: respx.MockRouter, make_router: MakeRouter
+) -> None:
+    clock = ManualClock()
+    routes = script(
+        mock,
+        a=[httpx.Response(503), ok("from a")],
+        b=lambda r: ok("from b"),
+    )
+    router = make_router([lightrag("a"), lightrag("b")], clock=clock)
+    await ask(router, "first")
+    assert health(router, "a")["available"] is True
+    await ask(router, "second")  # round robin comes back to a, which answers now
+    assert calls(routes)["a"] == 2
+
+
 async def test_when_every_backend_rate_limits_the_user_gets_rate_limited_not_an_outage(
     mock: respx.MockRouter, make_router: MakeRouter
 ) -> None:
