@@ -89,8 +89,10 @@ class BackendState:
     tokens_in_avg: float = 0.0
     tokens_out_avg: float = 0.0
     calls: int = 0
-    #: Retry-After from a 429: unavailable, not unhealthy.
+    #: Retry-After from a 429 (unavailable, not unhealthy) or a 503 (down until then).
     unavailable_until: float = 0.0
+    #: The status that set `unavailable_until`: a 503's wait is an outage, not a rate limit.
+    unavailable_status: int = 429
     #: Set by active health checks.
     healthy: bool = True
     #: Set by passive outlier ejection or the legacy consecutive-failure rule.

@@ -231,10 +231,15 @@ class Balancer:
                     continue
             if not cands:
                 outcome.stop_reason = "no untried backend available"
-                if any(s.unavailable_until > now for s in eligible) and outcome.failure is None:
+                waiting = [s for s in eligible if s.unavailable_until > now]
+                if waiting and outcome.failure is None:
+                    # Only 429s make this the caller's rate limit; a backend that answered
+                    # 503 is down, and the request fails as an outage (the guard sees it).
+                    limited = all(s.unavailable_status == 429 for s in waiting)
                     outcome.failure = BackendFailure(
-                        ErrorKind.RATE_LIMITED,
-                        "every eligible backend asked to retry later (Retry-After)",
+                        ErrorKind.RATE_LIMITED if limited else ErrorKind.NO_BACKEND,
+                        "every eligible backend asked to retry later (Retry-After"
+                        f"{'' if limited else ' on a 503'})",
                     )
                 if outcome.failure is None:
                     outcome.failure = BackendFailure(
@@ -329,6 +334,7 @@ class Balancer:
         state.calls += 1
         if failure is not None and failure.retry_after_s is not None:
             state.unavailable_until = now + min(failure.retry_after_s, self.max_retry_after_s)
+            state.unavailable_status = failure.status or 429
         penalised = failure is not None and failure.health_penalty
         if failure is None or penalised:
             state.outcomes.append(failure is None)
@@ -401,7 +407,12 @@ class Balancer:
                 "weight": s.weight,
                 "success_rate": round(s.success_rate(), 4),
                 "latency_ewma_ms": round(s.latency.value(now), 2),
-                "rate_limited_for_s": round(max(0.0, s.unavailable_until - now), 3),
+                "rate_limited_for_s": round(max(0.0, s.unavailable_until - now), 3)
+                if s.unavailable_status == 429
+                else 0.0,
+                "retry_after_503_for_s": round(max(0.0, s.unavailable_until - now), 3)
+                if s.unavailable_status != 429
+                else 0.0,
                 **self.health.describe(s, now),
             }
             for s in self.states

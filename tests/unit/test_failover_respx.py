@@ -350,7 +350,8 @@ async def test_a_503_with_retry_after_is_left_alone_until_then(
     first = await ask(router, "first")
     assert (first.ok, first.backend, first.attempts) == (True, "b", 2)
     assert attempts(first) == [("a", "server_error"), ("b", None)]
-    assert health(router, "a")["rate_limited_for_s"] == 20.0
+    assert health(router, "a")["retry_after_503_for_s"] == 20.0
+    assert health(router, "a")["rate_limited_for_s"] == 0.0
     for seconds in (0.0, 10.0, 19.999):
         clock.now = T0 + seconds
         assert (await ask(router, f"at-{seconds}")).backend == "b"
@@ -359,6 +360,21 @@ async def test_a_503_with_retry_after_is_left_alone_until_then(
     clock.now = T0 + 20.0
     back = await ask(router, "after")
     assert (back.answer, back.backend) == ("from a", "a")
+
+
+async def test_a_503_retry_after_on_the_only_backend_is_an_outage_not_a_rate_limit(
+    mock: respx.MockRouter, make_router: MakeRouter
+) -> None:
+    """While the only backend is out after a 503, requests fail as an outage: a rate
+    limit is the caller's business and the failback guard ignores it; an outage is not."""
+    clock = ManualClock()
+    script(mock, a=[httpx.Response(503, headers={"Retry-After": "300"}), ok("from a")])
+    router = make_router([lightrag("a")], clock=clock)
+    await ask(router, "first")
+    later = await ask(router, "second")
+    assert (later.ok, later.outcome, later.attempts) == (False, "error", 0)
+    assert row(router).error_kind == "no_backend"
+    assert "503" in (later.error or "")
 
 
 async def test_a_503_without_retry_after_may_be_asked_again_at_once(
