@@ -2,14 +2,19 @@
 
 A stand-in for a fleet's endpoint (the routes of `router.http_control_store`): it
 stores what is published as it is (routers refuse an invalid document and say so in
-their heartbeat, as they do with the folder), and accepts a heartbeat only for the
-instance its path names, under a safe name.
+their heartbeat, as they do with the folder), except that a document whose version is
+not above the stored one is refused with 409: two publishers who both read version 6
+must not both publish a 7, or routers that polled in between would run different
+documents under one version. It accepts a heartbeat only for the instance its path
+names, under a safe name.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+import threading
 
 from pydantic import ValidationError
 from starlette.applications import Starlette
@@ -28,7 +33,46 @@ def _problem(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status)
 
 
+class _TooLarge(Exception):
+    pass
+
+
+async def _body(request: Request) -> bytes:
+    """The request body, refused past MAX_BODY before it is all in memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        raise _TooLarge
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise _TooLarge
+    return bytes(body)
+
+
+def _version(text: str) -> int | None:
+    """The document's version, if it has a readable one."""
+    try:
+        version = json.loads(text).get("version")
+    except (ValueError, AttributeError):
+        return None
+    return version if isinstance(version, int) and not isinstance(version, bool) else None
+
+
 def make_app(store: FileControlStore) -> Starlette:
+    publishing = threading.Lock()  # compare-and-write of the document, one at a time
+
+    def store_if_newer(text: str) -> str | None:
+        """Write `text` unless it does not advance the version; else say why."""
+        with publishing:
+            new = _version(text)
+            found = store.read_document()
+            old = _version(found[1]) if found else None
+            if new is not None and old is not None and new <= old:
+                return f"version {new} is not above the published version {old}"
+            atomic_write(store.config_path, text)
+            return None
+
     async def get_config(request: Request) -> Response:
         found = await run_in_threadpool(store.read_document)
         if found is None:
@@ -38,14 +82,15 @@ def make_app(store: FileControlStore) -> Starlette:
         return Response(text, media_type="application/json", headers={"etag": etag})
 
     async def put_config(request: Request) -> Response:
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            return _problem(413, f"document over {MAX_BODY} bytes")
         try:
-            text = body.decode()
+            text = (await _body(request)).decode()
+        except _TooLarge:
+            return _problem(413, f"document over {MAX_BODY} bytes")
         except UnicodeDecodeError:
             return _problem(400, "document is not UTF-8")
-        await run_in_threadpool(atomic_write, store.config_path, text)
+        refused = await run_in_threadpool(store_if_newer, text)
+        if refused:
+            return _problem(409, refused)
         return Response(status_code=204)
 
     async def get_acks(request: Request) -> Response:
@@ -57,7 +102,9 @@ def make_app(store: FileControlStore) -> Starlette:
         if not INSTANCE.match(instance):
             return _problem(400, "instance names are letters, digits, '_', '.', '-'")
         try:
-            ack = Acknowledgement.model_validate_json(await request.body())
+            ack = Acknowledgement.model_validate_json(await _body(request))
+        except _TooLarge:
+            return _problem(413, f"heartbeat over {MAX_BODY} bytes")
         except ValidationError as exc:
             return _problem(422, f"not a heartbeat: {exc.errors()[0]['msg']}")
         if ack.instance != instance:

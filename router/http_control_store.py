@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from router.control_store import Acknowledgement, DocumentReads
 from router.router_config import RouterConfig
+from router.settings_errors import mask_url
 
 
 class HttpControlStore(DocumentReads):
@@ -30,12 +31,18 @@ class HttpControlStore(DocumentReads):
         self.client = httpx.Client(timeout=timeout_s, transport=transport)
 
     def _call(self, method: str, path: str, **kwargs: object) -> httpx.Response:
+        # Errors are logged at every poll: never with a password from the URL.
+        where = mask_url(f"{self.url}{path}")
         try:
             response = self.client.request(method, f"{self.url}{path}", **kwargs)  # type: ignore[arg-type]
         except httpx.HTTPError as exc:
-            raise OSError(f"control endpoint {self.url}: {exc!r}") from None
+            raise OSError(f"control endpoint {where}: {mask_url(repr(exc))}") from None
         if response.status_code >= 400 and not (method == "GET" and response.status_code == 404):
-            raise OSError(f"control endpoint {self.url}{path}: HTTP {response.status_code}")
+            try:
+                said = f": {response.json()['error']}"
+            except (ValueError, KeyError, TypeError):
+                said = ""
+            raise OSError(f"control endpoint {where}: HTTP {response.status_code}{said}")
         return response
 
     def publish(self, config: RouterConfig) -> None:
@@ -63,8 +70,15 @@ class HttpControlStore(DocumentReads):
         )
 
     def read_acks(self) -> list[Acknowledgement]:
+        response = self._call("GET", "/acks")
+        try:
+            items = response.json()
+        except ValueError:
+            items = None
+        if not isinstance(items, list):
+            raise OSError(f"control endpoint {mask_url(self.url)}/acks: not a JSON list")
         acks = []
-        for item in self._call("GET", "/acks").json():
+        for item in items:
             try:
                 acks.append(Acknowledgement.model_validate(item))
             except (ValidationError, json.JSONDecodeError):

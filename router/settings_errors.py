@@ -7,6 +7,7 @@ and what is allowed, and never echoes a secret.
 from __future__ import annotations
 
 import difflib
+import re
 import types
 from enum import Enum
 from typing import Any, Union, get_args, get_origin
@@ -24,6 +25,15 @@ class SettingsError(ValueError):
     def __init__(self, lines: list[str]) -> None:
         super().__init__("\n".join(lines))
         self.lines = lines
+
+
+#: `scheme://user:password@host`: the password part of a URL's userinfo.
+_URL_PASSWORD = re.compile(r"(//[^/:@\s]*):[^@/\s]*@")
+
+
+def mask_url(text: str) -> str:
+    """`text` with any URL password replaced by *** (a password in a URL is a secret)."""
+    return _URL_PASSWORD.sub(r"\1:***@", text)
 
 
 def mask(name: str, value: object) -> str:

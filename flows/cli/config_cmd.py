@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Annotated
 
@@ -13,7 +12,7 @@ from rich.table import Table
 from flows.cli.common import console, fail
 from flows.resources import resource
 from router.feature_flags import ENV_PREFIX, ProductionFeatureFlags, load_flags
-from router.settings_errors import SECRET_MARKERS, SettingsError
+from router.settings_errors import SECRET_MARKERS, SettingsError, mask_url
 
 app = typer.Typer(help="Validate and show the PROD_LB_* configuration.", no_args_is_help=True)
 
@@ -78,10 +77,6 @@ def validate(profile: Profile = None) -> None:
     )
 
 
-#: `scheme://user:password@host`: the password part of a URL's userinfo.
-_URL_PASSWORD = re.compile(r"(//[^/:@\s]*):[^@/\s]*@")
-
-
 def masked_value(name: str, value: object) -> str:
     if any(marker in name.upper() for marker in SECRET_MARKERS) and "ENV" not in name.upper():
         return "***"
@@ -89,7 +84,7 @@ def masked_value(name: str, value: object) -> str:
         text = ",".join(str(v) for v in value)
     else:
         text = "" if value is None else str(value)
-    return _URL_PASSWORD.sub(r"\1:***@", text)  # a password in a backend URL is a secret
+    return mask_url(text)  # a password in a backend URL is a secret
 
 
 @app.command("show")

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -149,3 +150,58 @@ def test_a_heartbeat_for_another_instance_or_a_bad_name_is_refused(
     assert httpx.put(f"{url}/acks/a", json={"instance": "a"}).status_code == 422
     assert httpx.put(f"{url}/acks/a", json=ack).status_code == 204
     assert [p.name for p in served.control.joinpath("acks").iterdir()] == ["a.json"]
+
+
+def test_concurrent_publishers_never_corrupt_the_document_and_versions_only_grow(
+    endpoint: tuple[str, subprocess.Popen[str], DataPaths],
+) -> None:
+    """Sixteen publishers at once, each with its own version: the document is always
+    one of theirs, whole, and a version not above the stored one is refused with 409
+    (two publishers who both read v6 must not both publish a 7)."""
+    url, _, served = endpoint
+    store = HttpControlStore(url)
+    configs = [RouterConfig(version=v, reason="x" * 5_000) for v in range(1, 17)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda c: _publish_or_conflict(store, c), configs))
+    current = store.current()
+    assert current is not None and current.version == 16  # the highest always lands
+    assert RouterConfig.model_validate_json(
+        served.control.joinpath("router_config.json").read_text()
+    )
+    assert not list(served.control.glob(".*.tmp"))
+
+    with pytest.raises(OSError, match="409: version 3 is not above the published version"):
+        store.publish(RouterConfig(version=3))
+    store.publish(RouterConfig(version=17))  # a newer one is taken
+    latest = store.current()
+    assert latest is not None and latest.version == 17
+
+
+def _publish_or_conflict(store: HttpControlStore, config: RouterConfig) -> None:
+    try:
+        store.publish(config)
+    except OSError as exc:
+        assert "409" in str(exc), exc  # a lower version lost the race: refused, not lost
+
+
+def test_an_oversized_heartbeat_is_refused_before_it_is_read(
+    endpoint: tuple[str, subprocess.Popen[str], DataPaths],
+) -> None:
+    url, _, _ = endpoint
+    response = httpx.put(f"{url}/acks/a", content=b"{" + b" " * 2_000_000 + b"}")
+    assert response.status_code == 413
+
+
+@respx.mock
+def test_errors_never_show_a_password_from_the_url() -> None:
+    respx.get("http://ops:hunter2@control.test/acks").mock(return_value=httpx.Response(503))
+    with pytest.raises(OSError) as caught:
+        HttpControlStore("http://ops:hunter2@control.test").read_acks()
+    assert "hunter2" not in str(caught.value) and "ops:***@control.test" in str(caught.value)
+
+
+@respx.mock
+def test_heartbeats_that_are_not_a_list_are_an_error_not_an_empty_fleet() -> None:
+    respx.get(f"{URL}/acks").mock(return_value=httpx.Response(200, json={"a": 1}))
+    with pytest.raises(OSError, match="not a JSON list"):
+        HttpControlStore(URL).read_acks()
