@@ -108,7 +108,8 @@ def ack_status(store: Store, version: int) -> AckStatus:
         if ack.age_s() > STALE_AFTER_S:
             continue
         status.live.append(ack)
-        if ack.applied_version >= version:
+        # A router running a higher version refuses this one as older: not applied.
+        if ack.applied_version >= version and ack.refused_version != version:
             status.applied.append(ack.instance)
         else:
             status.pending.append(ack.instance)

@@ -285,7 +285,7 @@ def _back_to_legacy(
         config = current  # already out: repeating is a no-op for the routers
     else:
         config = legacy_only_config(
-            (current.version if current else 0) + 1,
+            _fresh_version(store, current),
             owner,
             current.salt if current else "rollout-v1",
             f"{noun}: {reason}",
@@ -298,14 +298,12 @@ def _back_to_legacy(
             if rollout is None and target is RolloutState.ABORTED:
                 raise RolloutError("no active rollout to abort")
             with transaction(con):
-                if (
-                    first(
-                        con.execute(
-                            "SELECT 1 FROM config_versions WHERE version = ?", [config.version]
-                        )
+                recorded = first(
+                    con.execute(
+                        "SELECT document FROM config_versions WHERE version = ?", [config.version]
                     )
-                    is None
-                ):
+                )
+                if recorded is None or RouterConfig.model_validate_json(recorded[0]) != config:
                     config = _renumber_if_taken(con, store, config)
                     record_config(con, config, rollout.phase_index if rollout else None)
                 if rollout is not None and rollout.active:
@@ -333,11 +331,26 @@ def _back_to_legacy(
     return BackToLegacy(config, rollout, ended_now)
 
 
+def _fresh_version(store: Store, current: RouterConfig | None) -> int:
+    """A version above anything the routers have seen: the store's document may be gone
+    or older (an endpoint restarted empty, a folder restored), and routers refuse a
+    version below the one they run, so their heartbeats count too."""
+    seen = current.version if current else 0
+    try:
+        acks = store.read_acks()
+    except (OSError, ValueError):
+        acks = []  # unreadable heartbeats: the database step renumbers if needed
+    for ack in acks:
+        seen = max(seen, ack.applied_version, ack.refused_version or 0)
+    return seen + 1
+
+
 def _renumber_if_taken(
     con: duckdb.DuckDBPyConnection, store: Store, config: RouterConfig
 ) -> RouterConfig:
-    """The control document was older than the database (restored from a backup, say):
-    versions must still only grow, so publish the same legacy document again, higher."""
+    """The control document was older than the database (restored from a backup, say),
+    so the version may belong to another document: versions must still only grow, so
+    publish the same legacy document again, higher."""
     floor = next_config_version(con, config.version - 1)
     if floor == config.version:
         return config

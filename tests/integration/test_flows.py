@@ -347,6 +347,37 @@ def test_rollback_reaches_routers_while_the_database_is_locked(
     assert rows(live_app, "SELECT state FROM rollouts")[0][0] == "rolled_back"
 
 
+def test_a_rollback_after_the_control_document_was_lost_still_reaches_routers(
+    live_app: LiveApp,
+) -> None:
+    """The endpoint restarted empty (or a folder was restored from an old backup) while
+    routers run v1: a rollback numbered from the store alone would be v1 again, which
+    routers ignore. It is numbered above what their heartbeats say they run."""
+    from flows import lifecycle
+    from flows.rollout_flows import rollout_start
+
+    rollout_start(small_plan(), str(live_app.paths.root))
+    wait_for(
+        lambda: any(a.applied_version == 1 for a in live_app.store.read_acks()),
+        10,
+        "router on v1",
+    )
+    live_app.store.config_path.unlink()
+    ended = lifecycle.rollback(live_app.paths, reason="pager went off", actor="on-call")
+    assert ended.config.version == 2
+    wait_for(
+        lambda: any(
+            a.applied_version == 2 and a.effective_mode.value == "legacy_only"
+            for a in live_app.store.read_acks()
+        ),
+        10,
+        "router on legacy v2",
+    )
+    assert rows(live_app, "SELECT mode FROM config_versions WHERE version = 2") == [
+        ("legacy_only",)
+    ]
+
+
 def test_a_restore_that_died_before_recording_is_adopted(live_app: LiveApp) -> None:
     from flows.control import phase_config
     from flows.lifecycle import reconcile
