@@ -279,6 +279,10 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
                 self._refuse(config.version, f"cannot apply: {exc}")
         elif config.version < self.config.version:
             self._refuse(config.version, f"older than applied v{self.config.version}")
+        elif config != self.config:
+            # Two publishers chose the same number: running either one would split the
+            # fleet under one version, so keep the applied one and say so.
+            self._refuse(config.version, "a different document under the applied version")
 
     def _refuse(self, version: int | None, reason: str) -> None:
         self.refused = (version, reason)
