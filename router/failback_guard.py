@@ -10,38 +10,40 @@ would trip on noise sooner or later (3 timeouts in 20 requests on a busy machine
 `GuardLimits.confidence`, is over the limit: a real breakdown (35 % errors) still trips
 within the first 20 requests, a blip does not.
 
-It also watches the legacy arm's recent requests, when there are any. A breach that
-legacy shows as badly or worse over the same stretch of time (backends down, a starved host) is not
-the new balancer's doing, and sending users to legacy would not help them: the guard
-holds. Without legacy traffic (production_only) it acts on production alone.
+It also watches the legacy arm, when it has traffic. A breach that legacy shows as
+badly or worse over the same stretch of time as production's window (backends down, a
+starved host) is not the new balancer's doing, and sending users to legacy would not
+help them: the guard holds. Legacy is kept as per-second running totals for the last
+hour, so the comparison costs two lookups whatever legacy's share of traffic. Without
+legacy traffic (production_only) the guard acts on production alone.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime
 from statistics import NormalDist
 
 from router.router_config import GuardLimits
 
-#: The legacy window holds this many times production's window (bounded memory).
-LEGACY_WINDOW_FACTOR = 20
-
 
 class _Window:
     """The most recent outcomes of one arm: error count and count over the p95 limit."""
 
-    def __init__(self, size: int, limit_ms: float) -> None:
+    def __init__(self, size: int, limit_ms: float, clock: Callable[[], float]) -> None:
         self.items: deque[tuple[float, bool, float]] = deque(maxlen=size)
         self.limit_ms = limit_ms
+        self.clock = clock
         self.errors = 0
         #: Requests slower than the p95 limit. The p95 is over the limit exactly when
         #: enough of them are: an O(1) check per request.
         self.slow = 0
-        #: When the newest request that has left the window was seen (monotonic clock):
-        #: the window covers the time since then.
+        #: When the newest request that has left the window was seen: the window covers
+        #: the time since then.
         self.began_after = -math.inf
 
     def add(self, ok: bool, latency_ms: float) -> None:
@@ -50,7 +52,7 @@ class _Window:
             self.began_after, old_ok, old_latency = items[0]
             self.errors -= not old_ok
             self.slow -= old_latency > self.limit_ms
-        items.append((time.monotonic(), ok, latency_ms))
+        items.append((self.clock(), ok, latency_ms))
         self.errors += not ok
         self.slow += latency_ms > self.limit_ms
 
@@ -59,21 +61,54 @@ class _Window:
         n = len(self.items)
         return (self.errors / n, self.slow / n) if n else (0.0, 0.0)
 
+
+#: Legacy outcomes are kept as per-second running totals for this long: bounded memory
+#: whatever legacy's traffic, and any stretch of time is two lookups away.
+LEGACY_HISTORY_S = 3600
+LEGACY_SECOND_S = 1.0
+
+
+class _Timeline:
+    """Legacy outcomes as running totals per second: (second, n, errors, slow), each
+    count cumulative up to the end of that second."""
+
+    def __init__(self, limit_ms: float, clock: Callable[[], float]) -> None:
+        self.seconds: deque[tuple[int, int, int, int]] = deque(maxlen=LEGACY_HISTORY_S)
+        self.limit_ms = limit_ms
+        self.clock = clock
+        self.n = self.errors = self.slow = 0
+        #: The totals up to the oldest second no longer kept.
+        self.dropped = (0, 0, 0)
+
+    def add(self, ok: bool, latency_ms: float) -> None:
+        self.n += 1
+        self.errors += not ok
+        self.slow += latency_ms > self.limit_ms
+        second = int(self.clock() // LEGACY_SECOND_S)
+        entry = (second, self.n, self.errors, self.slow)
+        seconds = self.seconds
+        if seconds and seconds[-1][0] == second:
+            seconds[-1] = entry
+            return
+        if len(seconds) == seconds.maxlen:
+            self.dropped = seconds[0][1:]
+        seconds.append(entry)
+
     def since(self, after: float) -> tuple[int, float, float]:
-        """(count, error rate, share over the p95 limit) of the requests seen after
-        `after`. O(count); only asked when production breaks a limit."""
-        n = errors = slow = 0
-        for seen, ok, latency_ms in reversed(self.items):
-            if seen <= after:
-                break
-            n += 1
-            errors += not ok
-            slow += latency_ms > self.limit_ms
-        return (n, errors / n, slow / n) if n else (0, 0.0, 0.0)
+        """(count, error rate, share over the p95 limit) of the outcomes from the second
+        holding `after` on, at most LEGACY_HISTORY_S back. O(log n)."""
+        first = int(after // LEGACY_SECOND_S) if math.isfinite(after) else -(2**62)
+        i = bisect.bisect_left(self.seconds, first, key=lambda entry: entry[0])
+        before = self.seconds[i - 1][1:] if i else self.dropped
+        n = self.n - before[0]
+        if n <= 0:
+            return 0, 0.0, 0.0
+        return n, (self.errors - before[1]) / n, (self.slow - before[2]) / n
 
 
 class FailbackGuard:
-    def __init__(self, limits: GuardLimits) -> None:
+    def __init__(self, limits: GuardLimits, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self.reset(limits)
 
     def reconfigure(self, limits: GuardLimits, *, rearm: bool) -> None:
@@ -88,10 +123,10 @@ class FailbackGuard:
 
     def reset(self, limits: GuardLimits) -> None:
         self.limits = limits
-        self.production = _Window(limits.window, limits.p95_latency_ms)
-        # Legacy may serve many times production's traffic (a 5 % canary: 19 times), so
-        # its window holds more requests: it is compared over the same stretch of time.
-        self.legacy = _Window(limits.window * LEGACY_WINDOW_FACTOR, limits.p95_latency_ms)
+        self.production = _Window(limits.window, limits.p95_latency_ms, self.clock)
+        # Legacy may serve many times production's traffic (a 5 % canary: 19 times): it
+        # is compared over the same stretch of time, not the same number of requests.
+        self.legacy = _Timeline(limits.p95_latency_ms, self.clock)
         self.reason: str | None = None
         self.tripped_at: datetime | None = None
         self.z = NormalDist().inv_cdf(limits.confidence)

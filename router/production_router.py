@@ -498,7 +498,8 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         self.routed += 1
         if arm is Arm.PRODUCTION:
             self._guard_observe(result)
-        elif result.outcome not in NOT_PRODUCTIONS_FAULT:
+        elif result.outcome not in NOT_PRODUCTIONS_FAULT and config is self.config:
+            # (a request that started under an earlier config says nothing about now)
             self.guard.observe_legacy(result.ok, result.latency_ms)
         if cancelled:
             raise asyncio.CancelledError
@@ -597,6 +598,8 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
     def _guard_observe(self, result: RoutingResult) -> None:
         if result.outcome in NOT_PRODUCTIONS_FAULT:
             return  # the caller's 4xx, or a quota both arms share (429): not ill health
+        if result.config_version != self.config.version:
+            return  # started under an earlier config: the guard was reset since
         reason = self.guard.observe(result.ok, result.latency_ms)
         if reason:
             self._record_failback(reason)

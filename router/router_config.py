@@ -19,7 +19,7 @@ class GuardLimits(BaseModel):
     error_rate: float = Field(default=0.05, gt=0, le=1, description="fraction of requests")
     p95_latency_ms: float = Field(default=5000.0, gt=0)
     min_requests: int = Field(default=20, ge=1)
-    window: int = Field(default=200, ge=1, description="most recent production requests")
+    window: int = Field(default=200, ge=1, le=10_000, description="most recent production requests")
     confidence: float = Field(
         default=0.99,
         ge=0.5,

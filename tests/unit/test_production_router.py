@@ -554,31 +554,84 @@ def test_guard_holds_when_legacy_breaks_down_as_badly() -> None:
 
 
 def test_guard_compares_legacy_over_the_same_stretch_of_time() -> None:
-    """Legacy carries ten times production's traffic. After a stall that failed both
-    arms, legacy's last 200 requests are all healthy again while production's last 200
-    still include the stall: compared request for request, production would look worse
-    and fail back. Compared over the same time, legacy did worse, and the guard holds."""
+    """Legacy carries fifty times production's traffic. After a stall that failed both
+    arms, legacy's most recent thousands of requests are all healthy again while
+    production's last 200 still include the stall: compared request for request,
+    production would look worse and fail back. Compared over the same ten seconds,
+    legacy did worse, and the guard holds."""
     limits = GuardLimits(error_rate=0.10, min_requests=20, window=200)
-    guard = FailbackGuard(limits)
-    for i in range(100):  # the stall: production 40 % errors, legacy 50 %
-        for j in range(10):
-            guard.observe_legacy(j % 2 == 0, 100.0)
-        assert guard.observe(i % 5 < 3, 100.0) is None
-    for _ in range(100):  # recovered: both healthy
-        for _ in range(10):
-            guard.observe_legacy(True, 100.0)
-        assert guard.observe(True, 100.0) is None
-    assert not guard.tripped
+    now = [0.0]
+
+    def run(guard: FailbackGuard, legacy_fails_in_stall: bool) -> list[int]:
+        trips = []
+        phases = [(20, False), (100, True), (100, False)]  # (production requests, stall)
+        i = 0
+        for count, stall in phases:
+            for _ in range(count):
+                for j in range(50):
+                    guard.observe_legacy(not (stall and legacy_fails_in_stall and j % 2), 100.0)
+                now[0] += 0.05  # production: 20 requests per second
+                if guard.observe(not (stall and i % 5 < 2), 100.0):  # stall: 40 % errors
+                    trips.append(i)
+                i += 1
+        return trips
+
+    shared = FailbackGuard(limits, clock=lambda: now[0])
+    assert run(shared, legacy_fails_in_stall=True) == []
+    assert not shared.tripped
 
     # The same production stream beside a legacy arm that stayed healthy throughout.
-    alone = FailbackGuard(limits)
-    trips = []
-    for i in range(100):
-        for _ in range(10):
-            alone.observe_legacy(True, 100.0)
-        if alone.observe(i % 5 < 3, 100.0):
-            trips.append(i)
-    assert trips and alone.tripped and "error rate" in (alone.reason or "")
+    alone = FailbackGuard(limits, clock=lambda: now[0])
+    assert run(alone, legacy_fails_in_stall=False)
+    assert alone.tripped and "error rate" in (alone.reason or "")
+
+
+def test_guard_keeps_bounded_legacy_history_whatever_the_traffic() -> None:
+    """An hour of legacy at 100 requests per second is 3,600 per-second totals, not
+    360,000 outcomes; a comparison beyond that hour uses the hour it has."""
+    now = [0.0]
+    guard = FailbackGuard(GuardLimits(), clock=lambda: now[0])
+    for second in range(7_200):
+        now[0] = float(second)
+        ok = second >= 3_600 and second % 4 != 0  # first hour all failing, then 25 %
+        for _ in range(100):
+            guard.observe_legacy(ok, 100.0)
+    assert len(guard.legacy.seconds) == 3_600
+    assert guard.legacy.since(-math.inf)[:2] == (360_000, 0.25)  # the last hour only
+    assert guard.legacy.since(7_000.5)[:2] == (20_000, 0.25)  # from second 7,000 on
+
+
+async def test_legacy_requests_from_before_a_switch_do_not_excuse_production(
+    tmp_path: Path, backends: Backends
+) -> None:
+    """Legacy requests still in flight when routers move to production_only finish
+    failing afterwards. They describe the old config, not the new one: they must not
+    count as "legacy breaks down as badly" and hold back a failing production arm."""
+    router = await started(tmp_path, backends, 1, "legacy_only", guard=production_guard())
+    backends.gate = asyncio.Event()
+
+    async def legacy_fails_when_released(request: httpx.Request) -> httpx.Response:
+        assert backends.gate is not None
+        await backends.gate.wait()
+        return httpx.Response(500)
+
+    backends.faults["legacy"] = legacy_fails_when_released
+    in_flight = [
+        asyncio.create_task(router.route_query(f"slow {i}", {"user_id": f"u{i}"}))
+        for i in range(30)
+    ]
+    await asyncio.sleep(0.05)
+    publish(tmp_path, 2, "production_only", 100, guard=production_guard())
+    router.poll_control_store()
+    backends.gate.set()
+    finished = await asyncio.gather(*in_flight)
+    assert {(r.arm, r.ok, r.config_version) for r in finished} == {("legacy", False, 1)}
+
+    backends.faults["production"] = lambda request: httpx.Response(500)
+    for i in range(40):
+        await router.route_query(QUESTION, {"user_id": f"p{i}"})
+    assert router.guard.tripped and "error rate" in (router.guard.reason or "")
+    await router.shutdown()
 
 
 async def test_a_bug_in_the_production_path_fails_back_instead_of_raising(
