@@ -363,10 +363,17 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             return
         super()._start_background()
         if self.control_store is not None:
-            self.poll_control_store()
+            if isinstance(self.control_store, FileControlStore):
+                # A local read: the first request already runs under the published
+                # config. A remote store is read by the control loop at once, off the
+                # event loop, so an unreachable endpoint never holds up a request.
+                self.poll_control_store()
             self._tasks.append(asyncio.create_task(self._control_loop(), name="router-control"))
 
     async def start(self) -> ProductionIntelligentQueryRouter:
+        """Start background work; the published config is applied before this returns."""
+        if self.control_store is not None and not self._tasks and not self._closed:
+            self._consider(await asyncio.to_thread(self._read_document))
         self._start_background()
         return self
 
@@ -380,7 +387,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
                 await asyncio.gather(*self._background_acks, return_exceptions=True)
             if self.control_store is not None and not self._closed:
                 self._check_staleness()
-                self._write_ack_logged(*self._next_ack())
+                await asyncio.to_thread(self._write_ack_logged, *self._next_ack())
             await super().shutdown()
         finally:
             self.recorder.close()  # the buffered rows are flushed whatever happened above

@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -205,3 +206,43 @@ def test_heartbeats_that_are_not_a_list_are_an_error_not_an_empty_fleet() -> Non
     respx.get(f"{URL}/acks").mock(return_value=httpx.Response(200, json={"a": 1}))
     with pytest.raises(OSError, match="not a JSON list"):
         HttpControlStore(URL).read_acks()
+
+
+class _HangingStore(HttpControlStore):
+    """An endpoint that answers only once the test lets it (or after 5 s)."""
+
+    def __init__(self) -> None:
+        super().__init__(URL)
+        self.release = threading.Event()
+        self.answered_late = False
+
+    def read_document(self) -> tuple[object, str] | None:
+        if not self.release.wait(5):
+            self.answered_late = True
+        return None
+
+    def read_acks(self) -> list:  # type: ignore[override]
+        return []
+
+    def write_ack(self, ack: object) -> None:  # type: ignore[override]
+        self.release.wait(5)
+
+
+async def test_an_unreachable_endpoint_never_holds_up_a_request(tmp_path: Path) -> None:
+    """Used as a drop-in (no `start()`), the router's first request does not wait for the
+    control endpoint: the read runs in the background, so the event loop stays free
+    (here, free to release the read itself)."""
+    store = _HangingStore()
+    router = Router(
+        backends=[BackendConfig(name="a", kind=BackendKind.LIGHTRAG, base_url="http://a.test")],
+        transport=httpx.MockTransport(lambda r: httpx.Response(200, json={"response": "ok"})),
+        health_checks=False,
+        flags=ProductionFeatureFlags(data_dir=tmp_path, instance_id="hang-1", control_poll_s=60),
+        control_store=store,
+        recorder=NullRecorder(tmp_path / "segments", "hang-1"),
+    )
+    result = await router.route_query("What is glycine?", {"user_id": "u1"})
+    store.release.set()
+    await router.shutdown()
+    assert result.ok and result.arm == "legacy"
+    assert not store.answered_late
