@@ -19,6 +19,7 @@ import httpx
 
 from router.algorithms.weighted_round_robin import WeightedRoundRobin
 from router.analytics import Analytics
+from router.backend_client import BackendHttpClient
 from router.backend_state import BackendState
 from router.backends import BackendConfig
 from router.balancer import Balancer, RouteOutcome
@@ -141,7 +142,7 @@ class IntelligentQueryRouter:
         self.backends = tuple(backends) if backends is not None else default_backends()
         self.classifier = classifier or KeywordClassifier()
         self.analytics = Analytics()
-        self._client = httpx.AsyncClient(
+        self._client = BackendHttpClient(
             transport=transport,
             limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
             timeout=httpx.Timeout(30.0),

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import respx
 
-from router.backend_client import call_backend, parse_retry_after
+from router.backend_client import BackendHttpClient, call_backend, parse_retry_after
 from router.backends import BackendConfig, BackendKind
 from router.failures import BackendFailure
 from router.record import ErrorKind, Outcome
@@ -322,3 +322,21 @@ async def test_the_api_key_never_appears_in_a_failure(
     assert SECRET not in str(failure)
     assert SECRET not in repr(failure)
     assert SECRET not in repr(failure.args)
+
+
+@respx.mock
+async def test_the_routers_client_keeps_no_cookie_from_one_user_for_the_next() -> None:
+    """One client serves every user: a session cookie a backend sets while answering one
+    user is neither stored nor sent with anyone's next request."""
+    route = respx.post("http://lr.test/query").mock(
+        return_value=httpx.Response(
+            200, json={"response": "ok"}, headers={"set-cookie": "session=user-a; Path=/"}
+        )
+    )
+    async with BackendHttpClient() as client:
+        for _ in range(2):
+            await call_backend(client, LIGHTRAG, QUERY, timeout_s=5, max_bytes=10_000)
+        assert len(client.cookies.jar) == 0
+        follow_up = await client.post("http://lr.test/query", json={"query": QUERY})
+    assert follow_up.status_code == 200
+    assert all("cookie" not in call.request.headers for call in route.calls)
