@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from statistics import NormalDist
@@ -72,7 +73,7 @@ def _records(
                 n_legacy=n_legacy,
                 n_production=n_production,
                 metric_mode=mode,
-                critical=not data_quality and mode == "abort",
+                critical=not data_quality and mode in ("abort", "pause"),
             )
         )
     return records
@@ -136,7 +137,12 @@ def excuse_shared_breach(record: MetricRecord, legacy: ArmStats, min_samples: in
     ):
         return record
     theirs = value_of(legacy)
-    if theirs is None or theirs <= record.threshold or theirs < record.estimate:
+    if (
+        theirs is None
+        or not math.isfinite(theirs)  # NaN compares false to everything: never an excuse
+        or theirs <= record.threshold
+        or theirs < record.estimate
+    ):
         return record
     return replace(
         record,

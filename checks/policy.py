@@ -49,7 +49,12 @@ def decide(
         Verdict.HOLD,
         Verdict.INSUFFICIENT_DATA,
     ):
-        table = AT_MAX if verdict is Verdict.HOLD else AT_MAX_WITHOUT_DATA
+        # A guardrail over its limit but held (legacy shared the breach, or it is within
+        # noise) is no ground to promote unattended either: ask a human.
+        over_limit = any(
+            r.check_kind == "guardrail" and r.decision is Decision.INCONCLUSIVE for r in records
+        )
+        table = AT_MAX if verdict is Verdict.HOLD and not over_limit else AT_MAX_WITHOUT_DATA
         final = table[spec.on_max_duration]
         return final, (
             f"maximum duration {spec.max_duration_s:g}s reached while {verdict.value} "
@@ -86,7 +91,7 @@ def _decide(
         for r in records
         if r.critical
         and r.decision is Decision.INCONCLUSIVE
-        and r.metric_mode == MetricMode.ABORT.value
+        and r.metric_mode in (MetricMode.ABORT.value, MetricMode.PAUSE.value)
     ]
     if open_critical:
         return Verdict.HOLD, f"not yet conclusive: {', '.join(r.metric for r in open_critical)}"

@@ -836,7 +836,8 @@ def to_record(
         n_production=result.n_production,
         threshold=result.margin,
         metric_mode=mode.value,
-        critical=critical and mode is MetricMode.ABORT,
+        # pause acts too (a human decides), so an open pause metric holds like an abort one
+        critical=critical and mode in (MetricMode.ABORT, MetricMode.PAUSE),
     )
 
 

@@ -227,3 +227,24 @@ def test_a_breach_legacy_shares_holds_instead_of_rolling_back(tmp_path: Path) ->
     alone, guard = results[4]
     assert guard.decision is Decision.FAIL, guard
     assert alone.verdict is Verdict.ROLLBACK and "error_rate" in alone.reason
+
+
+def test_a_legacy_value_that_is_not_a_number_never_excuses_a_breach() -> None:
+    """NaN compares false to everything, so "legacy not below the limit" would hold; a
+    breach is excused only by a legacy value that is a real number as bad or worse."""
+    from checks.frames import ArmStats
+    from checks.gate import excuse_shared_breach
+    from checks.verdict import MetricRecord
+
+    breach = MetricRecord(
+        "guardrail",
+        "p95_latency_ms",
+        Decision.FAIL,
+        "p95 9000 breaks 5000",
+        estimate=9_000.0,
+        threshold=5_000.0,
+    )
+    for legacy_p95, held in ((float("nan"), False), (4_000.0, False), (9_500.0, True)):
+        legacy = ArmStats("legacy", n=500, p95_ms=legacy_p95)
+        decided = excuse_shared_breach(breach, legacy, min_samples=100).decision
+        assert (decided is Decision.INCONCLUSIVE) is held, (legacy_p95, decided)

@@ -42,7 +42,7 @@ def rec(kind: str, metric: str, decision: Decision, mode: str = "abort") -> Metr
         decision,
         f"{metric} {decision.value}",
         metric_mode=mode,
-        critical=mode == "abort" and kind != "data_quality",
+        critical=mode in ("abort", "pause") and kind != "data_quality",
     )
 
 
@@ -117,6 +117,15 @@ GOOD = [rec("sequential", m, Decision.NON_INFERIOR) for m in ("error_rate", "lat
             Verdict.HOLD,
             "not yet conclusive: latency",
         ),
+        # ... a pause metric too: promotion needs it concluded, a human acts if it fails
+        (
+            [*GOOD, rec("sequential", "latency", Decision.INCONCLUSIVE, "pause")],
+            500,
+            [],
+            spec(),
+            Verdict.HOLD,
+            "not yet conclusive: latency",
+        ),
         # 7. minimum duration not reached
         (GOOD, 500, [], spec(elapsed_s=30), Verdict.HOLD, "of the minimum 60s"),
         # 8. the phase asks a human
@@ -156,3 +165,12 @@ def test_rollback_beats_everything_even_past_the_maximum() -> None:
     late = spec(elapsed_s=700, at_max=MaxDurationPolicy.PROMOTE)
     verdict, _ = decide(late, [rec("sequential", "error_rate", Decision.HARM)], 500)
     assert verdict is Verdict.ROLLBACK
+
+
+def test_a_guardrail_held_over_its_limit_is_never_promoted_unattended() -> None:
+    """A guardrail over its limit but held (legacy shared the breach, or it is within
+    noise) asks a human at the maximum duration, even where the plan says promote."""
+    late = spec(elapsed_s=700, at_max=MaxDurationPolicy.PROMOTE)
+    held = [*GOOD, rec("guardrail", "p95_latency_ms", Decision.INCONCLUSIVE)]
+    verdict, reason = decide(late, held, 500)
+    assert verdict is Verdict.NEEDS_APPROVAL and "maximum duration" in reason

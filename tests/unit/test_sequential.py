@@ -226,7 +226,7 @@ def test_records_explain_themselves_and_follow_the_policy_modes() -> None:
     assert err.n_production == 2000 and err.n_legacy == 38000
     assert "alpha" in err.reason and "e-value" in err.reason
     assert lat.critical and lat.lower_bound is not None and lat.upper_bound is not None
-    assert cost.metric_mode == "pause" and not cost.critical
+    assert cost.metric_mode == "pause" and cost.critical  # holds while open; a human acts
     default_cost = sq.to_record(results[2])
     assert default_cost.metric_mode == "abort" and default_cost.critical  # cost is critical
 
