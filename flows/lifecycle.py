@@ -53,6 +53,10 @@ class RecordingDeferred(RolloutError):
     """The routers were told, the database could not be written yet (locked)."""
 
 
+class RolledBackMeanwhile(RolloutError):
+    """A rollback reached the routers while this change was being decided."""
+
+
 #: How long a rollback waits for the database *after* it has told the routers.
 RECORD_WAIT_S = 15.0
 
@@ -85,8 +89,22 @@ def _publish_in_txn(
     config: RouterConfig,
     phase_index: int | None,
 ) -> None:
+    store = control_store(paths)
+    live = store.current_or_none()
+    if (
+        live is not None
+        and live.mode.value == "legacy_only"
+        and live.rollout_id is not None
+        and live.rollout_id == config.rollout_id
+    ):
+        # A rollback (the fast path publishes before it records) went out while this
+        # was decided: never undo it. The next tick's reconcile records the rollback.
+        raise RolledBackMeanwhile(
+            f"routers were sent back to legacy as v{live.version} ({live.reason}) while "
+            f"this was decided: {config.phase or 'the change'} is not published"
+        )
     record_config(con, config, phase_index)
-    control_store(paths).publish(config)
+    store.publish(config)
 
 
 def start(

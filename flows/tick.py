@@ -250,7 +250,10 @@ def _act(
     """Carry out the verdict: (what was done, version published for a promotion)."""
     verdict = result.verdict
     if verdict is Verdict.PROMOTE:
-        moved = lifecycle.promote(con, paths, rollout, reason=result.reason, actor=actor)
+        try:
+            moved = lifecycle.promote(con, paths, rollout, reason=result.reason, actor=actor)
+        except lifecycle.RolledBackMeanwhile as exc:
+            return f"not promoted: {exc}", None
         if isinstance(moved, lifecycle.Published):
             return (
                 f"promoted: published v{moved.config.version} ({moved.rollout.phase.name})",

@@ -378,6 +378,33 @@ def test_a_rollback_after_the_control_document_was_lost_still_reaches_routers(
     ]
 
 
+def test_a_promotion_never_undoes_a_rollback_published_meanwhile(live_app: LiveApp) -> None:
+    """The rollback fast path tells the routers first and records later. A tick that
+    decided to promote in the meantime must not publish over it: the promotion is
+    refused, the routers stay on legacy, and the next tick records the rollback."""
+    from flows import lifecycle
+    from flows.control import legacy_only_config
+    from flows.rollout_flows import rollout_start, rollout_tick
+    from flows.store.database import connect
+
+    started = rollout_start(small_plan(), str(live_app.paths.root))
+    rollout_id = started["rollout_id"]
+    current = live_app.store.current()
+    live_app.store.publish(
+        legacy_only_config(current.version + 1, rollout_id, current.salt, "rollback: pager")
+    )
+    with connect(live_app.paths.database) as con:
+        rollout = lifecycle.get_state(con, rollout_id)
+        with pytest.raises(lifecycle.RolledBackMeanwhile, match="sent back to legacy"):
+            lifecycle.promote(con, live_app.paths, rollout, reason="checks pass", actor="tick")
+    assert live_app.store.current().mode.value == "legacy_only"
+    result = rollout_tick(str(live_app.paths.root))
+    assert result["reconciled"] and "rollback" in result["reconciled"]
+    assert rows(live_app, "SELECT state FROM rollouts WHERE rollout_id = ?", [rollout_id]) == [
+        ("rolled_back",)
+    ]
+
+
 def test_a_restore_that_died_before_recording_is_adopted(live_app: LiveApp) -> None:
     from flows.control import phase_config
     from flows.lifecycle import reconcile
