@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
 from checks.thresholds import MaxDurationPolicy, Thresholds
 from flows.resources import resource
@@ -176,13 +184,20 @@ def profile_limits(name: str) -> dict[str, float]:
         raise PlanError([f"profile {name!r}: no file {path}; allowed: {', '.join(have)}"])
     values = {k: v for k, v in dotenv_values(path).items() if k in PROFILE_LIMITS and v}
     fields = {k.removeprefix(ENV_PREFIX).lower(): v for k, v in values.items()}
+    # The limit fields alone, as a plain model: the settings class would also read this
+    # process's PROD_LB_* variables and judge the file by them.
+    names = [k.removeprefix(ENV_PREFIX).lower() for k in PROFILE_LIMITS]
+    known = ProductionFeatureFlags.model_fields
+    limits_model = create_model(  # type: ignore[call-overload]
+        "ProfileLimits", **{n: (known[n].annotation, known[n]) for n in names}
+    )
     try:
-        flags = ProductionFeatureFlags.model_validate(fields)
+        flags = limits_model.model_validate(fields)
     except ValidationError as exc:
         raise PlanError(
             [
                 f"profile {name!r}: {line}"
-                for line in format_error(exc, ProductionFeatureFlags, ENV_PREFIX).lines
+                for line in format_error(exc, limits_model, ENV_PREFIX).lines
             ]
         ) from None
     return {

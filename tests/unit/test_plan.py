@@ -245,3 +245,23 @@ def test_a_plan_from_the_ui_form_gets_its_profiles_applied_when_it_starts(
     started = lifecycle.start(paths, form, actor="test")
     stored = started.rollout.plan.phases[1].thresholds
     assert (stored.max_error_rate, stored.max_p95_latency_ms) == (0.03, 4000.0)
+
+
+def test_profile_limits_come_from_the_file_whatever_the_worker_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A flow worker that carries router variables of its own (a mode that does not fit
+    the profile, a looser limit) still reads the profile's limits from its file."""
+    from flows.plan import profile_limits
+
+    expected = profile_limits("canary")
+    monkeypatch.setenv("PROD_LB_DEPLOYMENT_MODE", "canary")  # with traffic 0: invalid alone
+    monkeypatch.setenv("PROD_LB_ROLLBACK_ERROR_RATE", "0.5")
+    assert (
+        profile_limits("canary")
+        == expected
+        == {
+            "max_error_rate": 0.03,
+            "max_p95_latency_ms": 4000.0,
+        }
+    )
