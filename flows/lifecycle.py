@@ -506,11 +506,8 @@ def restore_previous(
                 [rollout_id, int(failed[1]), phase_index],
             )
             if target_state is RolloutState.RUNNING:
-                con.execute(
-                    "UPDATE phases SET config_version = ?, ended_at = NULL, outcome = NULL "
-                    "WHERE rollout_id = ? AND phase_index = ?",
-                    [version, rollout_id, phase_index],
-                )
+                # a new version judged from scratch: its clock restarts too
+                start_phase(con, rollout_id, phase_index, version)
             if target_state is RolloutState.ABORTED:
                 end_phase(con, rollout_id, 0, "aborted")
             if rollout.state is not target_state or rollout.phase_index != phase_index:
@@ -656,11 +653,7 @@ def _adopt(
                 "outcome = NULL WHERE rollout_id = ? AND phase_index = ?",
                 [rollout.rollout_id, rollout.phase_index],
             )
-            con.execute(
-                "UPDATE phases SET config_version = ?, ended_at = NULL, outcome = NULL "
-                "WHERE rollout_id = ? AND phase_index = ?",
-                [document.version, rollout.rollout_id, index],
-            )
+            start_phase(con, rollout.rollout_id, index, document.version)  # clock restarts
             transition(
                 con,
                 rollout,

@@ -252,6 +252,7 @@ def test_unacknowledged_promotion_restores_the_previous_phase(live_app: LiveApp)
     deadline = time.monotonic() + 90
     while failed is None and time.monotonic() < deadline:  # tick until the gate promotes
         stuck_heartbeat()
+        ticked_at = datetime.now(UTC)
         try:
             rollout_tick(str(live_app.paths.root), ack_timeout_s=2)
         except AcknowledgementFailed as exc:
@@ -263,6 +264,9 @@ def test_unacknowledged_promotion_restores_the_previous_phase(live_app: LiveApp)
     state = rows(live_app, "SELECT state, phase_index FROM rollouts")[0]
     assert state == ("running", 0)
     assert rows(live_app, "SELECT count(*) FROM decisions WHERE verdict = 'RESTORED'")[0][0] == 1
+    # The restored phase runs under a new version, judged from scratch: its clock restarts.
+    (phase,) = rows(live_app, "SELECT config_version, started_at FROM phases WHERE phase_index = 0")
+    assert phase[0] == restored.version and phase[1] >= ticked_at
 
 
 def test_nightly_comparison_stores_rows_and_artifacts(live_app: LiveApp) -> None:
