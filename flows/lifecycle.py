@@ -431,11 +431,23 @@ def approve(
     actor: str,
     comment: str = "",
     rollout_id: str | None = None,
+    phase_index: int | None = None,
 ) -> Rollout:
-    """A human's answer to NEEDS_APPROVAL: approval promotes, rejection rolls back."""
+    """A human's answer to NEEDS_APPROVAL: approval promotes, rejection rolls back.
+
+    `phase_index`: the phase the question was asked for. An answer that waited (a paused
+    Prefect form) must not promote a later phase that asks again."""
     with connect(paths.database) as con:
         rollout = _resolve(con, rollout_id)
         check_awaiting_approval(rollout)
+        assert rollout is not None
+        if phase_index is not None and rollout.phase_index != phase_index:
+            asked = rollout.plan.phases[phase_index].name
+            raise RolloutError(
+                f"this answer was for phase {phase_index + 1} ({asked}); the rollout now "
+                f"awaits approval of phase {rollout.phase_index + 1} ({rollout.phase.name}): "
+                "answer again"
+            )
         reason = f"{'approved' if approved else 'rejected'} by {actor}" + (
             f": {comment}" if comment else ""
         )

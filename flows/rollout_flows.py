@@ -249,8 +249,16 @@ def rollout_approve(
     from prefect.flow_runs import pause_flow_run
 
     logger = get_run_logger()
+    paths = DataPaths.at(data_dir)
+    # Fails at once when nothing awaits approval, rather than pausing for a day; and
+    # ties the answer to the phase asked about.
+    asked = lifecycle.awaiting_approval(paths, rollout_id)
     if approve is None:
-        logger.info("waiting for a human decision (Prefect UI form, or `rollout approve`)")
+        logger.info(
+            "waiting for a human decision on phase %d (%s): Prefect UI form, or `rollout approve`",
+            asked.phase_index + 1,
+            asked.phase.name,
+        )
         answer = pause_flow_run(
             # No default answer: a click on Resume must not promote by accident.
             wait_for_input=ApprovalInput.with_initial_data(
@@ -260,9 +268,13 @@ def rollout_approve(
             poll_interval=2,
         )
         approve, comment, approver = answer.approve, answer.comment, answer.approver
-    paths = DataPaths.at(data_dir)
     rollout = lifecycle.approve(
-        paths, approved=approve, actor=approver, comment=comment, rollout_id=rollout_id
+        paths,
+        approved=approve,
+        actor=approver,
+        comment=comment,
+        rollout_id=asked.rollout_id,
+        phase_index=asked.phase_index,
     )
     with connect(paths.database, read_only=True) as con:
         version_row = con.execute(

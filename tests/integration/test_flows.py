@@ -90,10 +90,15 @@ def test_only_one_rollout_per_router_group(live_app: LiveApp) -> None:
 
 
 def test_approval_accepted_promotes(live_app: LiveApp) -> None:
+    from flows import lifecycle
     from flows.rollout_flows import rollout_approve, rollout_start
 
     rollout_start(small_plan(approval_on=0), str(live_app.paths.root))
     tick_until(live_app, {"awaiting_approval"})
+    # An answer given for another phase (a form paused since an earlier question) is
+    # refused and leaves nothing behind.
+    with pytest.raises(lifecycle.RolloutError, match="answer again"):
+        lifecycle.approve(live_app.paths, approved=True, actor="mallory", phase_index=1)
     result = rollout_approve(
         str(live_app.paths.root), approve=True, comment="looks good", approver="alice"
     )
