@@ -505,8 +505,10 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         self.routed += 1
         if arm is Arm.PRODUCTION:
             self._guard_observe(result)
-        elif result.outcome not in NOT_PRODUCTIONS_FAULT and config is self.config:
-            # (a request that started under an earlier config says nothing about now)
+        elif (
+            result.outcome not in NOT_PRODUCTIONS_FAULT
+            and result.config_version == self.config.version  # as in _guard_observe
+        ):
             self.guard.observe_legacy(result.ok, result.latency_ms)
         if cancelled:
             raise asyncio.CancelledError
