@@ -407,13 +407,18 @@ class Balancer:
                 "weight": s.weight,
                 "success_rate": round(s.success_rate(), 4),
                 "latency_ewma_ms": round(s.latency.value(now), 2),
-                "rate_limited_for_s": round(max(0.0, s.unavailable_until - now), 3)
-                if s.unavailable_status == 429
-                else 0.0,
-                "retry_after_503_for_s": round(max(0.0, s.unavailable_until - now), 3)
-                if s.unavailable_status != 429
-                else 0.0,
+                **_retry_after_waits(s, now),
                 **self.health.describe(s, now),
             }
             for s in self.states
         }
+
+
+def _retry_after_waits(state: BackendState, now: float) -> dict[str, float]:
+    """Seconds the backend stays out, under the key of the status that asked for it."""
+    wait = round(max(0.0, state.unavailable_until - now), 3)
+    limited = state.unavailable_status == 429
+    return {
+        "rate_limited_for_s": wait if limited else 0.0,
+        "retry_after_503_for_s": 0.0 if limited else wait,
+    }
