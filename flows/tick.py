@@ -135,9 +135,9 @@ def tick(
         report.router_group = rollout.router_group
         version = phase_config_version(con, rollout.rollout_id, rollout.phase_index)
         report.config_version = version
-        if rollout.state is RolloutState.AWAITING_APPROVAL:
-            report.reason = "waiting for a human decision (rollout approve)"
-            return report
+        # While a human decides, the gate keeps judging: harm found meanwhile still rolls
+        # back at once; anything else waits for the answer (see `_act`).
+        awaiting = rollout.state is RolloutState.AWAITING_APPROVAL
         if version is None:
             report.reason = "phase has no published config"
             return report
@@ -201,7 +201,8 @@ def tick(
         report.reason = result.reason
         report.n_legacy, report.n_production = result.n_legacy, result.n_production
         report.data_docs_url = result.data_docs_url
-        if result.verdict is Verdict.ROLLBACK:
+        rolled_back = result.verdict is Verdict.ROLLBACK
+        if rolled_back:
             # Users first: legacy_only goes out before anything is written here.
             lifecycle.rollback(
                 paths,
@@ -220,20 +221,29 @@ def tick(
                 rollout=rollout,
                 config_version=version,
                 verdict=result.verdict.value,
-                action=INTENT[result.verdict],
+                action=AWAITING_INTENT if awaiting and not rolled_back else INTENT[result.verdict],
                 actor=actor,
                 reason=result.reason,
                 evaluation_id=evaluation_id,
                 n_legacy=result.n_legacy,
                 n_production=result.n_production,
             )
-        report.action, report.published_version = _act(con, paths, rollout, result, actor)
+        if awaiting and not rolled_back:
+            report.action = AWAITING_INTENT
+            report.reason = f"{WAITING_FOR_HUMAN}; the gate now says: {result.reason}"
+        else:
+            report.action, report.published_version = _act(con, paths, rollout, result, actor)
         current = lifecycle.get_state(con, rollout.rollout_id)
         report.state = current.state.value
         report.phase_index = current.phase_index
         report.phase_name = current.phase.name
     return report
 
+
+WAITING_FOR_HUMAN = "waiting for a human decision (rollout approve)"
+#: What a tick does with a verdict other than ROLLBACK while a human decides: the
+#: question stays open; a PROMOTE or HOLD must not answer it on the human's behalf.
+AWAITING_INTENT = "still awaiting approval"
 
 INTENT = {
     Verdict.PROMOTE: "promote",

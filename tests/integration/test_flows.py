@@ -128,6 +128,44 @@ def test_approval_rejected_rolls_back(live_app: LiveApp) -> None:
     )
 
 
+def test_harm_found_while_awaiting_approval_rolls_back_without_the_human(
+    live_app: LiveApp,
+) -> None:
+    """A question to a human can stay open for hours; users must not wait that long for
+    a rollback. Other verdicts leave the question open."""
+    from flows import lifecycle
+    from flows.rollout_flows import rollout_start, rollout_tick
+    from flows.sim.fleet import set_profile
+
+    root = str(live_app.paths.root)
+    started = rollout_start(small_plan(approval_on=0), root)
+    tick_until(live_app, {"awaiting_approval"})
+    asked = rows(live_app, "SELECT count(*) FROM decisions")[0][0]
+    waiting = rollout_tick(root, ack_timeout_s=10)
+    assert waiting["state"] == "awaiting_approval", waiting
+    assert waiting["action"] == "still awaiting approval", waiting
+    assert waiting["evaluation_id"] and waiting["reason"].startswith("waiting for a human decision")
+    assert rows(live_app, "SELECT count(*) FROM decisions")[0][0] == asked + 1
+
+    assert live_app.fleet.info is not None
+    for member in live_app.fleet.info.members:
+        set_profile(member.admin_url, {"error_rate": 1.0}, arm="production")
+    last = tick_until(live_app, {"rolled_back"}, limit_s=60)
+    assert last["verdict"] == "ROLLBACK", last
+    assert live_app.store.current().mode.value == "legacy_only"
+    (step,) = rows(
+        live_app,
+        "SELECT from_state, actor FROM rollout_transitions WHERE to_state = 'rolled_back' "
+        "AND rollout_id = ?",
+        [started["rollout_id"]],
+    )
+    assert step == ("awaiting_approval", "gate")
+    # the human's late answer finds nothing to approve, and changes nothing
+    with pytest.raises(lifecycle.RolloutError):
+        lifecycle.approve(live_app.paths, approved=True, actor="alice")
+    assert live_app.store.current().mode.value == "legacy_only"
+
+
 def test_approval_through_the_paused_form(live_app: LiveApp) -> None:
     """The UI path: the flow pauses with a form; a resume with input decides."""
     from flows.cli.rollout_cmd import _resume_paused_approval
