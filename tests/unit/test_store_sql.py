@@ -52,18 +52,39 @@ def rollout_sql(data: DataPaths, *args: str) -> tuple[int, str, str]:
         "CREATE TABLE x AS SELECT 1",
         "SET threads = 1",
         "EXPORT DATABASE '{leak}'",
+        # EXPLAIN ANALYZE runs what it explains; the data dir itself is readable (and
+        # DuckDB's allowed directories are writable too), so this wrote files there.
+        "EXPLAIN ANALYZE COPY (SELECT 1) TO '{inside}'",
+        "/* why */ explain analyze COPY requests TO '{inside}'",
+        "EXPLAIN (FORMAT json) COPY (SELECT 1) TO '{inside}'",
+        "EXPLAIN ANALYZE SELECT 1; COPY (SELECT 1) TO '{inside}'",
     ],
 )
 def test_write_statements_are_refused_with_exit_2(
     data: DataPaths, tmp_path: Path, statement: str
 ) -> None:
     leak = tmp_path / "leak.csv"
-    code, out, err = rollout_sql(data, statement.format(leak=leak))
+    inside = data.root / "control" / "planted.csv"
+    code, out, err = rollout_sql(data, statement.format(leak=leak, inside=inside))
     assert code == 2, (out, err)
     assert "refused" in err and "read-only" in err
-    assert not leak.exists()
+    assert not leak.exists() and not inside.exists()
     code, out, _ = rollout_sql(data, "SELECT count(*) AS n FROM all_requests", "--format", "csv")
     assert (code, out.splitlines()) == (0, ["n", "200"])
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "EXPLAIN SELECT 1",
+        "explain analyze SELECT count(*) FROM all_requests",
+        "EXPLAIN (FORMAT json) SELECT 1",
+    ],
+)
+def test_explaining_a_select_is_allowed(data: DataPaths, statement: str) -> None:
+    code, out, err = rollout_sql(data, statement, "--format", "json")
+    assert code == 0, (out, err)
+    assert json.loads(out), out
 
 
 def test_reading_files_outside_the_store_is_blocked(data: DataPaths) -> None:
