@@ -18,6 +18,7 @@ from router.algorithms.base import Algorithm, Choice, Observation, RequestContex
 from router.backend_client import BackendAnswer, call_backend
 from router.backend_state import BackendState
 from router.backends import BackendConfig
+from router.circuit_breaker import BreakerState
 from router.classifier import Classification
 from router.failures import BackendFailure
 from router.health_policy import HealthEvent, HealthPolicy
@@ -141,24 +142,34 @@ class Balancer:
         return state.available(now) and self.health.allows(state, now)
 
     def candidates(
-        self, eligible: Sequence[BackendState], tried: set[str], now: float
+        self, eligible: Sequence[BackendState], tried: set[str], now: float, *, degrade: bool = True
     ) -> tuple[list[BackendState], bool]:
-        """Usable untried backends; if none, degrade to untried ones that are merely
-        ejected or broken (never to ones that asked us to wait with Retry-After)."""
+        """Usable untried backends; if none and `degrade` (a request's first attempt),
+        degrade to untried ones that are merely ejected (panic routing): never to a
+        breaker that is not closed (that would defeat its open wait and probe limit), nor
+        to ones that asked us to wait with Retry-After. Retries never degrade.
+
+        `candidate_filter` (the spent daily budget) chooses among these, so a cheap
+        backend that is down does not leave the request with nothing."""
         untried = [s for s in eligible if s.name not in tried]
-        if self.candidate_filter is not None:
-            untried = self.candidate_filter(untried)
         usable = [s for s in untried if self._usable(s, now)]
         if usable:
-            return usable, False
+            return self._filtered(usable), False
+        if not degrade:
+            return [], False
         not_waiting = [
             s
             for s in untried
-            if s.healthy and (now >= s.unavailable_until or not self.honour_retry_after)
+            if s.healthy
+            and (now >= s.unavailable_until or not self.honour_retry_after)
+            and (s.breaker is None or s.breaker.state_at(now) is BreakerState.CLOSED)
         ]
-        if not_waiting:
-            return not_waiting, True
-        return [], True
+        return self._filtered(not_waiting), True
+
+    def _filtered(self, states: list[BackendState]) -> list[BackendState]:
+        if self.candidate_filter is None or not states:
+            return states
+        return self.candidate_filter(states)
 
     def retry_after_wait(
         self, eligible: Sequence[BackendState], tried: set[str], now: float, deadline: float
@@ -223,7 +234,7 @@ class Balancer:
                 break
             now = self.clock()
             eligible = self.eligible(classification, tried)
-            cands, degraded = self.candidates(eligible, tried, now)
+            cands, degraded = self.candidates(eligible, tried, now, degrade=not outcome.attempts)
             if not cands and self.honour_retry_after:
                 wait = self.retry_after_wait(eligible, tried, now, deadline)
                 if wait is not None:

@@ -20,7 +20,8 @@ from router.backend_state import BackendState
 from router.backends import BackendConfig, BackendKind
 from router.balancer import Balancer
 from router.classifier import KeywordClassifier
-from router.health_policy import ConsecutiveFailures
+from router.health_policy import ConsecutiveFailures, HealthPolicy, ProductionHealth
+from router.production_config import CircuitBreakerSettings, OutlierSettings
 from router.record import ErrorKind
 from router.retry_budget import RetryBudget
 
@@ -86,6 +87,8 @@ def balancer(
     deadline_s: float = 10.0,
     budget: RetryBudget | None = None,
     threshold: int = 3,
+    health: HealthPolicy | None = None,
+    candidate_filter: Callable[[list[BackendState]], list[BackendState]] | None = None,
 ) -> Balancer:
     client = httpx.AsyncClient(transport=httpx.MockTransport(fleet))
     return Balancer(
@@ -93,10 +96,11 @@ def balancer(
         backends,
         InOrder(),
         client,
-        ConsecutiveFailures(threshold, rest_s=60.0),
+        health or ConsecutiveFailures(threshold, rest_s=60.0),
         max_attempts=max_attempts,
         deadline_s=deadline_s,
         retry_budget=budget or RetryBudget(1.0, 100),
+        candidate_filter=candidate_filter,
     )
 
 
@@ -342,6 +346,49 @@ async def test_degraded_mode_when_every_backend_is_ejected() -> None:
     assert outcome.ok
     assert outcome.degraded
     assert outcome.explain()["degraded"] is True
+
+
+async def test_a_retry_never_degrades_to_an_ejected_backend() -> None:
+    """Degrading is for a request that would otherwise get nothing; a retry after a
+    failure on a usable backend must not go on to one health took out of rotation."""
+    fleet = Fleet({"a": lambda r: ok("ejected"), "b": lambda r: httpx.Response(500)})
+    b = balancer(fleet, [lightrag("a"), lightrag("b")])
+    b.states[0].ejected_until = time.monotonic() + 60
+    outcome = await route(b)
+    assert fleet.called() == ["b"]
+    assert outcome.failure is not None and outcome.failure.kind is ErrorKind.SERVER_ERROR
+    assert not outcome.degraded
+
+
+async def test_an_open_breaker_is_never_bypassed_even_for_the_only_backend() -> None:
+    """While a breaker is open its backend gets no call at all: requests fail at once
+    (no backend) rather than each waiting on a backend known to be failing."""
+    health = ProductionHealth(
+        CircuitBreakerSettings(window_size=5, minimum_calls=5, open_wait_s=60.0),
+        OutlierSettings(consecutive_failures=100),
+    )
+    fleet = Fleet({"a": lambda r: httpx.Response(500)})
+    b = balancer(fleet, [lightrag("a")], health=health)
+    for i in range(5):
+        await route(b, f"r{i}")
+    assert health.describe(b.states[0], time.monotonic())["breaker_state"] == "open"
+    calls = len(fleet.calls)
+    outcome = await route(b, "while-open")
+    assert len(fleet.calls) == calls
+    assert outcome.failure is not None and outcome.failure.kind is ErrorKind.NO_BACKEND
+    assert outcome.attempts == []
+
+
+async def test_a_candidate_filter_chooses_among_usable_backends() -> None:
+    """The spent daily budget keeps only the cheapest backends: the cheapest that is up,
+    not the cheapest overall while it is down."""
+    fleet = Fleet({"a": lambda r: ok("down"), "b": lambda r: ok("up")})
+    cheapest = lambda states: [min(states, key=lambda s: s.name)]  # noqa: E731
+    b = balancer(fleet, [lightrag("a"), lightrag("b")], candidate_filter=cheapest)
+    b.states[0].ejected_until = time.monotonic() + 60
+    outcome = await route(b)
+    assert outcome.ok and outcome.answer is not None and outcome.answer.text == "up"
+    assert fleet.called() == ["b"] and not outcome.degraded
 
 
 async def test_no_backend_of_an_allowed_kind() -> None:

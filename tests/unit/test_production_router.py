@@ -428,7 +428,10 @@ async def test_guard_trips_on_error_rate_after_min_requests(
     publish(tmp_path, 3, "production_only", 100, guard=production_guard(), rearm_guard=True)
     router.poll_control_store()
     again = await router.route_query(QUESTION, {"user_id": "u11"})
-    assert (again.arm, again.outcome, again.config_version) == ("production", "ok", 3)
+    assert (again.arm, again.config_version) == ("production", 3)
+    # The breakers the failures opened still hold for their open wait: the request
+    # fails at once instead of reaching a backend they protect.
+    assert again.outcome == "error" and again.attempts == 0
     await router.shutdown()
     failbacks = [e for e in read_segments(tmp_path, "events") if e["kind"] == "failback"]
     assert len(failbacks) == 1
