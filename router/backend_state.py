@@ -19,35 +19,65 @@ class PeakEwma:
 
     A sample above the estimate replaces it at once, so a backend turning slow is
     avoided immediately; samples below pull it down with time constant `tau_s`, so it
-    earns its way back. Reading decays the estimate toward the backend's baseline (a slow
-    average of its answers), so an idle backend is retried once a past spike has faded,
-    but an idle slow backend does not start to look fast (decaying toward zero, as tower
-    does, had the demo probe its slow, paid backend over and over).
+    earns its way back. Reading decays the estimate toward the backend's *floor*, not
+    toward zero (decaying to zero, as tower does, had the demo probe its slow, paid
+    backend over and over): the floor is a slow average of its answers, raised by
+    failures (`observe_failure`: the time a refused request took says nothing about how
+    fast the backend answers, so a backend failing fast never looks fast).
 
-    Failures only ever raise the estimate and the baseline (`observe_failure`): the time
-    a refused request took says nothing about how fast the backend answers.
+    The floor itself relaxes toward the best level the backend has shown, with time
+    constant `recover_s`. Without that, a backend that an outage or one very slow answer
+    put above its rivals got no traffic, hence no answers to bring it back down, and was
+    starved for good after it recovered. A backend that was always slow has its own
+    level as its best, so idleness never makes it look fast.
     """
 
-    __slots__ = ("baseline_ms", "estimate_ms", "samples", "tau_s", "updated_at")
+    __slots__ = (
+        "best_ms",
+        "estimate_ms",
+        "floor_at",
+        "floor_ms",
+        "recover_s",
+        "samples",
+        "tau_s",
+        "updated_at",
+    )
 
-    #: Weight of a new answer in the baseline: a spike moves it by 5 %, a backend that
+    #: Weight of a new answer in the floor: a spike moves it by 5 %, a backend that
     #: stays slow moves it past its rivals within a few probes.
-    BASELINE_ALPHA = 0.05
+    FLOOR_ALPHA = 0.05
+    #: `recover_s` in units of `tau_s` unless given.
+    RECOVER_TAUS = 6.0
 
-    def __init__(self, initial_ms: float, tau_s: float = 10.0, now: float = 0.0) -> None:
+    def __init__(
+        self,
+        initial_ms: float,
+        tau_s: float = 10.0,
+        now: float = 0.0,
+        recover_s: float | None = None,
+    ) -> None:
         self.estimate_ms = initial_ms
-        self.baseline_ms = initial_ms
+        self.floor_ms = initial_ms
+        self.best_ms = initial_ms
         self.tau_s = tau_s
+        self.recover_s = recover_s if recover_s is not None else tau_s * self.RECOVER_TAUS
         self.updated_at = now
+        self.floor_at = now
         self.samples = 0
+
+    def floor(self, now: float) -> float:
+        excess = self.floor_ms - self.best_ms
+        if excess <= 0.0:
+            return self.floor_ms
+        return self.best_ms + excess * math.exp(-max(0.0, now - self.floor_at) / self.recover_s)
 
     def observe(self, sample_ms: float, now: float) -> None:
         self.samples += 1
         if self.samples == 1:
             # The default only stands in until there is evidence: the first real sample
             # replaces it, or a fast backend would look as slow as the default for ~tau.
-            self.estimate_ms = self.baseline_ms = sample_ms
-            self.updated_at = now
+            self.estimate_ms = self.floor_ms = self.best_ms = sample_ms
+            self.updated_at = self.floor_at = now
             return
         current = self.value(now)
         if sample_ms > current:
@@ -55,24 +85,29 @@ class PeakEwma:
         else:
             weight = math.exp(-max(0.0, now - self.updated_at) / self.tau_s)
             self.estimate_ms = current * weight + sample_ms * (1.0 - weight)
-        self.baseline_ms += self.BASELINE_ALPHA * (sample_ms - self.baseline_ms)
         self.updated_at = now
+        floor = self.floor(now)
+        self.floor_ms = floor + self.FLOOR_ALPHA * (sample_ms - floor)
+        self.floor_at = now
+        self.best_ms = min(self.best_ms, self.floor_ms)
 
     def observe_failure(self, sample_ms: float, now: float) -> None:
         """A failed attempt, charged `sample_ms` (its time plus any detour it caused).
 
-        An answer from this backend now costs at least that: the estimate and the
-        baseline it decays toward are raised to it (never lowered); answers pull the
-        baseline back down, 5 % each."""
+        An answer from this backend now costs at least that: the estimate and the floor
+        are raised to it (never lowered); the floor then relaxes over `recover_s`."""
         current = self.value(now)
         if sample_ms > current:
             self.estimate_ms = sample_ms
             self.updated_at = now
-        self.baseline_ms = max(self.baseline_ms, sample_ms)
+        floor = self.floor(now)
+        if sample_ms > floor:
+            self.floor_ms = sample_ms
+            self.floor_at = now
 
     def value(self, now: float) -> float:
         weight = math.exp(-max(0.0, now - self.updated_at) / self.tau_s)
-        return self.estimate_ms * weight + self.baseline_ms * (1.0 - weight)
+        return self.estimate_ms * weight + self.floor(now) * (1.0 - weight)
 
 
 @dataclass(eq=False, slots=True)

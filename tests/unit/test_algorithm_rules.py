@@ -441,6 +441,27 @@ def test_response_time_retries_an_idle_backend_after_a_slow_answer_eventually() 
     assert "usual" in picks_over_an_hour
 
 
+@pytest.mark.parametrize(
+    "setback",
+    [
+        lambda s: s.latency.observe(5_000.0, NOW + 1),  # one very slow answer
+        lambda s: s.latency.observe_failure(10_000.0, NOW + 1),  # a timeout and a detour
+    ],
+    ids=["slow answer", "failure"],
+)
+def test_response_time_a_backend_set_back_once_gets_its_traffic_back(setback) -> None:
+    """A setback lifts the floor the estimate decays to; nothing but answers used to
+    lower it, and an avoided backend gets none, so it stayed starved after recovering.
+    The floor now relaxes toward the backend's best level over `recover_s` (60 s)."""
+    usual, other = steady("usual", 100.0), steady("other", 300.0)
+    setback(usual)
+    algorithm = ResponseTime(seed=0)
+    fleet = {"usual": (usual, 100.0), "other": (other, 300.0)}
+    picks = [_serve(algorithm, fleet, 2 + t) for t in range(600)]
+    assert picks[0] == "other"  # avoided at once
+    assert picks[-60:].count("usual") == 60  # and back within ten minutes, for good
+
+
 def test_response_time_an_idle_slow_backend_does_not_start_to_look_fast() -> None:
     """Decay goes toward the backend's own baseline, not toward zero: a backend that
     answers in 2 s is not probed just because nobody used it for an hour."""
