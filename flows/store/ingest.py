@@ -3,10 +3,18 @@
 New files are checked (readable footer, expected columns), then ingested in ONE
 transaction together with their ledger rows in `ingested_segments`. A crash before the
 commit leaves neither rows nor ledger entries; a crash after it leaves both, and the
-ledger makes the next run skip those files. A file that cannot be read goes to
-`quarantine/` with its reason in `router_events` (recorded in the same transaction),
-while the others land. Every row keeps its segment's ledger key in `requests.segment`,
-so "rows per segment = ledger rows" can be audited with one query.
+ledger makes the next run skip those files. Every row keeps its segment's ledger key in
+`requests.segment`, so "rows per segment = ledger rows" can be audited with one query.
+
+Only a file whose CONTENT is bad is quarantined: not Parquet, truncated, corrupt pages,
+wrong columns or types, values that do not convert or break a NOT NULL (see
+`is_bad_file`). It goes to `quarantine/` with its reason in `router_events` (recorded in
+the same transaction), while the others land. Any other DuckDB error (out of memory,
+disk full, network, interrupt, internal error) says nothing about the file: the batch
+rolls back, nothing is recorded or moved, and `TransientIngestError` is raised, so the
+next run retries the same files. `collect(retry_quarantined=True)` gives quarantined
+files another chance: it moves them back, forgets their ledger rows and ingests them;
+one still bad is quarantined again.
 
 Segments live in `<location>/<instance>/<kind>-<stamp>-<seq>.parquet`, one folder per
 router instance (many processes and machines never write the same name). The location
@@ -33,7 +41,7 @@ import duckdb
 import pyarrow as pa
 
 from flows.paths import DataPaths
-from flows.store.database import connect, transaction
+from flows.store.database import StoreError, connect, transaction
 from flows.store.locations import is_remote, join, segments_location
 from router.record import EVENT_SCHEMA, REQUEST_SCHEMA, EventKind
 from router.recorder import SEGMENT_SUFFIX
@@ -56,6 +64,49 @@ _INTEGER_NAMES = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT"}
 _SEGMENT_KEY_SQL = "regexp_extract(filename, '[^/]+/[^/]+$')"
 
 
+class TransientIngestError(StoreError):
+    """DuckDB failed for a reason that is not the segment's content (memory, disk, network,
+    interrupt, internal error). Nothing was recorded or moved: the next run retries."""
+
+
+def is_bad_file(exc: duckdb.Error) -> bool:
+    """True if DuckDB's error is about the file's content (quarantine it), False if it is
+    about the environment (retry later).
+
+    By class, as DuckDB 2.0.1 raises them on corrupt, truncated and mistyped segments:
+    InvalidInputException (not Parquet, no magic bytes, bad pages, ZSTD failure, invalid
+    UTF-8), DataError (ConversionException: a value out of the column's range),
+    IntegrityError (ConstraintException: NULL in a NOT NULL column), and the bare
+    `duckdb.Error` that the Parquet reader's own errors carry (Thrift "Invalid data",
+    "Parquet metadata is corrupt", "Out of buffer"). Memory pressure raises
+    OutOfMemoryException; missing files, disk and network problems IOException or
+    HTTPException; Ctrl-C InterruptException: none of those is quarantined.
+    """
+    if isinstance(exc, (duckdb.InvalidInputException, duckdb.DataError, duckdb.IntegrityError)):
+        return True
+    if type(exc) is duckdb.Error:
+        return True
+    if isinstance(exc, duckdb.IOException) and not isinstance(exc, duckdb.HTTPException):
+        # Message match, because the class cannot tell: a footer whose offsets point past
+        # the end of a truncated or corrupt file raises the same IOException as a failing
+        # disk. Only this short-read text, seen on corrupt files, blames the file.
+        return "Could not read enough bytes from file" in str(exc)
+    return False
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _transient(exc: duckdb.Error, segments: list[Segment]) -> TransientIngestError:
+    what = segments[0].key if len(segments) == 1 else f"{len(segments)} segment files"
+    return TransientIngestError(
+        f"collect stopped on {what}: {type(exc).__name__}: {_first_line(exc)}. "
+        "The error is not about the file's content, so nothing was recorded or quarantined "
+        "for it; run collect again once the cause is fixed."
+    )
+
+
 @dataclass(frozen=True)
 class Segment:
     path: str  # local absolute path or URL, as DuckDB reads it
@@ -71,6 +122,7 @@ class IngestReport:
     rows: int = 0
     events: int = 0
     quarantined: list[tuple[str, str]] = field(default_factory=list)
+    retried: list[str] = field(default_factory=list)  # quarantined keys given another try
     seconds: float = 0.0
 
     @property
@@ -154,7 +206,8 @@ def check_segments(
 
     Reads only footers, all files in one DuckDB query (C++, parallel, works on any
     location DuckDB reads); when a footer is unreadable, again file by file so that only
-    the bad file is blamed.
+    the bad file is blamed. An error that is not about a file's content raises
+    `TransientIngestError` instead of blaming anyone.
     """
     if not segments:
         return []
@@ -165,12 +218,11 @@ def check_segments(
         )
     try:
         rows = con.execute(_FOOTERS_SQL, {"files": [s.path for s in segments]}).fetchall()
-    except duckdb.Error:
+    except duckdb.Error as exc:
+        if not is_bad_file(exc):
+            raise _transient(exc, segments) from exc
         if len(segments) == 1:
-            try:
-                con.execute(_FOOTERS_SQL, {"files": [segments[0].path]}).fetchall()
-            except duckdb.Error as exc:
-                return [(segments[0], 0, f"unreadable parquet: {str(exc).splitlines()[0]}")]
+            return [(segments[0], 0, f"unreadable parquet: {_first_line(exc)}")]
         return [checked for s in segments for checked in check_segments(con, [s])]
     footers = {r[0]: r[1:] for r in rows}
     checked: list[tuple[Segment, int, str | None]] = []
@@ -186,8 +238,10 @@ def check_segments(
     return checked
 
 
-def _event_id(key: str) -> str:
-    return "quarantine-" + hashlib.sha256(key.encode()).hexdigest()[:24]
+def _event_id(key: str, now: datetime) -> str:
+    """Unique per quarantine, not per file: a file retried and quarantined again gets a
+    second event (the ledger's primary key already stops a double quarantine in a run)."""
+    return "quarantine-" + hashlib.sha256(f"{key}@{now.isoformat()}".encode()).hexdigest()[:24]
 
 
 def _insert_ledger(
@@ -254,7 +308,7 @@ def _ingest_batch(
                 "INSERT INTO router_events VALUES (?, ?, ?, ?, NULL, NULL, ?) "
                 "ON CONFLICT DO NOTHING",
                 [
-                    _event_id(segment.key),
+                    _event_id(segment.key, now),
                     now,
                     segment.instance,
                     EventKind.SEGMENT_QUARANTINED.value,
@@ -277,6 +331,45 @@ def _move_to_quarantine(paths: DataPaths, segment: Segment, reason: str) -> None
     (target / f"{source.name}.reason.txt").write_text(reason + "\n")
 
 
+def _move_back(paths: DataPaths, location: str | Path, ledger: dict[str, str]) -> None:
+    """Local quarantined files go back from `quarantine/<instance>/` to the segments
+    location (a remote one never left it)."""
+    if is_remote(str(location)):
+        return
+    for key, status in ledger.items():
+        source, target = paths.quarantine / key, Path(location) / key
+        if status == "quarantined" and source.exists() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(source, target)
+
+
+def _forget_quarantined(
+    con: duckdb.DuckDBPyConnection,
+    paths: DataPaths,
+    ledger: dict[str, str],
+    found: list[Segment],
+) -> list[str]:
+    """Delete the quarantined ledger rows of files present in `found`, so this run checks
+    and ingests them again; returns their keys.
+
+    This cannot land a file twice: a quarantined file never had rows (rows and ledger row
+    are one transaction, and only a file that failed gets a quarantined row). The
+    `router_events` history stays.
+    """
+    released = [s.key for s in found if ledger.get(s.key) == "quarantined"]
+    if released:
+        with transaction(con):
+            con.execute(
+                "DELETE FROM ingested_segments WHERE status = 'quarantined' "
+                "AND list_contains($keys, path)",
+                {"keys": released},
+            )
+    for key in released:
+        (paths.quarantine / f"{key}.reason.txt").unlink(missing_ok=True)
+        del ledger[key]
+    return released
+
+
 def collect(
     paths: DataPaths,
     *,
@@ -284,19 +377,28 @@ def collect(
     batch_files: int = 500,
     before_commit: Callable[[], None] | None = None,
     wait_s: float = 15.0,
+    retry_quarantined: bool = False,
 ) -> IngestReport:
     """Ingest every new segment exactly once.
 
     `segments`: where to look (default `$ROLLOUT_SEGMENTS_URL`, else `<data dir>/segments`).
     `before_commit` runs inside each transaction just before COMMIT (crash tests).
     `wait_s`: how long to wait for a reader or another writer to release the database.
+    `retry_quarantined`: first move quarantined files back and forget their ledger rows,
+    so they are checked and ingested again (one still bad is quarantined again).
+    Raises `TransientIngestError` when DuckDB fails for a reason other than a file's
+    content; the failing batch is rolled back and the next run retries it.
     """
     started = time.perf_counter()
     report = IngestReport()
     location = segments_location(paths, segments)
     with connect(paths.database, wait_s=wait_s) as con:
         ledger = dict(con.execute("SELECT path, status FROM ingested_segments").fetchall())
+        if retry_quarantined:
+            _move_back(paths, location, ledger)
         found = discover(location, con)
+        if retry_quarantined:
+            report.retried = _forget_quarantined(con, paths, ledger, found)
         # A quarantined file the previous run could not move yet: move it now.
         for segment in found:
             if ledger.get(segment.key) == "quarantined":
@@ -312,7 +414,9 @@ def collect(
                     bad.append((checked, reason))
             try:
                 _ingest_batch(con, good, bad, before_commit)
-            except duckdb.Error:
+            except duckdb.Error as exc:
+                if not is_bad_file(exc):
+                    raise _transient(exc, batch) from exc
                 # A file passed the footer check but its pages are bad: isolate it.
                 good, more_bad = _ingest_one_by_one(con, good, before_commit)
                 bad += more_bad
@@ -332,13 +436,19 @@ def _ingest_one_by_one(
     good: list[tuple[Segment, int]],
     before_commit: Callable[[], None] | None,
 ) -> tuple[list[tuple[Segment, int]], list[tuple[Segment, str]]]:
+    """Each file in its own transaction: the ones that fail on their content are blamed;
+    any other error stops the run (files landed so far stay, with their ledger rows)."""
     landed, bad = [], []
     for item in good:
         try:
             _ingest_batch(con, [item], [], before_commit)
             landed.append(item)
         except duckdb.Error as exc:
-            bad.append((item[0], f"unreadable data pages: {str(exc).splitlines()[0]}"))
+            if not is_bad_file(exc):
+                raise _transient(exc, [item[0]]) from exc
+            values = isinstance(exc, (duckdb.DataError, duckdb.IntegrityError))
+            what = "values the table refuses" if values else "unreadable data pages"
+            bad.append((item[0], f"{what}: {_first_line(exc)}"))
     return landed, bad
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -10,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 import pytest
 
 from flows.bench.synthetic import make_table, write_request_segments
@@ -247,9 +250,150 @@ def test_segments_at_another_location_and_through_duckdb_listing(
     assert [k for k, _ in report.quarantined] == ["machine-b/requests-bad-000009.parquet"]
     assert (shared / "machine-b" / "requests-bad-000009.parquet").exists()  # remote: not moved
     assert collect(paths, segments=str(shared)).rows == 0
+    # Repaired where it lies (remote files never move): a retry forgets the ledger row.
+    spare = write_request_segments(tmp_path / "spare", "machine-b", files=1, rows=25, seed=9)[0]
+    (shared / "machine-b" / "requests-bad-000009.parquet").write_bytes(spare.read_bytes())
+    retried = collect(paths, segments=str(shared), retry_quarantined=True)
+    assert retried.retried == ["machine-b/requests-bad-000009.parquet"]
+    assert retried.rows == 25 and retried.quarantined == []
+    assert collect(paths, segments=str(shared), retry_quarantined=True).retried == []
 
     monkeypatch.undo()
     monkeypatch.setenv("ROLLOUT_SEGMENTS_URL", str(shared))
     write_request_segments(shared, "machine-c", files=1, rows=11)
     assert collect(paths).rows == 11
-    assert counts(paths)[:2] == (181, 181)
+    assert counts(paths)[:2] == (206, 206)
+
+
+def _ledger(paths: DataPaths) -> list[tuple[str, int]]:
+    with connect(paths.database, read_only=True) as con:
+        rows = con.execute("SELECT status, count(*) FROM ingested_segments GROUP BY 1 ORDER BY 1")
+        return rows.fetchall()
+
+
+def test_out_of_memory_during_the_batch_quarantines_nothing_and_the_rerun_lands_all(
+    paths: DataPaths,
+) -> None:
+    """A transient engine error is no verdict on the files: roll back, raise, retry later."""
+    write_request_segments(paths.segments, "app-1", files=3, rows=200)
+
+    def out_of_memory() -> None:  # after the INSERTs ran, inside the transaction
+        raise duckdb.OutOfMemoryException("Out of Memory Error: could not allocate block")
+
+    with pytest.raises(ingest.TransientIngestError, match="OutOfMemoryException") as raised:
+        collect(paths, before_commit=out_of_memory)
+    assert "3 segment files" in str(raised.value) and "nothing was recorded" in str(raised.value)
+    assert counts(paths) == (0, 0, 0) and _ledger(paths) == []
+    assert not any(paths.quarantine.rglob("*.parquet"))
+    assert len(list((paths.segments / "app-1").glob("*.parquet"))) == 3
+
+    report = collect(paths)
+    assert report.rows == 600 and report.quarantined == []
+    assert counts(paths) == (600, 600, 600)
+    assert collect(paths).rows == 0
+    assert counts(paths) == (600, 600, 600)
+
+
+def test_a_segment_gone_while_checking_footers_is_not_quarantined(
+    paths: DataPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An IOException about a missing file (not its content) raises instead of blaming it."""
+    write_request_segments(paths.segments, "app-1", files=2, rows=100)
+    listed = discover(paths.segments)
+    gone = paths.segments / "app-1" / "requests-t-000009.parquet"
+    phantom = ingest.Segment(str(gone), "app-1/requests-t-000009.parquet", "app-1", "requests")
+    monkeypatch.setattr(ingest, "discover", lambda location, con=None: [*listed, phantom])
+    with pytest.raises(ingest.TransientIngestError, match=re.escape(str(gone))):
+        collect(paths)
+    assert _ledger(paths) == [] and counts(paths) == (0, 0, 0)
+    monkeypatch.undo()
+    assert collect(paths).rows == 200 and counts(paths) == (200, 200, 200)
+
+
+@pytest.mark.parametrize(
+    ("error", "bad_file"),
+    [
+        (duckdb.InvalidInputException("No magic bytes found at end of file"), True),
+        (duckdb.ConversionException("Type INT64 with value 1099511627776 can't be cast"), True),
+        (duckdb.ConstraintException("NOT NULL constraint failed: requests.request_id"), True),
+        (duckdb.Error("TProtocolException: Invalid data"), True),
+        (duckdb.IOException('Could not read enough bytes from file "x.parquet"'), True),
+        (duckdb.OutOfMemoryException("could not allocate block of size 256.0 KiB"), False),
+        (duckdb.IOException("Could not write file: No space left on device"), False),
+        (duckdb.HTTPException("HTTP GET error: Could not read enough bytes from file"), False),
+        (duckdb.InterruptException("Interrupted!"), False),
+        (duckdb.InternalException("Attempted to access index 3"), False),
+    ],
+)
+def test_only_errors_about_the_file_content_quarantine(error: duckdb.Error, bad_file: bool) -> None:
+    assert ingest.is_bad_file(error) is bad_file
+
+
+def test_retry_quarantined_lands_a_repaired_file_once_and_requarantines_a_bad_one(
+    paths: DataPaths, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli.app import app
+
+    write_request_segments(paths.segments, "app-1", files=2, rows=100)
+    fixed = write_request_segments(tmp_path / "spare", "app-2", files=1, rows=70, seed=7)[0]
+    folder = paths.segments / "app-2"
+    folder.mkdir()
+    (folder / "requests-t-000001.parquet").write_bytes(fixed.read_bytes()[:300])  # truncated
+    (folder / "requests-t-000002.parquet").write_bytes(b"not parquet at all")
+    report = collect(paths)
+    assert report.rows == 200 and len(report.quarantined) == 2
+    assert _ledger(paths) == [("ingested", 2), ("quarantined", 2)]
+    # The operator repairs one file in quarantine/ (e.g. the router's complete copy).
+    (paths.quarantine / "app-2" / "requests-t-000001.parquet").write_bytes(fixed.read_bytes())
+
+    assert collect(paths).rows == 0  # without the option the ledger keeps skipping them
+    result = CliRunner().invoke(
+        app, ["collect", "--retry-quarantined", "--json", "--data-dir", str(paths.root)]
+    )
+    assert result.exit_code == 0, result.output
+    retried = json.loads(result.output)
+    assert sorted(retried["retried"]) == [
+        "app-2/requests-t-000001.parquet",
+        "app-2/requests-t-000002.parquet",
+    ]
+    assert retried["rows"] == 70
+    assert [key for key, _ in retried["quarantined"]] == ["app-2/requests-t-000002.parquet"]
+    assert retried["quarantined"][0][1].startswith("unreadable parquet")
+    assert counts(paths) == (270, 270, 270)
+    assert _ledger(paths) == [("ingested", 3), ("quarantined", 1)]
+    assert (folder / "requests-t-000001.parquet").exists()
+    assert not (paths.quarantine / "app-2" / "requests-t-000001.parquet").exists()
+    assert not (paths.quarantine / "app-2" / "requests-t-000001.parquet.reason.txt").exists()
+    assert (paths.quarantine / "app-2" / "requests-t-000002.parquet.reason.txt").exists()
+    assert not (folder / "requests-t-000002.parquet").exists()
+
+    again = collect(paths, retry_quarantined=True)  # exactly once: the landed file stays put
+    assert again.retried == ["app-2/requests-t-000002.parquet"] and again.rows == 0
+    assert counts(paths) == (270, 270, 270)
+    with connect(paths.database, read_only=True) as con:
+        events = con.execute(
+            "SELECT count(*) FROM router_events WHERE kind = 'segment_quarantined'"
+        ).fetchall()[0][0]
+    assert events == 4  # 2 first quarantines + 1 per retry of the still-bad file: history kept
+
+
+def test_values_the_table_refuses_are_quarantined_as_bad_content(paths: DataPaths) -> None:
+    """ConversionException and ConstraintException are about the file: quarantine it."""
+    write_request_segments(paths.segments, "app-1", files=1, rows=50)
+    table = make_table(10, seed=3)
+    tokens = table.schema.get_field_index("tokens_in")
+    too_big = table.set_column(tokens, pa.field("tokens_in", pa.int64()), pa.array([2**40] * 10))
+    write_segment(too_big, paths.segments / "app-2", "requests", 1)
+    ids = table.schema.get_field_index("request_id")
+    no_ids = table.set_column(ids, "request_id", pa.array([None] * 10, pa.string()))
+    write_segment(no_ids, paths.segments / "app-2", "requests", 2)
+
+    report = collect(paths)
+    assert report.rows == 50 and counts(paths) == (50, 50, 50)
+    reasons = sorted(reason for _, reason in report.quarantined)
+    assert len(reasons) == 2
+    assert reasons[0].startswith("values the table refuses: Constraint Error: NOT NULL")
+    assert reasons[1].startswith("values the table refuses: Conversion Error")
+    assert _ledger(paths) == [("ingested", 1), ("quarantined", 2)]
