@@ -151,7 +151,10 @@ class Balancer:
 
         `candidate_filter` (the spent daily budget) chooses among these, so a cheap
         backend that is down does not leave the request with nothing."""
+        # A weight of 0 drains a backend for every algorithm, not only the weighted ones;
+        # it still serves when every candidate is drained.
         untried = [s for s in eligible if s.name not in tried]
+        untried = [s for s in untried if s.weight > 0] or untried
         usable = [s for s in untried if self._usable(s, now)]
         if usable:
             return self._filtered(usable), False

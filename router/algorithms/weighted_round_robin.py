@@ -39,6 +39,8 @@ class WeightedRoundRobin(StatelessAlgorithm):
         best = None
         best_score = float("-inf")
         for backend, weight in zip(candidates, weights, strict=True):
+            if weight <= 0:
+                continue  # drained: its score must not win when others' went negative
             score = current.get(backend.name, 0.0) + weight
             current[backend.name] = score
             if score > best_score:

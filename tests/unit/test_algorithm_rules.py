@@ -469,3 +469,14 @@ def test_response_time_an_idle_slow_backend_does_not_start_to_look_fast() -> Non
     algorithm = ResponseTime(seed=0)
     fleet = {"fast": (fast, 100.0), "slow": (slow, 2_000.0)}
     assert "slow" not in [_serve(algorithm, fleet, 2 + t) for t in range(3_600)]
+
+
+def test_weighted_round_robin_never_picks_a_drained_backend_when_the_set_changes() -> None:
+    """When a backend leaves the candidates (ejected, or tried on a retry), the others'
+    running scores can all be negative; a weight-0 backend's score of 0 then won."""
+    from router.algorithms.weighted_round_robin import WeightedRoundRobin
+
+    a, c, drained = backend("a"), backend("c", weight=3.0), backend("drained", weight=0.0)
+    algorithm = WeightedRoundRobin()
+    picks(algorithm, [a, c, drained], 5)
+    assert "drained" not in picks(algorithm, [a, drained], 20)

@@ -391,6 +391,19 @@ async def test_a_candidate_filter_chooses_among_usable_backends() -> None:
     assert fleet.called() == ["b"] and not outcome.degraded
 
 
+async def test_a_weight_of_zero_drains_a_backend_for_any_algorithm() -> None:
+    """Weight 0 is how an operator drains a backend: no algorithm may pick it (this one
+    always takes the first candidate), unless every candidate is drained."""
+    fleet = Fleet({"a": lambda r: ok("drained"), "b": lambda r: ok("serving")})
+    drained = lightrag("a").model_copy(update={"weight": 0.0})
+    b = balancer(fleet, [drained, lightrag("b")])
+    outcomes = [await route(b, f"r{i}") for i in range(5)]
+    assert fleet.called() == ["b"] * 5 and all(o.ok for o in outcomes)
+    fleet.calls.clear()
+    everyone = balancer(fleet, [drained, lightrag("b").model_copy(update={"weight": 0.0})])
+    assert (await route(everyone)).ok and fleet.called() == ["a"]
+
+
 async def test_no_backend_of_an_allowed_kind() -> None:
     recent = KeywordClassifier().classify("What is the latest guideline on newborn screening?")
     fleet = Fleet({"a": lambda r: ok()})
