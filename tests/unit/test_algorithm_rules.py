@@ -476,7 +476,7 @@ def test_weighted_round_robin_never_picks_a_drained_backend_when_the_set_changes
     running scores can all be negative; a weight-0 backend's score of 0 then won."""
     from router.algorithms.weighted_round_robin import WeightedRoundRobin
 
-    a, c, drained = backend("a"), backend("c", weight=3.0), backend("drained", weight=0.0)
+    drained, a, c = backend("drained", weight=0.0), backend("a"), backend("c", weight=9.0)
     algorithm = WeightedRoundRobin()
-    picks(algorithm, [a, c, drained], 5)
-    assert "drained" not in picks(algorithm, [a, drained], 20)
+    picks(algorithm, [drained, a, c], 5)
+    assert picks(algorithm, [drained, a], 20) == ["a"] * 20
