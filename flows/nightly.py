@@ -1,7 +1,9 @@
 """The nightly legacy-against-production comparison: per backend and query category.
 
-Plain SQL over the last `hours` of requests; rows are stored in `nightly_comparisons`
-so trends can be queried later, and rendered as Prefect artifacts by the flow.
+Plain SQL over the last `hours` of requests, archived ones included (`all_requests`: a
+window longer than the retention period must not be undercounted); rows are stored in
+`nightly_comparisons` so trends can be queried later, and rendered as Prefect artifacts by
+the flow.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ WITH per_arm AS (
            quantile_cont(latency_ms, 0.95) AS p95_ms,
            avg(cost_usd) AS cost_per_request_usd,
            avg(quality_score) AS mean_quality
-    FROM requests
+    FROM all_requests
     WHERE ts >= ? AND ts < ? AND NOT is_shadow
     GROUP BY ALL
 )

@@ -18,6 +18,7 @@ import duckdb
 
 from flows.store.locations import archive_override, is_remote, join, resolve
 from flows.store.schema import (
+    ARCHIVE_GLOB_VARIABLE,
     ARCHIVE_TABLE_DIR,
     LATEST_VERSION,
     MACROS,
@@ -25,12 +26,19 @@ from flows.store.schema import (
     PLACEHOLDER_DAY,
     REQUEST_COLUMN_NAMES,
     VIEWS,
+    archive_glob,
     archive_views,
+    escape_glob,
     placeholder_name,
     sql_literal,
 )
 
 ARCHIVE_SETTING = "archive_location"
+#: What `store_settings` records for the default archive, `<database folder>/archive`: a
+#: path relative to the database's folder, resolved on every connect, so a data dir that
+#: moves (backup restore, another mount) keeps its archive. Explicit locations are
+#: recorded absolute, or as URLs.
+DEFAULT_ARCHIVE = "archive"
 
 
 class StoreError(RuntimeError):
@@ -71,7 +79,10 @@ def lock_down(con: duckdb.DuckDBPyConnection, readable: list[Path | str]) -> Non
             with suppress(duckdb.Error):  # not installed: the query will say so
                 con.execute("LOAD httpfs")
         else:
-            dirs.append(str(Path(item).resolve()) + "/")
+            folder = str(Path(item).resolve())
+            dirs.append(folder + "/")
+            if escape_glob(folder) != folder:  # the archive glob is checked as written
+                dirs.append(escape_glob(folder) + "/")
     con.execute("SET allowed_directories = ?", [dirs])
     con.execute("SET autoload_known_extensions = false")
     con.execute("SET enable_external_access = false")  # after allowed_directories
@@ -96,9 +107,17 @@ def connect(
     `sandbox` (read-only connections): lock the connection down to these folders (plus
     the archive folder the database records). `archive` (writers): where archived rows
     live; default `$ROLLOUT_ARCHIVE_URL`, else what the database records, else
-    `<database folder>/archive`. See `migrate`.
+    `<database folder>/archive`. See `migrate`. Every connection points the archive views
+    at the archive's current location (`use_archive`).
     """
     path = Path(path)
+    if "?" in str(path):
+        # DuckDB cuts a database path at "?" (connection options) to name its write-ahead
+        # log: every commit would fail. `[` and `*` are fine (see `escape_glob`).
+        raise StoreError(
+            f"the database path {path} contains '?', which DuckDB cannot use (it names the "
+            "write-ahead log after the part before '?'): use a data dir without '?'"
+        )
     if read_only and not path.exists():
         raise StoreError(
             f"no metrics database at {path}: run `rollout collect` or `rollout demo` first, "
@@ -137,9 +156,12 @@ def connect(
             ):
                 migrate(con, database=path, archive=archive, relocate_archive=relocate_archive)
                 _MIGRATED.add(key)
-        elif sandbox is not None:
-            location = recorded_archive(con)
-            lock_down(con, [*sandbox, *([location] if location else [])])
+            else:
+                use_archive(con, path)
+        else:
+            location = use_archive(con, path)
+            if sandbox is not None:
+                lock_down(con, [*sandbox, *([location] if location else [])])
         yield con
     finally:
         con.close()
@@ -189,10 +211,11 @@ def migrate(
 ) -> int:
     """Bring the schema to `LATEST_VERSION`, one transaction per step; refresh views.
 
-    The archive location is settled here because the views embed it: explicit `archive`
-    or `$ROLLOUT_ARCHIVE_URL` wins, else the recorded one, else `<database folder>/archive`.
-    Moving an archive that already holds batches needs `relocate_archive=True` (after
-    copying its files), or those rows would silently vanish from every view.
+    The archive location is settled here: explicit `archive` or `$ROLLOUT_ARCHIVE_URL`
+    wins, else the recorded one, else `<database folder>/archive` (recorded relative, see
+    `DEFAULT_ARCHIVE`). Moving an archive that already holds batches needs
+    `relocate_archive=True` (after copying its files), or those rows would silently
+    vanish from every view.
     """
     con.execute(
         "CREATE TABLE IF NOT EXISTS schema_version "
@@ -223,7 +246,8 @@ def migrate(
 
 
 def recorded_archive(con: duckdb.DuckDBPyConnection) -> str | None:
-    """The archive location the database records (None before schema v2 or first use)."""
+    """The archive location as the database records it: `DEFAULT_ARCHIVE` (relative to the
+    database's folder), an absolute path or a URL. None before schema v2 or first use."""
     exists = con.execute(
         "SELECT count(*) FROM information_schema.tables WHERE table_name = 'store_settings'"
     ).fetchall()
@@ -242,37 +266,103 @@ def _database_path(con: duckdb.DuckDBPyConnection) -> Path:
     return Path(row[0])
 
 
+def default_archive(database: Path) -> str:
+    """`<database folder>/archive`, absolute, wherever the database is now."""
+    return resolve(Path(database).parent / DEFAULT_ARCHIVE)
+
+
+def _resolve_recorded(recorded: str, database: Path) -> str:
+    if is_remote(recorded) or Path(recorded).is_absolute():
+        return recorded
+    return resolve(Path(database).parent / recorded)
+
+
+def archive_location(con: duckdb.DuckDBPyConnection, database: Path | None = None) -> str | None:
+    """Where the archive is now: absolute (or a URL), a relative record resolved against
+    the database's current folder. None before schema v2 or first use."""
+    recorded = recorded_archive(con)
+    if recorded is None:
+        return None
+    return _resolve_recorded(recorded, database or _database_path(con))
+
+
+def use_archive(con: duckdb.DuckDBPyConnection, database: Path) -> str | None:
+    """Point this connection's archive views at the archive's current location.
+
+    A session setting, not the view text: a read-only connection cannot re-create views,
+    and a moved data dir must work for readers too. Refuses a missing archive that holds
+    rows (`_require_archive`)."""
+    location = archive_location(con, database)
+    if location is not None:
+        _require_archive(con, location, database)
+        _point_views(con, location)
+    return location
+
+
+def _point_views(con: duckdb.DuckDBPyConnection, location: str) -> None:
+    con.execute(f"SET VARIABLE {ARCHIVE_GLOB_VARIABLE} = ?", [archive_glob(location)])
+
+
+def _archived_days(con: duckdb.DuckDBPyConnection) -> int:
+    return int(con.execute("SELECT count(DISTINCT day) FROM archive_batches").fetchall()[0][0])
+
+
+def _require_archive(con: duckdb.DuckDBPyConnection, location: str, database: Path) -> None:
+    """Fail loudly when a local archive folder is missing while the ledger says days were
+    archived: the views would answer without those rows, and a writer would start a new
+    archive there."""
+    folder = join(location, ARCHIVE_TABLE_DIR)
+    if is_remote(location) or Path(folder).is_dir():
+        return
+    held = _archived_days(con)
+    if not held:
+        return
+    default = default_archive(database)
+    elsewhere = "LOCATION" if location == default else default
+    raise StoreError(
+        f"the archive is missing: {folder} does not exist, but archive_batches records {held} "
+        f"archived day(s). Restore the archive there, or if it now lives elsewhere (e.g. "
+        f"beside a moved database), run `rollout compact --archive {elsewhere} "
+        "--relocate-archive` to record its location"
+    )
+
+
 def _settle_archive(
     con: duckdb.DuckDBPyConnection,
     database: Path | None,
     archive: str | Path | None,
     relocate: bool,
 ) -> str:
+    database = database or _database_path(con)
     recorded = recorded_archive(con)
+    current = None if recorded is None else _resolve_recorded(recorded, database)
     chosen = resolve(archive) if archive is not None else archive_override()
     if chosen is None:
-        chosen = recorded or resolve((database or _database_path(con)).parent / "archive")
-    if recorded is not None and chosen != recorded and not relocate:
-        held = con.execute(
-            "SELECT count(DISTINCT day) FROM archive_batches WHERE location = ?", [recorded]
-        ).fetchall()[0][0]
+        chosen = current or default_archive(database)
+    if current is not None and chosen != current and not relocate:
+        held = _archived_days(con)
         if held:
             raise StoreError(
-                f"the archive holds {held} archived day(s) at {recorded}; to use {chosen} instead, "
-                f"copy {join(recorded, ARCHIVE_TABLE_DIR)} there first, then run "
+                f"the archive holds {held} archived day(s) at {current}; to use {chosen} instead, "
+                f"copy {join(current, ARCHIVE_TABLE_DIR)} there first, then run "
                 f"`rollout compact --archive {chosen} --relocate-archive`"
             )
-    changed = chosen != recorded
-    if changed:
-        con.execute(
-            "INSERT OR REPLACE INTO store_settings VALUES (?, ?, ?)",
-            [ARCHIVE_SETTING, chosen, datetime.now(UTC)],
-        )
-        con.execute(
-            "UPDATE archive_batches SET location = ? WHERE location IS DISTINCT FROM ?",
-            [chosen, chosen],
-        )
-    _ensure_placeholder(con, chosen, force=changed)
+    _require_archive(con, chosen, database)
+    # The default is recorded relative; this also upgrades a database that recorded it
+    # absolute (before the data dir could move).
+    stored = DEFAULT_ARCHIVE if chosen == default_archive(database) else chosen
+    if stored != recorded:
+        with transaction(con):
+            con.execute(
+                "INSERT OR REPLACE INTO store_settings VALUES (?, ?, ?)",
+                [ARCHIVE_SETTING, stored, datetime.now(UTC)],
+            )
+            con.execute(
+                "UPDATE archive_batches SET location = ? WHERE location IS DISTINCT FROM ?",
+                [stored, stored],
+            )
+    _ensure_placeholder(con, chosen, force=chosen != current)
+    _point_views(con, chosen)
     return chosen
 
 

@@ -35,7 +35,14 @@ import duckdb
 
 from flows.paths import DataPaths
 from flows.state import ACTIVE
-from flows.store.database import StoreError, connect, first, recorded_archive, transaction
+from flows.store.database import (
+    StoreError,
+    archive_location,
+    connect,
+    first,
+    recorded_archive,
+    transaction,
+)
 from flows.store.locations import is_remote, join, retention_days, segments_location
 from flows.store.schema import ARCHIVE_TABLE_DIR, REQUEST_COLUMN_NAMES, sql_literal
 
@@ -121,6 +128,7 @@ def _cutoff(con: duckdb.DuckDBPyConnection, today: date, days: int, report: Comp
 def _archive(
     con: duckdb.DuckDBPyConnection,
     location: str,
+    recorded: str,
     cutoff_ts: datetime,
     report: CompactReport,
     after_copy: Callable[[], None] | None,
@@ -169,7 +177,7 @@ def _archive(
                 "rows": [int(d[1]) for d in days],
                 "min_ts": [d[2] for d in days],
                 "max_ts": [d[3] for d in days],
-                "location": location,
+                "location": recorded,  # as store_settings records it (may be relative)
                 "now": now,
             },
         )
@@ -227,13 +235,14 @@ def compact(
     with connect(
         paths.database, archive=archive, relocate_archive=relocate_archive, wait_s=wait_s
     ) as con:
-        location = recorded_archive(con)
-        assert location is not None  # migrate() records it
+        location = archive_location(con, paths.database)
+        recorded = recorded_archive(con)
+        assert location is not None and recorded is not None  # migrate() records it
         report = CompactReport(retention_days=days, cutoff=moment.date(), archive=location)
         _sweep_orphans(con, location, report)
         report.cutoff = _cutoff(con, moment.date(), days, report)
         cutoff_ts = datetime.combine(report.cutoff, clock(0), UTC)
-        _archive(con, location, cutoff_ts, report, after_copy)
+        _archive(con, location, recorded, cutoff_ts, report, after_copy)
         _delete_segments(
             con, segments_location(paths, segments), moment - timedelta(days=days), report
         )

@@ -11,6 +11,10 @@ created by that version must end up identical to one upgraded to it.
 
 from __future__ import annotations
 
+import re
+
+from flows.store.locations import is_remote
+
 REQUEST_COLUMNS = """
     request_id          VARCHAR NOT NULL,
     ts                  TIMESTAMPTZ NOT NULL,
@@ -262,19 +266,40 @@ def sql_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+#: Session variable holding the archive glob. Every connection sets it (flows/store/
+#: database.py), resolved against the database's current folder, so the views follow a
+#: data dir that moved; the view text keeps a fallback for a plain DuckDB shell.
+ARCHIVE_GLOB_VARIABLE = "rollout_archive_glob"
+
+
+def escape_glob(path: str) -> str:
+    """`path` with DuckDB's glob characters made literal (`[` -> `[[]`, `*` -> `[*]`,
+    `?` -> `[?]`), so a data dir named e.g. `rollout[prod]` matches itself."""
+    return re.sub(r"[\[*?]", lambda m: f"[{m.group()}]", path)
+
+
 def archive_glob(location: str) -> str:
-    return f"{location.rstrip('/')}/{ARCHIVE_TABLE_DIR}/*/*.parquet"
+    """The glob of the archive's Parquet files; a local path is escaped (a URL is kept:
+    object stores are addressed by prefixes we chose, and their glob syntax differs)."""
+    root = location.rstrip("/")
+    if not is_remote(root):
+        root = escape_glob(root)
+    return f"{root}/{ARCHIVE_TABLE_DIR}/*/*.parquet"
 
 
 def archive_views(location: str) -> dict[str, str]:
     """`archived_requests` (committed archive batches only) and `all_requests`.
 
-    `location` must be absolute (or a URL): a view stores its text, and a relative path
-    would be resolved against each reader's working directory.
+    The archive is read from the `ARCHIVE_GLOB_VARIABLE` the connection sets; `location`
+    (absolute, or a URL) is only the fallback for connections that did not set it.
     """
     columns = ", ".join(REQUEST_COLUMN_NAMES)
+    glob = (
+        f"coalesce(getvariable({sql_literal(ARCHIVE_GLOB_VARIABLE)}), "
+        f"{sql_literal(archive_glob(location))})"
+    )
     scan = (
-        f"read_parquet({sql_literal(archive_glob(location))}, hive_partitioning = true, "
+        f"read_parquet({glob}, hive_partitioning = true, "
         "hive_types = {'day': DATE}, union_by_name = true)"
     )
     return {
@@ -309,12 +334,15 @@ VIEWS: dict[str, str] = {
         LEFT JOIN config_versions cv ON cv.version = r.config_version
         GROUP BY ALL
     """,
+    # Rows count for a phase through `config_versions`, like `arm_summary`: a phase that
+    # was republished under a new version (restore, reconcile) keeps its earlier rows.
     "phase_timeline": """
         WITH counts AS (
-            SELECT config_version,
-                   count(*) FILTER (WHERE arm = 'legacy') AS legacy_requests,
-                   count(*) FILTER (WHERE arm = 'production') AS production_requests
-            FROM all_requests GROUP BY config_version
+            SELECT cv.rollout_id, cv.phase_index,
+                   count(*) FILTER (WHERE r.arm = 'legacy') AS legacy_requests,
+                   count(*) FILTER (WHERE r.arm = 'production') AS production_requests
+            FROM all_requests r JOIN config_versions cv ON cv.version = r.config_version
+            GROUP BY cv.rollout_id, cv.phase_index
         )
         SELECT p.rollout_id, p.phase_index, p.name, p.mode, p.traffic_percent,
                p.config_version, p.started_at, p.ended_at,
@@ -326,7 +354,8 @@ VIEWS: dict[str, str] = {
                (SELECT d.verdict FROM decisions d WHERE d.rollout_id = p.rollout_id
                   AND d.phase_index = p.phase_index ORDER BY d.decided_at DESC LIMIT 1)
                    AS last_verdict
-        FROM phases p LEFT JOIN counts c ON c.config_version = p.config_version
+        FROM phases p
+        LEFT JOIN counts c ON c.rollout_id = p.rollout_id AND c.phase_index = p.phase_index
     """,
     "daily_comparison": """
         WITH per_arm AS (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.bench.synthetic import make_table, write_request_segments
+from flows.nightly import compare
 from flows.paths import DataPaths
+from flows.store import database
 from flows.store.database import StoreError, connect
 from flows.store.ingest import collect
 from flows.store.retention import archive_files, archived_days, compact
@@ -225,6 +228,114 @@ def test_archive_and_segments_elsewhere(paths: DataPaths, tmp_path: Path) -> Non
     compact(paths, retention=2, now=NOW, archive=str(elsewhere), relocate_archive=True)
     shutil.rmtree(shared_archive)
     assert snapshot(paths)["all"] == [(600, 600)]
+
+
+def ledger(paths: DataPaths) -> tuple[list[tuple], list[tuple]]:
+    """(the recorded archive location, the locations the archive ledger names)."""
+    with connect(paths.database, read_only=True) as con:
+        return (
+            con.execute(
+                "SELECT value FROM store_settings WHERE key = 'archive_location'"
+            ).fetchall(),
+            con.execute("SELECT DISTINCT location FROM archive_batches").fetchall(),
+        )
+
+
+def test_a_moved_data_dir_keeps_its_archive(paths: DataPaths, tmp_path: Path) -> None:
+    """Backup restore, a new container mount: the default archive moves with the data dir."""
+    compact(paths, retention=2, now=NOW)
+    before = snapshot(paths)
+    assert ledger(paths) == ([("archive",)], [("archive",)])  # beside the database
+    moved = DataPaths.at(tmp_path / "restored" / "data")
+    moved.root.parent.mkdir()
+    shutil.move(paths.root, moved.root)
+
+    assert snapshot(moved) == before  # readers first, before any writer
+    assert collect(moved).rows == 0
+    report = compact(moved, retention=0, now=NOW)
+    assert report.archive == str(moved.archive) and report.rows == 300
+    assert not paths.root.exists()  # nothing recreated at the old place
+    assert snapshot(moved)["all"] == [(600, 600)]
+    assert ledger(moved) == ([("archive",)], [("archive",)])
+
+
+def record_archive_as_before(paths: DataPaths, location: str) -> None:
+    """What the code before the relative default recorded: the absolute location."""
+    with connect(paths.database) as con:
+        con.execute(
+            "UPDATE store_settings SET value = ? WHERE key = 'archive_location'", [location]
+        )
+        con.execute("UPDATE archive_batches SET location = ?", [location])
+
+
+def test_an_absolute_default_archive_upgrades_in_place(
+    paths: DataPaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compact(paths, retention=2, now=NOW)
+    before = snapshot(paths)
+    record_archive_as_before(paths, str(paths.archive))
+    monkeypatch.setattr(database, "_MIGRATED", set())  # the next process's first writer
+    assert collect(paths).rows == 0
+    assert ledger(paths) == ([("archive",)], [("archive",)])
+
+    moved = DataPaths.at(tmp_path / "moved")
+    shutil.move(paths.root, moved.root)
+    assert snapshot(moved) == before
+
+
+def test_a_missing_archive_that_holds_days_fails_loudly(paths: DataPaths, tmp_path: Path) -> None:
+    """A database moved before its absolute archive record was upgraded: its recorded
+    location is gone. Refused (never a quiet undercount or a new archive there) until the
+    archive's new location is recorded with --relocate-archive."""
+    compact(paths, retention=2, now=NOW)
+    before = snapshot(paths)
+    record_archive_as_before(paths, str(paths.archive))
+    moved = DataPaths.at(tmp_path / "moved")
+    shutil.move(paths.root, moved.root)
+
+    missing = f"{paths.archive}/requests does not exist, but archive_batches records 2"
+    fix = f"--archive {moved.archive} --relocate-archive"
+    with pytest.raises(StoreError, match=re.escape(missing)) as refused:
+        snapshot(moved)
+    assert fix in str(refused.value)
+    with pytest.raises(StoreError, match=re.escape(fix)):
+        compact(moved, retention=2, now=NOW)
+    assert not paths.root.exists()
+
+    compact(moved, retention=2, now=NOW, archive=moved.archive, relocate_archive=True)
+    assert snapshot(moved) == before
+    assert ledger(moved) == ([("archive",)], [("archive",)])
+
+
+def test_a_data_dir_with_glob_characters(tmp_path: Path) -> None:
+    """`[` and `*` in the path are escaped in the archive glob, sandbox included; `?`,
+    which DuckDB itself cannot use in a database path, is refused with a clear message."""
+    paths = DataPaths.at(tmp_path / "rollout[prod]*" / "data").ensure()
+    write_request_segments(paths.segments, "app-1", files=2, rows=50, seed=1, start=DAY0)
+    assert collect(paths).rows == 100
+    assert compact(paths, retention=2, now=NOW).rows == 100
+    assert snapshot(paths)["all"] == [(100, 100)] and snapshot(paths)["table"] == [(0,)]
+
+    asked = DataPaths.at(tmp_path / "rollout?" / "data")
+    with pytest.raises(StoreError, match=re.escape(f"{asked.database} contains '?'")):
+        compact(asked, retention=2, now=NOW)
+
+
+def test_the_nightly_comparison_counts_archived_rows(paths: DataPaths) -> None:
+    """A window longer than the retention period: archived rows still count."""
+
+    def counts() -> list[tuple[str, str, int, int]]:
+        with connect(paths.database) as con:
+            rows = compare(con, hours=24 * 5, now=NOW).rows
+        return [
+            (r["backend"], r["query_category"], r["legacy_requests"], r["production_requests"])
+            for r in rows
+        ]
+
+    before = counts()
+    assert compact(paths, retention=1, now=NOW).rows == 450
+    assert counts() == before
+    assert sum(legacy + production for *_, legacy, production in before) > 450
 
 
 def test_retention_from_the_environment_and_the_cli(

@@ -13,7 +13,7 @@ import pytest
 from flows.bench.synthetic import make_table, write_request_segments
 from flows.paths import DataPaths
 from flows.store import database
-from flows.store.database import StoreError, connect, schema_version
+from flows.store.database import StoreError, archive_location, connect, schema_version
 from flows.store.ingest import collect
 from flows.store.schema import LATEST_VERSION, MACROS, MIGRATIONS, REQUEST_COLUMN_NAMES
 from tests.conftest import ROOT
@@ -141,8 +141,10 @@ def test_views_answer_on_an_empty_store_from_any_working_directory(
         ):
             assert con.execute(f"SELECT count(*) FROM {view}").fetchall() == [(0,)], view
         names = [r[0] for r in con.execute("DESCRIBE all_requests").fetchall()]
-        location = con.execute("SELECT value FROM store_settings").fetchall()[0][0]
+        recorded = con.execute("SELECT value FROM store_settings").fetchall()[0][0]
+        location = archive_location(con, absolute)
     assert names == list(REQUEST_COLUMN_NAMES)
+    assert recorded == "archive"  # the default: beside the database, wherever it moves
     assert os.path.isabs(location) and location == str(tmp_path / "relative-data" / "archive")
 
 
@@ -164,6 +166,38 @@ def test_daily_comparison_keeps_days_with_one_arm_only(tmp_path: Path) -> None:
         ("2025-06-01", False, True, False),
         ("2025-06-02", True, True, True),
     ]
+
+
+def test_phase_timeline_counts_every_version_of_a_republished_phase(tmp_path: Path) -> None:
+    """lifecycle.py republishes a phase under a new version (restore, reconcile): the rows
+    routed under the earlier version still belong to the phase, as in `arm_summary`."""
+    with connect(tmp_path / "metrics.duckdb") as con:
+        for version in (7, 8):  # 7: published at phase start; 8: the same phase republished
+            con.execute(
+                "INSERT INTO config_versions VALUES (?, 'r1', 0, 'canary-5', 'canary', 5, "
+                "'health_aware', NULL, now(), '{}')",
+                [version],
+            )
+        con.execute(
+            "INSERT INTO config_versions VALUES (9, 'r1', 1, 'canary-25', 'canary', 25, "
+            "'health_aware', NULL, now(), '{}')"
+        )
+        con.execute(
+            "INSERT INTO phases VALUES ('r1', 0, 'canary-5', 'canary', 5, 8, now(), NULL, NULL), "
+            "('r1', 1, 'canary-25', 'canary', 25, 9, now(), NULL, NULL)"
+        )
+        for version, n in ((7, 900), (8, 100), (9, 50)):
+            rows = make_table(n, seed=version, config_version=version, mode="canary")
+            con.execute(f"INSERT INTO requests ({', '.join(rows.column_names)}) SELECT * FROM rows")
+        timeline = con.execute(
+            "SELECT phase_index, legacy_requests + production_requests FROM phase_timeline "
+            "ORDER BY phase_index"
+        ).fetchall()
+        summary = con.execute(
+            "SELECT phase_index, sum(requests) FROM arm_summary GROUP BY ALL ORDER BY phase_index"
+        ).fetchall()
+    assert timeline == [(0, 1000), (1, 50)]
+    assert timeline == summary
 
 
 def documented_columns() -> dict[str, list[str]]:
