@@ -150,14 +150,27 @@ async def call_backend(
     except BackendFailure as failure:
         key = backend.api_key()
         secret = key.get_secret_value() if key else ""
-        if secret and secret in str(failure):
+        text = str(failure)
+        for form in _quoted_forms(secret):
+            text = text.replace(form, "**********")
+        if text != str(failure):
             raise BackendFailure(
-                failure.kind,
-                str(failure).replace(secret, "**********"),
-                status=failure.status,
-                retry_after_s=failure.retry_after_s,
+                failure.kind, text, status=failure.status, retry_after_s=failure.retry_after_s
             ) from None
         raise
+
+
+def _quoted_forms(secret: str) -> list[str]:
+    """The secret as written and as reprs quote it, once or twice escaped (str and bytes
+    forms): transport errors quote header values with !r, and our messages quote those
+    errors with !r again. Longest first, so a form is never half-replaced."""
+    if not secret:
+        return []
+    forms = {secret}
+    for form in (secret, repr(secret.encode())[2:-1]):
+        once = repr(form)[1:-1] if form is secret else form
+        forms |= {once, repr(once)[1:-1]}
+    return sorted(forms, key=len, reverse=True)
 
 
 @functools.lru_cache(maxsize=256)
@@ -187,6 +200,10 @@ async def _call(
         raise BackendFailure(ErrorKind.TIMEOUT, f"{backend.name}: timed out: {exc!r}") from None
     except httpx.TransportError as exc:
         raise BackendFailure(ErrorKind.CONNECT, f"{backend.name}: {exc!r}") from None
+    except httpx.DecodingError as exc:  # a transport that reads the body eagerly
+        raise BackendFailure(
+            ErrorKind.MALFORMED, f"{backend.name}: body cannot be decoded: {exc!r}"
+        ) from None
     try:
         status = response.status_code
         if status == 429:
@@ -236,6 +253,14 @@ async def _call(
             ) from None
         except httpx.TransportError as exc:
             raise BackendFailure(ErrorKind.CONNECT, f"{backend.name}: body cut: {exc!r}") from None
+        except httpx.DecodingError as exc:
+            # A corrupt gzip/deflate body: the backend's fault, like any malformed body
+            # (retryable elsewhere), never an exception that escapes the router.
+            raise BackendFailure(
+                ErrorKind.MALFORMED,
+                f"{backend.name}: body cannot be decoded: {exc!r}",
+                status=status,
+            ) from None
         try:
             payload = json.loads(bytes(body))
         except ValueError:

@@ -51,7 +51,7 @@ class BackendConfig(BaseModel):
     kind: BackendKind
     base_url: HttpUrl
     api_key_env: str | None = None
-    weight: float = Field(default=1.0, ge=0)
+    weight: float = Field(default=1.0, ge=0, allow_inf_nan=False)
     region: str = "eu-central"
     cost: CostModel | None = None
     timeout_s: float = Field(default=30.0, gt=0, le=600)
@@ -75,5 +75,8 @@ class BackendConfig(BaseModel):
     def api_key(self) -> SecretStr | None:
         if not self.api_key_env:
             return None
-        value = os.environ.get(self.api_key_env)
+        # Keys mounted from files often end in a newline, which no HTTP header may hold:
+        # the transport's error would then quote the key in an escaped form that
+        # redaction does not recognise.
+        value = (os.environ.get(self.api_key_env) or "").strip()
         return SecretStr(value) if value else None

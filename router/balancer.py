@@ -8,6 +8,7 @@ algorithm, the health policy, the attempt count and the retry budget.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -399,9 +400,9 @@ class Balancer:
         unknown = sorted(set(weights) - set(self.by_name))
         if unknown:
             raise ValueError(f"unknown backend(s) {unknown}; known: {sorted(self.by_name)}")
-        negative = {name: w for name, w in weights.items() if w < 0}
-        if negative:
-            raise ValueError(f"weights must be >= 0, got {negative}")
+        bad = {name: w for name, w in weights.items() if not (math.isfinite(w) and w >= 0)}
+        if bad:
+            raise ValueError(f"weights must be finite numbers >= 0, got {bad}")
         for state in self.states:
             if state.name in weights:
                 state.weight = weights[state.name]

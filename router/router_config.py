@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -66,9 +67,11 @@ class RouterConfig(BaseModel):
     def _percent_fits_mode(self) -> RouterConfig:
         check_mode_percent(self.mode, self.traffic_percent)
         for weights in (self.legacy_weights, self.production_weights):
-            bad = {k: v for k, v in weights.items() if v < 0}
+            bad = {k: v for k, v in weights.items() if not (math.isfinite(v) and v >= 0)}
             if bad:
-                raise ValueError(f"weights must be >= 0, got {bad}")
+                # Infinity and NaN are valid JSON floats to pydantic: an infinite weight
+                # broke weighted round robin for every user of the arm.
+                raise ValueError(f"weights must be finite numbers >= 0, got {bad}")
         return self
 
     @property

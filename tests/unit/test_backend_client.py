@@ -340,3 +340,51 @@ async def test_the_routers_client_keeps_no_cookie_from_one_user_for_the_next() -
         follow_up = await client.post("http://lr.test/query", json={"query": QUERY})
     assert follow_up.status_code == 200
     assert all("cookie" not in call.request.headers for call in route.calls)
+
+
+@respx.mock
+async def test_a_body_that_cannot_be_decoded_is_malformed_not_an_exception() -> None:
+    """A corrupt gzip body raised httpx.DecodingError straight through the router."""
+    respx.post("http://lr.test/query").mock(
+        return_value=httpx.Response(
+            200,
+            stream=httpx.ByteStream(b"\x1f\x8b not gzip at all"),
+            headers={"content-encoding": "gzip"},
+        )
+    )
+    failure = await failure_of()
+    assert_shape(failure, "malformed")
+    assert "cannot be decoded" in str(failure)
+
+
+@pytest.mark.parametrize("stored", [f"{SECRET}\n", f"  {SECRET}\r\n"])
+@respx.mock
+async def test_a_key_read_from_a_file_with_its_newline_is_sent_clean_and_never_leaks(
+    stored: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys mounted from files end in a newline. Sent as is, the header was illegal and
+    the transport's error quoted the key escaped ('...\\n'), past redaction."""
+    monkeypatch.setenv("TEST_PPLX_KEY", stored)
+    route = respx.post("http://px.test/chat/completions").mock(
+        return_value=httpx.Response(500, text="boom")
+    )
+    failure = await failure_of(PPLX)
+    assert route.calls.last.request.headers["authorization"] == f"Bearer {SECRET}"
+    assert SECRET not in str(failure)
+
+
+async def test_a_secret_quoted_escaped_by_the_transport_is_redacted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever a transport error quotes, in the escaped form a repr gives, is masked."""
+    odd = "pplx-key\x01with-a-control-character"
+    monkeypatch.setenv("TEST_PPLX_KEY", odd)
+    escaped = repr(odd.encode())[2:-1]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError(f"proxy refused header b'Bearer {escaped}'")
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(BackendFailure) as info:
+            await call_backend(client, PPLX, QUERY, timeout_s=5, max_bytes=10_000)
+    assert escaped not in str(info.value) and "**********" in str(info.value)
