@@ -121,7 +121,16 @@ def start(
         raise RolloutError("invalid plan: " + "; ".join(exc.lines)) from None
     with connect(paths.database) as con:
         existing = get_rollout(con, rollout_id)
-        if existing is not None:  # re-running the same start is a no-op
+        if existing is not None:
+            # Re-running the same start (a retried task) is a no-op; anything else that
+            # reuses an id would report a start that never happened.
+            same_plan = existing.plan.model_dump(mode="json") == plan.model_dump(mode="json")
+            if not existing.active or not same_plan:
+                why = "with another plan" if existing.active else f"({existing.state.value})"
+                raise RolloutError(
+                    f"rollout {rollout_id} already exists {why}: nothing was started; "
+                    "pick another id, or leave --rollout-id out for a fresh one"
+                )
             version = _phase_version(con, existing)
             return Published(existing, _config_of(con, version), new=False)
         active = active_rollouts(con)
@@ -278,6 +287,26 @@ _ENDINGS = {
 }
 
 
+def _check_known(paths: DataPaths, rollout_id: str, current: RouterConfig | None) -> None:
+    """Before publishing for an id the live document does not name: a mistyped id must
+    not move every router to legacy (and leave the real rollout running, so that the
+    next tick puts the phase back)."""
+    live = (
+        f"the live config v{current.version} belongs to {current.rollout_id or 'no rollout'}"
+        if current is not None
+        else "no config is published"
+    )
+    try:
+        with connect(paths.database, read_only=True, wait_s=RECORD_WAIT_S) as con:
+            known = get_rollout(con, rollout_id) is not None
+    except StoreError as exc:
+        raise RolloutError(
+            f"cannot check rollout {rollout_id!r}: {exc}; {live}; nothing was published"
+        ) from None
+    if not known:
+        raise RolloutError(f"no rollout {rollout_id!r}; {live}; nothing was published")
+
+
 def _back_to_legacy(
     paths: DataPaths,
     rollout_id: str | None,
@@ -293,6 +322,9 @@ def _back_to_legacy(
     outcome, verdict, past, noun = _ENDINGS[target]
     store = control_store(paths)
     current = store.current_or_none()
+    if record and rollout_id is not None and (current is None or current.rollout_id != rollout_id):
+        # A person's id (a gate's comes from the database it holds open, so not checked).
+        _check_known(paths, rollout_id, current)
     owner = rollout_id or (current.rollout_id if current is not None else None)
     if (
         current is not None

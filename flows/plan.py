@@ -8,6 +8,7 @@ phase and the field.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import re
 from datetime import timedelta
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Annotated, Any
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -41,17 +43,44 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
 
 
+DURATION_FORMS = "seconds (90), 30s, 15m, 2h, 7d, 1w, or ISO 8601 (PT30S)"
+#: Longer than any rollout; also keeps `timedelta` (max 999,999,999 days) from overflowing.
+MAX_DURATION = timedelta(days=3650)
+
+
 def parse_duration(value: Any) -> Any:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return timedelta(seconds=value)
-    if isinstance(value, str):
+    if isinstance(value, bool):
+        raise ValueError(f"a duration, not {value}: use {DURATION_FORMS}")
+    seconds: float | None = None
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
         match = _DURATION.match(value)
         if match:
-            return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
-    return value  # let pydantic try ISO 8601 and report the error
+            seconds = float(match.group(1)) * _UNITS[match.group(2)]
+        elif not value.strip().lstrip("-").upper().startswith("P"):
+            raise ValueError(f"{value!r} is not a duration: use {DURATION_FORMS}")
+    if seconds is None:
+        return value  # pydantic parses ISO 8601 and reports its errors
+    if not seconds < MAX_DURATION.total_seconds():  # NaN too
+        raise ValueError(f"{value!r} is longer than the {MAX_DURATION.days} days allowed")
+    return timedelta(seconds=seconds)
 
 
-Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+def _positive(value: timedelta) -> timedelta:
+    if value <= timedelta(0):
+        raise ValueError(f"must be longer than 0, got {value}: use {DURATION_FORMS}")
+    return value
+
+
+def _not_negative(value: timedelta) -> timedelta:
+    if value < timedelta(0):
+        raise ValueError(f"must not be negative, got {value}")
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration), AfterValidator(_not_negative)]
+PositiveDuration = Annotated[timedelta, BeforeValidator(parse_duration), AfterValidator(_positive)]
 
 
 class Phase(BaseModel):
@@ -61,8 +90,8 @@ class Phase(BaseModel):
     mode: DeploymentMode
     traffic_percent: float = Field(ge=0, le=100)
     min_duration: Duration
-    max_duration: Duration
-    evaluation_interval: Duration
+    max_duration: PositiveDuration
+    evaluation_interval: PositiveDuration
     min_samples: int = Field(default=200, ge=1, description="production-arm requests")
     thresholds: Thresholds = Thresholds()
     requires_approval: bool = False
@@ -85,8 +114,6 @@ class Phase(BaseModel):
             raise ValueError(
                 f"max_duration {self.max_duration} is shorter than min_duration {self.min_duration}"
             )
-        if self.evaluation_interval <= timedelta(0):
-            raise ValueError("evaluation_interval must be positive")
         return self
 
 
@@ -97,7 +124,7 @@ class RolloutPlan(BaseModel):
     router_group: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]+$")
     algorithm: AlgorithmName = AlgorithmName.RESPONSE_TIME
     salt: str = Field(default="rollout-v1", min_length=1)
-    ack_timeout: Duration = timedelta(seconds=30)
+    ack_timeout: PositiveDuration = timedelta(seconds=30)
     phases: list[Phase] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -152,6 +179,21 @@ def _describe(loc: tuple[Any, ...], data: Any) -> str:
     return "plan field " + ".".join(str(p) for p in loc) if loc else "plan"
 
 
+def _unknown_key(loc: tuple[Any, ...]) -> str:
+    """What a misspelt key should have been: the keys allowed at that level."""
+    key = str(loc[-1]) if loc else "?"
+    model: type[BaseModel] = RolloutPlan
+    for part in loc[:-1]:
+        if part == "phases":
+            model = Phase
+        elif part == "thresholds":
+            model = Thresholds
+    allowed = sorted(model.model_fields)
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown key {key!r}{hint}; allowed: {', '.join(allowed)}"
+
+
 def validate_plan(data: Any) -> RolloutPlan:
     """Validate a plan document; raise `PlanError` with one line per problem."""
     try:
@@ -160,6 +202,8 @@ def validate_plan(data: Any) -> RolloutPlan:
         lines = []
         for error in exc.errors():
             message = str(error["msg"]).removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                message = _unknown_key(tuple(error.get("loc", ())))
             where = _describe(tuple(error.get("loc", ())), data)
             if message.startswith("phase "):
                 lines.append(message)

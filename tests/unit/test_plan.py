@@ -100,6 +100,54 @@ BROKEN = [
         lambda d: d["phases"][1].update(max_duration="1s"),
         ["phase 2 (canary-5)", "shorter than min_duration"],
     ),
+    (
+        "misspelt field names the allowed ones",
+        lambda d: d["phases"][1].update(min_samles=10),
+        [
+            "phase 2 (canary-5)",
+            "unknown key 'min_samles'",
+            "did you mean 'min_samples'",
+            "allowed:",
+        ],
+    ),
+    (
+        "misspelt threshold",
+        lambda d: d["phases"][1].setdefault("thresholds", {}).update(max_eror_rate=0.1),
+        ["phase 2 (canary-5)", "'max_eror_rate'", "did you mean 'max_error_rate'"],
+    ),
+    (
+        "misspelt plan key",
+        lambda d: d.update(ack_timout="10s"),
+        ["'ack_timout'", "did you mean 'ack_timeout'"],
+    ),
+    # Durations: the forms people type by mistake get the forms that work, and nonsense
+    # values (which passed --dry-run, or crashed with OverflowError) are refused.
+    (
+        "duration in words",
+        lambda d: d["phases"][1].update(min_duration="5 minutes"),
+        ["phase 2 (canary-5)", "min_duration", "'5 minutes' is not a duration", "15m"],
+    ),
+    (
+        "negative duration",
+        lambda d: d["phases"][1].update(min_duration=-100),
+        ["phase 2 (canary-5)", "min_duration", "must not be negative"],
+    ),
+    (
+        "zero max duration",
+        lambda d: d["phases"][0].update(min_duration=0, max_duration=0),
+        ["phase 1 (shadow)", "max_duration", "longer than 0"],
+    ),
+    (
+        "boolean duration",
+        lambda d: d["phases"][1].update(evaluation_interval=True),
+        ["phase 2 (canary-5)", "evaluation_interval", "a duration, not True"],
+    ),
+    (
+        "huge duration",
+        lambda d: d["phases"][1].update(max_duration="99999999999d"),
+        ["phase 2 (canary-5)", "max_duration", "longer than the 3650 days allowed"],
+    ),
+    ("negative ack timeout", lambda d: d.update(ack_timeout=-5), ["ack_timeout", "longer than 0"]),
 ]
 
 
