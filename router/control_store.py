@@ -14,7 +14,6 @@ endpoint over a folder).
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import tempfile
@@ -56,12 +55,23 @@ class ControlStore(Protocol):
     def publish(self, config: RouterConfig) -> None: ...
 
     def read_document(self) -> tuple[object, str] | None:
-        """(change token, raw text) of the current document, or None if there is none."""
+        """(change token, raw text) of the current document, or None if there is none.
+
+        Bytes that are not UTF-8 must not raise: decode them with `decode_document`, so
+        the router refuses the document (and says so) instead of failing to read it.
+        """
         ...
 
     def write_ack(self, ack: Acknowledgement) -> None: ...
 
     def read_acks(self) -> list[Acknowledgement]: ...
+
+
+def decode_document(raw: bytes) -> str:
+    """A document's bytes as text. JSON is UTF-8; bytes that are not (a Latin-1 edit, a
+    torn copy) become surrogate escapes, which validation refuses, so a corrupt document
+    is refused like any other invalid one rather than breaking the read."""
+    return raw.decode("utf-8", errors="surrogateescape")
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -71,7 +81,7 @@ def atomic_write(path: Path, text: str) -> None:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     temp = Path(name)
     try:
-        with os.fdopen(fd, "w") as handle:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
@@ -114,10 +124,10 @@ class FileControlStore(DocumentReads):
     def read_document(self) -> tuple[object, str] | None:
         try:
             stat = self.config_path.stat()
-            text = self.config_path.read_text()
+            raw = self.config_path.read_bytes()
         except FileNotFoundError:
             return None
-        return (stat.st_ino, stat.st_mtime_ns, stat.st_size), text
+        return (stat.st_ino, stat.st_mtime_ns, stat.st_size), decode_document(raw)
 
     def write_ack(self, ack: Acknowledgement) -> None:
         atomic_write(self.acks_dir / f"{ack.instance}.json", ack.model_dump_json())
@@ -126,8 +136,8 @@ class FileControlStore(DocumentReads):
         acks = []
         for path in sorted(self.acks_dir.glob("*.json")):
             try:
-                acks.append(Acknowledgement.model_validate_json(path.read_text()))
-            except (OSError, ValidationError, json.JSONDecodeError):
+                acks.append(Acknowledgement.model_validate_json(path.read_bytes()))
+            except (OSError, ValueError):  # ValidationError, bytes that are not JSON or UTF-8
                 continue  # being replaced right now, or foreign junk: the next read sees it
         return acks
 

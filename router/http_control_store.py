@@ -13,12 +13,11 @@ this time": it keeps the config it runs and tries again at the next poll.
 from __future__ import annotations
 
 import hashlib
-import json
 
 import httpx
 from pydantic import ValidationError
 
-from router.control_store import Acknowledgement, DocumentReads
+from router.control_store import Acknowledgement, DocumentReads, decode_document
 from router.router_config import RouterConfig
 from router.settings_errors import mask_url
 
@@ -57,9 +56,11 @@ class HttpControlStore(DocumentReads):
         response = self._call("GET", "/config")
         if response.status_code == 404:
             return None
-        text = response.text
-        token = response.headers.get("etag") or hashlib.sha256(text.encode()).hexdigest()
-        return token, text
+        # The bytes as sent, not `response.text`: that guesses a charset and replaces what
+        # it cannot decode, so a corrupt document could be applied instead of refused.
+        raw = response.content
+        token = response.headers.get("etag") or hashlib.sha256(raw).hexdigest()
+        return token, decode_document(raw)
 
     def write_ack(self, ack: Acknowledgement) -> None:
         self._call(
@@ -81,7 +82,7 @@ class HttpControlStore(DocumentReads):
         for item in items:
             try:
                 acks.append(Acknowledgement.model_validate(item))
-            except (ValidationError, json.JSONDecodeError):
+            except ValidationError:
                 continue  # one bad heartbeat must not hide the others
         return acks
 

@@ -10,12 +10,16 @@ Expose them with your app's registry, e.g.::
     from prometheus_client import REGISTRY, make_asgi_app
     router = ProductionIntelligentQueryRouter(metrics_registry=REGISTRY)
     app.mount("/metrics", make_asgi_app())
+
+One live router per registry: the metric names are fixed, so a second router on the same
+registry is refused until the first one's `shutdown()` has unregistered its collectors.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -41,7 +45,8 @@ class RouterMetrics:
         self.series: dict[tuple[str, str, str, bool], list[float]] = {}
         #: (arm, backend) -> bucket counts (len(buckets) + 1, the last is +Inf) and the sum
         self.latency: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
-        self.registry.register(_RequestCollector(self))
+        self._collectors: list[Collector] = []
+        self._register(_RequestCollector(self))
 
     def observe(
         self,
@@ -68,7 +73,24 @@ class RouterMetrics:
 
     def watch(self, state: Callable[[], dict[str, Any]]) -> None:
         """Register the scrape-time collector; `state` returns a health/status snapshot."""
-        self.registry.register(_StateCollector(state))
+        self._register(_StateCollector(state))
+
+    def close(self) -> None:
+        """Unregister this router's collectors (a shared registry outlives the router)."""
+        while self._collectors:
+            with suppress(KeyError):  # already unregistered by someone else
+                self.registry.unregister(self._collectors.pop())
+
+    def _register(self, collector: Collector) -> None:
+        try:
+            self.registry.register(collector)
+        except ValueError as exc:  # prometheus-client's "Duplicated timeseries"
+            self.close()  # leave nothing half-registered
+            raise ValueError(
+                "this metrics registry already holds a router's metrics: shut that router "
+                f"down first (one live router per registry); {exc}"
+            ) from None
+        self._collectors.append(collector)
 
 
 class _RequestCollector(Collector):

@@ -70,6 +70,7 @@ NOT_PRODUCTIONS_FAULT = frozenset({Outcome.REJECTED.value, Outcome.RATE_LIMITED.
 FACTS_CACHE_SIZE = 4096
 INT32_MAX = 2**31 - 1  # the row schema's token columns
 BUCKET_CACHE_SIZE = 65_536
+SHUTDOWN_DRAIN_S = 10.0  # how long shutdown() lets requests in flight finish
 
 
 class QueryFacts(NamedTuple):
@@ -175,13 +176,19 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         self.refused: tuple[int | None, str] | None = None
         self._last_token: object = None
         self._shadow_tasks: set[asyncio.Task[None]] = set()
+        #: Set by shutdown(): no new shadow starts. `_in_flight` counts route_query calls;
+        #: `_drained` is set when the last one ends while shutdown() waits for them.
+        self._closing = False
+        self._in_flight = 0
+        self._drained: asyncio.Event | None = None
         self._id_prefix = uuid.uuid4().hex[:12]
         self._id_counter = itertools.count(1)
         self._facts_cache: dict[str, QueryFacts] = {}
         self._bucket_cache: dict[tuple[str, str], int] = {}
         self.shadow_skipped = 0
         #: Prometheus metrics; pass `metrics_registry=prometheus_client.REGISTRY` to expose
-        #: them with the host application's other metrics.
+        #: them with the host application's other metrics (one live router per registry:
+        #: shutdown() unregisters them).
         self.metrics = RouterMetrics(metrics_registry)
         self.metrics.watch(self._metrics_state)
         self._ack_lock = threading.Lock()
@@ -261,6 +268,9 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         except OSError as exc:
             log.warning("control store unreadable: %s", exc)
             return None
+        except Exception:  # a pluggable store's bug must not stop the app or its heartbeats
+            log.exception("control store read failed")
+            return None
 
     def _consider(self, found: tuple[object, str] | None) -> None:
         if found is None or found[0] == self._last_token:
@@ -338,16 +348,20 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
     async def _control_loop(self) -> None:
         interval = self.flags.control_poll_s
         while True:
+            # Store I/O (a shared folder, an fsync per heartbeat) runs in a thread so a
+            # slow disk never stalls requests; applying a document stays on the loop,
+            # between requests. Two separate tries: whatever goes wrong with a document,
+            # the heartbeat is still written, so the fleet view never loses this instance.
             try:
-                # Store I/O (a shared folder, an fsync per heartbeat) runs in a thread so a
-                # slow disk never stalls requests; applying a document stays on the loop,
-                # between requests.
                 self._consider(await asyncio.to_thread(self._read_document))
+            except Exception:
+                log.exception("control document could not be read or applied")
+            try:
                 self._check_staleness()
                 if self.control_store is not None:
                     await asyncio.to_thread(self._write_ack, *self._next_ack())
             except Exception:
-                log.exception("control loop iteration failed")
+                log.exception("heartbeat failed")
             await asyncio.sleep(interval)
 
     # -- lifecycle --------------------------------------------------------------------
@@ -377,12 +391,19 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         self._start_background()
         return self
 
-    async def shutdown(self) -> None:
-        for task in list(self._shadow_tasks):
-            task.cancel()
-        if self._shadow_tasks:
-            await asyncio.gather(*self._shadow_tasks, return_exceptions=True)
+    async def shutdown(self, drain_timeout_s: float = SHUTDOWN_DRAIN_S) -> None:
+        """Stop background work, write the last heartbeat and flush the buffered rows.
+
+        No shadow starts once this begins and running ones are cancelled (their answers
+        are discarded anyway). Requests in flight get up to `drain_timeout_s` to finish
+        so their rows are written; a row that arrives after the recorder closed is
+        counted as dropped. The Prometheus collectors leave the registry, so a new router
+        can register on it.
+        """
+        self._closing = True
         try:
+            await self._cancel_shadows()
+            await self._drain(drain_timeout_s)
             if self._background_acks:
                 await asyncio.gather(*self._background_acks, return_exceptions=True)
             if self.control_store is not None and not self._closed:
@@ -390,7 +411,34 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
                 await asyncio.to_thread(self._write_ack_logged, *self._next_ack())
             await super().shutdown()
         finally:
-            self.recorder.close()  # the buffered rows are flushed whatever happened above
+            self.metrics.close()
+            # Whatever happened above, the buffered rows are flushed: in a thread, since a
+            # stuck disk can hold close() for its whole timeout.
+            await asyncio.to_thread(self.recorder.close)
+
+    async def _cancel_shadows(self) -> None:
+        """Cancel shadows until none is left (one started while we waited is caught too)."""
+        while self._shadow_tasks:
+            tasks = list(self._shadow_tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._shadow_tasks.difference_update(tasks)
+
+    async def _drain(self, timeout_s: float) -> None:
+        """Wait, at most `timeout_s`, for the route_query calls in flight to finish."""
+        if not self._in_flight:
+            return
+        self._drained = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout_s)
+        except TimeoutError:
+            log.warning(
+                "shutdown: %d request(s) still in flight after %.1f s; their rows will be "
+                "counted as dropped",
+                self._in_flight,
+                timeout_s,
+            )
 
     def _on_health_change(self, backend: str, healthy: bool, reason: str) -> None:
         kind = EventKind.BACKEND_HEALTHY if healthy else EventKind.BACKEND_UNHEALTHY
@@ -447,6 +495,18 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
     async def route_query(
         self, query_text: str, context: Mapping[str, Any] | None = None
     ) -> RoutingResult:
+        # Counted so that shutdown() can let requests in flight finish and record their rows.
+        self._in_flight += 1
+        try:
+            return await self._route_query(query_text, context)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight and self._drained is not None:
+                self._drained.set()
+
+    async def _route_query(
+        self, query_text: str, context: Mapping[str, Any] | None
+    ) -> RoutingResult:
         if not self._started:
             self._start_background()
         config = self.config
@@ -471,12 +531,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         headers = {"X-Request-ID": request_id, "X-Router-Arm": arm_name}
         cancelled = False
         try:
-            if arm is Arm.PRODUCTION:
-                outcome = await self._route_production(query_text, classification, region, headers)
-            else:
-                outcome = await balancer.route(
-                    query_text, classification, region=region, headers=headers
-                )
+            outcome = await self._route_arm(balancer, query_text, classification, region, headers)
         except asyncio.CancelledError:
             # The caller gave up (disconnect, its own timeout): still one row, so an arm
             # whose users give up is not flattered by their absence. Re-raised below.
@@ -523,6 +578,8 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         config: RouterConfig,
         region: Any,
     ) -> None:
+        if self._closing:
+            return  # shutdown() is cancelling shadows: a new one would outlive it
         if len(self._shadow_tasks) >= config.shadow_max_concurrency:
             self.shadow_skipped += 1
             return
@@ -545,7 +602,8 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         algorithm = self.production.algorithm.name
         try:
             started = time.perf_counter()
-            outcome = await self._route_production(
+            outcome = await self._route_arm(
+                self.production,
                 query_text,
                 classification,
                 region,
@@ -580,27 +638,27 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         except Exception:  # a shadow must never surface anywhere but the log
             log.exception("shadow execution failed")
 
-    async def _route_production(
+    async def _route_arm(
         self,
+        balancer: Balancer,
         query_text: str,
         classification: Classification,
         region: Any,
         headers: dict[str, str],
     ) -> RouteOutcome:
-        """The production balancer, with its unexpected exceptions turned into a failed
-        outcome: the caller gets a result (as for any other failure), not a traceback,
-        and the failback guard counts it, so a bug in the new path fails back to legacy."""
+        """`balancer.route`, with its unexpected exceptions turned into a failed outcome:
+        the caller gets a result (as for any other failure), not a traceback, the request
+        still leaves its row, and on the production arm the failback guard counts it, so
+        a bug in the new path fails back to legacy."""
         try:
-            return await self.production.route(
-                query_text, classification, region=region, headers=headers
-            )
+            return await balancer.route(query_text, classification, region=region, headers=headers)
         except Exception as exc:  # CancelledError is a BaseException: it still propagates
-            log.exception("production balancer failed unexpectedly")
+            log.exception("%s balancer failed unexpectedly", balancer.arm)
             return RouteOutcome(
                 None,
                 None,
                 BackendFailure(
-                    ErrorKind.SERVER_ERROR, f"production balancer failed: {type(exc).__name__}"
+                    ErrorKind.SERVER_ERROR, f"{balancer.arm} balancer failed: {type(exc).__name__}"
                 ),
             )
 
@@ -688,8 +746,8 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
                 http_status=status,
                 error_kind=failure.kind.value if failure else None,
                 latency_ms=result.latency_ms,
-                tokens_in=min(answer.tokens_in, INT32_MAX) if answer else 0,
-                tokens_out=min(answer.tokens_out, INT32_MAX) if answer else 0,
+                tokens_in=_token_count(answer.tokens_in) if answer else 0,
+                tokens_out=_token_count(answer.tokens_out) if answer else 0,
                 cost_usd=result.cost_usd,
                 quality_score=result.quality_score,
                 query_hash=facts.fingerprint,
@@ -763,6 +821,12 @@ def _store_from_flags(flags: ProductionFeatureFlags) -> ControlStore:
 
         return HttpControlStore(str(flags.control_url))
     return FileControlStore(flags.data_dir / "control")
+
+
+def _token_count(tokens: int) -> int:
+    """A backend's token count as the row's int32 column can hold it: a count out of
+    range (negative, or absurdly large) is clamped so the row is kept, not dropped."""
+    return min(max(tokens, 0), INT32_MAX)
 
 
 def _version_hint(text: str) -> int | None:

@@ -9,10 +9,14 @@ memory.
 Back-pressure policy: when the disk is slower than the traffic and `max_buffered_rows`
 rows are waiting, new rows are dropped (never the request) and counted; the count is
 written as a `rows_dropped` router event at the next flush, so the loss is visible in
-`router_events` rather than silent. A failed write puts its rows back in front (the
-oldest are kept) and drops the newest beyond the bound, counted the same way. Memory
-therefore stays bounded by `max_buffered_rows` per stream, whether the disk is slow or
-failing.
+`router_events` rather than silent (events dropped from a full event buffer are counted
+and reported the same way). A failed write puts its rows back in front (the oldest are
+kept) and drops the newest beyond the bound, counted the same way. Memory therefore
+stays bounded by `max_buffered_rows` per stream, whether the disk is slow or failing.
+
+`close()` is bounded too: if the disk hangs, it gives up after its timeout and logs the
+rows it could not write. Rows recorded after `close()` are counted as dropped and logged
+(nothing flushes them any more).
 """
 
 from __future__ import annotations
@@ -41,12 +45,14 @@ SEGMENT_SUFFIX = ".parquet"
 class Stream:
     """One kind of row (requests or events) with its own bounded buffer."""
 
-    def __init__(self, name: str, schema: pa.Schema, max_rows: int) -> None:
+    def __init__(self, name: str, schema: pa.Schema, max_rows: int, noun: str = "rows") -> None:
         self.name = name
+        self.noun = noun  # in rows_dropped events: "30 request rows dropped: buffer full"
         self.schema = schema
         self.max_rows = max_rows
         self.buffer: deque[tuple[Any, ...]] = deque()
-        self.dropped = 0
+        self.dropped = 0  # buffer full (or closed); reported as a rows_dropped event
+        self.unconvertible = 0  # rows the schema cannot hold; reported the same way
         self.written_rows = 0
         self.written_segments = 0
 
@@ -70,18 +76,21 @@ def rows_to_table(rows: list[tuple[Any, ...]], schema: pa.Schema) -> pa.Table:
 
 def _table_without_bad_rows(
     rows: list[tuple[Any, ...]], schema: pa.Schema
-) -> tuple[pa.Table | None, int]:
-    """The rows as a table, minus any row the schema cannot hold (found by halving)."""
+) -> tuple[pa.Table | None, list[tuple[Any, ...]]]:
+    """The rows the schema can hold, as a table and as rows (bad ones found by halving).
+
+    The rows are returned too so that a failed write puts back only these: a bad row is
+    dropped and reported once, not again at every retry."""
     try:
-        return rows_to_table(rows, schema), 0
+        return rows_to_table(rows, schema), rows
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
         if len(rows) == 1:
-            return None, 1
+            return None, []
     middle = len(rows) // 2
-    left, bad_left = _table_without_bad_rows(rows[:middle], schema)
-    right, bad_right = _table_without_bad_rows(rows[middle:], schema)
+    left, good_left = _table_without_bad_rows(rows[:middle], schema)
+    right, good_right = _table_without_bad_rows(rows[middle:], schema)
     parts = [t for t in (left, right) if t is not None]
-    return (pa.concat_tables(parts) if parts else None), bad_left + bad_right
+    return (pa.concat_tables(parts) if parts else None), good_left + good_right
 
 
 def write_segment(table: pa.Table, directory: Path, prefix: str, seq: int) -> Path:
@@ -118,16 +127,24 @@ class SegmentRecorder:
         self.instance = instance
         self.flush_rows = flush_rows
         self.flush_interval_s = flush_interval_s
-        self.requests = Stream("requests", REQUEST_SCHEMA, max_buffered_rows)
-        self.events = Stream("events", EVENT_SCHEMA, max(1_000, max_buffered_rows // 10))
+        self.requests = Stream("requests", REQUEST_SCHEMA, max_buffered_rows, "request rows")
+        self.events = Stream(
+            "events", EVENT_SCHEMA, max(1_000, max_buffered_rows // 10), "router events"
+        )
         self._seq = itertools.count(1)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._io_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        #: Set by close(): nothing flushes any more, so later rows are counted as dropped.
+        self._closed = False
+        self._warned_closed = False
 
     # -- hot path ---------------------------------------------------------------------
     def record(self, row: RequestRecord) -> None:
+        if self._closed:
+            self._drop_after_close(self.requests)
+            return
         buffer = self.requests.buffer
         if len(buffer) >= self.requests.max_rows:
             self.requests.dropped += 1
@@ -144,7 +161,24 @@ class SegmentRecorder:
         config_version: int | None = None,
         backend: str | None = None,
     ) -> RouterEvent:
-        event = RouterEvent(
+        event = self._new_event(kind, detail, config_version=config_version, backend=backend)
+        if self._closed:
+            self._drop_after_close(self.events)
+        elif len(self.events.buffer) < self.events.max_rows:
+            self.events.buffer.append(event)
+        else:
+            self.events.dropped += 1
+        return event
+
+    def _new_event(
+        self,
+        kind: EventKind,
+        detail: str,
+        *,
+        config_version: int | None = None,
+        backend: str | None = None,
+    ) -> RouterEvent:
+        return RouterEvent(
             event_id=uuid.uuid4().hex,
             ts=datetime.now(UTC),
             router_instance=self.instance,
@@ -153,11 +187,20 @@ class SegmentRecorder:
             backend=backend,
             detail=detail,
         )
-        if len(self.events.buffer) < self.events.max_rows:
-            self.events.buffer.append(event)
-        else:
-            self.events.dropped += 1
-        return event
+
+    def _drop_after_close(self, stream: Stream) -> None:
+        """Count a row that came too late (a request that outlived shutdown); say so once.
+
+        Dropped, not written on the spot: the caller is the request path (often the event
+        loop), where a synchronous one-row segment would be disk I/O per late request."""
+        stream.dropped += 1
+        if not self._warned_closed:
+            self._warned_closed = True
+            log.warning(
+                "segment recorder %s is closed: rows recorded from now on are dropped "
+                "(counted in requests.dropped / events.dropped)",
+                self.instance,
+            )
 
     # -- background -------------------------------------------------------------------
     def start(self) -> SegmentRecorder:
@@ -180,50 +223,86 @@ class SegmentRecorder:
 
     def flush(self) -> list[Path]:
         """Write whatever is buffered now. Safe to call from any thread."""
-        written: list[Path] = []
         with self._io_lock:
-            dropped = self.requests.dropped
-            if dropped:
-                self.requests.dropped = 0
-                self.event(EventKind.ROWS_DROPPED, f"{dropped} request rows dropped: buffer full")
-            for stream in (self.requests, self.events):
-                rows = stream.drain()
-                if not rows:
-                    continue
-                table, bad = _table_without_bad_rows(rows, stream.schema)
-                if bad:
-                    # One unconvertible row must not stop recording for good: drop it,
-                    # count it, say so in router_events, write the rest.
-                    self.event(
-                        EventKind.ROWS_DROPPED,
-                        f"{bad} {stream.name} row(s) dropped: values the schema cannot hold",
-                    )
-                if table is None:
-                    continue
-                try:
-                    path = write_segment(table, self.directory, stream.name, next(self._seq))
-                except Exception:  # I/O: keep the rows for the next try, within the bound
-                    stream.requeue(rows)
-                    raise
-                stream.written_rows += len(rows)
-                stream.written_segments += 1
-                written.append(path)
+            return self._flush_locked()
+
+    def _flush_locked(self) -> list[Path]:
+        written: list[Path] = []
+        for stream in (self.requests, self.events):
+            self._report_losses()  # before the events are drained: written in this flush
+            rows = stream.drain()
+            if not rows:
+                continue
+            table, good = _table_without_bad_rows(rows, stream.schema)
+            # One unconvertible row must not stop recording for good: drop it, count it,
+            # say so in router_events, write the rest.
+            stream.unconvertible += len(rows) - len(good)
+            if table is None:
+                continue
+            try:
+                path = write_segment(table, self.directory, stream.name, next(self._seq))
+            except Exception:  # I/O: keep the good rows for the next try, within the bound
+                stream.requeue(good)
+                raise
+            stream.written_rows += table.num_rows
+            stream.written_segments += 1
+            written.append(path)
         return written
 
-    def close(self) -> None:
-        """Stop the flusher and write everything still buffered. Never raises: a failed
-        final write is logged (the rows stay in memory until the process ends)."""
+    def _report_losses(self) -> None:
+        """Turn the loss counters into rows_dropped events. A counter goes down only by
+        what an event buffered says: while the event buffer is full the count waits for
+        a later flush, so memory stays bounded and no loss goes unsaid."""
+        for stream in (self.requests, self.events):
+            count = stream.dropped
+            if count and self._say_lost(f"{count} {stream.noun} dropped: buffer full"):
+                stream.dropped -= count
+            count = stream.unconvertible
+            why = "values the schema cannot hold"
+            if count and self._say_lost(f"{count} {stream.name} row(s) dropped: {why}"):
+                stream.unconvertible -= count
+
+    def _say_lost(self, detail: str) -> bool:
+        """Buffer a rows_dropped event if there is room (even while closing: the final
+        flush writes it)."""
+        if len(self.events.buffer) >= self.events.max_rows:
+            return False
+        self.events.buffer.append(self._new_event(EventKind.ROWS_DROPPED, detail))
+        return True
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop the flusher and write everything still buffered, within `timeout_s`.
+
+        Never raises and never hangs: a failed final write is logged (the rows stay in
+        memory until the process ends); a flusher stuck in a write (a hung mount) is
+        given up on, and the rows still buffered are counted as dropped and logged."""
+        deadline = time.monotonic() + timeout_s
+        self._closed = True
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=timeout_s)
             self._thread = None
+        if not self._io_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            rows, events = len(self.requests.drain()), len(self.events.drain())
+            self.requests.dropped += rows
+            self.events.dropped += events
+            log.error(
+                "segment writer stuck in a write for %.0f s: %d request rows and %d events "
+                "dropped unwritten (plus the write in progress)",
+                timeout_s,
+                rows,
+                events,
+            )
+            return
         try:
-            self.flush()
+            self._flush_locked()
         except Exception:
             log.exception(
                 "final segment flush failed; %d rows unwritten", len(self.requests.buffer)
             )
+        finally:
+            self._io_lock.release()
 
     def __enter__(self) -> SegmentRecorder:
         return self.start()

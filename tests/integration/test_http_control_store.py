@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import respx
+from pydantic import ValidationError
 
 from flows.control import CONTROL_URL_ENV, control_store
 from flows.paths import DataPaths
@@ -41,6 +42,28 @@ def test_a_missing_document_is_none_and_the_etag_is_the_change_token() -> None:
     store = HttpControlStore(URL)
     assert store.read_document() is None
     assert store.read_document() == ("abc", '{"version": 3}')
+
+
+@respx.mock
+def test_a_document_that_is_not_utf8_reads_as_invalid_not_as_a_guess() -> None:
+    """`response.text` would guess a charset or replace what it cannot decode, and a
+    corrupt document would be applied; the bytes as sent are refused instead."""
+    config = RouterConfig(version=2, mode=DeploymentMode.CANARY, traffic_percent=5)
+    body = config.model_copy(update={"reason": "café"}).model_dump_json().encode("latin-1")
+    respx.get(f"{URL}/config").mock(return_value=httpx.Response(200, content=body))
+    store = HttpControlStore(URL)
+    found = store.read_document()
+    assert found is not None
+    with pytest.raises(ValidationError):
+        RouterConfig.model_validate_json(found[1])
+    assert store.current_or_none() is None
+
+
+@respx.mock
+def test_heartbeats_that_are_not_utf8_are_an_error_not_a_crash() -> None:
+    respx.get(f"{URL}/acks").mock(return_value=httpx.Response(200, content=b'["caf\xe9"]'))
+    with pytest.raises(OSError, match="not a JSON list"):
+        HttpControlStore(URL).read_acks()
 
 
 @pytest.mark.parametrize(

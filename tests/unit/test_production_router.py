@@ -13,6 +13,7 @@ import json
 import math
 import threading
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any
@@ -392,6 +393,90 @@ async def test_a_stalled_control_store_never_stalls_requests(
     assert (ack.applied_version, ack.routed) == (1, 5)  # the final ack, not the stale one
 
 
+def latin1_document(version: int) -> bytes:
+    """A document as a Latin-1 editor saves it: valid JSON, but not UTF-8."""
+    config = RouterConfig(version=version, mode=DeploymentMode.AB_TEST, traffic_percent=50)
+    return config.model_copy(update={"reason": "café"}).model_dump_json().encode("latin-1")
+
+
+async def test_a_document_that_is_not_utf8_is_refused_not_fatal(
+    tmp_path: Path, backends: Backends
+) -> None:
+    store = FileControlStore(tmp_path / "control")
+    store.config_path.parent.mkdir(parents=True)
+    store.config_path.write_bytes(latin1_document(1))
+    router = await make_router(tmp_path, backends).start()  # boots on its initial config
+    assert router.config.version == 0 and router.refused and router.refused[0] == 1
+    publish(tmp_path, 2, "canary", 50)
+    router.poll_control_store()
+    assert router.config.version == 2
+    store.config_path.write_bytes(latin1_document(3))  # while running
+    router.poll_control_store()
+    router.heartbeat()
+    (ack,) = store.read_acks()
+    assert (ack.applied_version, ack.refused_version) == (2, 3)
+    assert ack.refused_reason and "unicode" in ack.refused_reason
+    await router.shutdown()
+    refused = [e for e in read_segments(tmp_path, "events") if e["kind"] == "config_refused"]
+    assert [e["config_version"] for e in refused] == [1, 3]
+    assert "keeping v2" in refused[1]["detail"]
+
+
+class CountingStore(FileControlStore):
+    """Signals each heartbeat written."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.acks = 0
+        self.third_ack = threading.Event()
+
+    def write_ack(self, ack: Acknowledgement) -> None:
+        super().write_ack(ack)
+        self.acks += 1
+        if self.acks >= 3:
+            self.third_ack.set()
+
+
+async def test_heartbeats_go_on_when_documents_cannot_be_read_or_applied(
+    tmp_path: Path, backends: Backends
+) -> None:
+    store = CountingStore(tmp_path / "control")
+    store.publish(RouterConfig(version=1, mode=DeploymentMode.CANARY, traffic_percent=5))
+    router = ProductionIntelligentQueryRouter(
+        backends=BACKENDS,
+        transport=httpx.MockTransport(backends),
+        health_checks=False,
+        flags=ProductionFeatureFlags(data_dir=tmp_path, instance_id="test-1", control_poll_s=0.01),
+        control_store=store,
+        recorder=SegmentRecorder(tmp_path / "segments", "test-1"),
+    )
+    await router.start()
+
+    def broken(found: object) -> None:
+        raise RuntimeError("a bug while applying a document")
+
+    router._consider = broken  # type: ignore[method-assign]
+    assert await asyncio.to_thread(store.third_ack.wait, 5)
+    await router.shutdown()
+
+
+def test_a_heartbeat_file_that_is_not_utf8_is_skipped(tmp_path: Path) -> None:
+    store = FileControlStore(tmp_path / "control")
+    now = datetime.now(UTC)
+    good = Acknowledgement(
+        instance="good-1",
+        applied_version=1,
+        effective_mode=DeploymentMode.CANARY,
+        configured_mode=DeploymentMode.CANARY,
+        traffic_percent=5,
+        heartbeat_at=now,
+        started_at=now,
+    )
+    store.write_ack(good)
+    (store.acks_dir / "torn-1.json").write_bytes(b'{"instance": "caf\xe9"')
+    assert [a.instance for a in store.read_acks()] == ["good-1"]
+
+
 # -- auto-failback --------------------------------------------------------------------
 async def test_guard_trips_on_error_rate_after_min_requests(
     tmp_path: Path, backends: Backends
@@ -673,6 +758,26 @@ async def test_a_bug_in_the_production_path_fails_back_instead_of_raising(
     assert {(r.arm, r.outcome) for r in results[-10:]} == {("legacy", "ok")}
 
 
+async def test_a_bug_in_the_legacy_path_is_a_failed_result_with_its_row(
+    tmp_path: Path, backends: Backends
+) -> None:
+    """The legacy arm is wrapped like the production one: every request yields a result
+    and a row, never an exception to the caller."""
+
+    def crash(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("bug in the legacy path")
+
+    backends.faults["legacy"] = crash
+    router = await started(tmp_path, backends, 1, "legacy_only")
+    results = [await router.route_query(QUESTION, {"user_id": f"u{i}"}) for i in range(5)]
+    await router.shutdown()
+    assert {(r.arm, r.outcome) for r in results} == {("legacy", "error")}
+    assert all("legacy balancer failed: RuntimeError" in (r.error or "") for r in results)
+    rows = read_segments(tmp_path, "requests")
+    assert sorted(r["request_id"] for r in rows) == sorted(r.request_id for r in results)
+    assert {(r["arm"], r["error_kind"]) for r in rows} == {("legacy", "server_error")}
+
+
 async def test_the_callers_4xx_does_not_count_against_production(
     tmp_path: Path, backends: Backends
 ) -> None:
@@ -900,6 +1005,71 @@ async def test_a_crashing_shadow_never_reaches_the_user(tmp_path: Path, backends
     assert {(r.arm, r.outcome) for r in results} == {("legacy", "ok")}
 
 
+async def wait_until(predicate: Callable[[], bool], what: str) -> None:
+    for _ in range(500):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_shutdown_lets_requests_finish_and_leaves_no_shadow_running(
+    tmp_path: Path, backends: Backends
+) -> None:
+    backends.gate = asyncio.Event()  # holds questions containing "slow", shadows too
+    router = await started(tmp_path, backends, 1, "shadow", shadow_sample_rate=1.0)
+    first = asyncio.create_task(router.route_query("a slow question", {"user_id": "a"}))
+    await wait_until(lambda: len(backends.calls) == 2, "the request and its shadow")
+    down = asyncio.create_task(router.shutdown())
+    await asyncio.sleep(0)  # shutdown is now cancelling the shadow it found
+    late = asyncio.create_task(router.route_query("another slow question", {"user_id": "b"}))
+    await wait_until(lambda: len(backends.calls) == 3, "the late request")
+    backends.gate.set()
+    await down
+    assert not router._shadow_tasks  # the late request started no shadow
+    results = [await first, await late]
+    assert {(r.arm, r.outcome) for r in results} == {("legacy", "ok")}
+    rows = read_segments(tmp_path, "requests")
+    assert sorted(r["request_id"] for r in rows) == sorted(r.request_id for r in results)
+    assert router.recorder.requests.dropped == 0 and not router.recorder.requests.buffer
+
+
+class SlowCloseRecorder(SegmentRecorder):
+    """close() waits for the event loop to release it (as a slow disk would hold it)."""
+
+    def __init__(self, segments_dir: Path, instance: str) -> None:
+        super().__init__(segments_dir, instance)
+        self.closing = threading.Event()
+        self.release = threading.Event()
+        self.released_in_time: bool | None = None
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        self.closing.set()
+        self.released_in_time = self.release.wait(timeout=2)
+        super().close(timeout_s)
+
+
+async def test_shutdown_closes_the_recorder_off_the_event_loop(
+    tmp_path: Path, backends: Backends
+) -> None:
+    recorder = SlowCloseRecorder(tmp_path / "segments", "test-1")
+    router = ProductionIntelligentQueryRouter(
+        backends=BACKENDS,
+        transport=httpx.MockTransport(backends),
+        health_checks=False,
+        flags=ProductionFeatureFlags(data_dir=tmp_path, instance_id="test-1"),
+        control_store=None,
+        recorder=recorder,
+    )
+
+    async def release_once_closing() -> None:  # runs only if the loop is free
+        await wait_until(recorder.closing.is_set, "close()")
+        recorder.release.set()
+
+    await asyncio.gather(router.shutdown(), release_once_closing())
+    assert recorder.released_in_time is True
+
+
 # -- weights, budget and health through the facade ---------------------------------------
 async def test_document_weights_are_absolute(tmp_path: Path, backends: Backends) -> None:
     """A backend a newer document does not name gets its configured weight back."""
@@ -1018,6 +1188,29 @@ async def test_an_unwritable_row_is_dropped_and_counted_not_fatal(
     assert dropped and "1 requests row(s) dropped" in dropped[0]["detail"]
 
 
+async def test_out_of_range_token_counts_are_clamped_not_dropped(
+    tmp_path: Path, backends: Backends
+) -> None:
+    def nonsense_usage(request: httpx.Request) -> httpx.Response:
+        usage = {"prompt_tokens": -5, "completion_tokens": -(2**40)}
+        return httpx.Response(
+            200, json={"choices": [{"message": {"content": "x"}}], "usage": usage}
+        )
+
+    backends.faults["production"] = nonsense_usage
+    drained = {"lightrag-1": 0.0, "lightrag-2": 0.0}  # only perplexity-1 answers
+    router = await started(
+        tmp_path, backends, 1, "production_only", 100, production_weights=drained
+    )
+    for i in range(3):
+        await router.route_query(QUESTION, {"user_id": f"u{i}"})
+    await router.shutdown()
+    rows = read_segments(tmp_path, "requests")
+    assert [(r["backend"], r["tokens_in"], r["tokens_out"]) for r in rows] == [
+        ("perplexity-1", 0, 0)
+    ] * 3
+
+
 async def test_a_cancelled_request_still_leaves_its_row(tmp_path: Path, backends: Backends) -> None:
     backends.gate = asyncio.Event()  # holds questions containing "slow"
     router = await started(tmp_path, backends, 1, "production_only", 100)
@@ -1072,3 +1265,34 @@ async def test_prometheus_metrics_count_requests_and_show_state(
     assert "router_config_version 3.0" in text
     assert 'router_breaker_state{arm="production",backend="lightrag-1"} 0.0' in text
     await router.shutdown()
+
+
+async def test_a_shared_registry_takes_a_new_router_once_the_old_one_shut_down(
+    tmp_path: Path, backends: Backends
+) -> None:
+    """One live router per registry (e.g. prometheus_client.REGISTRY): shutdown()
+    unregisters, so a restarted router in the same process can register."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=True)  # as prometheus_client.REGISTRY
+
+    def build(instance: str) -> ProductionIntelligentQueryRouter:
+        return ProductionIntelligentQueryRouter(
+            backends=BACKENDS,
+            transport=httpx.MockTransport(backends),
+            health_checks=False,
+            flags=ProductionFeatureFlags(data_dir=tmp_path, instance_id=instance),
+            control_store=None,
+            recorder=SegmentRecorder(tmp_path / "segments", instance),
+            metrics_registry=registry,
+        )
+
+    first = build("first")
+    with pytest.raises(ValueError, match="one live router per registry"):
+        build("second")
+    await first.shutdown()
+    second = build("second")
+    await second.route_query(QUESTION, {"user_id": "u1"})
+    assert "router_requests_total{" in generate_latest(registry).decode()
+    await second.shutdown()
+    assert "router_requests" not in generate_latest(registry).decode()

@@ -3,6 +3,8 @@ in `router_events`, whether the disk is slow (buffer full) or failing (writes ra
 
 from __future__ import annotations
 
+import logging
+import threading
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -10,6 +12,7 @@ import pytest
 
 import router.recorder as recorder_module
 from flows.bench.synthetic import make_records
+from router.record import EventKind
 from router.recorder import SegmentRecorder
 
 
@@ -58,3 +61,85 @@ def test_a_failing_disk_keeps_memory_bounded_and_the_oldest_rows(
     assert [r["request_id"] for r in kept] == [r.request_id for r in first_batch]
     dropped = [e for e in _rows(tmp_path, "events") if e["kind"] == "rows_dropped"]
     assert sum(int(e["detail"].split()[0]) for e in dropped) == 500
+
+
+def test_a_bad_row_is_reported_once_even_when_the_write_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = SegmentRecorder(tmp_path / "segments", "r1")
+    good, bad = make_records(2, seed=5)
+    recorder.record(good)
+    recorder.record(bad._replace(tokens_in=-(2**40)))  # does not fit the int32 column
+    real_write = recorder_module.write_segment
+    calls = []
+
+    def fails_once(*args: object, **kwargs: object) -> Path:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("disk hiccup")
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(recorder_module, "write_segment", fails_once)
+    with pytest.raises(OSError):
+        recorder.flush()
+    assert list(recorder.requests.buffer) == [good]  # only the row that converted
+    recorder.flush()
+    assert [r["request_id"] for r in _rows(tmp_path, "requests")] == [good.request_id]
+    assert recorder.requests.written_rows == 1
+    dropped = [e["detail"] for e in _rows(tmp_path, "events") if e["kind"] == "rows_dropped"]
+    assert dropped == ["1 requests row(s) dropped: values the schema cannot hold"]
+
+
+def test_events_dropped_from_a_full_event_buffer_are_reported(tmp_path: Path) -> None:
+    recorder = SegmentRecorder(tmp_path / "segments", "r1")
+    bound = recorder.events.max_rows
+    for i in range(bound + 5):
+        recorder.event(EventKind.BACKEND_UNHEALTHY, f"event {i}")
+    assert len(recorder.events.buffer) == bound
+    recorder.flush()  # the buffer was full: the report waits, the count is kept
+    recorder.flush()
+    dropped = [e["detail"] for e in _rows(tmp_path, "events") if e["kind"] == "rows_dropped"]
+    assert dropped == ["5 router events dropped: buffer full"]
+    assert recorder.events.dropped == 0
+
+
+def test_a_row_recorded_after_close_is_counted_as_dropped_and_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    recorder = SegmentRecorder(tmp_path / "segments", "r1")
+    early, late, later = make_records(3, seed=6)
+    recorder.record(early)
+    recorder.close()
+    with caplog.at_level(logging.WARNING, logger="router.recorder"):
+        recorder.record(late)
+        recorder.record(later)
+    assert [r["request_id"] for r in _rows(tmp_path, "requests")] == [early.request_id]
+    assert not recorder.requests.buffer and recorder.requests.dropped == 2
+    assert len([r for r in caplog.records if "is closed" in r.getMessage()]) == 1
+
+
+def test_close_gives_up_on_a_hung_write_and_counts_what_it_could_not_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A flusher stuck in a write (a hung mount) must not hang close(), hence shutdown."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hung_write(*args: object, **kwargs: object) -> Path:
+        entered.set()
+        release.wait(5)
+        raise OSError("mount came back too late")
+
+    monkeypatch.setattr(recorder_module, "write_segment", hung_write)
+    recorder = SegmentRecorder(tmp_path / "segments", "r1", flush_interval_s=0.01).start()
+    first, second = make_records(2, seed=7)
+    recorder.record(first)
+    assert entered.wait(5)
+    recorder.record(second)  # arrives while the write hangs
+    closer = threading.Thread(target=recorder.close, kwargs={"timeout_s": 0.2}, daemon=True)
+    with caplog.at_level(logging.ERROR, logger="router.recorder"):
+        closer.start()
+        closer.join(5)
+    release.set()
+    assert not closer.is_alive()
+    assert recorder.requests.dropped == 1 and not recorder.requests.buffer
+    assert "stuck in a write" in caplog.text
