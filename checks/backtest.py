@@ -6,10 +6,12 @@ arms) and A/B runs with injected regressions, and judges the *same* simulated da
 three gates side by side:
 
 * `sequential` (ours): the anytime-valid tests of `checks.sequential` (the real code),
-  harm on any of error rate, latency, cost rolls back, as the gate's policy does with
-  its default metric modes (all three are critical, `abort`); alpha split over the
-  three metrics (Bonferroni), so the false-rollback rate is <= alpha however often it
-  looks.
+  harm on any of error rate, latency, latency_p95 (on the histograms: legacy's p95
+  bound from its order statistics, production's share above 1.25 x it), cost rolls
+  back, as the gate's policy does with its default metric modes (all are critical,
+  `abort`); the phase's alpha split as the gate splits it (`sq.ROLLBACK_CHECKS`, the
+  guardrails' shares unused here: their limits are far from these arms), so the
+  false-rollback rate is <= alpha however often it looks.
 * `threshold` (Argo Rollouts / Flagger style; the same margins the gate's comparison
   suite reports as warnings): roll back as soon as the observed error-rate difference > max_error_rate_diff,
   observed p95 ratio > max_p95_ratio or observed mean-cost ratio > max_cost_ratio, once
@@ -43,10 +45,11 @@ so it is null when fewer than half are detected within the budget.
 
 What to expect (defaults, seed 7): our gate keeps A/A false rollbacks below alpha and
 detects every scenario with power >= 0.95 within the budget (error_x2, the hardest, at
-about 0.98; it is about 0.96 at 80,000 requests), but it needs more requests than the
-repeated Mann-Whitney gate to detect error_x3 (median about 10,800 against 2,400). No
-valid test can match that: even the oracle SPRT that knows RR = 3 exactly needs a
-median of about 9,000 requests at alpha 0.01/3 (7,200 at 0.01), because a 1 % -> 3 %
+about 0.97 since the alpha is split six ways; 0.98 when it was split three ways), but it
+needs more requests than the repeated Mann-Whitney gate to detect error_x3 (median about
+12,200 against 2,400). No valid test can match that: even the oracle SPRT that knows
+RR = 3 exactly needs a median of about 9,000 requests at alpha 0.01/3 (7,200 at 0.01;
+more at the 0.01/6 each check gets), because a 1 % -> 3 %
 change at a 5 % split shows up only through about a hundred failures. The Mann-Whitney
 gate is quick because it is a 5 % test that ignores repeated looks and metrics (about
 half of its A/A runs roll back).
@@ -196,6 +199,13 @@ class _Simulation:
         self.cost_l = _Arm.empty(r, k)
         self.cost_p = {f: _Arm.empty(r, k) for f in self.costs}
         self.p95_p = {f: grid() for f in self.lats}
+        # latency_p95: production requests slower than max_p95_ratio x the upper bound on
+        # legacy's p95 (the order statistic of rank `rank_hi`, by legacy's n)
+        self.slow_p = {f: grid() for f in self.lats}
+        self.rank_hi = np.asarray(
+            sq.tail_ranks(np.arange(s.budget_requests + 1), sq.metric_alpha(s.alpha) / 2)[0]
+        )
+        self.log_ratio_bins = math.log(s.thresholds.max_p95_ratio) / w
         self.mw_lat = {f: grid() for f in self.lats}
         self.mw_cost = {f: grid() for f in self.costs}
 
@@ -246,11 +256,26 @@ class _Simulation:
             lat_mid = lat_cdf - 0.5 * self.lat_l.hist
             cost_mid = cost_cdf - 0.5 * self.cost_l.hist
             self.p95_l[sl, look] = _quantile_from_cdf(lat_cdf, self.lat_centers, 0.95)
+            # first production bin above max_p95_ratio x legacy's upper p95 bound (none
+            # while that bound does not exist: rank 0)
+            rank = self.rank_hi[n_l.astype(np.int64)]
+            above = (lat_cdf[:, -1:] - lat_cdf) < rank[:, None]  # fewer than rank above bin
+            slow_from = np.where(
+                rank >= 1,
+                np.floor(above.argmax(-1) + self.log_ratio_bins).astype(np.int64) + 1,
+                self.lat_bins,
+            )
             lat_p, cost_p = lat_pos[prod], cost_pos[prod]
             for f, arm in self.lat_p.items():
                 self._record(arm, sl, rows_p, lat_p + math.log(f) / w, self.lat_centers, look)
                 cdf = np.cumsum(arm.hist, axis=-1)
                 self.p95_p[f][sl, look] = _quantile_from_cdf(cdf, self.lat_centers, 0.95)
+                below = np.take_along_axis(
+                    cdf, np.clip(slow_from - 1, 0, self.lat_bins - 1)[:, None], -1
+                )[:, 0]
+                self.slow_p[f][sl, look] = np.where(
+                    slow_from >= self.lat_bins, 0.0, cdf[:, -1] - np.where(slow_from > 0, below, 0)
+                )
                 self.mw_lat[f][sl, look] = self._mw(arm.hist, self.lat_l.hist, lat_mid)
             for f, arm in self.cost_p.items():
                 self._record(arm, sl, rows_p, cost_p + math.log(f) / w, self.cost_centers, look)
@@ -295,6 +320,7 @@ def _metric_rejections(sim: _Simulation) -> Masks:
     s = sim.s
     th = s.thresholds
     bar = math.log(1.0 / sq.metric_alpha(s.alpha))
+    cost_bar = math.log(2.0 / sq.metric_alpha(s.alpha))  # cost_test's mSPRT gets alpha/2
     z_crit = float(norm.isf(s.mann_whitney_alpha / 2))  # two-sided level, harmful direction
     enough = sim.n_p >= s.min_production
     out: Masks = {}
@@ -327,6 +353,9 @@ def _metric_rejections(sim: _Simulation) -> Masks:
         ratio = np.exp(sim.p95_p[f] - sim.p95_l)
         out["threshold", "latency", f] = enough & (ratio > th.max_p95_ratio)
         out["mann_whitney", "latency", f] = enough & (sim.mw_lat[f] > z_crit)
+        # latency_p95: production's alpha/2 of the check (legacy's went into rank_hi)
+        slow_lower = sq.binomial_cs(sim.slow_p[f], sim.n_p, sq.metric_alpha(s.alpha) / 2)[0]
+        out["sequential", "latency_p95", f] = np.asarray(slow_lower) > sq.TAIL_SHARE
     legacy_cost = sq.Moments(sim.n_l, sim.cost_l.total, sim.cost_l.total_sq)
     for f, arm in sim.cost_p.items():
         log_e = sq.cost_harm_log_e(
@@ -334,7 +363,7 @@ def _metric_rejections(sim: _Simulation) -> Masks:
             legacy_cost,
             tau=math.log(th.max_cost_ratio),
         )
-        out["sequential", "cost", f] = np.asarray(log_e) >= bar
+        out["sequential", "cost", f] = np.asarray(log_e) >= cost_bar
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = (arm.total / sim.n_p) / (sim.cost_l.total / sim.n_l)
         out["threshold", "cost", f] = enough & (ratio > th.max_cost_ratio)
@@ -344,11 +373,13 @@ def _metric_rejections(sim: _Simulation) -> Masks:
 
 def _first_rollback(masks: Masks, gate: str, reg: Regression) -> IntArray:
     """First look at which `gate` rolls back under regression `reg` (-1: never)."""
-    return _first(
+    rolled = (
         masks[gate, "error", reg.error]
         | masks[gate, "latency", reg.latency]
         | masks[gate, "cost", reg.cost]
     )
+    tail = masks.get((gate, "latency_p95", reg.latency))  # the sequential gate's only
+    return _first(rolled if tail is None else rolled | tail)
 
 
 def _median_requests(first: IntArray, batch: int) -> int | None:

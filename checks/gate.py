@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import replace
-from statistics import NormalDist
 from typing import Any
 
 import pandas as pd
@@ -16,11 +15,22 @@ from checks.policy import decide
 from checks.sample_ratio import sample_ratio
 from checks.sequential import (
     ARM_MOMENTS_SQL,
+    ARM_TAIL_SAMPLES_SQL,
     SHADOW_MOMENTS_SQL,
+    SHADOW_TAIL_SAMPLES_SQL,
+    TAIL_LEGACY_SQL,
+    TAIL_PRODUCTION_SQL,
+    TAIL_SHARE,
     ArmSummary,
+    SequentialResult,
     ShadowSummary,
+    TailCounts,
+    binomial_cs,
     evaluate_arms,
     evaluate_shadow,
+    latency_tail_test,
+    metric_alpha,
+    tail_ranks,
     to_records,
 )
 from checks.suites import (
@@ -29,9 +39,8 @@ from checks.suites import (
     data_quality_row_checks,
     guardrail_checks,
 )
-from checks.thresholds import GateSpec
+from checks.thresholds import SEQUENTIAL_METRICS, GateSpec
 from checks.verdict import Decision, GateResult, MetricRecord
-from router.failback_guard import wilson_lower
 from router.modes import DeploymentMode
 
 SPLIT_MODES = (DeploymentMode.CANARY.value, DeploymentMode.AB_TEST.value)
@@ -40,6 +49,14 @@ FAILBACKS_SQL = """
 SELECT detail FROM router_events
 WHERE kind = 'failback' AND config_version = ?
 ORDER BY ts
+"""
+
+#: Production rows with a latency, and how many exceed the p95 limit: the same rows as
+#: `checks.frames.ARM_AGGREGATES_SQL`'s p95 (shadow executions and failures included).
+OVER_P95_LIMIT_SQL = """
+SELECT count(latency_ms) AS n, count(*) FILTER (WHERE latency_ms > ?) AS over
+FROM requests
+WHERE config_version = ? AND arm = 'production'
 """
 
 
@@ -83,36 +100,61 @@ def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
-def weigh_error_rate_breach(
-    record: MetricRecord, failures: int, n: int, alpha: float
+def weigh_breach(
+    record: MetricRecord, count: int, n: int, share_limit: float, alpha: float, what: str
 ) -> MetricRecord:
-    """A breached error-rate guardrail rolls back only beyond noise.
+    """A breached guardrail rolls back only when a confidence sequence says so.
 
-    The guardrail is checked at every evaluation, so an observed rate a hair over the
-    limit (24 failures in 466 against 5 %) would roll back a healthy balancer sooner or
-    later. The breach stands when the one-sided Wilson lower bound at 1 - alpha is over
-    the limit; otherwise the metric is inconclusive, which holds the phase (and the
-    plan's `on_max_duration` applies if it never clears)."""
+    The guardrails are checked at every evaluation, so a fixed-sample rule (a point
+    estimate, or a Wilson bound at the full alpha) re-run at each look rolls back a
+    healthy balancer sooner or later: 12.5 % of phases at an error rate equal to the
+    limit, 5 % with a p95 5 % under it. The breach stands when the lower bound of
+    `binomial_cs` (valid at every look) on the share of `count` in `n` is above
+    `share_limit`: the error rate against the limit, or the share of requests slower
+    than the p95 limit against 5 %. Otherwise the metric is inconclusive, which holds the
+    phase (and asks a human at the maximum duration)."""
     if record.decision is not Decision.FAIL or record.threshold is None or n == 0:
         return record
-    z = NormalDist().inv_cdf(1 - alpha)
-    low = wilson_lower(failures, n, z)
-    high = 1 - wilson_lower(n - failures, n, z)
-    bounds = {"lower_bound": low, "upper_bound": high}
-    interval = f"{1 - alpha:.0%} bounds [{low:.2%}, {high:.2%}] over {n} requests"
-    if low > record.threshold:
-        return replace(record, reason=f"{record.reason}; beyond noise: {interval}", **bounds)
+    low, high = (float(b) for b in binomial_cs(count, n, alpha))
+    interval = (
+        f"{what} {count / n:.2%} of {n}, {1 - alpha:.2%} confidence sequence "
+        f"[{low:.2%}, {high:.2%}] against {share_limit:.2%}"
+    )
+    if low > share_limit:
+        return replace(record, reason=f"{record.reason}; beyond noise: {interval}")
     return replace(
         record,
         decision=Decision.INCONCLUSIVE,
         reason=f"{record.reason}, but within noise ({interval}): holding for more data",
-        **bounds,
     )
+
+
+def weigh_guardrail_breaches(
+    con: Connection, records: list[MetricRecord], spec: GateSpec, prod: ArmStats
+) -> list[MetricRecord]:
+    """`weigh_breach` for the error-rate and p95 guardrails, each at its share of alpha
+    (`checks.sequential.ROLLBACK_CHECKS`)."""
+    th = spec.thresholds
+    a = metric_alpha(th.alpha)
+    out = []
+    for r in records:
+        if (r.check_kind, r.metric) == ("guardrail", "error_rate_limit"):
+            r = weigh_breach(r, prod.failures, prod.n, th.max_error_rate, a, "failures")
+            if prod.n:  # the record shows the bounds on the rate itself, breached or not
+                low, high = binomial_cs(prod.failures, prod.n, a)
+                r = replace(r, lower_bound=float(low), upper_bound=float(high))
+        elif (r.check_kind, r.metric) == ("guardrail", "p95_latency_ms") and r.failed:
+            n, over = con.execute(
+                OVER_P95_LIMIT_SQL, [th.max_p95_latency_ms, spec.config_version]
+            ).fetchone()
+            r = weigh_breach(r, int(over), int(n), TAIL_SHARE, a, "slower than the limit:")
+        out.append(r)
+    return out
 
 
 #: Guardrail metric -> the legacy arm's value of it, for `excuse_shared_breach`.
 SHARED_BREACH_METRICS: dict[str, Callable[[ArmStats], float | None]] = {
-    "error_rate": lambda arm: arm.error_rate,
+    "error_rate_limit": lambda arm: arm.error_rate,
     "p95_latency_ms": lambda arm: arm.p95_ms,
 }
 
@@ -159,6 +201,44 @@ def _dict_rows(con: Connection, sql: str, params: list[Any]) -> list[dict[str, A
     return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
+def latency_tail_counts(
+    con: Connection,
+    samples_sql: str,
+    version: int,
+    n_legacy: int,
+    max_p95_ratio: float,
+    alpha: float,
+) -> TailCounts:
+    """Legacy's observed p95 and its bounds (`tail_ranks`, at alpha/2: the other half is
+    production's, in `latency_tail_test`), and production's answered requests slower
+    than max_p95_ratio times each, from the same rows."""
+    rank_hi, rank_lo = tail_ranks(n_legacy, alpha / 2)
+    rank_mid = math.floor(n_legacy * TAIL_SHARE) + 1  # the observed p95 (inverted CDF)
+    ranks = [int(rank_hi), rank_mid, int(rank_lo)]
+    present = [r for r in ranks if 1 <= r <= n_legacy]
+    found: dict[int, float] = {}
+    if present:
+        levels = [(n_legacy - r + 0.5) / n_legacy for r in present]
+        row = con.execute(
+            TAIL_LEGACY_SQL.format(samples=samples_sql), {"version": version, "levels": levels}
+        ).fetchone()
+        if row is not None and row[0] is not None:
+            found = {r: float(q) for r, q in zip(present, row[0], strict=True)}
+    q_hi, q_mid, q_lo = (found.get(r) for r in ranks)
+    # No upper bound yet: nothing counts as slow for harm; no lower bound: all does for
+    # non-inferiority. Each errs against the verdict it feeds.
+    t_hi = math.inf if q_hi is None else q_hi * max_p95_ratio
+    t_mid = math.inf if q_mid is None else q_mid * max_p95_ratio
+    t_lo = 0.0 if q_lo is None else q_lo * max_p95_ratio
+    n, over_hi, over_mid, over_lo = con.execute(
+        TAIL_PRODUCTION_SQL.format(samples=samples_sql),
+        {"version": version, "t_hi": t_hi, "t_mid": t_mid, "t_lo": t_lo},
+    ).fetchone()
+    return TailCounts(
+        n_legacy, int(n), q_hi, q_mid, q_lo, int(over_hi), int(over_mid), int(over_lo)
+    )
+
+
 def sequential_records(con: Connection, spec: GateSpec) -> list[MetricRecord]:
     """Anytime-valid comparisons with legacy, on sufficient statistics from SQL.
 
@@ -167,27 +247,38 @@ def sequential_records(con: Connection, spec: GateSpec) -> list[MetricRecord]:
     concurrent legacy arm: there the absolute guardrails decide alone.
     """
     th = spec.thresholds
+    version = spec.config_version
+    results: list[SequentialResult]
     if spec.mode == DeploymentMode.SHADOW.value:
-        rows = _dict_rows(con, SHADOW_MOMENTS_SQL, [spec.config_version])
-        # No pairs yet still yields three inconclusive records: "nothing compared" must
-        # hold the phase, not let it through.
-        return to_records(evaluate_shadow(ShadowSummary.from_row(rows[0] if rows else {}), th), th)
-    if spec.mode in SPLIT_MODES:
-        by_arm = {r["arm"]: r for r in _dict_rows(con, ARM_MOMENTS_SQL, [spec.config_version])}
+        rows = _dict_rows(con, SHADOW_MOMENTS_SQL, [version])
+        # No pairs yet still yields inconclusive records: "nothing compared" must hold
+        # the phase, not let it through.
+        pairs = ShadowSummary.from_row(rows[0] if rows else {})
+        results = evaluate_shadow(pairs, th)
+        samples, n_legacy = SHADOW_TAIL_SAMPLES_SQL, int(pairs.log_latency.n)
+    elif spec.mode in SPLIT_MODES:
+        by_arm = {r["arm"]: r for r in _dict_rows(con, ARM_MOMENTS_SQL, [version])}
         production = ArmSummary.from_row(by_arm.get("production", {}))
         legacy = ArmSummary.from_row(by_arm.get("legacy", {}))
-        return to_records(evaluate_arms(production, legacy, th), th)
-    return [
-        MetricRecord(
-            "sequential",
-            metric,
-            Decision.SKIPPED,
-            "no concurrent legacy arm in a production_only phase; guardrails decide",
-            metric_mode="observe",
-            critical=False,
-        )
-        for metric in ("error_rate", "latency", "cost")
-    ]
+        results = evaluate_arms(production, legacy, th)
+        samples, n_legacy = ARM_TAIL_SAMPLES_SQL, int(legacy.log_latency.n)
+    else:
+        return [
+            MetricRecord(
+                "sequential",
+                metric,
+                Decision.SKIPPED,
+                "no concurrent legacy arm in a production_only phase; guardrails decide",
+                metric_mode="observe",
+                critical=False,
+            )
+            for metric in SEQUENTIAL_METRICS
+        ]
+    a = metric_alpha(th.alpha)
+    counts = latency_tail_counts(con, samples, version, n_legacy, th.max_p95_ratio, a)
+    paired = spec.mode == DeploymentMode.SHADOW.value
+    results.append(latency_tail_test(counts, th.max_p95_ratio, a, paired=paired))
+    return to_records(results, th)
 
 
 def evaluate(
@@ -292,12 +383,7 @@ def evaluate(
         )
         if prod.n >= spec.min_samples:
             run("guardrails", checks, pd.DataFrame([guard_frame]), params, "guardrail")
-            records[:] = [
-                weigh_error_rate_breach(r, prod.failures, prod.n, th.alpha)
-                if (r.check_kind, r.metric) == ("guardrail", "error_rate")
-                else r
-                for r in records
-            ]
+            records[:] = weigh_guardrail_breaches(con, records, spec, prod)
             records[:] = [excuse_shared_breach(r, legacy, spec.min_samples) for r in records]
 
     # -- production against legacy ---------------------------------------------------------

@@ -14,7 +14,7 @@ Order of precedence:
 Past the maximum duration, a HOLD becomes what the plan's `on_max_duration` says. An
 INSUFFICIENT_DATA never becomes PROMOTE: with `promote` (or `ask`) a human decides,
 with `rollback` it rolls back, with `hold` it holds. `observe` and `warn` metrics are
-reported and never act.
+reported and never act; a verdict that would say "checks pass" names those that fail.
 """
 
 from __future__ import annotations
@@ -36,6 +36,19 @@ AT_MAX_WITHOUT_DATA = {**AT_MAX, MaxDurationPolicy.PROMOTE: Verdict.NEEDS_APPROV
 
 def _names(records: Sequence[MetricRecord]) -> str:
     return ", ".join(f"{r.metric} ({r.reason})" for r in records)
+
+
+def _checks_pass(records: Sequence[MetricRecord]) -> tuple[str, str]:
+    """("checks pass", "") or, when checks in mode warn or observe fail, ("critical checks
+    pass", "; ...naming them"): they never act, but a verdict must not read as if every
+    check had passed (a p95 twice legacy's was promoted as "checks pass")."""
+    quiet = (MetricMode.WARN.value, MetricMode.OBSERVE.value)
+    failing = [
+        r for r in records if r.failed and r.check_kind != "data_quality" and r.metric_mode in quiet
+    ]
+    if not failing:
+        return "checks pass", ""
+    return "critical checks pass", f"; failing in mode warn or observe: {_names(failing)}"
 
 
 def decide(
@@ -95,12 +108,16 @@ def _decide(
     ]
     if open_critical:
         return Verdict.HOLD, f"not yet conclusive: {', '.join(r.metric for r in open_critical)}"
+    passed, failing = _checks_pass(records)
     if spec.elapsed_s < spec.min_duration_s:
         return Verdict.HOLD, (
-            f"checks pass; {spec.elapsed_s:.0f}s of the minimum {spec.min_duration_s:g}s elapsed"
+            f"{passed}; {spec.elapsed_s:.0f}s of the minimum {spec.min_duration_s:g}s "
+            f"elapsed{failing}"
         )
     if spec.requires_approval:
-        return Verdict.NEEDS_APPROVAL, "checks pass; this phase asks a human before promotion"
+        return Verdict.NEEDS_APPROVAL, (
+            f"{passed}; this phase asks a human before promotion{failing}"
+        )
     return Verdict.PROMOTE, (
-        f"checks pass with {n_production} production samples over {spec.elapsed_s:.0f}s"
+        f"{passed} with {n_production} production samples over {spec.elapsed_s:.0f}s{failing}"
     )

@@ -19,7 +19,10 @@ Every metric is judged by two one-sided tests:
   margin" is rejected, i.e. the upper confidence-sequence bound is below the margin).
 
 Harm wins when both hold (worse, though by less than the margin). Neither: inconclusive.
-Each bound holds with probability >= 1 - alpha at all times simultaneously.
+Each bound holds with probability >= 1 - alpha at all times simultaneously (for latency
+and cost the lower and the upper bound each on its own: both at once, 1 - 2 alpha).
+latency_p95 is the exception to "the bar is zero": it bounds the tail against the margin
+itself (harm: production's p95 above max_p95_ratio x legacy's).
 
 Sufficient statistics (computed in SQL, `ARM_MOMENTS_SQL` and `SHADOW_MOMENTS_SQL`; every
 test is O(1) in them):
@@ -33,7 +36,10 @@ test is O(1) in them):
 * cost: per arm n, sum and sum of squares of cost_usd, answered requests only (a refusal
   costs nothing and buys nothing). Shadow, over pairs where both answered: n, sums and sums of
   squares of c_prod and c_legacy and the sum of c_prod * c_legacy (the ratio margin
-  needs the arms' means, not only their difference).
+  needs the arms' means, not only their difference). Plus the answered requests that
+  cost anything (shadow: pairs where only one side paid), for free legacy arms.
+* latency_p95: order statistics of legacy's answered latencies and counts of production's
+  above a threshold (`TAIL_LEGACY_SQL`, `TAIL_PRODUCTION_SQL`), same rows as latency.
 
 Methods:
 
@@ -64,16 +70,27 @@ Methods:
   latency: x = mean ln(latency) difference; the p95 ratio margin maps to ln(max_p95_ratio)
   exactly when production's log-latency distribution is legacy's shifted (same shape:
   every quantile, p95 included, moves by the same factor); a change of spread alone is
-  left to the guardrail and comparison checks. cost: x = ln(mean_prod / mean_legacy)
-  (delta method), margin ln(max_cost_ratio). The plug-in variance makes these
+  left to latency_p95. cost: x = ln(mean_prod / mean_legacy)
+  (delta method), margin ln(max_cost_ratio), at alpha/2; free or flat-priced arms (mean
+  or variance 0, where the mSPRT cannot decide) are decided exactly, or for a free legacy
+  by the count test on paid requests at the other alpha/2 (`_degenerate_cost`). The
+  plug-in variance makes these
   asymptotic; a burn-in of `min_n` per arm and a variance floor (the small arm's
   variance never below the large arm's) keep early looks honest (checked by A/A
   simulation in the tests and the backtest).
+* latency_p95: the share s of production requests slower than max_p95_ratio x legacy's
+  p95 is above 5 % exactly when the p95 ratio breaks the margin. Legacy's p95 is
+  bracketed by two order statistics (`tail_ranks`, a confidence sequence for a quantile
+  from `binomial_cs`), and s is bounded by `binomial_cs` on production's counts above
+  each end, the conservative end for each verdict (`latency_tail_test`). Harm is
+  anytime-valid; until non-inferiority is shown (it takes ~10x the mean test's data),
+  the check holds the phase only while the observed p95 ratio breaks the margin.
 
 All tests treat requests as independent; requests of one user are correlated in
 practice (same questions, same backends), which a per-request test does not see.
-`evaluate_arms` / `evaluate_shadow` split the phase's alpha evenly over the three metrics
-(Bonferroni), so the chance of *any* false harm over the whole phase stays <= alpha.
+The phase's alpha is split evenly (Bonferroni) over the checks that can roll back
+(`ROLLBACK_CHECKS`: these four and the error-rate and p95 guardrails), so the chance of
+*any* false rollback over the whole phase stays <= alpha.
 """
 
 from __future__ import annotations
@@ -87,13 +104,13 @@ import numpy as np
 import numpy.typing as npt
 from scipy import special
 
-from checks.thresholds import CRITICAL_METRICS, MetricMode, Thresholds
+from checks.thresholds import CRITICAL_METRICS, SEQUENTIAL_METRICS, MetricMode, Thresholds
 from checks.verdict import Decision, MetricRecord
 
 Num = float | npt.NDArray[np.float64]
 
 #: Metrics whose detected harm rolls back by default (one list for the whole gate).
-CRITICAL = tuple(m for m in CRITICAL_METRICS if m in ("error_rate", "latency", "cost"))
+CRITICAL = tuple(m for m in CRITICAL_METRICS if m in SEQUENTIAL_METRICS)
 #: Defaults, chosen by the backtest (`checks.backtest`): scale of the half-normal mixing
 #: distribution on log RR for error rates; latency and cost mix at the scale of their
 #: margin (tau = ln ratio margin), where effects start to matter.
@@ -113,7 +130,8 @@ SELECT arm,
                                                                   AS sum_log_latency_sq,
        count(*) FILTER (WHERE outcome = 'ok')                     AS n_cost,
        sum(cost_usd) FILTER (WHERE outcome = 'ok')                AS sum_cost,
-       sum(cost_usd ^ 2) FILTER (WHERE outcome = 'ok')            AS sum_cost_sq
+       sum(cost_usd ^ 2) FILTER (WHERE outcome = 'ok')            AS sum_cost_sq,
+       count(*) FILTER (WHERE outcome = 'ok' AND cost_usd > 0)    AS n_cost_paid
 FROM requests
 WHERE config_version = ? AND NOT is_shadow
 GROUP BY arm
@@ -143,7 +161,9 @@ SELECT count(*) AS n, count(d_log_latency) AS n_latency, count(c_p) AS n_cost,
        sum(f_p - f_l) AS sum_d_fail, sum((f_p - f_l) ^ 2) AS sum_d_fail_sq,
        sum(d_log_latency) AS sum_d_log_latency, sum(d_log_latency ^ 2) AS sum_d_log_latency_sq,
        sum(c_p) AS sum_cost_p, sum(c_l) AS sum_cost_l,
-       sum(c_p ^ 2) AS sum_cost_pp, sum(c_l ^ 2) AS sum_cost_ll, sum(c_p * c_l) AS sum_cost_pl
+       sum(c_p ^ 2) AS sum_cost_pp, sum(c_l ^ 2) AS sum_cost_ll, sum(c_p * c_l) AS sum_cost_pl,
+       count(*) FILTER (WHERE c_p > 0 AND c_l = 0) AS n_cost_paid_production_only,
+       count(*) FILTER (WHERE c_l > 0 AND c_p = 0) AS n_cost_paid_legacy_only
 FROM pairs
 """
 """Paired sufficient statistics of shadow executions (production shadow minus legacy
@@ -283,17 +303,26 @@ def count_log_e(x: Num, f: Num, theta0: Num, scale: float = ERROR_LOG_RR_SCALE) 
     return out if np.ndim(out) else float(out)
 
 
+def binomial_log_ratio(successes: Num, n: Num, p: Num) -> npt.NDArray[np.float64]:
+    """log of the beta-binomial (Jeffreys) mixture likelihood ratio against the Bernoulli
+    mean p: an e-process for H0 "the mean is p", and the statistic `binomial_cs` inverts.
+    Convex in p and in the count, so its level sets are intervals."""
+    s = np.asarray(successes, dtype=float)
+    m = np.asarray(n, dtype=float)
+    log_marg = special.betaln(s + 0.5, m - s + 0.5) - special.betaln(0.5, 0.5)
+    return np.asarray(log_marg - special.xlogy(s, p) - special.xlog1py(m - s, -np.asarray(p)))
+
+
 def binomial_cs(successes: Num, n: Num, alpha: float) -> tuple[Num, Num]:
     """(lower, upper) of the beta-binomial mixture confidence sequence for a Bernoulli
     mean with a Jeffreys prior (Robbins 1970; Howard et al. 2021): the set of p whose
     mixture likelihood ratio stays below 1/alpha, valid at every n simultaneously."""
     s = np.asarray(successes, dtype=float)
     m = np.asarray(n, dtype=float)
-    log_marg = special.betaln(s + 0.5, m - s + 0.5) - special.betaln(0.5, 0.5)
     target = math.log(1.0 / alpha)
 
     def log_ratio(p: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        return log_marg - special.xlogy(s, p) - special.xlog1py(m - s, -p)
+        return binomial_log_ratio(s, m, p)
 
     with np.errstate(divide="ignore", invalid="ignore"):
         phat = np.where(m > 0, s / np.where(m > 0, m, 1.0), 0.5)
@@ -308,6 +337,46 @@ def binomial_cs(successes: Num, n: Num, alpha: float) -> tuple[Num, Num]:
         bounds.append(np.where(m > 0, outside, edge))
     lower, upper = bounds
     return (lower if lower.ndim else float(lower)), (upper if upper.ndim else float(upper))
+
+
+#: The tail the latency_p95 check and the p95 guardrail bound: a p95 has 5 % above it.
+TAIL_SHARE = 0.05
+
+
+def tail_ranks(n: Num, alpha: float, share: float = TAIL_SHARE) -> tuple[Num, Num]:
+    """Ranks from the top, (hi, lo), of the order statistics that bound a sample's upper
+    `share` quantile q (its p95) at every n: with probability >= 1 - alpha, for all n at
+    once, the hi-th largest value >= q >= the lo-th largest.
+
+    Why: with K the count above q, K ~ Binomial(n, share) and `binomial_cs` covers share at
+    every n. hi - 1 is the largest count whose upper bound is below `share`: if q were
+    above the hi-th largest, K <= hi - 1 and the sequence would have missed. lo is the
+    smallest count whose lower bound is above `share`, symmetrically. hi = 0 means no
+    finite upper bound yet (+inf), lo = n + 1 no lower bound yet (0). Vectorised on n."""
+    m = np.asarray(n, dtype=np.int64)
+    target = math.log(1.0 / alpha)
+
+    def outside(k: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+        return binomial_log_ratio(k, m, share) >= target
+
+    # The log ratio is convex in the count with its minimum near n * share: the counts
+    # outside the sequence are a prefix of [0, n share] and a suffix of [n share, n].
+    # Bisect each; the invariants: `outside` holds at the prefix's lo (or lo = -1) and at
+    # the suffix's hi (or hi = n + 1), and fails at the other end.
+    lo, hi = np.full_like(m, -1), np.floor(m * share).astype(np.int64) + 1
+    while np.any(hi - lo > 1):
+        mid = (lo + hi) // 2
+        step, out = hi - lo > 1, outside(mid)
+        lo, hi = np.where(step & out, mid, lo), np.where(step & ~out, mid, hi)
+    k_hi = lo
+    lo, hi = np.ceil(m * share).astype(np.int64) - 1, m + 1
+    while np.any(hi - lo > 1):
+        mid = (lo + hi) // 2
+        step, out = hi - lo > 1, outside(mid)
+        lo, hi = np.where(step & ~out, mid, lo), np.where(step & out, mid, hi)
+    k_lo = hi
+    rank_hi, rank_lo = k_hi + 1, k_lo
+    return (rank_hi if rank_hi.ndim else int(rank_hi)), (rank_lo if rank_lo.ndim else int(rank_lo))
 
 
 # -- per-metric statistics (vectorised: the backtest calls exactly these) ------------------
@@ -418,9 +487,11 @@ def cost_harm_log_e(production: Moments, legacy: Moments, tau: float, min_n: int
 @dataclass(frozen=True)
 class SequentialResult:
     """What one sequential test says, in the metric's own units (error: difference of
-    rates; latency and cost: production / legacy ratio). `log_e_value` is the harm
-    e-process (H0: production not worse); the interval is a (1 - alpha) confidence
-    sequence bound on each side."""
+    rates; latency and cost: production / legacy ratio; latency_p95: share of slow
+    requests). `log_e_value` is the harm e-process (H0: production not worse), if the
+    test has one (`e_process`). The interval is a (1 - alpha) confidence sequence, or,
+    with `one_sided_bounds`, a lower and an upper bound each valid at 1 - alpha on its
+    own (both at once: 1 - 2 alpha)."""
 
     metric: str
     method: str
@@ -436,6 +507,10 @@ class SequentialResult:
     paired: bool = False
     note: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    one_sided_bounds: bool = False
+    e_process: bool = True
+    #: Whether an inconclusive result holds the phase (in mode abort or pause).
+    holds_while_open: bool = True
 
     @property
     def e_value(self) -> float:
@@ -448,12 +523,23 @@ class SequentialResult:
             if self.lower is not None and self.upper is not None
             else "n/a"
         )
+        if self.one_sided_bounds:
+            bounds = (
+                f"one-sided {100 * (1 - self.alpha):.2f}% confidence-sequence bounds {cs} "
+                f"(both at once {100 * (1 - 2 * self.alpha):.2f}%)"
+            )
+        else:
+            bounds = f"{100 * (1 - self.alpha):.2f}% confidence sequence {cs}"
         est = "n/a" if self.estimate is None else f"{self.estimate:.4g}"
         pairs = "paired " if self.paired else ""
+        evidence = (
+            f"harm e-value {self.e_value:.3g} vs 1/alpha {1 / self.alpha:.3g}; "
+            if self.e_process
+            else ""
+        )
         text = (
             f"{self.decision.value}: {pairs}{self.method}; estimate {est}, "
-            f"{100 * (1 - self.alpha):.2f}% confidence sequence {cs}, margin {self.margin:g}; "
-            f"harm e-value {self.e_value:.3g} vs 1/alpha {1 / self.alpha:.3g}; "
+            f"{bounds}, margin {self.margin:g}; {evidence}"
             f"n legacy {self.n_legacy}, n production {self.n_production}, alpha {self.alpha:.3g}"
         )
         return f"{text}; {self.note}" if self.note else text
@@ -568,6 +654,7 @@ def _normal_result(
             margin,
             paired,
             note=f"needs at least {min_n} rows per arm with a positive variance",
+            one_sided_bounds=True,
         )
     log_e = float(normal_mixture_log_e(e, v, tau))
     radius = float(normal_mixture_radius(v, tau, alpha))
@@ -585,6 +672,7 @@ def _normal_result(
         margin,
         paired,
         details={"log_estimate": e, "variance": v, "tau": tau},
+        one_sided_bounds=True,
     )
 
 
@@ -667,6 +755,110 @@ def paired_latency_test(
     )
 
 
+#: Below this squared coefficient of variation (a standard deviation under a millionth of
+#: the mean) an arm's cost is constant per request: flat prices, where the mSPRT's plug-in
+#: variance is 0 and it could never decide.
+EXACT_CV2 = 1e-12
+
+
+def _cv2(mean: float, variance: float) -> float:
+    return variance / (mean * mean) if mean > 0 and math.isfinite(variance) else math.nan
+
+
+def _degenerate_cost(
+    method: str,
+    mean_p: float,
+    mean_l: float,
+    constant_p: bool,
+    exact_ratio: bool,
+    paid_log_e: float | None,
+    max_ratio: float,
+    alpha: float,
+    n_legacy: int,
+    n_production: int,
+    min_n: int,
+    paired: bool,
+) -> SequentialResult | None:
+    """Costs the mSPRT cannot judge, decided exactly (None: not degenerate, use the mSPRT).
+
+    Why: free backends (mean 0) or flat prices (variance 0) are legal cost data, and the
+    plug-in variance of ln(mean ratio) is then 0 or undefined: the mSPRT stayed
+    inconclusive forever, and at the maximum duration `on_max_duration: promote` promoted
+    a production 10x dearer. After the burn-in (`min_n` rows per arm):
+
+    * neither arm paid for an answered request: non-inferior;
+    * production paid nothing, legacy did: non-inferior;
+    * legacy paid nothing, production did: harm when production's price is flat (it is
+      certainly dearer), else a count test (as for errors) of production paying for a
+      larger share of its requests than legacy, harm at e >= 1/alpha;
+    * both prices exact (constant per request, or for pairs a constant ratio): the
+      ratio has no sampling noise; harm above 1 (the bar is zero, as in every test here),
+      else non-inferior.
+    """
+    if min(n_legacy, n_production) < min_n or not (math.isfinite(mean_p) and math.isfinite(mean_l)):
+        return None
+
+    def result(
+        decision: Decision, note: str, ratio: float | None, log_e: float | None = None
+    ) -> SequentialResult:
+        how = (
+            "count test of paid answers (legacy free so far)"
+            if log_e is not None
+            else "mean cost per request decided exactly (free or flat-priced arms)"
+        )
+        return SequentialResult(
+            "cost",
+            f"{how}, in place of the {method}",
+            decision,
+            0.0 if log_e is None else log_e,
+            ratio,
+            ratio,
+            ratio,
+            n_legacy,
+            n_production,
+            alpha,
+            max_ratio,
+            paired,
+            note=note,
+            details={"mean_cost_production": mean_p, "mean_cost_legacy": mean_l},
+            e_process=log_e is not None,
+        )
+
+    prices = f"mean cost per answered request {mean_p:.4g} USD vs legacy {mean_l:.4g} USD"
+    if mean_p <= 0 and mean_l <= 0:
+        return result(Decision.NON_INFERIOR, f"neither arm paid for any answer: {prices}", 1.0)
+    if mean_p <= 0:
+        return result(Decision.NON_INFERIOR, f"production answered for free: {prices}", 0.0)
+    if mean_l <= 0:
+        if constant_p:
+            return result(
+                Decision.HARM,
+                f"legacy answered for free and production at a flat price: {prices}",
+                None,
+            )
+        if paid_log_e is None:
+            return result(
+                Decision.INCONCLUSIVE,
+                f"legacy answered for free so far; no paid-request counts to test: {prices}",
+                None,
+            )
+        harm = paid_log_e >= math.log(1.0 / alpha)
+        return result(
+            Decision.HARM if harm else Decision.INCONCLUSIVE,
+            f"harm when production pays for a larger share of its answers than legacy; {prices}",
+            None,
+            paid_log_e,
+        )
+    if exact_ratio:
+        ratio = mean_p / mean_l
+        return result(
+            Decision.HARM if ratio > 1 + 1e-9 else Decision.NON_INFERIOR,
+            f"flat prices (no variance): the ratio is exact, harm above 1; {prices}",
+            ratio,
+        )
+    return None
+
+
 def cost_test(
     production: Moments,
     legacy: Moments,
@@ -674,14 +866,45 @@ def cost_test(
     alpha: float,
     tau: float | None = None,
     min_n: int = MIN_N,
+    paid: tuple[float, float] | None = None,
 ) -> SequentialResult:
-    """mSPRT on ln(mean cost ratio) (delta method), margin ln(max_cost_ratio)."""
+    """mSPRT on ln(mean cost ratio) (delta method), margin ln(max_cost_ratio); free or
+    flat-priced arms by `_degenerate_cost`, whose count test of `paid` (answered requests
+    with a positive cost: production, legacy) runs while legacy has paid nothing. Each of
+    the two tests gets alpha/2, so the metric keeps alpha whichever decides."""
+    a = alpha / 2
+    method = "mSPRT on log ratio of mean cost per request"
+    m_p, m_l = float(production.mean), float(legacy.mean)
+    cv_p, cv_l = _cv2(m_p, float(production.variance)), _cv2(m_l, float(legacy.variance))
+    paid_log_e = None
+    if paid is not None:
+        paid_log_e = float(
+            error_rate_harm_log_e(
+                Moments(production.n, paid[0], paid[0]), Moments(legacy.n, paid[1], paid[1])
+            )
+        )
+    degenerate = _degenerate_cost(
+        method,
+        m_p,
+        m_l,
+        cv_p <= EXACT_CV2,
+        cv_p <= EXACT_CV2 and cv_l <= EXACT_CV2,
+        paid_log_e,
+        max_cost_ratio,
+        a,
+        int(legacy.n),
+        int(production.n),
+        min_n,
+        paired=False,
+    )
+    if degenerate is not None:
+        return degenerate
     return _ratio_test(
         "cost",
-        "mSPRT on log ratio of mean cost per request",
+        method,
         log_ratio_of_means(production, legacy),
         max_cost_ratio,
-        alpha,
+        a,
         tau,
         int(legacy.n),
         int(production.n),
@@ -696,15 +919,47 @@ def paired_cost_test(
     alpha: float,
     tau: float | None = None,
     min_n: int = MIN_N,
+    paid_only: tuple[float, float] | None = None,
 ) -> SequentialResult:
-    """Shadow cost: mSPRT on ln(mean cost ratio) over pairs."""
+    """Shadow cost: mSPRT on ln(mean cost ratio) over pairs; degenerate costs as in
+    `cost_test`, the count test on the pairs where only one side paid (`paid_only`:
+    production only, legacy only; theta0 = 1/2). alpha/2 each."""
+    a = alpha / 2
+    method = "mSPRT on paired log ratio of mean cost per request"
     n = int(pairs.n)
+    est, var = paired_log_ratio_of_means(pairs)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        m_p, m_l = (
+            float(pairs.sum_p) / n if n else math.nan,
+            float(pairs.sum_l) / n if n else math.nan,
+        )
+        var_p = (float(pairs.sum_pp) - n * m_p * m_p) / (n - 1) if n > 1 else math.nan
+    paid_log_e = None
+    if paid_only is not None:
+        plus, minus = paid_only
+        paid_log_e = float(count_log_e(plus, plus + minus, 0.5))
+    degenerate = _degenerate_cost(
+        method,
+        m_p,
+        m_l,
+        _cv2(m_p, max(var_p, 0.0)) <= EXACT_CV2,
+        math.isfinite(float(var)) and n * float(var) <= EXACT_CV2,
+        paid_log_e,
+        max_cost_ratio,
+        a,
+        n,
+        n,
+        min_n,
+        paired=True,
+    )
+    if degenerate is not None:
+        return degenerate
     return _ratio_test(
         "cost",
-        "mSPRT on paired log ratio of mean cost per request",
-        paired_log_ratio_of_means(pairs),
+        method,
+        (est, var),
         max_cost_ratio,
-        alpha,
+        a,
         tau,
         n,
         n,
@@ -718,11 +973,13 @@ def paired_cost_test(
 
 @dataclass(frozen=True)
 class ArmSummary:
-    """One arm's sufficient statistics, as one row of `ARM_MOMENTS_SQL` gives them."""
+    """One arm's sufficient statistics, as one row of `ARM_MOMENTS_SQL` gives them;
+    `cost_paid`: answered requests with a positive cost (None: not counted)."""
 
     failures: Moments
     log_latency: Moments
     cost: Moments
+    cost_paid: float | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> ArmSummary:
@@ -740,16 +997,20 @@ class ArmSummary:
                 float(row.get("sum_cost") or 0.0),
                 float(row.get("sum_cost_sq") or 0.0),
             ),
+            float(row.get("n_cost_paid") or 0),
         )
 
 
 @dataclass(frozen=True)
 class ShadowSummary:
-    """Paired sufficient statistics, as the row of `SHADOW_MOMENTS_SQL` gives them."""
+    """Paired sufficient statistics, as the row of `SHADOW_MOMENTS_SQL` gives them;
+    `cost_paid_only`: answered pairs where only production, or only legacy, paid (None:
+    not counted)."""
 
     failures: PairedMoments
     log_latency: PairedMoments
     cost: PairedMoments
+    cost_paid_only: tuple[float, float] | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> ShadowSummary:
@@ -771,13 +1032,32 @@ class ShadowSummary:
                 g("sum_cost_ll"),
                 g("sum_cost_pl"),
             ),
+            (g("n_cost_paid_production_only"), g("n_cost_paid_legacy_only")),
         )
 
 
-def metric_alpha(alpha: float, n_metrics: int = 3) -> float:
-    """The phase's alpha split evenly over the metrics that can roll back (Bonferroni):
+#: The checks that can roll back a good balancer by chance, and so share the phase's
+#: alpha (the chance of *any* false rollback over the whole phase): the four sequential
+#: comparisons with legacy and the two guardrails judged by confidence sequences
+#: (`checks.gate`). Split evenly (Bonferroni), each gets alpha / 6. Within a check the
+#: share is split again where it combines two bounds or tests (latency_p95: legacy's p95
+#: and production's share, alpha/2 each; cost: mSPRT and paid-request count test).
+#: The cost-per-request and mean-quality limits, when a plan sets them, compare a point
+#: estimate with the limit and are outside this budget.
+ROLLBACK_CHECKS = (
+    "error_rate",
+    "latency",
+    "latency_p95",
+    "cost",
+    "error_rate_limit",
+    "p95_latency_ms",
+)
+
+
+def metric_alpha(alpha: float, n_checks: int = len(ROLLBACK_CHECKS)) -> float:
+    """The phase's alpha split evenly over the checks that can roll back (Bonferroni):
     the chance that *any* of them ever flags harm on a good balancer stays <= alpha."""
-    return alpha / n_metrics
+    return alpha / n_checks
 
 
 def evaluate_arms(
@@ -786,8 +1066,12 @@ def evaluate_arms(
     thresholds: Thresholds,
     production_share: float | None = None,
 ) -> list[SequentialResult]:
-    """The three sequential tests of a canary / A/B phase."""
+    """The moment-based sequential tests of a canary / A/B phase (latency_p95 needs
+    order statistics: `latency_tail_test`)."""
     a = metric_alpha(thresholds.alpha)
+    paid = None
+    if production.cost_paid is not None and legacy.cost_paid is not None:
+        paid = (production.cost_paid, legacy.cost_paid)
     return [
         error_rate_test(
             production.failures,
@@ -797,18 +1081,148 @@ def evaluate_arms(
             production_share,
         ),
         latency_test(production.log_latency, legacy.log_latency, thresholds.max_p95_ratio, a),
-        cost_test(production.cost, legacy.cost, thresholds.max_cost_ratio, a),
+        cost_test(production.cost, legacy.cost, thresholds.max_cost_ratio, a, paid=paid),
     ]
 
 
 def evaluate_shadow(pairs: ShadowSummary, thresholds: Thresholds) -> list[SequentialResult]:
-    """The three sequential tests of a shadow phase, on paired per-request differences."""
+    """The moment-based sequential tests of a shadow phase, on paired differences."""
     a = metric_alpha(thresholds.alpha)
     return [
         paired_error_rate_test(pairs.failures, thresholds.max_error_rate_diff, a),
         paired_latency_test(pairs.log_latency, thresholds.max_p95_ratio, a),
-        paired_cost_test(pairs.cost, thresholds.max_cost_ratio, a),
+        paired_cost_test(pairs.cost, thresholds.max_cost_ratio, a, paid_only=pairs.cost_paid_only),
     ]
+
+
+# -- the tail: latency_p95 -------------------------------------------------------------------
+
+#: Answered latencies per arm of the phase, the rows `latency_tail_test` counts: served
+#: (non-shadow) rows in canary / A/B phases, both sides of answered shadow pairs in shadow
+#: phases (the same rows as the latency test's).
+ARM_TAIL_SAMPLES_SQL = """
+SELECT arm, latency_ms FROM requests
+WHERE config_version = $version AND NOT is_shadow AND outcome = 'ok' AND latency_ms > 0
+"""
+SHADOW_TAIL_SAMPLES_SQL = """
+WITH pairs AS (
+    SELECT s.latency_ms AS production_ms, p.latency_ms AS legacy_ms
+    FROM requests s JOIN requests p ON p.request_id = s.primary_request_id
+    WHERE s.is_shadow AND NOT p.is_shadow AND s.config_version = $version
+      AND s.outcome = 'ok' AND p.outcome = 'ok'
+)
+SELECT 'production' AS arm, production_ms AS latency_ms FROM pairs
+UNION ALL
+SELECT 'legacy' AS arm, legacy_ms AS latency_ms FROM pairs
+"""
+#: Legacy order statistics by quantile level: DuckDB's quantile_disc(x, q) is the value at
+#: ascending 0-based index ceil(q n) - 1, so q = (n - rank + 0.5) / n is the rank-th largest.
+TAIL_LEGACY_SQL = """
+WITH samples AS ({samples})
+SELECT quantile_disc(latency_ms, $levels) AS q FROM samples WHERE arm = 'legacy'
+"""
+TAIL_PRODUCTION_SQL = """
+WITH samples AS ({samples})
+SELECT count(*) AS n,
+       count(*) FILTER (WHERE latency_ms > $t_hi) AS over_hi,
+       count(*) FILTER (WHERE latency_ms > $t_mid) AS over_mid,
+       count(*) FILTER (WHERE latency_ms > $t_lo) AS over_lo
+FROM samples WHERE arm = 'production'
+"""
+
+
+@dataclass(frozen=True)
+class TailCounts:
+    """What `latency_tail_test` needs: legacy's p95 bounds (`tail_ranks`: hi, lo) and its
+    observed p95 (ms; None where the rank does not exist yet), and how many production
+    requests were slower than max_p95_ratio times each."""
+
+    n_legacy: int
+    n_production: int
+    legacy_hi_ms: float | None
+    legacy_mid_ms: float | None
+    legacy_lo_ms: float | None
+    over_hi: int
+    over_mid: int
+    over_lo: int
+
+
+def latency_tail_test(
+    counts: TailCounts, max_p95_ratio: float, alpha: float, paired: bool = False
+) -> SequentialResult:
+    """Is production's p95 within max_p95_ratio x legacy's? The mean-log-latency test
+    cannot tell: a balancer that makes most requests faster and one in ten much slower
+    keeps the mean and doubles the p95.
+
+    s = P(production latency > max_p95_ratio x legacy's true p95) is above 5 % exactly
+    when the p95 ratio breaks the margin. Legacy's p95 is itself estimated, so the
+    conservative end is used on each side: harm when the lower confidence-sequence bound
+    of the share slower than ratio x legacy's *upper* p95 bound is above 5 %;
+    non-inferior when the upper bound of the share slower than ratio x legacy's *lower*
+    p95 bound is below 5 %. Counting above a threshold that only errs outwards can only
+    move each bound away from the verdict, so each holds at 1 - alpha (legacy's order
+    statistics at alpha/2, production's share at alpha/2) at every look, for continuous
+    latencies; harm and non-inferiority exclude each other.
+
+    Non-inferiority this way needs about ten times the data of the mean test (some
+    1,000 production requests at a 5 % canary, 2,000 per arm at 50 %, for identical
+    log-normal arms of spread 0.5), more than short phases get. So an inconclusive
+    result holds the phase only while the observed share (slower than ratio x legacy's
+    observed p95) is above 5 %, i.e. while the observed p95 ratio breaks the margin:
+    promotion needs no detected harm and the observed p95 within the margin, and the
+    rollback side stays anytime-valid."""
+    n = counts.n_production
+    a = alpha / 2
+    lower = float(binomial_cs(counts.over_hi, n, a)[0]) if n else 0.0
+    upper = float(binomial_cs(counts.over_lo, n, a)[1]) if n else 1.0
+    if lower > TAIL_SHARE:
+        decision = Decision.HARM
+    elif upper < TAIL_SHARE:
+        decision = Decision.NON_INFERIOR
+    else:
+        decision = Decision.INCONCLUSIVE
+
+    def ms(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.4g}"
+
+    estimate = counts.over_mid / n if n and counts.legacy_mid_ms is not None else None
+    holds = estimate is None or estimate > TAIL_SHARE
+    if decision is Decision.INCONCLUSIVE:
+        hold = "holding: the observed" if holds else "not holding: the observed"
+        within = "breaks" if holds else "is within"
+        verdict_note = f"{hold} p95 ratio {within} the margin; "
+    else:
+        verdict_note = ""
+    return SequentialResult(
+        "latency_p95",
+        f"share of production requests slower than {max_p95_ratio:g} x legacy's p95 "
+        "(order statistics and beta-binomial confidence sequences)",
+        decision,
+        0.0,
+        estimate,
+        lower,
+        upper,
+        counts.n_legacy,
+        n,
+        alpha,
+        TAIL_SHARE,
+        paired,
+        note=(
+            f"{verdict_note}"
+            f"harm when even the lower bound is above {TAIL_SHARE:.0%} (production's p95 "
+            f"beyond {max_p95_ratio:g} x legacy's), non-inferior when the upper bound is "
+            f"below; legacy's p95 {ms(counts.legacy_mid_ms)} ms, bounded by "
+            f"[{ms(counts.legacy_lo_ms)}, {ms(counts.legacy_hi_ms)}] ms"
+        ),
+        details={
+            "over_hi": counts.over_hi,
+            "over_mid": counts.over_mid,
+            "over_lo": counts.over_lo,
+            "legacy_p95_bounds_ms": [counts.legacy_lo_ms, counts.legacy_hi_ms],
+        },
+        e_process=False,
+        holds_while_open=holds,
+    )
 
 
 def to_record(
@@ -817,7 +1231,7 @@ def to_record(
     mode: MetricMode | None = None,
 ) -> MetricRecord:
     """One decision-record line. Mode: explicit, else the plan's `metric_modes`, else
-    abort for the critical metrics (error_rate, latency, cost) and warn for others."""
+    abort for the critical metrics (every sequential one) and warn for others."""
     critical = result.metric in CRITICAL
     if mode is None and thresholds is not None and result.metric in thresholds.metric_modes:
         mode = thresholds.metric_modes[result.metric]
@@ -831,13 +1245,15 @@ def to_record(
         estimate=result.estimate,
         lower_bound=result.lower,
         upper_bound=result.upper,
-        e_value=result.e_value,
+        e_value=result.e_value if result.e_process else None,
         n_legacy=result.n_legacy,
         n_production=result.n_production,
         threshold=result.margin,
         metric_mode=mode.value,
         # pause acts too (a human decides), so an open pause metric holds like an abort one
-        critical=critical and mode in (MetricMode.ABORT, MetricMode.PAUSE),
+        critical=critical
+        and mode in (MetricMode.ABORT, MetricMode.PAUSE)
+        and (result.decision is not Decision.INCONCLUSIVE or result.holds_while_open),
     )
 
 

@@ -124,10 +124,14 @@ def guardrail_checks(
 ) -> list[Check]:
     x = gxe()
     checks = [
+        # `error_rate_limit`, not `error_rate`: that is the sequential comparison's name,
+        # and each has its own key in a plan's metric_modes.
         Check(
-            "error_rate",
+            "error_rate_limit",
             x.ExpectColumnMaxToBeBetween(
-                column="error_rate", max_value=_p("max_error_rate"), meta={"metric": "error_rate"}
+                column="error_rate",
+                max_value=_p("max_error_rate"),
+                meta={"metric": "error_rate_limit"},
             ),
             "max_error_rate",
         ),

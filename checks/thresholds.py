@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class MetricMode(StrEnum):
@@ -33,19 +33,20 @@ class MaxDurationPolicy(StrEnum):
     HOLD = "hold"
 
 
+#: Names a plan's `metric_modes` may use, one per check (the record's `metric`):
+#: the sequential comparisons with legacy, the absolute guardrails on production and the
+#: point-estimate comparisons. The error-rate guardrail is `error_rate_limit`, apart from
+#: the comparison `error_rate`, so quieting one never quiets the other.
+SEQUENTIAL_METRICS = ("error_rate", "latency", "latency_p95", "cost")
+GUARDRAIL_METRICS = ("error_rate_limit", "p95_latency_ms", "cost_per_request", "mean_quality")
+COMPARISON_METRICS = ("p95_ratio", "error_rate_diff", "cost_ratio", "quality_diff")
+METRIC_MODE_KEYS = SEQUENTIAL_METRICS + GUARDRAIL_METRICS + COMPARISON_METRICS
+
 #: Metrics that roll back (mode `abort`) unless the plan sets another mode: the
-#: sequential comparisons with legacy (error_rate, latency, cost) and every absolute
-#: guardrail (error rate, p95 latency, and cost per request and mean quality when the
-#: plan sets those limits): a hard limit the plan wrote down is a hard limit. The
-#: point-estimate comparisons (p95_ratio, error_rate_diff, ...) warn.
-CRITICAL_METRICS = (
-    "error_rate",
-    "latency",
-    "cost",
-    "p95_latency_ms",
-    "cost_per_request",
-    "mean_quality",
-)
+#: sequential comparisons with legacy and every absolute guardrail (a hard limit the plan
+#: wrote down is a hard limit). The point-estimate comparisons (p95_ratio, ...) warn:
+#: `latency_p95` is the check on the tail that acts (`checks.sequential`).
+CRITICAL_METRICS = SEQUENTIAL_METRICS + GUARDRAIL_METRICS
 
 
 class Thresholds(BaseModel):
@@ -61,10 +62,27 @@ class Thresholds(BaseModel):
     max_error_rate_diff: float = Field(default=0.02, ge=0, le=1, description="production - legacy")
     max_cost_ratio: float = Field(default=1.3, gt=1, description="production / legacy")
     min_quality_diff: float = Field(default=-0.1, ge=-1, le=1, description="production - legacy")
-    alpha: float = Field(default=0.01, gt=0, lt=0.5, description="sequential tests' error rate")
+    alpha: float = Field(
+        default=0.01,
+        gt=0,
+        lt=0.5,
+        description="chance of any false rollback over the phase (split over the checks)",
+    )
     srm_p_value: float = Field(default=0.001, gt=0, lt=0.5, description="sample-ratio alarm")
     freshness_s: float = Field(default=120.0, gt=0, description="newest row at most this old")
     metric_modes: dict[str, MetricMode] = Field(default_factory=dict)
+
+    @field_validator("metric_modes")
+    @classmethod
+    def _known_metrics(cls, modes: dict[str, MetricMode]) -> dict[str, MetricMode]:
+        """A misspelt key would silently leave its metric at the default mode."""
+        unknown = sorted(set(modes) - set(METRIC_MODE_KEYS))
+        if unknown:
+            raise ValueError(
+                f"unknown metric_modes key(s) {', '.join(unknown)}; allowed: "
+                f"{', '.join(METRIC_MODE_KEYS)}"
+            )
+        return modes
 
     def mode_of(self, metric: str) -> MetricMode:
         if metric in self.metric_modes:

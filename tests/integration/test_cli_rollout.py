@@ -29,7 +29,8 @@ pytestmark = pytest.mark.prefect
 # guard is out of reach (it trips at twice max_error_rate and max_p95_latency_ms).
 THRESHOLDS = (
     "{max_error_rate: 0.6, max_p95_latency_ms: 30000, max_error_rate_diff: 0.5, "
-    "metric_modes: {error_rate: warn, latency: warn, cost: warn, p95_latency_ms: warn}}"
+    "metric_modes: {error_rate: warn, latency: warn, latency_p95: warn, cost: warn, "
+    "error_rate_limit: warn, p95_latency_ms: warn}}"
 )
 PLAN = textwrap.dedent("""
     name: cli-small

@@ -22,7 +22,7 @@ from checks.suites import (
     data_quality_row_checks,
     guardrail_checks,
 )
-from checks.thresholds import Thresholds
+from checks.thresholds import SEQUENTIAL_METRICS, MetricMode, Thresholds
 
 VERSION = 7
 NOW = datetime(2026, 11, 27, 12, tzinfo=UTC)
@@ -302,7 +302,7 @@ def test_guardrails_pass_within_limits(runner: GxRunner) -> None:
 
     assert outcome.success
     assert set(by_metric(outcome)) == {
-        "error_rate",
+        "error_rate_limit",
         "p95_latency_ms",
         "cost_per_request",
         "mean_quality",
@@ -326,7 +326,7 @@ def test_guardrails_pass_exactly_at_the_limits(runner: GxRunner) -> None:
 @pytest.mark.parametrize(
     ("column", "value", "metric", "limit"),
     [
-        pytest.param("error_rate", 0.2, "error_rate", TH.max_error_rate, id="error-rate"),
+        pytest.param("error_rate", 0.2, "error_rate_limit", TH.max_error_rate, id="error-rate"),
         pytest.param("p95_ms", 9000.0, "p95_latency_ms", TH.max_p95_latency_ms, id="p95-latency"),
         pytest.param("cost_mean", 0.05, "cost_per_request", TH.max_cost_per_request_usd, id="cost"),
         pytest.param("quality_mean", 0.31, "mean_quality", TH.min_mean_quality, id="quality"),
@@ -350,7 +350,18 @@ def test_guardrails_without_cost_or_quality_limits_skip_those_metrics(runner: Gx
     outcome = run_guardrails(runner, expensive, has_cost_limit=False, has_quality_limit=False)
 
     assert outcome.success
-    assert set(by_metric(outcome)) == {"error_rate", "p95_latency_ms"}
+    assert set(by_metric(outcome)) == {"error_rate_limit", "p95_latency_ms"}
+
+
+def test_guardrail_names_are_metric_modes_keys_apart_from_the_comparisons(
+    runner: GxRunner,
+) -> None:
+    """The error-rate guardrail was named `error_rate` like the sequential comparison,
+    so one `metric_modes` key set both."""
+    names = set(by_metric(run_guardrails(runner, GUARD_OK)))
+    assert names.isdisjoint(SEQUENTIAL_METRICS)
+    quiet = Thresholds(metric_modes=dict.fromkeys(names, MetricMode.WARN))
+    assert {quiet.mode_of(m) for m in SEQUENTIAL_METRICS} == {MetricMode.ABORT}
 
 
 def test_guardrails_skip_mean_quality_when_nothing_was_scored(runner: GxRunner) -> None:

@@ -161,6 +161,19 @@ def test_maximum_duration_never_promotes_without_data(
     assert "maximum duration" in reason
 
 
+def test_a_promotion_names_the_checks_that_fail_in_warn_or_observe_mode() -> None:
+    """A p95 twice legacy's (comparison in mode warn) was promoted as "checks pass"."""
+    warned = rec("comparison", "p95_ratio", Decision.FAIL, "warn")
+    observed = rec("sequential", "cost", Decision.HARM, "observe")
+    verdict, reason = decide(spec(), [*GOOD, warned, observed], 500)
+    assert verdict is Verdict.PROMOTE
+    assert reason.startswith("critical checks pass with 500 production samples")
+    assert "failing in mode warn or observe: p95_ratio (p95_ratio fail), cost" in reason
+    held, why = decide(spec(elapsed_s=30), [*GOOD, warned], 500)
+    assert held is Verdict.HOLD and "p95_ratio" in why
+    assert decide(spec(), GOOD, 500)[1].startswith("checks pass with 500")
+
+
 def test_rollback_beats_everything_even_past_the_maximum() -> None:
     late = spec(elapsed_s=700, at_max=MaxDurationPolicy.PROMOTE)
     verdict, _ = decide(late, [rec("sequential", "error_rate", Decision.HARM)], 500)

@@ -8,6 +8,7 @@ import math
 import duckdb
 import numpy as np
 import pytest
+from pydantic import ValidationError
 from scipy import integrate, stats
 
 from checks import sequential as sq
@@ -216,19 +217,274 @@ def test_records_explain_themselves_and_follow_the_policy_modes() -> None:
     )
     results = sq.evaluate_arms(prod, legacy, th)
     assert [r.metric for r in results] == ["error_rate", "latency", "cost"]
-    assert all(r.alpha == pytest.approx(th.alpha / 3) for r in results)
+    # six checks share the phase's alpha; cost splits its share between two tests
+    assert [r.alpha for r in results] == pytest.approx([th.alpha / 6] * 2 + [th.alpha / 12])
     records = sq.to_records(results, th)
     err, lat, cost = records
     assert {r.check_kind for r in records} == {"sequential"}
     assert err.decision is Decision.HARM and err.failed and err.critical
     assert err.metric_mode == "abort" and err.threshold == th.max_error_rate_diff
-    assert err.e_value is not None and err.e_value >= 3 / th.alpha
+    assert err.e_value is not None and err.e_value >= 6 / th.alpha
     assert err.n_production == 2000 and err.n_legacy == 38000
     assert "alpha" in err.reason and "e-value" in err.reason
     assert lat.critical and lat.lower_bound is not None and lat.upper_bound is not None
     assert cost.metric_mode == "pause" and cost.critical  # holds while open; a human acts
     default_cost = sq.to_record(results[2])
     assert default_cost.metric_mode == "abort" and default_cost.critical  # cost is critical
+
+
+def test_latency_and_cost_bounds_are_labelled_one_sided() -> None:
+    """The latency and cost bounds are two one-sided (1 - alpha) bounds, together only
+    (1 - 2 alpha): the reason must not call them a (1 - alpha) confidence sequence."""
+    rng = np.random.default_rng(3)
+    legacy = sq.Moments.of(rng.normal(5.0, 0.5, 4000))
+    prod = sq.Moments.of(rng.normal(5.0, 0.5, 1000))
+    reason = sq.latency_test(prod, legacy, 1.25, 0.01).reason
+    assert "one-sided 99.00% confidence-sequence bounds [" in reason
+    assert "both at once 98.00%" in reason
+    err = sq.error_rate_test(_bern(1000, 10), _bern(4000, 40), 0.02, 0.01).reason
+    assert "99.00% confidence sequence [" in err and "one-sided" not in err
+
+
+# -- metric modes -----------------------------------------------------------------------------
+
+
+def test_the_error_rate_guardrail_and_comparison_have_separate_modes() -> None:
+    """One key used to set both; a plan quieting the absolute limit silenced the
+    comparison with legacy. `error_rate` is the comparison (as before),
+    `error_rate_limit` the guardrail."""
+    quiet_limit = Thresholds(metric_modes={"error_rate_limit": MetricMode.WARN})
+    quiet_comparison = Thresholds(metric_modes={"error_rate": MetricMode.WARN})
+    harm = sq.error_rate_test(_bern(5000, 150), _bern(95000, 950), 0.02, 0.01 / 6)
+    assert harm.decision is Decision.HARM
+    record = sq.to_record(harm, quiet_limit)
+    assert record.metric_mode == "abort" and record.critical
+    assert quiet_limit.mode_of("error_rate_limit") is MetricMode.WARN
+    assert sq.to_record(harm, quiet_comparison).metric_mode == "warn"
+    assert quiet_comparison.mode_of("error_rate_limit") is MetricMode.ABORT
+
+
+def test_an_unknown_metric_modes_key_is_refused_naming_the_allowed_ones() -> None:
+    with pytest.raises(ValidationError) as raised:
+        Thresholds(metric_modes={"error_rate_guardrail": MetricMode.WARN})
+    text = str(raised.value)
+    assert "unknown metric_modes key(s) error_rate_guardrail" in text
+    for key in ("error_rate", "error_rate_limit", "latency_p95", "p95_ratio"):
+        assert key in text
+    assert Thresholds(metric_modes={"latency_p95": MetricMode.PAUSE}).mode_of("latency_p95") is (
+        MetricMode.PAUSE
+    )
+
+
+# -- cost with free or flat-priced arms ------------------------------------------------------
+
+
+def _flat(n: int, price: float) -> sq.Moments:
+    return sq.Moments(n, n * price, n * price * price)
+
+
+@pytest.mark.parametrize(
+    ("production", "legacy", "decision", "words"),
+    [
+        pytest.param(0.004, 0.0004, Decision.HARM, "ratio is exact", id="flat-10x-dearer"),
+        pytest.param(0.0033, 0.003, Decision.HARM, "ratio is exact", id="flat-1.1x-dearer"),
+        pytest.param(0.003, 0.003, Decision.NON_INFERIOR, "ratio is exact", id="flat-same"),
+        pytest.param(0.0, 0.0, Decision.NON_INFERIOR, "neither arm paid", id="both-free"),
+        pytest.param(0.004, 0.0, Decision.HARM, "legacy answered for free", id="legacy-free"),
+        pytest.param(
+            0.0, 0.004, Decision.NON_INFERIOR, "production answered for free", id="prod-free"
+        ),
+    ],
+)
+def test_free_or_flat_priced_arms_are_decided_not_left_open(
+    production: float, legacy: float, decision: Decision, words: str
+) -> None:
+    """Zero variance or zero mean left the mSPRT inconclusive forever (and a 10x dearer
+    production was promoted at the maximum duration)."""
+    n = 20000
+    result = sq.cost_test(_flat(n, production), _flat(n, legacy), 1.3, 0.01 / 6)
+    assert result.decision is decision, result.reason
+    assert words in result.reason
+    paired = sq.paired_cost_test(
+        sq.PairedMoments.of(np.full(n, production), np.full(n, legacy)), 1.3, 0.01 / 6
+    )
+    assert paired.decision is decision, paired.reason
+
+
+def test_a_free_legacy_against_a_sometimes_paid_production_uses_a_count_test() -> None:
+    rng = np.random.default_rng(12)
+    legacy = np.zeros(19000)
+    for paid_share, decision in ((0.2, Decision.HARM), (0.0005, Decision.INCONCLUSIVE)):
+        prod = np.where(rng.random(1000) < paid_share, 0.004, 0.0)
+        paid = (float((prod > 0).sum()), 0.0)
+        result = sq.cost_test(sq.Moments.of(prod), sq.Moments.of(legacy), 1.3, 0.01 / 6, paid=paid)
+        assert result.decision is decision, result.reason
+        assert result.e_process and "count test of paid answers" in result.reason
+        pairs = sq.PairedMoments.of(prod, legacy[:1000])
+        shadow = sq.paired_cost_test(pairs, 1.3, 0.01 / 6, paid_only=paid)
+        assert shadow.decision is decision, shadow.reason
+    # exact, proportional prices over pairs: the ratio is known without noise
+    c_l = rng.lognormal(-6.3, 0.4, 2000)
+    dearer = sq.paired_cost_test(sq.PairedMoments.of(1.5 * c_l, c_l), 1.3, 0.01 / 6)
+    assert dearer.decision is Decision.HARM and dearer.estimate == pytest.approx(1.5)
+
+
+def test_a_flat_priced_production_ten_times_dearer_is_not_promoted_at_max_duration() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from checks.policy import decide
+    from checks.thresholds import GateSpec, MaxDurationPolicy
+    from checks.verdict import Verdict
+
+    th = Thresholds()
+    n = 20000
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    spec = GateSpec(
+        1,
+        "ab_test",
+        50,
+        0,
+        th,
+        2000,
+        7 * 86400,
+        14 * 86400,
+        t0,
+        t0 + timedelta(days=14),
+        on_max_duration=MaxDurationPolicy.PROMOTE,
+    )
+
+    def arm(price: float) -> sq.ArmSummary:
+        latency = sq.Moments(n, n * 5.0, n * 25.0 + n * 0.25 * 0.999)
+        return sq.ArmSummary(_bern(n, 100), latency, _flat(n, price), float(n))
+
+    records = sq.to_records(sq.evaluate_arms(arm(0.004), arm(0.0004), th), th)
+    verdict, reason = decide(spec, records, n)
+    assert verdict is Verdict.ROLLBACK and "harm in cost" in reason, reason
+
+
+# -- the tail: latency_p95 -------------------------------------------------------------------
+
+
+def _tail_counts(
+    production: np.ndarray, legacy: np.ndarray, ratio: float, alpha: float
+) -> sq.TailCounts:
+    """What the gate's SQL computes (`checks.gate.latency_tail_counts`), in numpy."""
+    n_l = legacy.size
+    top = np.sort(legacy)[::-1]
+    rank_hi, rank_lo = sq.tail_ranks(n_l, alpha / 2)
+    rank_mid = math.floor(n_l * sq.TAIL_SHARE) + 1
+
+    def at(rank: int) -> float | None:
+        return float(top[rank - 1]) if 1 <= rank <= n_l else None
+
+    q_hi, q_mid, q_lo = at(rank_hi), at(rank_mid), at(rank_lo)
+
+    def over(q: float | None, none: float) -> int:
+        return int((production > (none if q is None else q * ratio)).sum())
+
+    return sq.TailCounts(
+        n_l,
+        production.size,
+        q_hi,
+        q_mid,
+        q_lo,
+        over(q_hi, math.inf),
+        over(q_mid, math.inf),
+        over(q_lo, 0.0),
+    )
+
+
+def test_tail_ranks_invert_the_binomial_confidence_sequence() -> None:
+    for n in (0, 1, 50, 1000, 4000, 100_000):
+        hi, lo = sq.tail_ranks(n, 0.001)
+        k = np.arange(n + 1)
+        low, up = sq.binomial_cs(k, np.full(n + 1, n), 0.001)
+        assert hi == (k[up < 0.05].max() + 1 if (up < 0.05).any() else 0)
+        assert lo == (k[low > 0.05].min() if (low > 0.05).any() else n + 1)
+    assert sq.tail_ranks(np.array([1000, 4000]), 0.001)[0].tolist() == [
+        sq.tail_ranks(1000, 0.001)[0],
+        sq.tail_ranks(4000, 0.001)[0],
+    ]
+
+
+def test_tail_ranks_bracket_the_true_p95_at_every_look() -> None:
+    rng = np.random.default_rng(21)
+    runs, alpha = 400, 0.05
+    x = rng.lognormal(5.0, 0.5, (runs, 3000))
+    q = math.exp(5.0 + 0.5 * stats.norm.ppf(0.95))
+    missed = np.zeros(runs, dtype=bool)
+    for n in range(100, 3001, 100):
+        top = -np.sort(-x[:, :n], axis=1)
+        hi, lo = sq.tail_ranks(n, alpha)
+        if hi >= 1:
+            missed |= top[:, hi - 1] < q
+        if lo <= n:
+            missed |= top[:, lo - 1] > q
+    assert missed.mean() <= alpha
+
+
+def test_the_tail_check_sees_a_p95_the_mean_log_latency_misses() -> None:
+    """Most requests a bit faster, one in ten much slower: the mean log latency is no
+    higher (the latency test says non-inferior), the p95 about doubles."""
+    rng = np.random.default_rng(1)
+    n, a = 4000, 0.01 / 6
+    legacy = rng.lognormal(math.log(150), 0.5, n)
+    slow = rng.random(n) < 0.10
+    tail = np.where(
+        slow, rng.lognormal(math.log(700), 0.3, n), rng.lognormal(math.log(120), 0.45, n)
+    )
+    same = rng.lognormal(math.log(150), 0.5, n)
+    mean_test = sq.latency_test(sq.Moments.of(np.log(tail)), sq.Moments.of(np.log(legacy)), 1.25, a)
+    assert mean_test.decision is Decision.NON_INFERIOR
+    harm = sq.latency_tail_test(_tail_counts(tail, legacy, 1.25, a), 1.25, a)
+    assert harm.decision is Decision.HARM, harm.reason
+    assert harm.lower is not None and harm.lower > 0.05
+    assert "legacy's p95" in harm.reason and "e-value" not in harm.reason
+    fine = sq.latency_tail_test(_tail_counts(same, legacy, 1.25, a), 1.25, a)
+    assert fine.decision is Decision.NON_INFERIOR, fine.reason
+    early = sq.latency_tail_test(_tail_counts(tail[:50], legacy[:50], 1.25, a), 1.25, a)
+    assert early.decision is Decision.INCONCLUSIVE, early.reason
+    record = sq.to_record(harm)
+    assert record.metric_mode == "abort" and record.critical and record.e_value is None
+
+
+def test_an_open_tail_check_holds_only_while_the_observed_p95_ratio_breaks_the_margin() -> None:
+    """Non-inferiority of the tail takes ~10x the data of the mean test; until then the
+    phase holds only if the observed share slower than 1.25 x legacy's p95 is over 5 %."""
+    rng = np.random.default_rng(8)
+    a = 0.01 / 6
+    legacy = rng.lognormal(5.0, 0.5, 2000)
+    same = sq.latency_tail_test(
+        _tail_counts(rng.lognormal(5.0, 0.5, 400), legacy, 1.25, a), 1.25, a
+    )
+    worse = sq.latency_tail_test(
+        _tail_counts(rng.lognormal(5.0 + math.log(1.5), 0.5, 60), legacy, 1.25, a), 1.25, a
+    )
+    assert same.decision is worse.decision is Decision.INCONCLUSIVE
+    assert same.estimate is not None and same.estimate <= 0.05 < worse.estimate
+    assert not sq.to_record(same).critical and "not holding" in same.reason
+    assert sq.to_record(worse).critical and "holding: the observed" in worse.reason
+
+
+def test_the_tail_check_keeps_alpha_at_the_margin_under_repeated_looks() -> None:
+    """The worst case of its null: production's p95 exactly max_p95_ratio x legacy's
+    (5 % of production slower than 1.25 x legacy's true p95), twenty looks, vectorised
+    over runs as `latency_tail_test` decides harm."""
+    rng = np.random.default_rng(5)
+    runs, alpha = 1000, 0.05
+    prod = rng.lognormal(5.0 + math.log(1.25), 0.5, (runs, 2000))
+    legacy = rng.lognormal(5.0, 0.5, (runs, 8000))
+    harm = np.zeros(runs, dtype=bool)
+    for k in range(1, 21):
+        n_p, n_l = 100 * k, 400 * k
+        rank_hi, _ = sq.tail_ranks(n_l, alpha / 2)
+        if rank_hi < 1:
+            continue
+        q_hi = -np.partition(-legacy[:, :n_l], rank_hi - 1, axis=1)[:, rank_hi - 1]
+        over = (prod[:, :n_p] > 1.25 * q_hi[:, None]).sum(axis=1)
+        lower, _ = sq.binomial_cs(over, np.full(runs, n_p), alpha / 2)
+        harm |= lower > sq.TAIL_SHARE
+    assert harm.mean() <= alpha
 
 
 # -- the SQL that feeds them ----------------------------------------------------------------
@@ -266,6 +522,7 @@ def test_sufficient_statistics_sql() -> None:
     # cost too: a refusal costs nothing and buys nothing
     assert legacy.cost.n == ok_l.sum()
     assert legacy.cost.total_sq == pytest.approx((cost[:n][ok_l] ** 2).sum())
+    assert legacy.cost_paid == ok_l.sum()  # every answer here costs something
 
     cur = con.execute(sq.SHADOW_MOMENTS_SQL, [3])
     names = [d[0] for d in cur.description]
@@ -281,6 +538,7 @@ def test_sufficient_statistics_sql() -> None:
     assert dl.total == pytest.approx((np.log(lat[n:]) - np.log(lat[:n]))[both_ok].sum())
     assert shadow.cost.n == both_ok.sum()
     assert shadow.cost.sum_pl == pytest.approx((cost[n:] * cost[:n])[both_ok].sum())
+    assert shadow.cost_paid_only == (0.0, 0.0)  # both sides of every pair paid
     assert len(sq.evaluate_shadow(shadow, Thresholds())) == 3
     assert FAILURE_SQL in sq.ARM_MOMENTS_SQL
 
