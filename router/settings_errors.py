@@ -30,10 +30,20 @@ class SettingsError(ValueError):
 #: `scheme://user:password@host`: the password part of a URL's userinfo.
 _URL_PASSWORD = re.compile(r"(//[^/:@\s]*):[^@/\s]*@")
 
+#: A URL's query (`?token=abc&page=2`, up to a fragment, space or quote).
+_URL_QUERY = re.compile(r"(://[^?#\s'\"]*\?)([^#\s'\"]*)")
+
+
+def _mask_query(match: re.Match[str]) -> str:
+    parts = match.group(2).split("&")
+    masked = [f"{part.split('=', 1)[0]}=***" if "=" in part else "***" for part in parts if part]
+    return match.group(1) + "&".join(masked)
+
 
 def mask_url(text: str) -> str:
-    """`text` with any URL password replaced by *** (a password in a URL is a secret)."""
-    return _URL_PASSWORD.sub(r"\1:***@", text)
+    """`text` with any URL password and every URL query value replaced by *** (services
+    take keys as `?token=...` as often as in the userinfo)."""
+    return _URL_QUERY.sub(_mask_query, _URL_PASSWORD.sub(r"\1:***@", text))
 
 
 def mask(name: str, value: object) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 from flows.cli.app import app
-from flows.cli.common import err_console
+from flows.cli.common import print_error
 
 #: Errors an operator can act on, by class name (matched along the exception's class
 #: hierarchy so importing this table costs nothing), with the exit code they get:
@@ -36,7 +36,7 @@ def main() -> None:
         )
         if code is None:
             raise
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        print_error(str(exc))
         sys.exit(code)
 
 

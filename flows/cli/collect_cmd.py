@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from flows.cli.common import DEFAULT_DATA_DIR, DataDir, console, existing
 
@@ -55,4 +56,4 @@ def collect_cmd(
         highlight=False,
     )
     for key, reason in report.quarantined:
-        console.print(f"[yellow]quarantined[/] {key}: {reason}", highlight=False)
+        console.print(f"[yellow]quarantined[/] {escape(key)}: {escape(reason)}", highlight=False)

@@ -8,6 +8,7 @@ from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from flows.paths import DATA_DIR_ENV, DataPaths
 
@@ -44,8 +45,19 @@ def existing(data_dir: Path) -> DataPaths:
     return found
 
 
+def literal(value: object) -> Text:
+    """Data (ids, reasons, comments, SQL values) as typed: `[oncall]` or `[/]` in it is
+    text, not rich markup that would vanish or crash the command."""
+    return Text("" if value is None else str(value))
+
+
+def print_error(line: str) -> None:
+    """One `error: ...` line on stderr; the message is data, never markup."""
+    err_console.print(Text.assemble(("error:", "red"), " ", line), soft_wrap=True)
+
+
 def fail(lines: str | list[str], code: int = 2) -> NoReturn:
     """Print each problem on its own line to stderr and exit (2: bad input)."""
     for line in [lines] if isinstance(lines, str) else lines:
-        err_console.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
+        print_error(line)
     raise typer.Exit(code)

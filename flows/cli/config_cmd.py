@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from flows.cli.common import console, fail
+from flows.cli.common import console, fail, literal
 from flows.resources import resource
 from router.feature_flags import ENV_PREFIX, ProductionFeatureFlags, load_flags
 from router.settings_errors import SECRET_MARKERS, SettingsError, mask_url
@@ -77,14 +78,27 @@ def validate(profile: Profile = None) -> None:
     )
 
 
+#: What a `*_ENV` setting must hold: the NAME of the variable with the secret.
+_VARIABLE_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+
+NOT_A_VARIABLE_NAME = "*** (not a variable name: put the NAME of the variable holding the key)"
+
+
+def masked_env_name(value: str) -> str:
+    """A `*_ENV` value is shown only when it is a variable name: anything else is most
+    likely the key itself, pasted in the wrong place."""
+    return value if _VARIABLE_NAME.fullmatch(value) else NOT_A_VARIABLE_NAME
+
+
 def masked_value(name: str, value: object) -> str:
-    if any(marker in name.upper() for marker in SECRET_MARKERS) and "ENV" not in name.upper():
-        return "***"
-    if isinstance(value, list):
-        text = ",".join(str(v) for v in value)
-    else:
-        text = "" if value is None else str(value)
-    return mask_url(text)  # a password in a backend URL is a secret
+    upper = name.upper()
+    if any(marker in upper for marker in SECRET_MARKERS):
+        if not upper.endswith("_ENV"):
+            return "***"
+        return masked_env_name("" if value is None else str(value))
+    if isinstance(value, list):  # each URL on its own, so one's query hides no other
+        return ",".join(mask_url(str(v)) for v in value)
+    return mask_url("" if value is None else str(value))  # URL passwords, query values
 
 
 @app.command("show")
@@ -99,7 +113,11 @@ def show(
         for name in ProductionFeatureFlags.model_fields
     }
     keys = {
-        b.name: ("set" if b.api_key() else "not set") + f" (from ${b.api_key_env})"
+        b.name: (
+            ("set" if b.api_key() else "not set") + f" (from ${b.api_key_env})"
+            if _VARIABLE_NAME.fullmatch(b.api_key_env)
+            else "not set: its *_ENV setting holds no variable name (value hidden)"
+        )
         for b in flags.backends()
         if b.api_key_env
     }
@@ -108,7 +126,7 @@ def show(
         return
     table = Table("variable", "value", title="effective PROD_LB_* configuration")
     for name, value in values.items():
-        table.add_row(name, value)
+        table.add_row(name, literal(value))
     console.print(table)
     for backend, state in keys.items():
-        console.print(f"API key for {backend}: {state}", highlight=False)
+        console.print(f"API key for {backend}: {state}", markup=False, highlight=False)

@@ -35,6 +35,7 @@ def serve(
     shown = f"[{host}]" if ":" in host else host
     console.print(
         f"control endpoint: http://{shown}:{sock.getsockname()[1]}  (over {store.directory})",
+        markup=False,
         highlight=False,
     )
 

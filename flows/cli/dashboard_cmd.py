@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from flows.cli.common import DEFAULT_DATA_DIR, DataDir, console, existing, fail
 
@@ -46,6 +47,10 @@ def dashboard(
     bound_port = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     if host not in LOOPBACK:
-        console.print(f"[yellow]warning:[/] listening on {host}: anyone who reaches it can read it")
-    console.print(f"dashboard: http://{shown}:{bound_port}/  (Ctrl-C stops it)", highlight=False)
+        console.print(
+            f"[yellow]warning:[/] listening on {escape(host)}: anyone who reaches it can read it"
+        )
+    console.print(
+        f"dashboard: http://{shown}:{bound_port}/  (Ctrl-C stops it)", markup=False, highlight=False
+    )
     serve_until_stopped(make_app(paths, rollout_id=rollout_id, refresh_s=refresh), sock)

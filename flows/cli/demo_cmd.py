@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from flows.cli.common import DEFAULT_DATA_DIR, DataDir, console, fail
 from flows.demo.processes import exit_on_signals
@@ -65,23 +66,27 @@ def demo(
         code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 130
         raise typer.Exit(code) from None
     console.print(
-        f"rollout [bold]{outcome.rollout_id}[/] ended [bold]{outcome.state}[/] "
-        f"after {outcome.seconds:.0f}s: {outcome.reason}",
+        f"rollout [bold]{escape(str(outcome.rollout_id))}[/] ended [bold]{escape(outcome.state)}[/] "
+        f"after {outcome.seconds:.0f}s: {escape(outcome.reason)}",
         highlight=False,
     )
     if outcome.regression_injected_at:
         console.print(
             f"regression injected into the production path at phase "
             f"{outcome.regression_injected_at}",
+            markup=False,
             highlight=False,
         )
     console.print(
         f"metrics database: {outcome.database}  (try: rollout sql --data-dir "
         f'{data_dir} "SELECT * FROM arm_summary")',
+        markup=False,
         highlight=False,
     )
     console.print(
-        f"dashboard of this run: rollout dashboard --data-dir {data_dir}", highlight=False
+        f"dashboard of this run: rollout dashboard --data-dir {data_dir}",
+        markup=False,
+        highlight=False,
     )
     expected = "rolled_back" if inject_regression else "completed"
     if outcome.state != expected:

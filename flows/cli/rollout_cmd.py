@@ -15,9 +15,20 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from flows.cli.common import DEFAULT_DATA_DIR, DataDir, console, existing, fail, paths
+from flows.cli.common import (
+    DEFAULT_DATA_DIR,
+    DataDir,
+    console,
+    err_console,
+    existing,
+    fail,
+    literal,
+    paths,
+)
+from flows.paths import DataPaths
 from flows.prefect_env import configure_prefect, prefect_session
 
 RolloutId = Annotated[
@@ -65,11 +76,13 @@ def start(
         parsed = load_plan(plan or DEFAULT_PLAN_FILE)
     except PlanError as exc:
         fail(exc.lines)
+    if not dry_run:
+        _check_can_start(paths(data_dir), rollout_id)
     table = Table("#", "phase", "mode", "%", "min", "max", "every", "min samples", "approval")
     for i, p in enumerate(parsed.phases, start=1):
         table.add_row(
             str(i),
-            p.name,
+            literal(p.name),
             p.mode.value,
             f"{p.traffic_percent:g}",
             str(p.min_duration),
@@ -81,12 +94,19 @@ def start(
     console.print(table)
     if dry_run:
         console.print(
-            f"[green]plan {parsed.name!r} is valid[/] ({len(parsed.phases)} phases, "
+            f"[green]plan {escape(repr(parsed.name))} is valid[/] ({len(parsed.phases)} phases, "
             f"algorithm {parsed.algorithm.value}); nothing started"
         )
         return
     from flows.lifecycle import RolloutError
 
+    timeout_s = parsed.ack_timeout.total_seconds()
+    err_console.print(
+        f"publishing phase 1 ({parsed.phases[0].name}), then waiting up to {timeout_s:g}s "
+        "for the routers to apply it...",
+        markup=False,
+        highlight=False,
+    )
     with prefect_session():
         from flows.rollout_flows import rollout_start
 
@@ -97,10 +117,38 @@ def start(
         except RolloutError as exc:
             fail(str(exc))
     console.print(
-        f"started rollout [bold]{result['rollout_id']}[/]: phase 1 is config "
-        f"v{result['version']} ({result['acks']})",
+        f"started rollout [bold]{escape(result['rollout_id'])}[/]: phase 1 is config "
+        f"v{result['version']} ({escape(result['acks'])})",
         highlight=False,
     )
+
+
+def _check_can_start(p: DataPaths, rollout_id: str | None) -> None:
+    """Refuse a start the lifecycle would refuse, before any flow runs: one line, not a
+    failed flow run and its tracebacks. (The lifecycle checks again, in its transaction.)"""
+    from flows.store.database import StoreError, connect
+    from flows.store.rollouts import active_rollouts, get_rollout
+
+    if not p.database.exists():
+        return
+    try:
+        with connect(p.database, read_only=True) as con:
+            same_id = get_rollout(con, rollout_id) if rollout_id else None
+            active = active_rollouts(con)
+    except StoreError as exc:
+        fail(str(exc), code=1)
+    if same_id is not None and not same_id.active:
+        fail(
+            f"rollout {rollout_id} already exists ({same_id.state.value}): nothing was "
+            "started; pick another id, or leave --rollout-id out for a fresh one"
+        )
+    others = [r for r in active if r.rollout_id != rollout_id]
+    if others:
+        fail(
+            f"rollout {others[0].rollout_id} (router group {others[0].router_group!r}) is "
+            f"already {others[0].state.value} in {p.root}: finish, roll back or abort it "
+            "first (one control store, one rollout at a time)"
+        )
 
 
 def status(
@@ -123,7 +171,7 @@ def status(
             f"no rollout {rollout_id!r} in {p.root}"
             if rollout_id
             else "no rollout recorded yet: start one with `rollout start --plan FILE`",
-            code=1,
+            code=2 if rollout_id else 1,
         )
     r = snap.rollout
     if as_json:
@@ -142,8 +190,9 @@ def status(
         )
         return
     console.print(
-        f"rollout [bold]{r.rollout_id}[/] ({r.plan.name}): [bold]{r.state.value}[/], "
-        f"phase {r.phase_index + 1}/{len(r.plan.phases)} {r.phase.name}",
+        f"rollout [bold]{escape(r.rollout_id)}[/] ({escape(r.plan.name)}): "
+        f"[bold]{r.state.value}[/], phase {r.phase_index + 1}/{len(r.plan.phases)} "
+        f"{escape(r.phase.name)}",
         highlight=False,
     )
     timeline = Table(
@@ -161,19 +210,24 @@ def status(
     for t in snap.timeline:
         timeline.add_row(
             str(t["phase_index"] + 1),
-            t["name"],
+            literal(t["name"]),
             t["mode"],
             f"{t['traffic_percent']:g}",
             str(t["config_version"] or "-"),
             str(t["legacy_requests"]),
             str(t["production_requests"]),
-            t["outcome"] or "",
-            t["last_verdict"] or "",
+            literal(t["outcome"]),
+            literal(t["last_verdict"]),
         )
     console.print(timeline)
     decisions = Table("when", "verdict", "action", "reason", title="last decisions")
     for d in snap.decisions:
-        decisions.add_row(f"{d['decided_at']:%H:%M:%S}", d["verdict"], d["action"], d["reason"])
+        decisions.add_row(
+            f"{d['decided_at']:%H:%M:%S}",
+            literal(d["verdict"]),
+            literal(d["action"]),
+            literal(d["reason"]),
+        )
     console.print(decisions)
     routers = Table(
         "instance",
@@ -188,13 +242,13 @@ def status(
     for a in acks:
         age = a.age_s()
         routers.add_row(
-            a.instance,
+            literal(a.instance),
             f"v{a.applied_version}",
             a.effective_mode.value,
             f"{a.traffic_percent:g}",
             f"{age:.1f}" + (" (gone)" if age > STALE_AFTER_S else ""),
-            a.failback_reason or "",
-            a.refused_reason or "",
+            literal(a.failback_reason),
+            literal(a.refused_reason),
         )
     console.print(routers)
 
@@ -203,13 +257,18 @@ def tick(
     rollout_id: RolloutId = None, as_json: AsJson = False, data_dir: DataDir = DEFAULT_DATA_DIR
 ) -> None:
     """Run one evaluation now (what the `rollout-tick` deployment does on its schedule)."""
+    from flows.lifecycle import RecordingDeferred, RolloutError
+
+    p = existing(data_dir)
+    _check_tickable(p, rollout_id)
     with prefect_session():
         from flows.rollout_flows import rollout_tick
 
-        state = rollout_tick(
-            str(existing(data_dir).root), rollout_id, actor=_actor(), return_state=True
-        )
+        state = rollout_tick(str(p.root), rollout_id, actor=_actor(), return_state=True)
         if state.is_failed():
+            error = state.result(raise_on_failure=False)
+            if isinstance(error, RolloutError) and not isinstance(error, RecordingDeferred):
+                fail(str(error))  # refused meanwhile: bad input, not a failure to act
             fail(f"tick failed: {state.message}", code=1)
         result = state.result()
     if as_json:
@@ -218,8 +277,28 @@ def tick(
     console.print(
         f"{result['rollout_id'] or 'no active rollout'}: {result['verdict'] or '-'} "
         f"-> {result['action']} ({result['reason']})",
+        markup=False,
         highlight=False,
     )
+
+
+def _check_tickable(p: DataPaths, rollout_id: str | None) -> None:
+    """Refuse a tick the lifecycle would refuse (an unknown or finished rollout, several
+    active ones) before the flow runs: one line and exit 2, not a failed flow run."""
+    from flows.lifecycle import RolloutError, resolve_active
+    from flows.store.database import StoreError, connect
+
+    if not p.database.exists():
+        if rollout_id is not None:
+            fail(f"no rollout {rollout_id!r}")
+        return  # nothing recorded yet: the tick says "no active rollout"
+    try:
+        with connect(p.database, read_only=True) as con:
+            resolve_active(con, rollout_id)
+    except RolloutError as exc:
+        fail(str(exc))
+    except StoreError as exc:
+        fail(str(exc), code=1)
 
 
 def approve(
@@ -245,6 +324,7 @@ def approve(
             state = _wait_for_run(resumed, timeout_s=120)
             console.print(
                 f"resumed approval run {resumed} with your answer: it ended {state}",
+                markup=False,
                 highlight=False,
             )
             if state != "COMPLETED":
@@ -262,7 +342,9 @@ def approve(
             )
         except RolloutError as exc:
             fail(str(exc))
-    console.print(f"rollout {result['rollout_id']} is now {result['state']}", highlight=False)
+    console.print(
+        f"rollout {result['rollout_id']} is now {result['state']}", markup=False, highlight=False
+    )
 
 
 def _resume_paused_approval(
@@ -352,10 +434,11 @@ def promote(
             f"promoted to phase {moved.rollout.phase_index + 1} "
             f"({moved.rollout.phase.name}) as v{moved.config.version}: "
             f"{status_.describe()}",
+            markup=False,
             highlight=False,
         )
     else:
-        console.print(f"rollout {moved.rollout_id} completed", highlight=False)
+        console.print(f"rollout {moved.rollout_id} completed", markup=False, highlight=False)
 
 
 def rollback(
@@ -384,6 +467,7 @@ def rollback(
         state += " (already)"
     console.print(
         f"legacy_only published as v{config.version} ({acks.describe()}); rollout: {state}",
+        markup=False,
         highlight=False,
     )
     if acks.live and not acks.complete:
@@ -407,7 +491,9 @@ def abort(
         fail(str(exc))
     _notify(EVENT_ABORTED, rollout, reason)
     console.print(
-        f"rollout {rollout.rollout_id} aborted; routers told to use legacy", highlight=False
+        f"rollout {rollout.rollout_id} aborted; routers told to use legacy",
+        markup=False,
+        highlight=False,
     )
 
 
@@ -428,7 +514,7 @@ def report(
             if snap is None:
                 fail(
                     f"no rollout {rollout_id!r}" if rollout_id else "no rollout recorded yet",
-                    code=1,
+                    code=2 if rollout_id else 1,
                 )
             cursor = con.execute(FINAL_TABLE_SQL, [snap.rollout.rollout_id])
             names = [d[0] for d in cursor.description]
@@ -455,11 +541,11 @@ def report(
         transitions.add_row(
             str(t["seq"]),
             f"{t['occurred_at']:%Y-%m-%d %H:%M:%S}",
-            t["from_state"] or "",
-            t["to_state"],
+            literal(t["from_state"]),
+            literal(t["to_state"]),
             str(t["phase_index"] + 1),
-            t["actor"],
-            t["cause"],
+            literal(t["actor"]),
+            literal(t["cause"]),
         )
     console.print(transitions)
     arms_table = Table(
@@ -474,7 +560,7 @@ def report(
     )
     for a in arms:
         arms_table.add_row(
-            a["arm"],
+            literal(a["arm"]),
             str(a["requests"]),
             f"{a['success_rate']:.2%}",
             f"{a['p50_ms']:.0f}",
@@ -485,11 +571,17 @@ def report(
     console.print(arms_table)
 
 
+#: Ten years: a longer window reaches before year 1 and crashes the date arithmetic.
+MAX_NIGHTLY_HOURS = 24 * 3653
+
+
 def nightly(
-    hours: Annotated[float, typer.Option(help="Window length.")] = 24.0,
+    hours: Annotated[float, typer.Option(help="Window length in hours (above 0).")] = 24.0,
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
     """Run the nightly legacy-vs-production comparison now."""
+    if not 0 < hours <= MAX_NIGHTLY_HOURS:  # also refuses nan
+        fail(f"--hours {hours:g}: allowed is above 0 and at most {MAX_NIGHTLY_HOURS}")
     with prefect_session():
         from flows.rollout_flows import nightly_comparison
 
@@ -497,6 +589,7 @@ def nightly(
     console.print(
         f"nightly comparison {result['run_id']}: {result['rows']} rows "
         f"(legacy {result['legacy']}, production {result['production']})",
+        markup=False,
         highlight=False,
     )
 
@@ -531,6 +624,7 @@ def deploy(
             "PREFECT_API_URL is not set: start `prefect server start` and export "
             "PREFECT_API_URL=http://127.0.0.1:4200/api first"
         )
+    _check_server(os.environ["PREFECT_API_URL"])
     from flows.resources import code_root, resource
 
     root = code_root()
@@ -564,5 +658,29 @@ def deploy(
     )
     output = result.stdout + result.stderr
     if result.returncode != 0 or "Traceback" in output or "Error" in output:
-        fail(f"prefect deploy failed:\n{output[-3000:]}", code=1)
-    console.print(output[-2000:], highlight=False)
+        lines = [line.strip() for line in output.splitlines() if line.strip()]
+        fail(
+            [
+                f"prefect deploy failed: {lines[-1] if lines else f'exit {result.returncode}'}",
+                f"see the whole output: cd {root} && prefect --no-prompt deploy --all "
+                f"--prefect-file {target}",
+            ],
+            code=1,
+        )
+    console.print(output[-2000:], markup=False, highlight=False)
+
+
+def _check_server(api_url: str) -> None:
+    """A dead server made `prefect deploy` end in a raw traceback: say so in one line."""
+    import httpx
+
+    from router.settings_errors import mask_url
+
+    try:  # any answer will do (Prefect Cloud wants a key even here): only silence fails
+        httpx.get(f"{api_url.rstrip('/')}/health", timeout=5.0)
+    except httpx.TransportError as exc:
+        fail(
+            f"no Prefect server answers at {mask_url(api_url)} ({type(exc).__name__}): "
+            "start `prefect server start` or fix PREFECT_API_URL",
+            code=1,
+        )

@@ -44,9 +44,11 @@ def serve(
         info.write(target)
         for member in info.members:
             console.print(
-                f"{member.spec.name:14} {member.spec.kind.value:11} {member.url}", highlight=False
+                f"{member.spec.name:14} {member.spec.kind.value:11} {member.url}",
+                markup=False,
+                highlight=False,
             )
-        console.print(f"fleet file: {target}", highlight=False)
+        console.print(f"fleet file: {target}", markup=False, highlight=False)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):

@@ -11,9 +11,10 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from flows.cli.common import DEFAULT_DATA_DIR, DataDir, console, fail, paths
+from flows.cli.common import DEFAULT_DATA_DIR, DataDir, console, fail, literal, paths
 
 EXAMPLES: dict[str, str] = {
     "Legacy against production, per phase": "SELECT phase_index + 1 AS phase, phase_name, arm, requests, success_rate, p95_ms, "
@@ -90,7 +91,9 @@ def sql(
 
     if examples:
         for title, text in EXAMPLES.items():
-            console.print(f"[bold]-- {title}[/]\n{text};\n", highlight=False, soft_wrap=True)
+            console.print(
+                f"[bold]-- {escape(title)}[/]\n{escape(text)};\n", highlight=False, soft_wrap=True
+            )
         return
     if not query or not query.strip():
         fail('give a query, e.g. rollout sql "SELECT * FROM arm_summary", or --examples')
@@ -101,6 +104,8 @@ def sql(
                 statements = con.extract_statements(query)
             except duckdb.Error as exc:
                 fail(f"cannot parse the query: {exc}")
+            if not statements:  # ";" or only comments: say so rather than print nothing
+                fail('no statement in the query: give one, e.g. "SELECT * FROM arm_summary"')
             refused = [s for s in statements if not _read_only(con, s)]
             if refused:
                 kind = refused[0].type.name
@@ -136,10 +141,10 @@ def _print(columns: list[str], rows: list[tuple[Any, ...]], output: Format) -> N
             )
         )
         return
-    table = Table(*columns, show_lines=False)
+    table = Table(show_lines=False)
+    for column in columns:  # names come from the query (`AS "[x]"`): data, not markup
+        table.add_column(literal(column))
     for row in rows:
-        table.add_row(
-            *("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row)
-        )
+        table.add_row(*(literal(f"{v:.4g}" if isinstance(v, float) else v) for v in row))
     console.print(table)
     console.print(f"{len(rows)} row(s)", style="dim")

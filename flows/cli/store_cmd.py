@@ -6,6 +6,7 @@ import json
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from flows.cli.common import DEFAULT_DATA_DIR, DataDir, console, existing, fail
@@ -93,6 +94,7 @@ def compact(
         f"{report.cutoff} (keeping {report.retention_days} day(s)) to {report.archive}; "
         f"deleted {report.segments_deleted} ingested segment file(s) "
         f"in {report.seconds:.2f}s",
+        markup=False,
         highlight=False,
     )
     if report.days:
@@ -101,7 +103,7 @@ def compact(
             table.add_row(day.isoformat(), str(rows))
         console.print(table)
     if report.held_back:
-        console.print(f"[yellow]held back[/]: {report.held_back}", highlight=False)
+        console.print(f"[yellow]held back[/]: {escape(report.held_back)}", highlight=False)
     if report.orphans_removed:
         console.print(
             f"removed {report.orphans_removed} archive file(s) of an interrupted run",

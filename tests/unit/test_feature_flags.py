@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -228,3 +229,35 @@ def test_cli_show_masks_a_password_in_a_backend_url() -> None:
     assert shown.returncode == 0, shown.stderr
     assert "sk-hidden" not in shown.stdout
     assert "http://svc:***@127.0.0.1:1" in shown.stdout
+
+
+def test_cli_show_masks_a_key_pasted_where_a_variable_name_belongs() -> None:
+    """`*_ENV` settings name the variable holding the key; a key pasted there was shown."""
+    env = {
+        "PROD_LB_PERPLEXITY_URL": "http://127.0.0.1:1",
+        "PROD_LB_PERPLEXITY_API_KEY_ENV": "pplx-abcdef1234567890",
+    }
+    for args in (("--json",), ()):
+        shown = _cli("config", "show", *args, env=env)
+        assert shown.returncode == 0, shown.stderr
+        assert "abcdef1234567890" not in shown.stdout
+        assert "not a variable name" in shown.stdout
+    named = _cli("config", "show", env={**env, "PROD_LB_PERPLEXITY_API_KEY_ENV": "MY_PPLX_KEY"})
+    assert "MY_PPLX_KEY" in named.stdout and "not a variable name" not in named.stdout
+
+
+def test_cli_show_masks_url_query_values() -> None:
+    shown = _cli(
+        "config",
+        "show",
+        "--json",
+        env={
+            "PROD_LB_PERPLEXITY_URL": "http://127.0.0.1:1/?token=abc123&region=eu",
+            "PROD_LB_LIGHTRAG_URLS": "http://127.0.0.1:2/?key=k-secret,http://127.0.0.1:3/",
+        },
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "abc123" not in shown.stdout and "k-secret" not in shown.stdout
+    variables = json.loads(shown.stdout)["variables"]
+    assert variables["PROD_LB_PERPLEXITY_URL"] == "http://127.0.0.1:1/?token=***&region=***"
+    assert variables["PROD_LB_LIGHTRAG_URLS"] == "http://127.0.0.1:2/?key=***,http://127.0.0.1:3/"

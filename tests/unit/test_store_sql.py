@@ -135,3 +135,18 @@ def test_every_example_query_runs(data: DataPaths) -> None:
     for title, query in EXAMPLES.items():
         code, _, err = rollout_sql(data, query, "--format", "json")
         assert code == 0, (title, err)
+
+
+def test_brackets_in_values_and_names_are_printed_as_typed(data: DataPaths) -> None:
+    """Values went through rich markup: `[legacy] 3 errors` printed as ` 3 errors` and a
+    `[/]` crashed the command."""
+    code, out, err = rollout_sql(data, """SELECT '[legacy] 3 errors' AS "[b]col", 'a [/] b' AS v""")
+    assert code == 0, err
+    assert "[legacy] 3 errors" in out and "[b]col" in out and "a [/] b" in out
+
+
+@pytest.mark.parametrize("query", [";", " ; ;", "/* nothing */"])
+def test_a_query_without_a_statement_is_refused_with_exit_2(data: DataPaths, query: str) -> None:
+    code, out, err = rollout_sql(data, query)
+    assert code == 2 and out == ""
+    assert "no statement" in err

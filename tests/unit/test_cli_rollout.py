@@ -1,0 +1,142 @@
+"""The rollout commands' output and refusals, in process (no Prefect server, no routers):
+data is printed as typed, and a refused request is one line on stderr with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import socket
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import Result
+from typer.testing import CliRunner
+
+from flows import lifecycle
+from flows.cli import rollout_cmd
+from flows.cli.app import app
+from flows.demo.runner import DEMO_PLAN
+from flows.paths import DataPaths
+from flows.plan import load_plan
+
+REASON = "see [oncall] runbook [/] step 2 and/or [bold]x[/bold] \\"
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> DataPaths:
+    paths = DataPaths.at(tmp_path / "data").ensure()
+    lifecycle.start(paths, load_plan(DEMO_PLAN), actor="test", rollout_id="ro-[b]real")
+    return paths
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(app, list(args), env=env)
+
+
+def one_error_line(result: Result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0].removeprefix("error: ")
+
+
+def test_a_reason_with_brackets_round_trips_through_status_report_and_sql(
+    running: DataPaths,
+) -> None:
+    """`[/]` in a reason crashed status and report (MarkupError) for good; `[oncall]`
+    vanished from the tables."""
+    lifecycle.rollback(running, reason=REASON, actor="alice", rollout_id="ro-[b]real")
+    data = ["--data-dir", str(running.root)]
+
+    status = cli("status", *data)
+    assert status.exit_code == 0, status.output
+    assert "rollout ro-[b]real (demo)" in status.stdout
+    assert REASON in status.stdout
+
+    report = cli("report", *data)
+    assert report.exit_code == 0, report.output
+    assert f"rolled back: {REASON}" in report.stdout
+
+    sql = cli("sql", "SELECT reason FROM decisions WHERE actor = 'alice'", *data)
+    assert sql.exit_code == 0, sql.output
+    assert REASON in sql.stdout
+
+
+@pytest.mark.parametrize("command", ["status", "report", "tick", "approve", "rollback"])
+@pytest.mark.parametrize("rollout_id", ["bogus", "x[/]y"])
+def test_an_unknown_rollout_id_is_one_line_and_exit_2_everywhere(
+    running: DataPaths, command: str, rollout_id: str
+) -> None:
+    result = cli(command, "--rollout-id", rollout_id, "--data-dir", str(running.root))
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    assert one_error_line(result).startswith(f"no rollout {rollout_id!r}")
+
+
+def test_starting_while_a_rollout_is_active_is_refused_before_any_flow_runs(
+    running: DataPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rollout_cmd, "prefect_session", _no_flow_may_run)
+    result = cli("start", "--plan", str(DEMO_PLAN), "--data-dir", str(running.root))
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    assert one_error_line(result).startswith(
+        "rollout ro-[b]real (router group 'demo') is already running"
+    )
+
+
+def test_start_says_how_long_it_waits_for_the_routers_before_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no router running, start used to be silent for the whole ack timeout."""
+    import flows.rollout_flows
+
+    events: list[str] = []
+
+    def fake_start(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        events.append("flow ran")
+        return {"rollout_id": "ro-1", "version": 1, "acks": "1/1 applied"}
+
+    def note(text: object, **kwargs: Any) -> None:
+        events.append(str(text))
+
+    monkeypatch.setattr(rollout_cmd, "prefect_session", nullcontext)
+    monkeypatch.setattr(flows.rollout_flows, "rollout_start", fake_start)
+    monkeypatch.setattr(rollout_cmd.err_console, "print", note)
+    result = cli("start", "--plan", str(DEMO_PLAN), "--data-dir", str(tmp_path / "data"))
+    assert result.exit_code == 0, result.output
+    timeout = load_plan(DEMO_PLAN).ack_timeout.total_seconds()
+    assert len(events) == 2 and events[1] == "flow ran", events
+    assert f"waiting up to {timeout:g}s for the routers" in events[0]
+    assert "started rollout ro-1" in result.stdout
+
+
+@pytest.mark.parametrize("hours", ["-5", "0", "nan", "1e12"])
+def test_nightly_needs_a_window_above_zero_hours(
+    running: DataPaths, monkeypatch: pytest.MonkeyPatch, hours: str
+) -> None:
+    monkeypatch.setattr(rollout_cmd, "prefect_session", _no_flow_may_run)
+    result = cli("nightly", "--hours", hours, "--data-dir", str(running.root))
+    assert result.exit_code == 2, result.output
+    assert "--hours" in one_error_line(result)
+
+
+def test_deploy_against_a_dead_prefect_server_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port nobody listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api"
+    result = cli("deploy", "--data-dir", str(tmp_path / "data"), env={"PREFECT_API_URL": url})
+    assert result.exit_code == 1, result.output
+    assert one_error_line(result).startswith(f"no Prefect server answers at {url}")
+
+
+def test_status_json_keeps_the_reason_verbatim(running: DataPaths) -> None:
+    lifecycle.rollback(running, reason=REASON, actor="alice", rollout_id="ro-[b]real")
+    result = cli("status", "--json", "--data-dir", str(running.root))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["decisions"][0]["reason"] == REASON
+
+
+def _no_flow_may_run() -> Any:
+    raise AssertionError("a refused command must not start a Prefect session")
