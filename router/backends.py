@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr, field_validator
@@ -38,6 +39,20 @@ DEFAULT_COSTS: dict[BackendKind, CostModel] = {
 }
 
 
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def check_env_name(value: str | None) -> str | None:
+    """`*_api_key_env` holds a variable's NAME. A key pasted there instead is refused,
+    without echoing it (the message never contains the value)."""
+    if value is not None and not ENV_NAME.fullmatch(value):
+        raise ValueError(
+            "must be the NAME of the environment variable that holds the API key "
+            "(letters, digits, _), not the key itself"
+        )
+    return value
+
+
 class BackendConfig(BaseModel):
     """One answer backend instance.
 
@@ -56,6 +71,8 @@ class BackendConfig(BaseModel):
     cost: CostModel | None = None
     timeout_s: float = Field(default=30.0, gt=0, le=600)
     model: str = "sonar"
+
+    _env_name = field_validator("api_key_env")(check_env_name)
 
     @field_validator("base_url")
     @classmethod

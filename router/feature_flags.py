@@ -16,7 +16,7 @@ from pydantic import Field, HttpUrl, ValidationError, field_validator, model_val
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from router.algorithms.names import ADVANCED_ALGORITHMS, AlgorithmName
-from router.backends import BackendConfig, BackendKind
+from router.backends import BackendConfig, BackendKind, check_env_name
 from router.modes import DeploymentMode
 from router.production_config import CostSettings, ProductionLoadBalancingConfig
 from router.router_config import GuardLimits, RouterConfig, check_mode_percent
@@ -49,7 +49,11 @@ class ProductionFeatureFlags(BaseSettings):
     bucket_salt: str = Field(default="rollout-v1", min_length=1)
     lightrag_urls: Annotated[list[HttpUrl], NoDecode] = Field(default_factory=list)
     perplexity_url: HttpUrl | None = None
-    perplexity_api_key_env: str = "PERPLEXITY_API_KEY"
+    perplexity_api_key_env: str = Field(
+        default="PERPLEXITY_API_KEY",
+        description="the NAME of the environment variable that holds the key, not the key",
+    )
+    _key_env_name = field_validator("perplexity_api_key_env")(check_env_name)
     backends_file: Path | None = None
     region: str = "eu-central"
     request_timeout_s: float = Field(default=30.0, gt=0, le=600)

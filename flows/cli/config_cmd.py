@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +11,7 @@ from rich.table import Table
 
 from flows.cli.common import console, fail, literal
 from flows.resources import resource
+from router.backends import ENV_NAME
 from router.feature_flags import ENV_PREFIX, ProductionFeatureFlags, load_flags
 from router.settings_errors import SECRET_MARKERS, SettingsError, mask_url
 
@@ -78,16 +78,14 @@ def validate(profile: Profile = None) -> None:
     )
 
 
-#: What a `*_ENV` setting must hold: the NAME of the variable with the secret.
-_VARIABLE_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
-
 NOT_A_VARIABLE_NAME = "*** (not a variable name: put the NAME of the variable holding the key)"
 
 
 def masked_env_name(value: str) -> str:
     """A `*_ENV` value is shown only when it is a variable name: anything else is most
-    likely the key itself, pasted in the wrong place."""
-    return value if _VARIABLE_NAME.fullmatch(value) else NOT_A_VARIABLE_NAME
+    likely the key itself, pasted in the wrong place. (Validation refuses such values;
+    this keeps `show` safe whatever reaches it.)"""
+    return value if ENV_NAME.fullmatch(value) else NOT_A_VARIABLE_NAME
 
 
 def masked_value(name: str, value: object) -> str:
@@ -115,7 +113,7 @@ def show(
     keys = {
         b.name: (
             ("set" if b.api_key() else "not set") + f" (from ${b.api_key_env})"
-            if _VARIABLE_NAME.fullmatch(b.api_key_env)
+            if ENV_NAME.fullmatch(b.api_key_env)
             else "not set: its *_ENV setting holds no variable name (value hidden)"
         )
         for b in flags.backends()

@@ -239,9 +239,9 @@ def test_cli_show_masks_a_key_pasted_where_a_variable_name_belongs() -> None:
     }
     for args in (("--json",), ()):
         shown = _cli("config", "show", *args, env=env)
-        assert shown.returncode == 0, shown.stderr
-        assert "abcdef1234567890" not in shown.stdout
-        assert "not a variable name" in shown.stdout
+        assert shown.returncode == 2, shown.stderr  # refused, as by `config validate`
+        assert "abcdef1234567890" not in shown.stdout + shown.stderr
+        assert "must be the NAME of the environment variable" in shown.stderr
     named = _cli("config", "show", env={**env, "PROD_LB_PERPLEXITY_API_KEY_ENV": "MY_PPLX_KEY"})
     assert "MY_PPLX_KEY" in named.stdout and "not a variable name" not in named.stdout
 
@@ -261,3 +261,34 @@ def test_cli_show_masks_url_query_values() -> None:
     variables = json.loads(shown.stdout)["variables"]
     assert variables["PROD_LB_PERPLEXITY_URL"] == "http://127.0.0.1:1/?token=***&region=***"
     assert variables["PROD_LB_LIGHTRAG_URLS"] == "http://127.0.0.1:2/?key=***,http://127.0.0.1:3/"
+
+
+def test_a_key_pasted_where_a_variable_name_belongs_is_refused_unechoed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`*_API_KEY_ENV` names the variable holding the key. A key pasted there used to be
+    accepted (and then looked up as a variable name, so no key was sent)."""
+    pasted = "pplx-abcdef1234567890"
+    monkeypatch.setenv("PROD_LB_PERPLEXITY_API_KEY_ENV", pasted)
+    with pytest.raises(SettingsError) as caught:
+        load_flags()
+    assert "must be the NAME of the environment variable" in str(caught.value)
+    assert pasted not in str(caught.value)
+    monkeypatch.delenv("PROD_LB_PERPLEXITY_API_KEY_ENV")
+    backends = tmp_path / "backends.json"
+    backends.write_text(
+        json.dumps(
+            [
+                {
+                    "name": "px",
+                    "kind": "perplexity",
+                    "base_url": "https://api.perplexity.ai",
+                    "api_key_env": pasted,
+                }
+            ]
+        )
+    )
+    monkeypatch.setenv("PROD_LB_BACKENDS_FILE", str(backends))
+    with pytest.raises(SettingsError) as from_file:
+        load_flags().backends()
+    assert "api_key_env" in str(from_file.value) and pasted not in str(from_file.value)
