@@ -10,6 +10,8 @@ import asyncio
 import functools
 import json
 import math
+import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -66,12 +68,55 @@ class _NoCookies(httpx.Cookies):
         return None
 
 
+#: Each backend's own connection pool. httpcore 1.0.9 scans every pooled connection,
+#: and for idle ones every connection again, on each request and each response
+#: (encode/httpcore#1035): one 512-connection pool shared by all backends spent 60 % of
+#: a demo app's CPU there once a slow host let connections pile up, which slowed it
+#: further. A pool per backend keeps each scan to that backend's concurrency.
+BACKEND_POOL_LIMITS = httpx.Limits(max_connections=128, max_keepalive_connections=32)
+
+
+def pool_key(url: str) -> str:
+    """The httpx mount pattern matching exactly this backend's scheme, host and port."""
+    parsed = httpx.URL(url)
+    return f"{parsed.scheme}://{parsed.netloc.decode('ascii')}"
+
+
+def env_proxy(url: str) -> str | None:
+    """The proxy the environment (HTTP(S)_PROXY, ALL_PROXY, NO_PROXY) sets for `url`, as
+    httpx itself would apply it: a backend's own pool must not bypass a proxy."""
+    parsed = httpx.URL(url)
+    proxies = urllib.request.getproxies_environment()
+    if urllib.request.proxy_bypass_environment(parsed.host, proxies):
+        return None
+    return proxies.get(parsed.scheme) or proxies.get("all")
+
+
 class BackendHttpClient(httpx.AsyncClient):
     """The router's HTTP client: one for every user, so it keeps no cookies. A cookie a
     backend sets while answering one user must not be stored for everyone (nor grow a
-    jar without bound); skipping httpx's cookie parsing also saves ~8 % per request."""
+    jar without bound); skipping httpx's cookie parsing also saves ~8 % per request.
+
+    Each of `backends` gets its own pool (`BACKEND_POOL_LIMITS`) unless a `transport`
+    is given (tests, or a caller with its own transport), which then serves them all."""
 
     _no_cookies = _NoCookies()
+
+    def __init__(
+        self,
+        backends: Sequence[BackendConfig] = (),
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        limits: httpx.Limits = BACKEND_POOL_LIMITS,
+        timeout: httpx.Timeout | float = 30.0,
+    ) -> None:
+        mounts: dict[str, httpx.AsyncBaseTransport | None] | None = None
+        if transport is None:
+            mounts = {
+                pool_key(b.url): httpx.AsyncHTTPTransport(limits=limits, proxy=env_proxy(b.url))
+                for b in backends
+            }
+        super().__init__(transport=transport, mounts=mounts, limits=limits, timeout=timeout)
 
     @property  # type: ignore[override]
     def cookies(self) -> httpx.Cookies:

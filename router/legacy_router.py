@@ -142,11 +142,7 @@ class IntelligentQueryRouter:
         self.backends = tuple(backends) if backends is not None else default_backends()
         self.classifier = classifier or KeywordClassifier()
         self.analytics = Analytics()
-        self._client = BackendHttpClient(
-            transport=transport,
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
-            timeout=httpx.Timeout(30.0),
-        )
+        self._client = BackendHttpClient(self.backends, transport=transport)
         cfg = self.load_balancing_config
         wrr = AdaptiveWeightedRoundRobin if cfg.enable_adaptive_routing else WeightedRoundRobin
         self.legacy = Balancer(

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import respx
 
-from router.backend_client import BackendHttpClient, call_backend, parse_retry_after
+from router.backend_client import BackendHttpClient, call_backend, env_proxy, parse_retry_after
 from router.backends import BackendConfig, BackendKind
 from router.failures import BackendFailure
 from router.record import ErrorKind, Outcome
@@ -388,3 +388,20 @@ async def test_a_secret_quoted_escaped_by_the_transport_is_redacted(
         with pytest.raises(BackendFailure) as info:
             await call_backend(client, PPLX, QUERY, timeout_s=5, max_bytes=10_000)
     assert escaped not in str(info.value) and "**********" in str(info.value)
+
+
+def test_each_backends_pool_still_goes_through_the_environments_proxy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Per-backend pools are explicit httpx mounts, which would bypass HTTPS_PROXY if the
+    router did not apply it itself; NO_PROXY still exempts internal backends."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        for variant in (name, name.lower()):
+            monkeypatch.delenv(variant, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.corp:3128")
+    monkeypatch.setenv("NO_PROXY", "lightrag.internal")
+    assert env_proxy("https://api.perplexity.ai") == "http://proxy.corp:3128"
+    assert env_proxy("https://lightrag.internal:9621") is None
+    assert env_proxy("http://other.host") is None  # no HTTP_PROXY, no ALL_PROXY
+    monkeypatch.setenv("ALL_PROXY", "http://all.corp:8080")
+    assert env_proxy("http://other.host") == "http://all.corp:8080"
