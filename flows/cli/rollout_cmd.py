@@ -12,7 +12,7 @@ from __future__ import annotations
 import getpass
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -30,6 +30,9 @@ from flows.cli.common import (
 )
 from flows.paths import DataPaths
 from flows.prefect_env import configure_prefect, prefect_session
+
+if TYPE_CHECKING:
+    from flows.control import AckStatus
 
 RolloutId = Annotated[
     str | None, typer.Option("--rollout-id", help="Which rollout (default: the active one).")
@@ -402,6 +405,18 @@ def _wait_for_run(run_id: str, timeout_s: float) -> str:
             time.sleep(1)
 
 
+def _wait_for_routers(p: DataPaths, version: int, timeout_s: float) -> AckStatus:
+    """`wait_for_ack`, saying first what it waits for: it can take the whole timeout."""
+    from flows.control import control_store, wait_for_ack
+
+    err_console.print(
+        f"published v{version}; waiting up to {timeout_s:g}s for the routers to apply it...",
+        markup=False,
+        highlight=False,
+    )
+    return wait_for_ack(control_store(p), version, timeout_s)
+
+
 def promote(
     reason: Annotated[str, typer.Option(help="Why you override the gate.")],
     rollout_id: RolloutId = None,
@@ -409,7 +424,6 @@ def promote(
 ) -> None:
     """Promote to the next phase now, overriding the gate (recorded with your name)."""
     from flows import lifecycle
-    from flows.control import control_store, wait_for_ack
     from flows.prefect_outputs import EVENT_COMPLETED, EVENT_PROMOTED
     from flows.store.database import connect
 
@@ -427,8 +441,8 @@ def promote(
     finished = not isinstance(moved, lifecycle.Published)
     _notify(EVENT_COMPLETED if finished else EVENT_PROMOTED, rollout, f"manual: {reason}")
     if isinstance(moved, lifecycle.Published):
-        status_ = wait_for_ack(
-            control_store(p), moved.config.version, rollout.plan.ack_timeout.total_seconds()
+        status_ = _wait_for_routers(
+            p, moved.config.version, rollout.plan.ack_timeout.total_seconds()
         )
         console.print(
             f"promoted to phase {moved.rollout.phase_index + 1} "
@@ -448,7 +462,6 @@ def rollback(
 ) -> None:
     """Send every router back to legacy now (publishes legacy_only first). Safe to repeat."""
     from flows import lifecycle
-    from flows.control import control_store, wait_for_ack
     from flows.prefect_outputs import EVENT_ROLLED_BACK
 
     p = existing(data_dir)
@@ -459,7 +472,7 @@ def rollback(
     except lifecycle.RolloutError as exc:
         fail(str(exc))
     config, rollout = done.config, done.rollout
-    acks = wait_for_ack(control_store(p), config.version, 10)
+    acks = _wait_for_routers(p, config.version, 10)
     if rollout is not None and done.ended_now:  # a repeat announces nothing new
         _notify(EVENT_ROLLED_BACK, rollout, reason)
     state = rollout.state.value if rollout else "no rollout recorded"

@@ -174,19 +174,19 @@ def test_cli_walks_a_rollout_without_a_prefect_server(
     assert {d[0] for d in decisions} <= {"HOLD", "INSUFFICIENT_DATA"}, decisions
     assert rows(live_app, "SELECT state, phase_index FROM rollouts")[0] == ("running", 0)
 
-    # 3. promote: overrides the gate, publishes phase 2, waits for the router
-    out = succeeded(
-        rollout(
-            cli_env,
-            "promote",
-            "--reason",
-            "shadow looks clean",
-            "--data-dir",
-            data,
-            timeout=FLOW_TIMEOUT_S,
-        )
+    # 3. promote: overrides the gate, publishes phase 2, waits for the router (saying so)
+    promoted = rollout(
+        cli_env,
+        "promote",
+        "--reason",
+        "shadow looks clean",
+        "--data-dir",
+        data,
+        timeout=FLOW_TIMEOUT_S,
     )
+    out = succeeded(promoted)
     assert "promoted to phase 2 (canary-50) as v2" in out, out
+    assert "published v2; waiting up to" in promoted.stderr, promoted.stderr
     assert rows(live_app, "SELECT state, phase_index FROM rollouts")[0] == ("running", 1)
     (step,) = rows(
         live_app,
