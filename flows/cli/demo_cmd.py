@@ -70,6 +70,8 @@ def demo(
         f"after {outcome.seconds:.0f}s: {escape(outcome.reason)}",
         highlight=False,
     )
+    for line in outcome.load_lines():
+        console.print(line, markup=False, highlight=False)
     if outcome.regression_injected_at:
         console.print(
             f"regression injected into the production path at phase "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import signal
@@ -19,6 +20,8 @@ from pathlib import Path
 
 from flows.demo.processes import stop_when_orphaned
 from flows.demo.workload import Users, load_questions
+from flows.paths import DataPaths
+from router.control_store import atomic_write
 from router.feature_flags import load_flags
 from router.production_router import ProductionIntelligentQueryRouter
 
@@ -64,6 +67,13 @@ async def generate_load(
                 break
         if gate.locked():
             counts["shed"] += 1  # the app is saturated: a real service would queue or 503
+            if counts["shed"] == 1:
+                log.warning(
+                    "all %d in-flight slots are busy: questions are shed from now on "
+                    "(this machine is not keeping up with %g per second)",
+                    spec.max_concurrency,
+                    spec.rate,
+                )
             continue
         await gate.acquire()
         question = rng.choice(questions)
@@ -97,4 +107,13 @@ async def run_app(spec: LoadSpec) -> dict[str, int]:
         watchdog.cancel()
         await router.shutdown()
     log.info("app %s stopped: %s", router.instance_id, counts)
+    report = {"instance": router.instance_id, "rate": spec.rate, **counts}
+    atomic_write(
+        load_report_path(DataPaths(flags.data_dir), router.instance_id), json.dumps(report)
+    )
     return counts
+
+
+def load_report_path(paths: DataPaths, instance: str) -> Path:
+    """Where the app leaves its counts on the way out, for the demo's closing lines."""
+    return paths.runs / f"{instance}-load.json"

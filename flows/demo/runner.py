@@ -20,6 +20,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from flows.demo.app import load_report_path
 from flows.demo.processes import ChildProcess, python_module
 from flows.paths import DataPaths
 from flows.plan import RolloutPlan, load_plan
@@ -33,6 +34,8 @@ APP_INSTANCE = "demo-app-1"
 
 #: What `--inject-regression PHASE` does to the production path during that phase.
 REGRESSION = {"error_rate": 0.35, "latency_ms": 400.0}
+#: Above this share of questions shed, the demo says the machine did not keep up.
+SATURATED_SHARE = 0.01
 #: Each attempt's timeout: 15x the simulated backends' p95, so a host stall of a few
 #: seconds (shared CI machines have them) shows as latency on both arms, not as errors.
 DEMO_BACKEND_TIMEOUT_S = 5.0
@@ -80,6 +83,29 @@ class DemoOutcome:
     database: Path
     final_rows: list[tuple[Any, ...]] = field(default_factory=list)
     regression_injected_at: str | None = None
+    #: The application's own counts (sent, ok, failed, shed), when it left them.
+    load: dict[str, Any] | None = None
+
+    def load_lines(self) -> list[str]:
+        """What the application saw, and whether the machine kept up with the load: a
+        saturated app sheds questions and its latency grows, which the gate then reads
+        as the balancer's fault."""
+        if not self.load:
+            return []
+        load = self.load
+        offered = load["sent"] + load["shed"]
+        lines = [
+            f"application: {load['sent']} questions sent, {load['ok']} answered, "
+            f"{load['failed']} failed, {load['shed']} shed"
+        ]
+        if offered and load["shed"] / offered > SATURATED_SHARE:
+            lines.append(
+                f"the application shed {load['shed'] / offered:.1%} of the questions: this "
+                f"machine did not keep up with {load['rate']:g} per second, so the numbers "
+                "above measure the machine more than the balancer; close other work or "
+                "pass a lower --rate"
+            )
+        return lines
 
 
 class LiveView:
@@ -246,6 +272,7 @@ def run_demo(settings: DemoSettings, console: Console) -> DemoOutcome:
             )
             store = FileControlStore(paths.control)
             view.status = "starting the application (embedded router + users)"
+            load_report_path(paths, APP_INSTANCE).unlink(missing_ok=True)  # an earlier run's
             app = ChildProcess(
                 "application",
                 python_module(
@@ -289,6 +316,7 @@ def run_demo(settings: DemoSettings, console: Console) -> DemoOutcome:
         unsubscribe()
         if app is not None:
             app.stop()
+            outcome.load = _read_load(paths)
         fleet.stop()
         if dashboard is not None:
             dashboard.stop()
@@ -302,6 +330,13 @@ def run_demo(settings: DemoSettings, console: Console) -> DemoOutcome:
         console.print(_phase_table(phase_rows))
         console.print(_final_table(outcome.final_rows))
     return outcome
+
+
+def _read_load(paths: DataPaths) -> dict[str, Any] | None:
+    try:
+        return json.loads(load_report_path(paths, APP_INSTANCE).read_text())
+    except (OSError, ValueError):
+        return None  # the app was killed before it could say: the demo goes on without
 
 
 def _abort_leftovers(paths: DataPaths) -> None:

@@ -41,6 +41,8 @@ def test_healthy_demo_completes_all_five_phases(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "legacy vs production" in result.stdout
+    # the app's own counts close the run
+    assert "application: " in result.stdout and " questions sent, " in result.stdout
     data = tmp_path / "data"
     con = _db(data)
     (state,) = con.execute("SELECT state FROM rollouts").fetchall()[0]
