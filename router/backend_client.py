@@ -68,12 +68,19 @@ class _NoCookies(httpx.Cookies):
         return None
 
 
-#: Each backend's own connection pool. httpcore 1.0.9 scans every pooled connection,
-#: and for idle ones every connection again, on each request and each response
-#: (encode/httpcore#1035): one 512-connection pool shared by all backends spent 60 % of
-#: a demo app's CPU there once a slow host let connections pile up, which slowed it
-#: further. A pool per backend keeps each scan to that backend's concurrency.
-BACKEND_POOL_LIMITS = httpx.Limits(max_connections=128, max_keepalive_connections=32)
+#: Idle connections each backend's pool keeps. httpcore 1.0.9 scans every pooled
+#: connection, and for idle ones every connection again, on each request and each
+#: response (encode/httpcore#1035): one 512-connection pool shared by all backends
+#: spent 60 % of a demo app's CPU there once a slow host let connections pile up, which
+#: slowed it further. A pool per backend keeps each scan to that backend's concurrency.
+KEEPALIVE_PER_BACKEND = 32
+
+
+def pool_limits(backend: BackendConfig) -> httpx.Limits:
+    return httpx.Limits(
+        max_connections=backend.max_connections,
+        max_keepalive_connections=min(KEEPALIVE_PER_BACKEND, backend.max_connections),
+    )
 
 
 def pool_key(url: str) -> str:
@@ -97,8 +104,9 @@ class BackendHttpClient(httpx.AsyncClient):
     backend sets while answering one user must not be stored for everyone (nor grow a
     jar without bound); skipping httpx's cookie parsing also saves ~8 % per request.
 
-    Each of `backends` gets its own pool (`BACKEND_POOL_LIMITS`) unless a `transport`
-    is given (tests, or a caller with its own transport), which then serves them all."""
+    Each of `backends` gets its own pool (`pool_limits`, or `limits` for every one)
+    unless a `transport` is given (tests, or a caller with its own transport), which
+    then serves them all."""
 
     _no_cookies = _NoCookies()
 
@@ -107,16 +115,23 @@ class BackendHttpClient(httpx.AsyncClient):
         backends: Sequence[BackendConfig] = (),
         *,
         transport: httpx.AsyncBaseTransport | None = None,
-        limits: httpx.Limits = BACKEND_POOL_LIMITS,
+        limits: httpx.Limits | None = None,
         timeout: httpx.Timeout | float = 30.0,
     ) -> None:
         mounts: dict[str, httpx.AsyncBaseTransport | None] | None = None
         if transport is None:
             mounts = {
-                pool_key(b.url): httpx.AsyncHTTPTransport(limits=limits, proxy=env_proxy(b.url))
+                pool_key(b.url): httpx.AsyncHTTPTransport(
+                    limits=limits or pool_limits(b), proxy=env_proxy(b.url)
+                )
                 for b in backends
             }
-        super().__init__(transport=transport, mounts=mounts, limits=limits, timeout=timeout)
+        super().__init__(
+            transport=transport,
+            mounts=mounts,
+            limits=limits or httpx.Limits(max_connections=128, max_keepalive_connections=32),
+            timeout=timeout,
+        )
 
     @property  # type: ignore[override]
     def cookies(self) -> httpx.Cookies:

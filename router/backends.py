@@ -71,6 +71,9 @@ class BackendConfig(BaseModel):
     cost: CostModel | None = None
     timeout_s: float = Field(default=30.0, gt=0, le=600)
     model: str = "sonar"
+    #: Connections open to this backend at once (its own pool); a request waits for a
+    #: free one within its deadline. Raise it for a slow API called very concurrently.
+    max_connections: int = Field(default=128, ge=1, le=4096)
 
     _env_name = field_validator("api_key_env")(check_env_name)
 

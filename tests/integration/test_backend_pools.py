@@ -34,7 +34,8 @@ def fleet() -> Iterator[FleetThread]:
 
 def backend(fleet: FleetThread, name: str) -> BackendConfig:
     assert fleet.info is not None
-    return next(b for b in fleet.info.backend_configs() if b.name == name)
+    config = next(b for b in fleet.info.backend_configs() if b.name == name)
+    return config.model_copy(update={"max_connections": 2})
 
 
 async def fast_answer_while_slow_backend_is_saturated(
@@ -60,9 +61,10 @@ async def fast_answer_while_slow_backend_is_saturated(
 async def test_a_saturated_backend_leaves_other_backends_connections_free(
     fleet: FleetThread,
 ) -> None:
+    # each backend's `max_connections` sizes its own pool
     slow, fast = backend(fleet, "slow"), backend(fleet, "fast")
-    two_each = httpx.Limits(max_connections=2, max_keepalive_connections=2)
-    async with BackendHttpClient([slow, fast], limits=two_each) as client:
+    assert (slow.max_connections, fast.max_connections) == (2, 2)
+    async with BackendHttpClient([slow, fast]) as client:
         waited = await fast_answer_while_slow_backend_is_saturated(client, slow, fast)
     assert waited < SLOW_S / 2
 

@@ -15,6 +15,7 @@ from email.utils import format_datetime
 import httpx
 import pytest
 import respx
+from pydantic import ValidationError
 
 from router.backend_client import BackendHttpClient, call_backend, env_proxy, parse_retry_after
 from router.backends import BackendConfig, BackendKind
@@ -405,3 +406,9 @@ def test_each_backends_pool_still_goes_through_the_environments_proxy(
     assert env_proxy("http://other.host") is None  # no HTTP_PROXY, no ALL_PROXY
     monkeypatch.setenv("ALL_PROXY", "http://all.corp:8080")
     assert env_proxy("http://other.host") == "http://all.corp:8080"
+
+
+@pytest.mark.parametrize("bad", [0, -1, 5000])
+def test_a_backends_pool_size_out_of_range_is_refused_by_name(bad: int) -> None:
+    with pytest.raises(ValidationError, match="max_connections"):
+        BackendConfig.model_validate({**LIGHTRAG.model_dump(), "max_connections": bad})
