@@ -76,27 +76,48 @@ class _NoCookies(httpx.Cookies):
 KEEPALIVE_PER_BACKEND = 32
 
 
-def pool_limits(backend: BackendConfig) -> httpx.Limits:
-    return httpx.Limits(
-        max_connections=backend.max_connections,
-        max_keepalive_connections=min(KEEPALIVE_PER_BACKEND, backend.max_connections),
-    )
-
-
 def pool_key(url: str) -> str:
-    """The httpx mount pattern matching exactly this backend's scheme, host and port."""
+    """The httpx mount pattern for this backend's scheme, host and port (no port for a
+    default port: such a pattern matches the host on any port)."""
     parsed = httpx.URL(url)
     return f"{parsed.scheme}://{parsed.netloc.decode('ascii')}"
 
 
 def env_proxy(url: str) -> str | None:
-    """The proxy the environment (HTTP(S)_PROXY, ALL_PROXY, NO_PROXY) sets for `url`, as
-    httpx itself would apply it: a backend's own pool must not bypass a proxy."""
+    """The proxy the environment (HTTP(S)_PROXY, ALL_PROXY, NO_PROXY) sets for `url`, read
+    as httpx reads it (a proxy without a scheme is http://): a backend's own pool must not
+    bypass a proxy. NO_PROXY follows urllib (curl-like: `.corp` also exempts `corp`)."""
     parsed = httpx.URL(url)
     proxies = urllib.request.getproxies_environment()
     if urllib.request.proxy_bypass_environment(parsed.host, proxies):
         return None
-    return proxies.get(parsed.scheme) or proxies.get("all")
+    proxy = proxies.get(parsed.scheme) or proxies.get("all")
+    if not proxy:
+        return None
+    return proxy if "://" in proxy else f"http://{proxy}"
+
+
+def backend_pools(
+    backends: Sequence[BackendConfig], limits: httpx.Limits | None = None
+) -> dict[str, httpx.AsyncBaseTransport | None]:
+    """One transport per origin. Backends on the same origin (two Perplexity models, say)
+    share its pool, sized by the largest `max_connections` among them."""
+    sizes: dict[str, int] = {}
+    proxies: dict[str, str | None] = {}
+    for b in backends:
+        key = pool_key(b.url)
+        sizes[key] = max(sizes.get(key, 0), b.max_connections)
+        proxies[key] = env_proxy(b.url)
+    return {
+        key: httpx.AsyncHTTPTransport(
+            limits=limits
+            or httpx.Limits(
+                max_connections=size, max_keepalive_connections=min(KEEPALIVE_PER_BACKEND, size)
+            ),
+            proxy=proxies[key],
+        )
+        for key, size in sizes.items()
+    }
 
 
 class BackendHttpClient(httpx.AsyncClient):
@@ -104,9 +125,10 @@ class BackendHttpClient(httpx.AsyncClient):
     backend sets while answering one user must not be stored for everyone (nor grow a
     jar without bound); skipping httpx's cookie parsing also saves ~8 % per request.
 
-    Each of `backends` gets its own pool (`pool_limits`, or `limits` for every one)
-    unless a `transport` is given (tests, or a caller with its own transport), which
-    then serves them all."""
+    Each of `backends` gets its own pool (`backend_pools`) unless a `transport` is given
+    (tests, or a caller with its own transport), which then serves them all. The default
+    transport, for any other URL, is explicit too: left to httpx, its environment proxy
+    mounts (NO_PROXY entries become exact-host mounts) would outrank a backend's own."""
 
     _no_cookies = _NoCookies()
 
@@ -118,20 +140,16 @@ class BackendHttpClient(httpx.AsyncClient):
         limits: httpx.Limits | None = None,
         timeout: httpx.Timeout | float = 30.0,
     ) -> None:
-        mounts: dict[str, httpx.AsyncBaseTransport | None] | None = None
+        mounts = None
         if transport is None:
-            mounts = {
-                pool_key(b.url): httpx.AsyncHTTPTransport(
-                    limits=limits or pool_limits(b), proxy=env_proxy(b.url)
+            mounts = backend_pools(backends, limits)
+            transport = httpx.AsyncHTTPTransport(
+                limits=limits
+                or httpx.Limits(
+                    max_connections=128, max_keepalive_connections=KEEPALIVE_PER_BACKEND
                 )
-                for b in backends
-            }
-        super().__init__(
-            transport=transport,
-            mounts=mounts,
-            limits=limits or httpx.Limits(max_connections=128, max_keepalive_connections=32),
-            timeout=timeout,
-        )
+            )
+        super().__init__(transport=transport, mounts=mounts, timeout=timeout)
 
     @property  # type: ignore[override]
     def cookies(self) -> httpx.Cookies:

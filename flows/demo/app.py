@@ -28,6 +28,10 @@ from router.production_router import ProductionIntelligentQueryRouter
 log = logging.getLogger("rollout.app")
 
 
+#: How long the last questions may take to finish once the app is told to stop.
+PENDING_WAIT_S = 8.0
+
+
 @dataclass
 class LoadSpec:
     rate: float = 40.0
@@ -81,8 +85,8 @@ async def generate_load(
         pending.add(task)
         task.add_done_callback(pending.discard)
         counts["sent"] += 1
-    if pending:
-        await asyncio.wait(pending, timeout=30)
+    if pending:  # bounded well inside the 15 s a stopping parent waits before killing
+        await asyncio.wait(pending, timeout=PENDING_WAIT_S)
     return counts
 
 
@@ -103,14 +107,15 @@ async def run_app(spec: LoadSpec) -> dict[str, int]:
     )
     try:
         counts = await generate_load(router, spec, stop)
+        # Before the router's shutdown drain: a parent stopping us kills after 15 s.
+        report = {"instance": router.instance_id, "rate": spec.rate, **counts}
+        atomic_write(
+            load_report_path(DataPaths(flags.data_dir), router.instance_id), json.dumps(report)
+        )
     finally:
         watchdog.cancel()
         await router.shutdown()
     log.info("app %s stopped: %s", router.instance_id, counts)
-    report = {"instance": router.instance_id, "rate": spec.rate, **counts}
-    atomic_write(
-        load_report_path(DataPaths(flags.data_dir), router.instance_id), json.dumps(report)
-    )
     return counts
 
 

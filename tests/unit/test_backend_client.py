@@ -17,7 +17,13 @@ import pytest
 import respx
 from pydantic import ValidationError
 
-from router.backend_client import BackendHttpClient, call_backend, env_proxy, parse_retry_after
+from router.backend_client import (
+    BackendHttpClient,
+    backend_pools,
+    call_backend,
+    env_proxy,
+    parse_retry_after,
+)
 from router.backends import BackendConfig, BackendKind
 from router.failures import BackendFailure
 from router.record import ErrorKind, Outcome
@@ -412,3 +418,45 @@ def test_each_backends_pool_still_goes_through_the_environments_proxy(
 def test_a_backends_pool_size_out_of_range_is_refused_by_name(bad: int) -> None:
     with pytest.raises(ValidationError, match="max_connections"):
         BackendConfig.model_validate({**LIGHTRAG.model_dump(), "max_connections": bad})
+
+
+def _clear_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        for variant in (name, name.lower()):
+            monkeypatch.delenv(variant, raising=False)
+
+
+def test_a_backend_exempted_by_no_proxy_keeps_its_own_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """httpx turns NO_PROXY=host into an exact-host mount that outranked the backend's
+    own: the backend fell back to the shared default pool, ignoring its size."""
+    _clear_proxy_env(monkeypatch)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.corp:3128")
+    monkeypatch.setenv("NO_PROXY", "lightrag.internal,other:9621")
+    internal = BackendConfig(
+        name="internal", kind=BackendKind.LIGHTRAG, base_url="https://lightrag.internal"
+    )
+    other = BackendConfig(name="other", kind=BackendKind.LIGHTRAG, base_url="http://other:9621")
+    client = BackendHttpClient([internal, other])
+    for backend in (internal, other):
+        chosen = client._transport_for_url(httpx.URL(backend.url + "/query"))
+        assert chosen is not client._transport, backend.name
+
+
+def test_a_proxy_given_without_a_scheme_is_http_as_httpx_reads_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _clear_proxy_env(monkeypatch)
+    monkeypatch.setenv("HTTPS_PROXY", "proxy.corp:3128")
+    assert env_proxy("https://api.perplexity.ai") == "http://proxy.corp:3128"
+    BackendHttpClient([PPLX])  # built, not "Unknown scheme for proxy URL"
+
+
+def test_backends_on_one_origin_share_the_largest_pool() -> None:
+    """Two Perplexity models behind one API: one pool, sized for the larger of the two."""
+    small = PPLX.model_copy(update={"name": "sonar", "max_connections": 4})
+    large = PPLX.model_copy(update={"name": "sonar-pro", "max_connections": 200})
+    pools = backend_pools([large, small])
+    assert list(pools) == ["http://px.test"]
+    assert pools["http://px.test"]._pool._max_connections == 200  # type: ignore[union-attr]
