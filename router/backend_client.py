@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from router.backends import BackendConfig, BackendKind
+from router.backends import DEFAULT_POOL_SIZE, BackendConfig, BackendKind
 from router.failures import BackendFailure
 from router.record import ErrorKind
 
@@ -76,6 +76,12 @@ class _NoCookies(httpx.Cookies):
 KEEPALIVE_PER_BACKEND = 32
 
 
+def pool_limits(size: int) -> httpx.Limits:
+    return httpx.Limits(
+        max_connections=size, max_keepalive_connections=min(KEEPALIVE_PER_BACKEND, size)
+    )
+
+
 def pool_key(url: str) -> str:
     """The httpx mount pattern for this backend's scheme, host and port (no port for a
     default port: such a pattern matches the host on any port)."""
@@ -109,13 +115,7 @@ def backend_pools(
         sizes[key] = max(sizes.get(key, 0), b.max_connections)
         proxies[key] = env_proxy(b.url)
     return {
-        key: httpx.AsyncHTTPTransport(
-            limits=limits
-            or httpx.Limits(
-                max_connections=size, max_keepalive_connections=min(KEEPALIVE_PER_BACKEND, size)
-            ),
-            proxy=proxies[key],
-        )
+        key: httpx.AsyncHTTPTransport(limits=limits or pool_limits(size), proxy=proxies[key])
         for key, size in sizes.items()
     }
 
@@ -143,12 +143,7 @@ class BackendHttpClient(httpx.AsyncClient):
         mounts = None
         if transport is None:
             mounts = backend_pools(backends, limits)
-            transport = httpx.AsyncHTTPTransport(
-                limits=limits
-                or httpx.Limits(
-                    max_connections=128, max_keepalive_connections=KEEPALIVE_PER_BACKEND
-                )
-            )
+            transport = httpx.AsyncHTTPTransport(limits=limits or pool_limits(DEFAULT_POOL_SIZE))
         super().__init__(transport=transport, mounts=mounts, timeout=timeout)
 
     @property  # type: ignore[override]

@@ -53,6 +53,10 @@ def check_env_name(value: str | None) -> str | None:
     return value
 
 
+#: Connections per backend unless its config says otherwise (`max_connections`).
+DEFAULT_POOL_SIZE = 128
+
+
 class BackendConfig(BaseModel):
     """One answer backend instance.
 
@@ -73,7 +77,7 @@ class BackendConfig(BaseModel):
     model: str = "sonar"
     #: Connections open to this backend at once (its own pool); a request waits for a
     #: free one within its deadline. Raise it for a slow API called very concurrently.
-    max_connections: int = Field(default=128, ge=1, le=4096)
+    max_connections: int = Field(default=DEFAULT_POOL_SIZE, ge=1, le=4096)
 
     _env_name = field_validator("api_key_env")(check_env_name)
 
