@@ -29,7 +29,8 @@ from checks.sequential import (
     evaluate_arms,
     evaluate_shadow,
     latency_tail_test,
-    metric_alpha,
+    mean_cs,
+    phase_metric_alpha,
     tail_ranks,
     to_records,
 )
@@ -129,13 +130,60 @@ def weigh_breach(
     )
 
 
+#: Production's values behind a mean guardrail: the same rows as
+#: `checks.frames.ARM_AGGREGATES_SQL`'s cost_mean and quality_mean (shadow executions
+#: included; requests without a quality score left out).
+PRODUCTION_MEAN_SQL = """
+SELECT count({column}), avg({column}), coalesce(var_samp({column}), 0)
+FROM requests
+WHERE config_version = ? AND arm = 'production'
+"""
+#: Mean guardrail -> (its column, whether a mean above the limit breaks it).
+MEAN_GUARDRAILS = {"cost_per_request": ("cost_usd", True), "mean_quality": ("quality_score", False)}
+#: Mixing scale of the mean guardrails' confidence sequences as a share of the limit: the
+#: bounds are tightest for means about 10 % away from it, where a breach starts to matter.
+MEAN_GUARDRAIL_TAU_SHARE = 0.1
+
+
+def weigh_mean_breach(
+    record: MetricRecord, n: int, mean: float, variance: float, alpha: float
+) -> MetricRecord:
+    """A breached cost-per-request or mean-quality guardrail rolls back only beyond noise.
+
+    Like `weigh_breach`, for a mean: a point estimate over the limit, re-checked at every
+    evaluation, sooner or later rolls back a balancer whose true mean sits just inside
+    it. The breach stands when the confidence sequence (`mean_cs`, valid at every look)
+    lies wholly beyond the limit; otherwise the metric is inconclusive and the phase holds.
+    The record carries the bounds either way."""
+    if record.threshold is None or n == 0 or record.metric not in MEAN_GUARDRAILS:
+        return record
+    limit = record.threshold
+    tau = MEAN_GUARDRAIL_TAU_SHARE * limit if limit > 0 else 1e-9
+    low, high = mean_cs(n, mean, variance, alpha, tau)
+    record = replace(record, lower_bound=low, upper_bound=high)
+    if record.decision is not Decision.FAIL:
+        return record
+    above = MEAN_GUARDRAILS[record.metric][1]
+    interval = (
+        f"mean {mean:.4g} of {n}, {1 - alpha:.2%} confidence sequence "
+        f"[{low:.4g}, {high:.4g}] against {limit:.4g}"
+    )
+    if (low > limit) if above else (high < limit):
+        return replace(record, reason=f"{record.reason}; beyond noise: {interval}")
+    return replace(
+        record,
+        decision=Decision.INCONCLUSIVE,
+        reason=f"{record.reason}, but within noise ({interval}): holding for more data",
+    )
+
+
 def weigh_guardrail_breaches(
     con: Connection, records: list[MetricRecord], spec: GateSpec, prod: ArmStats
 ) -> list[MetricRecord]:
-    """`weigh_breach` for the error-rate and p95 guardrails, each at its share of alpha
-    (`checks.sequential.ROLLBACK_CHECKS`)."""
+    """`weigh_breach` and `weigh_mean_breach` for the guardrails, each at its share of
+    alpha (`checks.sequential.rollback_checks`)."""
     th = spec.thresholds
-    a = metric_alpha(th.alpha)
+    a = phase_metric_alpha(th)
     out = []
     for r in records:
         if (r.check_kind, r.metric) == ("guardrail", "error_rate_limit"):
@@ -148,6 +196,13 @@ def weigh_guardrail_breaches(
                 OVER_P95_LIMIT_SQL, [th.max_p95_latency_ms, spec.config_version]
             ).fetchone()
             r = weigh_breach(r, int(over), int(n), TAIL_SHARE, a, "slower than the limit:")
+        elif r.check_kind == "guardrail" and r.metric in MEAN_GUARDRAILS:
+            column = MEAN_GUARDRAILS[r.metric][0]
+            n, mean, variance = con.execute(
+                PRODUCTION_MEAN_SQL.format(column=column), [spec.config_version]
+            ).fetchone()
+            if n:
+                r = weigh_mean_breach(r, int(n), float(mean), float(variance), a)
         out.append(r)
     return out
 
@@ -156,7 +211,11 @@ def weigh_guardrail_breaches(
 SHARED_BREACH_METRICS: dict[str, Callable[[ArmStats], float | None]] = {
     "error_rate_limit": lambda arm: arm.error_rate,
     "p95_latency_ms": lambda arm: arm.p95_ms,
+    "cost_per_request": lambda arm: arm.cost_mean,
+    "mean_quality": lambda arm: arm.quality_mean,
 }
+#: Guardrails broken by a value under the limit (the others: over it).
+LOWER_IS_WORSE = frozenset({"mean_quality"})
 
 
 def excuse_shared_breach(record: MetricRecord, legacy: ArmStats, min_samples: int) -> MetricRecord:
@@ -179,12 +238,12 @@ def excuse_shared_breach(record: MetricRecord, legacy: ArmStats, min_samples: in
     ):
         return record
     theirs = value_of(legacy)
-    if (
-        theirs is None
-        or not math.isfinite(theirs)  # NaN compares false to everything: never an excuse
-        or theirs <= record.threshold
-        or theirs < record.estimate
-    ):
+    if theirs is None or not math.isfinite(theirs):  # NaN compares false to everything
+        return record
+    if record.metric == "mean_quality" and legacy.quality_n < min_samples:
+        return record  # most of legacy's answers unscored: its mean says too little
+    sign = -1.0 if record.metric in LOWER_IS_WORSE else 1.0
+    if sign * theirs <= sign * record.threshold or sign * theirs < sign * record.estimate:
         return record
     return replace(
         record,
@@ -274,7 +333,7 @@ def sequential_records(con: Connection, spec: GateSpec) -> list[MetricRecord]:
             )
             for metric in SEQUENTIAL_METRICS
         ]
-    a = metric_alpha(th.alpha)
+    a = phase_metric_alpha(th)
     counts = latency_tail_counts(con, samples, version, n_legacy, th.max_p95_ratio, a)
     paired = spec.mode == DeploymentMode.SHADOW.value
     results.append(latency_tail_test(counts, th.max_p95_ratio, a, paired=paired))

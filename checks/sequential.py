@@ -89,8 +89,9 @@ Methods:
 All tests treat requests as independent; requests of one user are correlated in
 practice (same questions, same backends), which a per-request test does not see.
 The phase's alpha is split evenly (Bonferroni) over the checks that can roll back
-(`ROLLBACK_CHECKS`: these four and the error-rate and p95 guardrails), so the chance of
-*any* false rollback over the whole phase stays <= alpha.
+(`rollback_checks`: these four, the error-rate and p95 guardrails, and the cost and
+quality guardrails when the plan sets them), so the chance of *any* false rollback over
+the whole phase stays <= alpha.
 """
 
 from __future__ import annotations
@@ -1039,11 +1040,11 @@ class ShadowSummary:
 #: The checks that can roll back a good balancer by chance, and so share the phase's
 #: alpha (the chance of *any* false rollback over the whole phase): the four sequential
 #: comparisons with legacy and the two guardrails judged by confidence sequences
-#: (`checks.gate`). Split evenly (Bonferroni), each gets alpha / 6. Within a check the
-#: share is split again where it combines two bounds or tests (latency_p95: legacy's p95
-#: and production's share, alpha/2 each; cost: mSPRT and paid-request count test).
-#: The cost-per-request and mean-quality limits, when a plan sets them, compare a point
-#: estimate with the limit and are outside this budget.
+#: (`checks.gate`), plus the optional guardrails of `OPTIONAL_ROLLBACK_CHECKS` a plan
+#: sets. Split evenly (Bonferroni), each gets alpha / 6 (alpha / 8 with both optional
+#: limits set). Within a check the share is split again where it combines two bounds or
+#: tests (latency_p95: legacy's p95 and production's share, alpha/2 each; cost: mSPRT and
+#: paid-request count test).
 ROLLBACK_CHECKS = (
     "error_rate",
     "latency",
@@ -1052,12 +1053,49 @@ ROLLBACK_CHECKS = (
     "error_rate_limit",
     "p95_latency_ms",
 )
+#: Guardrails that exist only when the plan sets their limit (metric -> Thresholds field).
+OPTIONAL_ROLLBACK_CHECKS = {
+    "cost_per_request": "max_cost_per_request_usd",
+    "mean_quality": "min_mean_quality",
+}
 
 
 def metric_alpha(alpha: float, n_checks: int = len(ROLLBACK_CHECKS)) -> float:
     """The phase's alpha split evenly over the checks that can roll back (Bonferroni):
     the chance that *any* of them ever flags harm on a good balancer stays <= alpha."""
     return alpha / n_checks
+
+
+def rollback_checks(thresholds: Thresholds) -> tuple[str, ...]:
+    """The checks of a phase with these thresholds that can roll back by chance."""
+    optional = (
+        m for m, field in OPTIONAL_ROLLBACK_CHECKS.items() if getattr(thresholds, field) is not None
+    )
+    return ROLLBACK_CHECKS + tuple(optional)
+
+
+def phase_metric_alpha(thresholds: Thresholds) -> float:
+    """Each rollback check's share of the phase's alpha (`metric_alpha`)."""
+    return metric_alpha(thresholds.alpha, len(rollback_checks(thresholds)))
+
+
+def mean_cs(n: Num, mean: Num, variance: Num, alpha: float, tau: float) -> tuple[Num, Num]:
+    """(lower, upper) bounds on a mean from n observations with sample `variance`, each
+    one-sided at `alpha` and valid at every look: the inverted normal-mixture mSPRT
+    (`normal_mixture_radius`) with mixing scale `tau`, on the plug-in variance of the
+    mean (asymptotic, like the latency and cost tests; callers keep a burn-in). A zero
+    variance (every value equal) leaves the mean itself."""
+    m = np.asarray(n, dtype=float)
+    v = np.asarray(variance, dtype=float)
+    x = np.asarray(mean, dtype=float)
+    ok = (m >= 2) & np.isfinite(v) & (v > 0)
+    radius = np.where(
+        ok, normal_mixture_radius(np.where(ok, v, 1.0) / np.maximum(m, 1), tau, alpha), 0.0
+    )
+    low, high = x - radius, x + radius
+    if low.ndim:
+        return low, high
+    return float(low), float(high)
 
 
 def evaluate_arms(
@@ -1068,7 +1106,7 @@ def evaluate_arms(
 ) -> list[SequentialResult]:
     """The moment-based sequential tests of a canary / A/B phase (latency_p95 needs
     order statistics: `latency_tail_test`)."""
-    a = metric_alpha(thresholds.alpha)
+    a = phase_metric_alpha(thresholds)
     paid = None
     if production.cost_paid is not None and legacy.cost_paid is not None:
         paid = (production.cost_paid, legacy.cost_paid)
@@ -1087,7 +1125,7 @@ def evaluate_arms(
 
 def evaluate_shadow(pairs: ShadowSummary, thresholds: Thresholds) -> list[SequentialResult]:
     """The moment-based sequential tests of a shadow phase, on paired differences."""
-    a = metric_alpha(thresholds.alpha)
+    a = phase_metric_alpha(thresholds)
     return [
         paired_error_rate_test(pairs.failures, thresholds.max_error_rate_diff, a),
         paired_latency_test(pairs.log_latency, thresholds.max_p95_ratio, a),

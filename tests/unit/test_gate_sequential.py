@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -115,6 +116,11 @@ def production_only(thresholds: Thresholds) -> GateSpec:
         phase_started_at=NOW,
         now=NOW,
     )
+
+
+def ab_test(thresholds: Thresholds) -> GateSpec:
+    """An A/B phase at 50 %: legacy serves the other half, beside production."""
+    return replace(production_only(thresholds), mode="ab_test", traffic_percent=50.0)
 
 
 def _production_rows(
@@ -232,6 +238,102 @@ def test_a_cost_limit_the_plan_sets_is_a_hard_limit(tmp_path: Path) -> None:
     assert within.verdict is Verdict.PROMOTE, within.reason
 
 
+def _spread_values(con, column: str, low: float, high: float) -> None:
+    """Half the rows at `low`, half at `high`: a mean between them, with real noise."""
+    con.execute(
+        f"UPDATE requests SET {column} = CASE WHEN "
+        "CAST(split_part(request_id, '-', 2) AS INTEGER) % 2 = 0 THEN ? ELSE ? END",
+        [low, high],
+    )
+
+
+def _guardrail(result, metric: str):
+    (record,) = [r for r in result.records if (r.check_kind, r.metric) == ("guardrail", metric)]
+    return record
+
+
+@pytest.mark.parametrize(
+    ("metric", "column", "low", "high", "within_noise", "clearly_broken"),
+    [
+        # cost per request: mean 0.0011 USD over 400 answers (standard error 0.000045)
+        ("cost_per_request", "cost_usd", 0.0002, 0.002, 0.00105, 0.0007),
+        # mean quality: 0.6 over 400 scored answers (standard error 0.015)
+        ("mean_quality", "quality_score", 0.3, 0.9, 0.62, 0.8),
+    ],
+)
+def test_a_cost_or_quality_breach_rolls_back_only_beyond_a_confidence_sequence(
+    tmp_path: Path,
+    metric: str,
+    column: str,
+    low: float,
+    high: float,
+    within_noise: float,
+    clearly_broken: float,
+) -> None:
+    """Re-checked at every evaluation, a mean a little over the limit by chance used to
+    roll back at once (a true mean equal to the limit reads over it at some look in 90 %
+    of phases); now the whole confidence sequence must lie beyond the limit."""
+    from checks.gate import evaluate
+    from checks.gx_suites import GxRunner
+    from checks.verdict import Verdict
+
+    field = "max_cost_per_request_usd" if metric == "cost_per_request" else "min_mean_quality"
+    runner = GxRunner()
+    outcomes = {}
+    with connect(tmp_path / "m.duckdb") as con:
+        _production_rows(con, 400, 0)
+        _spread_values(con, column, low, high)
+        for limit in (within_noise, clearly_broken):
+            gate = production_only(Thresholds(**{field: limit}))
+            outcomes[limit] = evaluate(con, gate, runner, f"run-{limit}")
+
+    held = outcomes[within_noise]
+    record = _guardrail(held, metric)
+    assert record.decision is Decision.INCONCLUSIVE and held.verdict is Verdict.HOLD, record
+    assert "within noise" in record.reason and "confidence sequence" in record.reason
+    assert record.lower_bound < within_noise < record.upper_bound, record
+
+    rolled = outcomes[clearly_broken]
+    record = _guardrail(rolled, metric)
+    assert record.decision is Decision.FAIL and rolled.verdict is Verdict.ROLLBACK, record
+    assert "beyond noise" in record.reason
+    assert not record.lower_bound <= clearly_broken <= record.upper_bound, record
+
+
+def test_a_cost_or_quality_breach_legacy_shares_holds(tmp_path: Path) -> None:
+    """A price rise or a quality drop at the backends hits both arms: legacy as dear (or
+    as poor) as production holds; a legacy within the limit lets the breach roll back."""
+    from checks.gate import evaluate
+    from checks.gx_suites import GxRunner
+    from checks.verdict import Verdict
+
+    gate = ab_test(Thresholds(max_cost_per_request_usd=0.0005, min_mean_quality=0.7))
+    runner = GxRunner()
+    outcomes = {}
+    for legacy_cost, legacy_quality in ((0.001, 0.5), (0.0004, 0.9)):
+        with connect(tmp_path / f"m{legacy_cost}.duckdb") as con:
+            _production_rows(con, 400, 0)  # 0.001 USD per request
+            _production_rows(con, 400, 0, arm="legacy", first_bucket=5_000)
+            con.execute("UPDATE requests SET quality_score = 0.5 WHERE arm = 'production'")
+            con.execute(
+                "UPDATE requests SET cost_usd = ?, quality_score = ? WHERE arm = 'legacy'",
+                [legacy_cost, legacy_quality],
+            )
+            outcomes[legacy_cost] = evaluate(con, gate, runner, f"run-{legacy_cost}")
+
+    shared = outcomes[0.001]
+    for metric in ("cost_per_request", "mean_quality"):
+        record = _guardrail(shared, metric)
+        assert record.decision is Decision.INCONCLUSIVE, record
+        assert "legacy breaches it too" in record.reason
+    assert shared.verdict is not Verdict.ROLLBACK, shared.reason
+
+    alone = outcomes[0.0004]
+    for metric in ("cost_per_request", "mean_quality"):
+        assert _guardrail(alone, metric).decision is Decision.FAIL
+    assert alone.verdict is Verdict.ROLLBACK, alone.reason
+
+
 def test_a_breach_legacy_shares_holds_instead_of_rolling_back(tmp_path: Path) -> None:
     """An incident beyond the balancer (both arms over the 5 % error limit, legacy
     worse) holds: sending users back to legacy would not help them. The same breach
@@ -240,18 +342,7 @@ def test_a_breach_legacy_shares_holds_instead_of_rolling_back(tmp_path: Path) ->
     from checks.gx_suites import GxRunner
     from checks.verdict import Verdict
 
-    gate = GateSpec(
-        config_version=1,
-        mode="ab_test",
-        traffic_percent=50.0,
-        shadow_sample_rate=1.0,
-        thresholds=Thresholds(max_error_rate=0.05),
-        min_samples=100,
-        min_duration_s=0,
-        max_duration_s=600,
-        phase_started_at=NOW,
-        now=NOW,
-    )
+    gate = ab_test(Thresholds(max_error_rate=0.05))
     runner = GxRunner()
     results = {}
     for legacy_failures in (100, 4):  # 25 % and 1 % of 400

@@ -487,6 +487,48 @@ def test_the_tail_check_keeps_alpha_at_the_margin_under_repeated_looks() -> None
     assert harm.mean() <= alpha
 
 
+def test_the_mean_guardrail_bounds_keep_alpha_where_a_point_estimate_does_not() -> None:
+    """Cost per request exactly at the limit (log-normal, skewed like real prices), looked
+    at every 50 requests up to 3,000: the lower bound of `mean_cs` crosses the limit in
+    at most alpha of the runs, where "the running mean is over the limit" does in most."""
+    rng = np.random.default_rng(11)
+    runs, alpha, sigma = 1000, 0.05, 0.8
+    limit = 0.002  # the true mean
+    cost = rng.lognormal(math.log(limit) - sigma**2 / 2, sigma, (runs, 3000))
+    n = np.arange(1, 3001)
+    means = cost.cumsum(axis=1) / n
+    variances = ((cost**2).cumsum(axis=1) - n * means**2) / np.maximum(n - 1, 1)
+    bound_breach = np.zeros(runs, dtype=bool)
+    point_breach = np.zeros(runs, dtype=bool)
+    for look in range(99, 3000, 50):  # from 100 requests on: the gate's burn-in
+        low, _ = sq.mean_cs(look + 1, means[:, look], variances[:, look], alpha, 0.1 * limit)
+        bound_breach |= low > limit
+        point_breach |= means[:, look] > limit
+    assert bound_breach.mean() <= alpha, bound_breach.mean()
+    assert point_breach.mean() > 0.5, point_breach.mean()
+
+
+def test_mean_bounds_tighten_with_data_and_collapse_on_a_constant() -> None:
+    wide = sq.mean_cs(100, 0.5, 0.04, 0.01, 0.05)
+    narrow = sq.mean_cs(10_000, 0.5, 0.04, 0.01, 0.05)
+    assert wide[0] < narrow[0] < 0.5 < narrow[1] < wide[1]
+    assert sq.mean_cs(500, 0.001, 0.0, 0.01, 1e-4) == (0.001, 0.001)  # flat price: exact
+
+
+def test_optional_guardrails_take_their_share_of_alpha() -> None:
+    """Setting a cost or quality limit adds a check that can roll back, so every check's
+    share shrinks: the phase's chance of any false rollback stays <= alpha."""
+    plain = Thresholds(alpha=0.012)
+    both = Thresholds(alpha=0.012, max_cost_per_request_usd=0.01, min_mean_quality=0.5)
+    assert sq.rollback_checks(plain) == sq.ROLLBACK_CHECKS
+    assert sq.rollback_checks(both)[-2:] == ("cost_per_request", "mean_quality")
+    assert sq.phase_metric_alpha(plain) == pytest.approx(0.002)
+    assert sq.phase_metric_alpha(both) == pytest.approx(0.0015)
+    assert sq.phase_metric_alpha(Thresholds(alpha=0.012, min_mean_quality=0.0)) == pytest.approx(
+        0.012 / 7
+    )
+
+
 # -- the SQL that feeds them ----------------------------------------------------------------
 
 
