@@ -52,6 +52,10 @@ class DataPaths:
         """Pid files, logs and fleet files of processes the CLI started."""
         return self.root / "runs"
 
+    def load_report(self, instance: str) -> Path:
+        """Where the demo app leaves its counts on the way out, for the demo's closing lines."""
+        return self.runs / f"{instance}-load.json"
+
     def ensure(self) -> DataPaths:
         for path in (self.root, self.segments, self.quarantine, self.control, self.runs):
             path.mkdir(parents=True, exist_ok=True)

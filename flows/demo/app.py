@@ -109,16 +109,9 @@ async def run_app(spec: LoadSpec) -> dict[str, int]:
         counts = await generate_load(router, spec, stop)
         # Before the router's shutdown drain: a parent stopping us kills after 15 s.
         report = {"instance": router.instance_id, "rate": spec.rate, **counts}
-        atomic_write(
-            load_report_path(DataPaths(flags.data_dir), router.instance_id), json.dumps(report)
-        )
+        atomic_write(DataPaths(flags.data_dir).load_report(router.instance_id), json.dumps(report))
     finally:
         watchdog.cancel()
         await router.shutdown()
     log.info("app %s stopped: %s", router.instance_id, counts)
     return counts
-
-
-def load_report_path(paths: DataPaths, instance: str) -> Path:
-    """Where the app leaves its counts on the way out, for the demo's closing lines."""
-    return paths.runs / f"{instance}-load.json"

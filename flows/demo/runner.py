@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,6 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from flows.demo.app import load_report_path
 from flows.demo.processes import ChildProcess, python_module
 from flows.paths import DataPaths
 from flows.plan import RolloutPlan, load_plan
@@ -106,6 +107,19 @@ class DemoOutcome:
                 "pass a lower --rate"
             )
         return lines
+
+
+@contextmanager
+def live_display(view: Any, console: Console) -> Iterator[None]:
+    """rich's Live, ending on a fresh line: when the output is not a terminal (a log
+    file, a pipe, CI), Live leaves its last line open and the next print would continue
+    it."""
+    try:
+        with Live(view, console=console, refresh_per_second=4):
+            yield
+    finally:
+        if not console.is_terminal:
+            console.line()
 
 
 class LiveView:
@@ -248,7 +262,7 @@ def run_demo(settings: DemoSettings, console: Console) -> DemoOutcome:
 
     unsubscribe = progress.subscribe(on_tick)
     try:
-        with Live(view, console=console, refresh_per_second=4):
+        with live_display(view, console):
             if settings.dashboard_port is not None:
                 view.status = "starting the dashboard"
                 served = _start_dashboard(paths, settings.dashboard_port)
@@ -272,7 +286,7 @@ def run_demo(settings: DemoSettings, console: Console) -> DemoOutcome:
             )
             store = FileControlStore(paths.control)
             view.status = "starting the application (embedded router + users)"
-            load_report_path(paths, APP_INSTANCE).unlink(missing_ok=True)  # an earlier run's
+            paths.load_report(APP_INSTANCE).unlink(missing_ok=True)  # an earlier run's
             app = ChildProcess(
                 "application",
                 python_module(
@@ -334,7 +348,7 @@ def run_demo(settings: DemoSettings, console: Console) -> DemoOutcome:
 
 def _read_load(paths: DataPaths) -> dict[str, Any] | None:
     try:
-        return json.loads(load_report_path(paths, APP_INSTANCE).read_text())
+        return json.loads(paths.load_report(APP_INSTANCE).read_text())
     except (OSError, ValueError):
         return None  # the app was killed before it could say: the demo goes on without
 

@@ -54,3 +54,24 @@ async def test_an_app_that_keeps_up_sheds_nothing_and_gets_no_warning() -> None:
 
 def test_no_report_from_a_killed_app_prints_nothing() -> None:
     assert outcome(None).load_lines() == []
+
+
+def test_the_closing_tables_start_on_their_own_line_in_a_log_file() -> None:
+    """`make demo > demo.log` (or CI): the live view's last line must not swallow the
+    title of the table printed after it."""
+    import io
+
+    from rich.console import Console
+    from rich.text import Text
+
+    from flows.demo.runner import live_display
+
+    out = io.StringIO()
+    console = Console(file=out, width=80)  # a file: not a terminal
+    with live_display(Text("197s  phase 5 full  PROMOTE  -> completed"), console):
+        pass
+    console.print("per phase and arm")
+    assert out.getvalue().splitlines()[-2:] == [
+        "197s  phase 5 full  PROMOTE  -> completed",
+        "per phase and arm",
+    ]
