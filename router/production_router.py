@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from router.algorithms.base import Algorithm
 from router.algorithms.names import ADVANCED_ALGORITHMS
 from router.algorithms.registry import build_algorithm
+from router.backend_client import BackendHttpClient
 from router.backend_state import BackendState
 from router.backends import BackendConfig
 from router.balancer import Balancer, RouteOutcome
@@ -153,11 +154,15 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             if production_config.cost.daily_budget_usd is not None
             else None
         )
+        # The production arm has connection pools of its own (`max_connections` per
+        # backend and arm): shadows, or a slow canary, holding every connection a backend
+        # allows must never make the legacy arm's users wait for one.
+        self._production_client = BackendHttpClient(self.backends, transport=transport)
         self.production = Balancer(
             Arm.PRODUCTION.value,
             self.backends,
             self._build_algorithm(self.config),
-            self._client,
+            self._production_client,
             ProductionHealth(production_config.circuit_breaker, production_config.outlier),
             max_attempts=production_config.retry.max_attempts,
             deadline_s=production_config.retry.deadline_s,
@@ -410,6 +415,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
                 self._check_staleness()
                 await asyncio.to_thread(self._write_ack_logged, *self._next_ack())
             await super().shutdown()
+            await self._production_client.aclose()
         finally:
             self.metrics.close()
             # Whatever happened above, the buffered rows are flushed: in a thread, since a

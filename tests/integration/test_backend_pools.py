@@ -81,3 +81,43 @@ async def test_one_shared_pool_would_make_them_wait(fleet: FleetThread) -> None:
         with pytest.raises(BackendFailure) as failed:
             await fast_answer_while_slow_backend_is_saturated(client, slow, fast)
     assert failed.value.kind is ErrorKind.TIMEOUT
+
+
+async def test_shadow_calls_never_take_the_users_connections(fleet: FleetThread, tmp_path) -> None:
+    """Shadow mode on one backend allowed two connections, its production path slowed
+    to 2 s: the shadows of two questions hold two connections for 2 s, and the next
+    user's answer (legacy, the primary) must not wait for one. The production arm has
+    pools of its own, so a shadow can never delay the user's answer."""
+    from router.feature_flags import ProductionFeatureFlags
+    from router.production_router import ProductionIntelligentQueryRouter
+    from router.recorder import NullRecorder
+
+    assert fleet.info is not None
+    fast = backend(fleet, "fast")
+    set_profile(
+        fleet.info.member("fast").admin_url,
+        {"latency_ms": SLOW_S * 1000, "latency_sigma": 0},
+        arm="production",
+    )
+    flags = ProductionFeatureFlags(
+        data_dir=tmp_path, instance_id="pools", enabled=True, deployment_mode="shadow"
+    )
+    router = ProductionIntelligentQueryRouter(
+        backends=[fast],
+        health_checks=False,
+        flags=flags,
+        control_store=None,
+        recorder=NullRecorder(tmp_path, "pools"),
+    )
+    try:
+        first = await asyncio.gather(*(router.route_query(f"q{i}", {}) for i in range(2)))
+        assert all(r.ok and r.arm == "legacy" for r in first), first
+        await asyncio.sleep(0.3)  # both shadows hold their production connections now
+        assert len(router._shadow_tasks) == 2  # the two shadows are still running
+        started = time.perf_counter()
+        result = await router.route_query("the next user's question", {})
+        waited = time.perf_counter() - started
+        assert result.ok and result.arm == "legacy", result
+        assert waited < SLOW_S / 2, waited
+    finally:
+        await router.shutdown(drain_timeout_s=0.1)
