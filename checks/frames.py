@@ -15,6 +15,15 @@ import pandas as pd
 #: Outcomes that count as failures (a 4xx "rejected" is the caller's fault).
 FAILURE_SQL = "outcome IN ('error', 'timeout', 'rate_limited')"
 
+#: A row whose numbers no metric can use: NaN or infinite latency, cost or quality, a
+#: negative cost, a quality outside 0..1 (negative latency has its own row check). NaN
+#: slips past GX's range checks (it counts as missing) and silently freezes the sums
+#: the sequential tests run on.
+INVALID_NUMBERS_SQL = (
+    "NOT isfinite(latency_ms) OR NOT isfinite(cost_usd) OR NOT isfinite(quality_score) "
+    "OR cost_usd < 0 OR quality_score < 0 OR quality_score > 1"
+)
+
 ARM_AGGREGATES_SQL = f"""
 SELECT arm,
        count(*)                                   AS n,
@@ -25,7 +34,8 @@ SELECT arm,
        avg(cost_usd)                              AS cost_mean,
        avg(quality_score)                         AS quality_mean,
        count(quality_score)                       AS quality_n,
-       max(ts)                                    AS last_ts
+       max(ts)                                    AS last_ts,
+       count(*) FILTER (WHERE {INVALID_NUMBERS_SQL}) AS invalid_numbers
 FROM requests
 WHERE config_version = ?
 GROUP BY arm
@@ -57,6 +67,7 @@ class ArmStats:
     quality_mean: float | None = None
     quality_n: int = 0
     last_ts: datetime | None = None
+    invalid_numbers: int = 0
 
     @property
     def error_rate(self) -> float | None:

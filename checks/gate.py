@@ -16,6 +16,7 @@ from checks.sample_ratio import sample_ratio
 from checks.sequential import (
     ARM_MOMENTS_SQL,
     ARM_TAIL_SAMPLES_SQL,
+    MIN_N,
     SHADOW_MOMENTS_SQL,
     SHADOW_TAIL_SAMPLES_SQL,
     TAIL_LEGACY_SQL,
@@ -152,20 +153,29 @@ def weigh_mean_breach(
 
     Like `weigh_breach`, for a mean: a point estimate over the limit, re-checked at every
     evaluation, sooner or later rolls back a balancer whose true mean sits just inside
-    it. The breach stands when the confidence sequence (`mean_cs`, valid at every look)
-    lies wholly beyond the limit; otherwise the metric is inconclusive and the phase holds.
-    The record carries the bounds either way."""
+    it. The breach stands when the one-sided confidence-sequence bound (`mean_cs`, valid
+    at every look) on the limit's side lies beyond it, over at least `MIN_N` values (the
+    bound's plug-in variance needs them: the production request count does not say how
+    many answers were scored); otherwise the metric is inconclusive and the phase holds.
+    The record carries the bounds and their n either way."""
     if record.threshold is None or n == 0 or record.metric not in MEAN_GUARDRAILS:
         return record
     limit = record.threshold
     tau = MEAN_GUARDRAIL_TAU_SHARE * limit if limit > 0 else 1e-9
     low, high = mean_cs(n, mean, variance, alpha, tau)
-    record = replace(record, lower_bound=low, upper_bound=high)
+    record = replace(record, lower_bound=low, upper_bound=high, n_production=n)
     if record.decision is not Decision.FAIL:
         return record
+    if n < MIN_N:
+        return replace(
+            record,
+            decision=Decision.INCONCLUSIVE,
+            reason=f"{record.reason}, but over only {n} values (at least {MIN_N} needed to "
+            "judge it): holding for more data",
+        )
     above = MEAN_GUARDRAILS[record.metric][1]
     interval = (
-        f"mean {mean:.4g} of {n}, {1 - alpha:.2%} confidence sequence "
+        f"mean {mean:.4g} of {n}, one-sided {1 - alpha:.2%} confidence-sequence bounds "
         f"[{low:.4g}, {high:.4g}] against {limit:.4g}"
     )
     if (low > limit) if above else (high < limit):
@@ -180,31 +190,53 @@ def weigh_mean_breach(
 def weigh_guardrail_breaches(
     con: Connection, records: list[MetricRecord], spec: GateSpec, prod: ArmStats
 ) -> list[MetricRecord]:
-    """`weigh_breach` and `weigh_mean_breach` for the guardrails, each at its share of
-    alpha (`checks.sequential.rollback_checks`)."""
+    """`weigh_breach` and `weigh_mean_breach` for the guardrails that act (mode abort or
+    pause), each at its share of alpha (`checks.sequential.rollback_checks`). A guardrail
+    in mode warn or observe never acts, so its breach is reported as it is."""
     th = spec.thresholds
     a = phase_metric_alpha(th)
     out = []
     for r in records:
-        if (r.check_kind, r.metric) == ("guardrail", "error_rate_limit"):
-            r = weigh_breach(r, prod.failures, prod.n, th.max_error_rate, a, "failures")
+        if r.check_kind != "guardrail":
+            pass
+        elif r.metric == "error_rate_limit":
+            if r.critical:
+                r = weigh_breach(r, prod.failures, prod.n, th.max_error_rate, a, "failures")
             if prod.n:  # the record shows the bounds on the rate itself, breached or not
                 low, high = binomial_cs(prod.failures, prod.n, a)
                 r = replace(r, lower_bound=float(low), upper_bound=float(high))
-        elif (r.check_kind, r.metric) == ("guardrail", "p95_latency_ms") and r.failed:
+        elif r.metric == "p95_latency_ms" and r.failed and r.critical:
             n, over = con.execute(
                 OVER_P95_LIMIT_SQL, [th.max_p95_latency_ms, spec.config_version]
             ).fetchone()
             r = weigh_breach(r, int(over), int(n), TAIL_SHARE, a, "slower than the limit:")
-        elif r.check_kind == "guardrail" and r.metric in MEAN_GUARDRAILS:
+        elif r.metric in MEAN_GUARDRAILS:
             column = MEAN_GUARDRAILS[r.metric][0]
             n, mean, variance = con.execute(
                 PRODUCTION_MEAN_SQL.format(column=column), [spec.config_version]
             ).fetchone()
-            if n:
+            if n and r.critical:
                 r = weigh_mean_breach(r, int(n), float(mean), float(variance), a)
         out.append(r)
     return out
+
+
+def unscored_quality_record(spec: GateSpec, n_legacy: int) -> MetricRecord:
+    """The plan sets a quality limit and no production answer has a score: the limit
+    cannot be judged, which must hold the phase, not vanish from the record."""
+    mode = spec.thresholds.mode_of("mean_quality").value
+    return MetricRecord(
+        "guardrail",
+        "mean_quality",
+        Decision.INCONCLUSIVE,
+        "no production answer has a quality score to judge min_mean_quality by (is "
+        "PROD_LB_QUALITY_METRICS off on the routers?): holding",
+        threshold=spec.thresholds.min_mean_quality,
+        n_legacy=n_legacy,
+        n_production=0,
+        metric_mode=mode,
+        critical=mode in ("abort", "pause"),
+    )
 
 
 #: Guardrail metric -> the legacy arm's value of it, for `excuse_shared_breach`.
@@ -230,6 +262,7 @@ def excuse_shared_breach(record: MetricRecord, legacy: ArmStats, min_samples: in
     value_of = SHARED_BREACH_METRICS.get(record.metric)
     if (
         record.check_kind != "guardrail"
+        or not record.critical  # warn / observe: reported as breached, never acts
         or record.decision is not Decision.FAIL
         or value_of is None
         or record.threshold is None
@@ -400,6 +433,7 @@ def evaluate(
         "n_legacy": legacy.n,
         "staleness_s": min(staleness, 1e9),
         "srm_p_value": srm if srm is not None else 1.0,
+        "invalid_numbers": prod.invalid_numbers + legacy.invalid_numbers,
     }
     run(
         "data_quality",
@@ -444,6 +478,8 @@ def evaluate(
             run("guardrails", checks, pd.DataFrame([guard_frame]), params, "guardrail")
             records[:] = weigh_guardrail_breaches(con, records, spec, prod)
             records[:] = [excuse_shared_breach(r, legacy, spec.min_samples) for r in records]
+            if th.min_mean_quality is not None and not prod.quality_n:
+                records.append(unscored_quality_record(spec, legacy.n))
 
     # -- production against legacy ---------------------------------------------------------
     if prod.n >= spec.min_samples and legacy.n >= spec.min_samples:

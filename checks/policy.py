@@ -65,7 +65,8 @@ def decide(
         # A guardrail over its limit but held (legacy shared the breach, or it is within
         # noise) is no ground to promote unattended either: ask a human.
         over_limit = any(
-            r.check_kind == "guardrail" and r.decision is Decision.INCONCLUSIVE for r in records
+            r.check_kind == "guardrail" and r.critical and r.decision is Decision.INCONCLUSIVE
+            for r in records
         )
         table = AT_MAX if verdict is Verdict.HOLD and not over_limit else AT_MAX_WITHOUT_DATA
         final = table[spec.on_max_duration]

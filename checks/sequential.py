@@ -646,7 +646,7 @@ def _normal_result(
             method,
             Decision.INCONCLUSIVE,
             0.0,
-            _f(math.exp(e)) if math.isfinite(e) else None,
+            _f(_exp(e)) if math.isfinite(e) else None,
             None,
             None,
             n_legacy,
@@ -664,9 +664,9 @@ def _normal_result(
         method,
         _decide(log_e, e + radius < log_margin, alpha),
         log_e,
-        math.exp(e),
-        math.exp(e - radius),
-        math.exp(e + radius),
+        _exp(e),
+        _exp(e - radius),
+        _exp(e + radius),
         n_legacy,
         n_production,
         alpha,
@@ -675,6 +675,13 @@ def _normal_result(
         details={"log_estimate": e, "variance": v, "tau": tau},
         one_sided_bounds=True,
     )
+
+
+def _exp(x: float) -> float:
+    """exp that saturates instead of overflowing: a small margin makes the mixture's
+    scale tiny and an early bound's log huge (a ratio margin of 1.0001 raised
+    OverflowError and stopped the gate)."""
+    return math.exp(min(x, 700.0))
 
 
 def _ratio_test(
@@ -1084,13 +1091,17 @@ def mean_cs(n: Num, mean: Num, variance: Num, alpha: float, tau: float) -> tuple
     one-sided at `alpha` and valid at every look: the inverted normal-mixture mSPRT
     (`normal_mixture_radius`) with mixing scale `tau`, on the plug-in variance of the
     mean (asymptotic, like the latency and cost tests; callers keep a burn-in). A zero
-    variance (every value equal) leaves the mean itself."""
+    variance (every value equal, e.g. a flat price) leaves the mean itself; below two
+    values, or with no finite variance, nothing is known: (-inf, inf)."""
     m = np.asarray(n, dtype=float)
     v = np.asarray(variance, dtype=float)
     x = np.asarray(mean, dtype=float)
-    ok = (m >= 2) & np.isfinite(v) & (v > 0)
+    known = (m >= 2) & np.isfinite(v) & np.isfinite(x)
+    spread = known & (v > 0)
     radius = np.where(
-        ok, normal_mixture_radius(np.where(ok, v, 1.0) / np.maximum(m, 1), tau, alpha), 0.0
+        spread,
+        normal_mixture_radius(np.where(spread, v, 1.0) / np.maximum(m, 1), tau, alpha),
+        np.where(known, 0.0, np.inf),
     )
     low, high = x - radius, x + radius
     if low.ndim:

@@ -93,6 +93,13 @@ def data_quality_aggregate_checks(expect_legacy: bool, srm_applies: bool) -> lis
             ),
             "freshness_s",
         ),
+        # Over every row of the phase (`checks.frames.INVALID_NUMBERS_SQL`), not a sample.
+        Check(
+            "invalid_numbers",
+            x.ExpectColumnMaxToBeBetween(
+                column="invalid_numbers", max_value=0, meta={"metric": "invalid_numbers"}
+            ),
+        ),
     ]
     if expect_legacy:
         checks.append(

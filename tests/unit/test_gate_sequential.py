@@ -290,7 +290,7 @@ def test_a_cost_or_quality_breach_rolls_back_only_beyond_a_confidence_sequence(
     held = outcomes[within_noise]
     record = _guardrail(held, metric)
     assert record.decision is Decision.INCONCLUSIVE and held.verdict is Verdict.HOLD, record
-    assert "within noise" in record.reason and "confidence sequence" in record.reason
+    assert "within noise" in record.reason and "confidence-sequence bounds" in record.reason
     assert record.lower_bound < within_noise < record.upper_bound, record
 
     rolled = outcomes[clearly_broken]
@@ -489,3 +489,101 @@ def test_quieting_the_comparison_leaves_the_error_rate_limit_acting(tmp_path: Pa
     assert (
         "failing in mode warn or observe: error_rate_limit" in verdicts["error_rate_limit"].reason
     )
+
+
+def _evaluate(tmp_path: Path, name: str, spec: GateSpec, fill) -> object:
+    from checks.gate import evaluate
+    from checks.gx_suites import GxRunner
+
+    with connect(tmp_path / f"{name}.duckdb") as con:
+        fill(con)
+        return evaluate(con, spec, GxRunner(), name)
+
+
+def test_a_mean_guardrail_does_not_act_on_a_handful_of_scored_answers(tmp_path: Path) -> None:
+    """400 requests but 3 quality scores (0.6, limit 0.7): three equal values have no
+    spread, and a bound on them would read "beyond noise". Too few values: hold."""
+    from checks.verdict import Verdict
+
+    def fill(con) -> None:
+        _production_rows(con, 400, 0)
+        con.execute(
+            "UPDATE requests SET quality_score = 0.6 "
+            "WHERE CAST(split_part(request_id, '-', 2) AS INTEGER) < 3"
+        )
+
+    result = _evaluate(tmp_path, "few", production_only(Thresholds(min_mean_quality=0.7)), fill)
+    record = _guardrail(result, "mean_quality")
+    assert result.verdict is Verdict.HOLD, result.reason
+    assert record.decision is Decision.INCONCLUSIVE and record.n_production == 3, record
+    assert "over only 3 values" in record.reason
+
+
+def test_a_quality_limit_with_no_scored_answer_holds_instead_of_vanishing(
+    tmp_path: Path,
+) -> None:
+    from checks.verdict import Verdict
+
+    result = _evaluate(
+        tmp_path,
+        "unscored",
+        production_only(Thresholds(min_mean_quality=0.7)),
+        lambda con: _production_rows(con, 400, 0),
+    )
+    record = _guardrail(result, "mean_quality")
+    assert result.verdict is Verdict.HOLD, result.reason
+    assert record.decision is Decision.INCONCLUSIVE and "PROD_LB_QUALITY_METRICS" in record.reason
+
+
+def test_quiet_guardrails_are_reported_breached_and_never_act(tmp_path: Path) -> None:
+    """A cost limit in mode warn breached within noise: the PROMOTE names it (it used to
+    be weighed into "inconclusive" and vanish); in mode observe at the maximum duration
+    it leaves the plan's `promote` alone (it used to turn it into asking a human)."""
+    from checks.thresholds import MaxDurationPolicy
+    from checks.verdict import Verdict
+
+    def fill(con) -> None:
+        _production_rows(con, 400, 0)
+        _production_rows(con, 400, 0, arm="legacy", first_bucket=5_000)
+        _spread_values(con, "cost_usd", 0.0002, 0.002)  # mean 0.0011
+
+    warned = _evaluate(
+        tmp_path,
+        "warn",
+        production_only(
+            Thresholds(max_cost_per_request_usd=0.00105, metric_modes={"cost_per_request": "warn"})
+        ),
+        fill,
+    )
+    assert warned.verdict is Verdict.PROMOTE, warned.reason
+    assert "failing in mode warn or observe: cost_per_request" in warned.reason
+    assert _guardrail(warned, "cost_per_request").decision is Decision.FAIL
+
+    at_max = {}
+    for name, limit in (("none", None), ("observed", 0.00105)):
+        modes = {"cost_per_request": "observe"} if limit else {}
+        spec = replace(
+            ab_test(Thresholds(max_cost_per_request_usd=limit, metric_modes=modes)),
+            max_duration_s=0,
+            on_max_duration=MaxDurationPolicy.PROMOTE,
+        )
+        at_max[name] = _evaluate(tmp_path, name, spec, fill).verdict
+    assert at_max == {"none": Verdict.PROMOTE, "observed": Verdict.PROMOTE}, at_max
+
+
+@pytest.mark.parametrize("bad", ["'nan'::DOUBLE", "'inf'::DOUBLE"])
+def test_a_latency_that_is_not_a_number_raises_a_data_quality_alarm(
+    tmp_path: Path, bad: str
+) -> None:
+    """GX's range checks count NaN as missing, and NaN froze the latency test's sums:
+    one such row now stops the phase with an alarm naming it."""
+    from checks.verdict import Verdict
+
+    def fill(con) -> None:
+        _production_rows(con, 400, 0)
+        _production_rows(con, 400, 0, arm="legacy", first_bucket=5_000)
+        con.execute(f"UPDATE requests SET latency_ms = {bad} WHERE request_id = 'production-7'")
+
+    result = _evaluate(tmp_path, "nan", ab_test(Thresholds()), fill)
+    assert result.verdict is Verdict.INSUFFICIENT_DATA, result.reason
+    assert "invalid_numbers" in result.reason

@@ -194,6 +194,7 @@ def aggregate(**overrides: Any) -> pd.DataFrame:
         "n_legacy": 9480,
         "staleness_s": 4.0,
         "srm_p_value": 0.36,  # a healthy split
+        "invalid_numbers": 0,
     }
     values.update(overrides)
     return pd.DataFrame([values])
@@ -220,6 +221,7 @@ def test_aggregate_suite_passes_on_a_healthy_split(runner: GxRunner) -> None:
         "min_rows_legacy",
         "freshness_s",
         "sample_ratio",
+        "invalid_numbers",
     }
     assert failed(outcome) == set()
 
@@ -230,6 +232,8 @@ def test_aggregate_suite_passes_on_a_healthy_split(runner: GxRunner) -> None:
         pytest.param({"n_production": 37}, "min_rows_production", 37, MIN_ROWS, id="few-prod"),
         pytest.param({"n_legacy": 120}, "min_rows_legacy", 120, MIN_ROWS, id="few-legacy"),
         pytest.param({"staleness_s": 900.0}, "freshness_s", 900.0, TH.freshness_s, id="stale"),
+        # a NaN latency, an infinite cost or a quality of 7 in the phase's rows
+        pytest.param({"invalid_numbers": 2}, "invalid_numbers", 2, 0.0, id="invalid-numbers"),
         # a split far off the configured one: p = 4e-8, far below the 0.001 alarm
         pytest.param(
             {"srm_p_value": 4e-8},
@@ -273,7 +277,7 @@ def test_aggregate_suite_in_production_only_ignores_legacy_and_split(runner: GxR
     outcome = run_aggregate(runner, frame, expect_legacy=False, srm_applies=False)
 
     assert outcome.success
-    assert set(by_metric(outcome)) == {"min_rows_production", "freshness_s"}
+    assert set(by_metric(outcome)) == {"min_rows_production", "freshness_s", "invalid_numbers"}
 
 
 # -- guardrails on the production arm ---------------------------------------------------

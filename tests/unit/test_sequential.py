@@ -667,3 +667,15 @@ def test_shadow_latency_aa_under_repeated_looks() -> None:
         crossed |= log_e >= math.log(1 / alpha)
     del base
     assert crossed.mean() <= alpha + 2 * math.sqrt(alpha * (1 - alpha) / runs)
+
+
+def test_a_tiny_ratio_margin_is_inconclusive_instead_of_overflowing() -> None:
+    """max_p95_ratio 1.0001 is a valid plan value; its mixture scale is so small that an
+    early bound's exponent overflowed math.exp and stopped the gate."""
+    rng = np.random.default_rng(3)
+    prod = sq.Moments.of(np.log(rng.lognormal(5, 0.5, 40)))
+    legacy = sq.Moments.of(np.log(rng.lognormal(5, 0.5, 400)))
+    latency = sq.latency_test(prod, legacy, 1.0001, 0.01)
+    cost = sq.cost_test(sq.Moments.of(rng.lognormal(-7, 0.4, 300)), legacy, 1.0001, 0.01)
+    assert latency.decision is Decision.INCONCLUSIVE and math.isfinite(latency.upper)
+    assert cost.decision is not Decision.HARM
