@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from router.algorithms.base import Algorithm
+from router.algorithms.custom import load_class
 from router.algorithms.names import ADVANCED_ALGORITHMS
 from router.algorithms.registry import build_algorithm
 from router.backend_client import BackendHttpClient
@@ -132,6 +133,10 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
                 }
             )
         self.production_config = production_config
+        if production_config.custom_algorithm:
+            # Checked at start-up even when `custom` is not the first algorithm: a typo
+            # must stop the application now, not refuse the rollout that switches to it.
+            load_class(production_config.custom_algorithm)
         self.instance_id = instance_id or self.flags.instance_id or default_instance_id()
         self._seed = seed
         self._random = random.Random(seed)
@@ -228,6 +233,12 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         Everything that can fail is checked before anything changes, so a document that
         cannot be applied leaves the instance exactly on its last good config.
         """
+        if config.mode is not DeploymentMode.LEGACY_ONLY and not self.flags.enabled:
+            raise ValueError(
+                f"mode {config.mode.value} routes to the production balancer and this "
+                "instance runs with PROD_LB_ENABLED=false (the host's switch: it stays "
+                "legacy_only); set PROD_LB_ENABLED=true to let rollouts use it"
+            )
         if config.algorithm in ADVANCED_ALGORITHMS and not self.flags.advanced_algorithms:
             raise ValueError(
                 f"algorithm {config.algorithm.value} is advanced and this instance runs "

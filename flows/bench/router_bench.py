@@ -68,6 +68,7 @@ def _production_router(
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> ProductionIntelligentQueryRouter:
     flags = ProductionFeatureFlags(
+        enabled=True,
         data_dir=data_dir,
         instance_id=f"bench-{algorithm.value}",
         advanced_algorithms=True,

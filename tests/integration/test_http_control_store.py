@@ -116,6 +116,7 @@ async def test_flows_publish_and_a_router_applies_through_the_endpoint(
         transport=httpx.MockTransport(lambda r: httpx.Response(200, json={"response": "ok"})),
         health_checks=False,
         flags=ProductionFeatureFlags(
+            enabled=True,
             data_dir=tmp_path / "router-host",
             instance_id="http-1",
             control_poll_s=0.1,
@@ -260,7 +261,9 @@ async def test_an_unreachable_endpoint_never_holds_up_a_request(tmp_path: Path) 
         backends=[BackendConfig(name="a", kind=BackendKind.LIGHTRAG, base_url="http://a.test")],
         transport=httpx.MockTransport(lambda r: httpx.Response(200, json={"response": "ok"})),
         health_checks=False,
-        flags=ProductionFeatureFlags(data_dir=tmp_path, instance_id="hang-1", control_poll_s=60),
+        flags=ProductionFeatureFlags(
+            enabled=True, data_dir=tmp_path, instance_id="hang-1", control_poll_s=60
+        ),
         control_store=store,
         recorder=NullRecorder(tmp_path / "segments", "hang-1"),
     )

@@ -92,7 +92,9 @@ def make_router(
     return ProductionIntelligentQueryRouter(
         backends=fleet.info.backend_configs(timeout_s=5.0),
         health_checks=health_checks,
-        flags=ProductionFeatureFlags(data_dir=data_dir, instance_id="loop", control_poll_s=60),
+        flags=ProductionFeatureFlags(
+            enabled=True, data_dir=data_dir, instance_id="loop", control_poll_s=60
+        ),
         control_store=FileControlStore(data_dir / "control"),
         seed=11,
     )

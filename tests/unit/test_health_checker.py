@@ -579,7 +579,9 @@ async def test_health_check_enabled_false_in_the_config_stops_active_checks(
     router = ProductionIntelligentQueryRouter(
         backends=[LR],
         transport=httpx.MockTransport(handler),
-        flags=ProductionFeatureFlags(data_dir=tmp_path, instance_id="hc", control_poll_s=60),
+        flags=ProductionFeatureFlags(
+            enabled=True, data_dir=tmp_path, instance_id="hc", control_poll_s=60
+        ),
         production_config=ProductionLoadBalancingConfig(
             backends=(LR,),
             health_check=HealthCheckSettings(enabled=enabled, interval_s=0.01, timeout_s=0.5),

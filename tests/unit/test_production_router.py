@@ -106,7 +106,9 @@ def backends() -> Backends:
 
 
 def make_router(tmp_path: Path, backends: Backends, instance: str = "test-1"):
-    flags = ProductionFeatureFlags(data_dir=tmp_path, instance_id=instance, control_poll_s=60)
+    flags = ProductionFeatureFlags(
+        enabled=True, data_dir=tmp_path, instance_id=instance, control_poll_s=60
+    )
     return ProductionIntelligentQueryRouter(
         backends=BACKENDS,
         transport=httpx.MockTransport(backends),
@@ -332,6 +334,53 @@ async def test_an_invalid_document_is_refused_and_the_last_good_one_kept(
     assert "keeping v1" in refused[0]["detail"]
 
 
+async def test_a_host_with_prod_lb_enabled_false_stays_legacy_whatever_is_published(
+    tmp_path: Path, backends: Backends
+) -> None:
+    """PROD_LB_ENABLED=false is the host's own switch ("forces legacy_only"): a rollout's
+    canary document is refused on that host, said in its heartbeat, and every user keeps
+    being served by legacy; a legacy_only document is still applied."""
+    store = FileControlStore(tmp_path / "control")
+    router = ProductionIntelligentQueryRouter(
+        backends=BACKENDS,
+        transport=httpx.MockTransport(backends),
+        health_checks=False,
+        flags=ProductionFeatureFlags(data_dir=tmp_path, instance_id="off-1", control_poll_s=60),
+        control_store=store,
+        recorder=SegmentRecorder(tmp_path / "segments", "off-1"),
+    )
+    publish(tmp_path, 1, "canary", 50)
+    router.poll_control_store()
+    results = [await router.route_query(QUESTION, {"user_id": f"u{i}"}) for i in range(20)]
+    assert {r.arm for r in results} == {"legacy"}
+    router.heartbeat()
+    (ack,) = store.read_acks()
+    assert (ack.applied_version, ack.refused_version) == (0, 1)
+    assert "PROD_LB_ENABLED=false" in (ack.refused_reason or "")
+    publish(tmp_path, 2, "legacy_only")
+    router.poll_control_store()
+    assert router.config.version == 2
+    await router.shutdown()
+
+
+def test_a_custom_algorithm_typo_stops_start_up_even_when_another_algorithm_runs_first(
+    tmp_path: Path,
+) -> None:
+    """PROD_LB_CUSTOM_ALGORITHM is checked when the router starts, not when a rollout
+    later switches to `custom` (and has its document refused on every instance)."""
+    flags = ProductionFeatureFlags(
+        enabled=True,
+        data_dir=tmp_path,
+        instance_id="typo",
+        primary_algorithm="round_robin",
+        custom_algorithm="no_such_module:Typo",
+    )
+    with pytest.raises(ValueError, match="cannot import module 'no_such_module'"):
+        ProductionIntelligentQueryRouter(
+            backends=BACKENDS, health_checks=False, flags=flags, control_store=None
+        )
+
+
 async def test_heartbeat_carries_the_applied_version(tmp_path: Path, backends: Backends) -> None:
     store = FileControlStore(tmp_path / "control")
     router = await started(tmp_path, backends, 3, "canary", 5)
@@ -378,7 +427,7 @@ async def test_a_stalled_control_store_never_stalls_requests(
         backends=BACKENDS,
         transport=httpx.MockTransport(backends),
         health_checks=False,
-        flags=ProductionFeatureFlags(data_dir=tmp_path, instance_id="test-1"),
+        flags=ProductionFeatureFlags(enabled=True, data_dir=tmp_path, instance_id="test-1"),
         control_store=store,
         recorder=SegmentRecorder(tmp_path / "segments", "test-1"),
     )
@@ -446,7 +495,9 @@ async def test_heartbeats_go_on_when_documents_cannot_be_read_or_applied(
         backends=BACKENDS,
         transport=httpx.MockTransport(backends),
         health_checks=False,
-        flags=ProductionFeatureFlags(data_dir=tmp_path, instance_id="test-1", control_poll_s=0.01),
+        flags=ProductionFeatureFlags(
+            enabled=True, data_dir=tmp_path, instance_id="test-1", control_poll_s=0.01
+        ),
         control_store=store,
         recorder=SegmentRecorder(tmp_path / "segments", "test-1"),
     )
@@ -1057,7 +1108,7 @@ async def test_shutdown_closes_the_recorder_off_the_event_loop(
         backends=BACKENDS,
         transport=httpx.MockTransport(backends),
         health_checks=False,
-        flags=ProductionFeatureFlags(data_dir=tmp_path, instance_id="test-1"),
+        flags=ProductionFeatureFlags(enabled=True, data_dir=tmp_path, instance_id="test-1"),
         control_store=None,
         recorder=recorder,
     )
@@ -1088,7 +1139,9 @@ async def test_spent_daily_budget_keeps_only_the_cheapest_backends(
 ) -> None:
     from router.production_config import CostSettings, ProductionLoadBalancingConfig
 
-    flags = ProductionFeatureFlags(data_dir=tmp_path, instance_id="b-1", control_poll_s=60)
+    flags = ProductionFeatureFlags(
+        enabled=True, data_dir=tmp_path, instance_id="b-1", control_poll_s=60
+    )
     config = ProductionLoadBalancingConfig(
         backends=tuple(BACKENDS), cost=CostSettings(daily_budget_usd=0.01)
     )
@@ -1157,7 +1210,9 @@ async def test_a_failing_control_store_never_fails_a_request(
             guard=production_guard(),
         )
     )
-    flags = ProductionFeatureFlags(data_dir=tmp_path, instance_id="test-1", control_poll_s=60)
+    flags = ProductionFeatureFlags(
+        enabled=True, data_dir=tmp_path, instance_id="test-1", control_poll_s=60
+    )
     router = await ProductionIntelligentQueryRouter(
         backends=BACKENDS,
         transport=httpx.MockTransport(backends),
@@ -1226,6 +1281,7 @@ async def test_a_cancelled_request_still_leaves_its_row(tmp_path: Path, backends
 
 def test_cost_optimisation_and_region_come_from_the_flags(tmp_path: Path) -> None:
     flags = ProductionFeatureFlags(
+        enabled=True,
         data_dir=tmp_path,
         cost_optimization=True,
         daily_budget_usd=12.5,
@@ -1281,7 +1337,7 @@ async def test_a_shared_registry_takes_a_new_router_once_the_old_one_shut_down(
             backends=BACKENDS,
             transport=httpx.MockTransport(backends),
             health_checks=False,
-            flags=ProductionFeatureFlags(data_dir=tmp_path, instance_id=instance),
+            flags=ProductionFeatureFlags(enabled=True, data_dir=tmp_path, instance_id=instance),
             control_store=None,
             recorder=SegmentRecorder(tmp_path / "segments", instance),
             metrics_registry=registry,
