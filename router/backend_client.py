@@ -166,6 +166,14 @@ def request_for(backend: BackendConfig, query: str, headers: dict[str, str]) -> 
             headers=headers,
         )
     key = backend.api_key()
+    if key is not None and not key.get_secret_value().isascii():
+        # A pasted non-breaking space or curly quote: no HTTP header can carry it, and
+        # httpx's UnicodeEncodeError escaped the balancer (no failover, no penalty).
+        raise BackendFailure(
+            ErrorKind.CONNECT,
+            f"{backend.name}: the API key in ${backend.api_key_env} has a non-ASCII "
+            "character, which no HTTP header can carry: check the variable's value",
+        )
     auth = {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
     body = {"model": backend.model, "messages": [{"role": "user", "content": query}]}
     return httpx.Request(

@@ -153,12 +153,11 @@ class Balancer:
         `candidate_filter` (the spent daily budget) chooses among these, so a cheap
         backend that is down does not leave the request with nothing."""
         # A weight of 0 drains a backend for every algorithm, not only the weighted ones;
-        # it still serves when every candidate is drained.
+        # it still serves when no weighted candidate can (all drained, or all down).
         untried = [s for s in eligible if s.name not in tried]
-        untried = [s for s in untried if s.weight > 0] or untried
         usable = [s for s in untried if self._usable(s, now)]
         if usable:
-            return self._filtered(usable), False
+            return self._filtered([s for s in usable if s.weight > 0] or usable), False
         if not degrade:
             return [], False
         not_waiting = [
@@ -168,7 +167,7 @@ class Balancer:
             and (now >= s.unavailable_until or not self.honour_retry_after)
             and (s.breaker is None or s.breaker.state_at(now) is BreakerState.CLOSED)
         ]
-        return self._filtered(not_waiting), True
+        return self._filtered([s for s in not_waiting if s.weight > 0] or not_waiting), True
 
     def _filtered(self, states: list[BackendState]) -> list[BackendState]:
         if self.candidate_filter is None or not states:
@@ -329,9 +328,12 @@ class Balancer:
             )
             return answer, None, (self.clock() - started) * 1000.0
         except BackendFailure as failure:
-            # Less than half its own timeout, left by the request's deadline: a timeout
-            # then is the deadline's doing, not a sign of ill health.
-            if failure.kind is ErrorKind.TIMEOUT and timeout_s < 0.5 * state.config.timeout_s:
+            # Less than half the time a first attempt gets (its own timeout, or the whole
+            # deadline if shorter), left by the request's deadline: a timeout then is the
+            # deadline's doing, not a sign of ill health. (Against the backend's timeout
+            # alone, a timeout over twice the deadline made every timeout "cut".)
+            full_s = min(state.config.timeout_s, self.deadline_s)
+            if failure.kind is ErrorKind.TIMEOUT and timeout_s < 0.5 * full_s:
                 failure.cut_by_deadline = True
             return None, failure, (self.clock() - started) * 1000.0
         finally:
@@ -414,8 +416,10 @@ class Balancer:
         return {
             s.name: {
                 "kind": s.kind.value,
+                # Retry-After counts only for an arm that honours it: the legacy arm
+                # keeps routing to a backend that sent a 429, so it is not unavailable.
                 "available": s.healthy
-                and now >= s.unavailable_until
+                and (now >= s.unavailable_until or not self.honour_retry_after)
                 and self.health.would_allow(s, now),
                 "active_check_healthy": s.healthy,
                 "in_flight": s.in_flight,

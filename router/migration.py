@@ -108,10 +108,14 @@ class ConfigurationMigrator:
             open_wait_s=float(legacy.circuit_breaker_timeout),
             slow_call_ms=legacy.response_time_threshold_ms,
         )
+        # The legacy rest time becomes the cap: the first ejection is short (the default
+        # base, or the rest time if shorter) and doubles on repeats up to it. Mapping it
+        # to the base as well (base = cap = 300 s by default) left nothing to grow.
+        rest_s = float(legacy.circuit_breaker_timeout)
         outlier = OutlierSettings(
             consecutive_failures=legacy.circuit_breaker_threshold,
-            base_ejection_s=float(min(legacy.circuit_breaker_timeout, 300)),
-            max_ejection_s=float(max(300, legacy.circuit_breaker_timeout)),
+            base_ejection_s=min(OutlierSettings().base_ejection_s, rest_s),
+            max_ejection_s=rest_s,
         )
         report.add(
             "circuit_breaker_threshold",
@@ -135,9 +139,9 @@ class ConfigurationMigrator:
         report.add(
             "circuit_breaker_timeout",
             legacy.circuit_breaker_timeout,
-            "outlier.base_ejection_s",
-            outlier.base_ejection_s,
-            "ejection time doubles on repeats, capped at outlier.max_ejection_s",
+            "outlier.max_ejection_s",
+            outlier.max_ejection_s,
+            f"ejections start at {outlier.base_ejection_s:g} s and double on repeats up to it",
         )
         report.add(
             "response_time_threshold_ms",

@@ -380,6 +380,22 @@ async def test_a_key_read_from_a_file_with_its_newline_is_sent_clean_and_never_l
     assert SECRET not in str(failure)
 
 
+@respx.mock
+async def test_a_key_with_a_non_ascii_character_is_a_typed_failure_that_names_its_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A key pasted with a non-breaking space cannot go into a header: httpx raised
+    UnicodeEncodeError, which escaped the balancer (no failover to another backend, no
+    health penalty). It is a connect-shaped failure now, naming the variable, not the key."""
+    monkeypatch.setenv("TEST_PPLX_KEY", SECRET + "\u00a0x")
+    route = respx.post("http://px.test/chat/completions").mock(return_value=httpx.Response(200))
+    failure = await failure_of(PPLX)
+    assert_shape(failure, "connect")
+    assert "$TEST_PPLX_KEY" in str(failure) and "non-ASCII" in str(failure)
+    assert SECRET not in str(failure)
+    assert not route.called
+
+
 async def test_a_secret_quoted_escaped_by_the_transport_is_redacted(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

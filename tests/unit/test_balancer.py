@@ -223,6 +223,21 @@ async def test_429_marks_the_backend_unavailable_until_not_unhealthy() -> None:
     assert fleet.called() == ["b"] * 5  # skipped, not hammered
 
 
+async def test_the_legacy_arm_reports_a_rate_limited_backend_as_it_routes_to_it() -> None:
+    """The legacy balancer ignores Retry-After when it routes (as the old router did);
+    its health report must not call that backend unavailable (which marked the whole
+    system degraded in legacy_only) while it keeps sending it requests."""
+    fleet = Fleet({"a": lambda r: httpx.Response(429, headers={"Retry-After": "60"})})
+    b = balancer(fleet, [lightrag("a")])
+    b.honour_retry_after = False
+    await route(b, "first")
+    report = b.health_report()["a"]
+    assert report["available"] is True and report["rate_limited_for_s"] > 55
+    fleet.calls.clear()
+    await route(b, "second")
+    assert fleet.called() == ["a"]
+
+
 async def test_a_short_retry_after_is_waited_for_when_no_other_backend_is_left() -> None:
     throttled_until = 0.0
 
@@ -335,6 +350,26 @@ async def test_an_attempt_never_outlives_the_request_deadline() -> None:
     assert not outcome.ok  # no time was left to fail over
 
 
+async def test_a_hung_backend_is_penalised_when_its_timeout_outlasts_the_deadline() -> None:
+    """Backend timeout 30 s, request deadline 0.2 s: each first attempt times out at the
+    deadline. That is the backend hanging, not the deadline cutting a late retry short,
+    so it counts: after three, the backend is ejected and users reach the other one."""
+
+    async def hang(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(30)
+        return ok()
+
+    fleet = Fleet({"a": hang, "b": lambda r: ok("answer")})
+    b = balancer(fleet, [lightrag("a"), lightrag("b")], deadline_s=0.2, threshold=3)
+    assert b.by_name["a"].config.timeout_s > 2 * 0.2
+    for i in range(3):
+        outcome = await asyncio.wait_for(route(b, f"r{i}"), timeout=5)
+        assert not outcome.ok and outcome.failure is not None
+        assert outcome.failure.kind is ErrorKind.TIMEOUT
+    outcome = await route(b, "r3")
+    assert outcome.ok and outcome.attempts[0].backend == "b"
+
+
 # -- degraded --------------------------------------------------------------------------
 async def test_degraded_mode_when_every_backend_is_ejected() -> None:
     """All ejected: try them anyway (an answer beats a certain error), and say so."""
@@ -402,6 +437,16 @@ async def test_a_weight_of_zero_drains_a_backend_for_any_algorithm() -> None:
     fleet.calls.clear()
     everyone = balancer(fleet, [drained, lightrag("b").model_copy(update={"weight": 0.0})])
     assert (await route(everyone)).ok and fleet.called() == ["a"]
+
+
+async def test_a_drained_backend_serves_when_every_weighted_one_is_down() -> None:
+    """Drained (weight 0) but healthy beats weighted but ejected: the first attempt goes
+    to the drained backend instead of failing or degrading to the ejected one."""
+    fleet = Fleet({"a": lambda r: ok("ejected"), "b": lambda r: ok("drained")})
+    b = balancer(fleet, [lightrag("a"), lightrag("b").model_copy(update={"weight": 0.0})])
+    b.by_name["a"].ejected_until = time.monotonic() + 60
+    outcome = await route(b)
+    assert outcome.ok and fleet.called() == ["b"] and not outcome.degraded
 
 
 async def test_no_backend_of_an_allowed_kind() -> None:
