@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import sys
-from datetime import date, datetime
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any
+from uuid import UUID
 
 import typer
 from rich.markup import escape
@@ -69,10 +72,58 @@ class Format(StrEnum):
     json = "json"
 
 
+def _duration(value: timedelta) -> str:
+    """ISO 8601 (`P1DT2H3M4.5S`), as DuckDB's INTERVAL reads back; str() gave `1 day, 2:03`."""
+    sign = "-" if value < timedelta(0) else ""
+    value = abs(value)
+    hours, rest = divmod(value.seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    fraction = f"{seconds + value.microseconds / 1e6:.6f}".rstrip("0").rstrip(".")
+    return f"{sign}P{value.days}DT{hours}H{minutes}M{fraction}S"
+
+
 def _plain(value: Any) -> Any:
-    if isinstance(value, datetime | date):
+    """JSON-ready, nested values included (lists, structs and maps came out as Python
+    reprs): ISO 8601 times and durations, hex for blobs, null for NaN and infinities
+    (which JSON cannot hold), strings for decimals and UUIDs."""
+    if isinstance(value, datetime | date | time):
         return value.isoformat()
+    if isinstance(value, timedelta):
+        return _duration(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Decimal | UUID):
+        return str(value)
     return value
+
+
+def _csv_cell(value: Any) -> Any:
+    """A CSV cell: nested values as JSON text, NaN as written by DuckDB."""
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    plain = _plain(value)
+    return json.dumps(plain) if isinstance(plain, dict | list) else plain
+
+
+def unique_names(columns: list[str]) -> list[str]:
+    """JSON objects cannot repeat a key: a join's second `reason` becomes `reason_2`
+    (it silently replaced the first)."""
+    used: set[str] = set()
+    out = []
+    for name in columns:
+        candidate, k = name, 1
+        while candidate in used:
+            k += 1
+            candidate = f"{name}_{k}"
+        used.add(candidate)
+        out.append(candidate)
+    return out
 
 
 def sql(
@@ -129,15 +180,17 @@ def sql(
 
 def _print(columns: list[str], rows: list[tuple[Any, ...]], output: Format) -> None:
     if output is Format.csv:
-        writer = csv.writer(sys.stdout)
+        writer = csv.writer(sys.stdout, lineterminator="\n")  # "\r\n" left "200\r" in shells
         writer.writerow(columns)
-        writer.writerows([[_plain(v) for v in row] for row in rows])
+        writer.writerows([[_csv_cell(v) for v in row] for row in rows])
         return
     if output is Format.json:
+        names = unique_names(columns)
         print(
             json.dumps(
-                [{c: _plain(v) for c, v in zip(columns, row, strict=True)} for row in rows],
+                [{c: _plain(v) for c, v in zip(names, row, strict=True)} for row in rows],
                 default=str,
+                allow_nan=False,
             )
         )
         return

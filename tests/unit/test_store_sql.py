@@ -150,3 +150,52 @@ def test_a_query_without_a_statement_is_refused_with_exit_2(data: DataPaths, que
     code, out, err = rollout_sql(data, query)
     assert code == 2 and out == ""
     assert "no statement" in err
+
+
+def test_json_keeps_every_column_and_stays_valid_json(data: DataPaths) -> None:
+    """A join's repeated names overwrote each other (`decisions JOIN gate_evaluations`
+    lost the decision's reason); NaN came out as a bare `NaN` that strict parsers
+    refuse."""
+    code, out, err = rollout_sql(
+        data,
+        "SELECT 1 AS id, 'first' AS v, 'second' AS v, 'nan'::DOUBLE AS x, "
+        "'-inf'::DOUBLE AS y, 1.5::DOUBLE AS z",
+        "--format",
+        "json",
+    )
+    assert code == 0, err
+    assert "NaN" not in out and "Infinity" not in out
+    assert json.loads(out) == [
+        {"id": 1, "v": "first", "v_2": "second", "x": None, "y": None, "z": 1.5}
+    ]
+
+
+def test_nested_and_time_values_are_written_as_data_not_python_reprs(data: DataPaths) -> None:
+    query = (
+        "SELECT [TIMESTAMPTZ '2026-01-02 03:04:05+00'] AS times, {'ok': 3} AS counts, "
+        "INTERVAL '1 day 2 hours 3.5 seconds' AS took, '\\xff'::BLOB AS raw"
+    )
+    code, out, err = rollout_sql(data, query, "--format", "json")
+    assert code == 0, err
+    (row,) = json.loads(out)
+    assert row == {
+        "times": ["2026-01-02T03:04:05+00:00"],
+        "counts": {"ok": 3},
+        "took": "P1DT2H0M3.5S",
+        "raw": "ff",
+    }
+    code, out, err = rollout_sql(data, query, "--format", "csv")
+    assert code == 0, err
+    assert "\r" not in out and "datetime" not in out and "timedelta" not in out
+    header, cells = list(csv.reader(io.StringIO(out)))
+    assert header == ["times", "counts", "took", "raw"]
+    assert json.loads(cells[0]) == ["2026-01-02T03:04:05+00:00"]
+    assert json.loads(cells[1]) == {"ok": 3} and cells[2] == "P1DT2H0M3.5S"
+
+
+def test_a_query_may_start_with_a_comment_line_as_the_examples_print_them(
+    data: DataPaths,
+) -> None:
+    code, out, err = rollout_sql(data, "-- how many\nSELECT 41 + 1 AS answer", "--format", "csv")
+    assert code == 0, err
+    assert out.splitlines() == ["answer", "42"]
