@@ -33,7 +33,7 @@ import hashlib
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -165,7 +165,8 @@ def discover(location: str | Path, con: duckdb.DuckDBPyConnection | None = None)
             for path in sorted(instance_dir.glob(f"*{SEGMENT_SUFFIX}")):
                 segment = _segment(str(path))
                 if segment is not None:
-                    found.append(segment)
+                    # The ledger's `bytes` for a file quarantined before its footer is read.
+                    found.append(replace(segment, size=path.lstat().st_size))
     return found
 
 
@@ -199,6 +200,12 @@ GROUP BY ALL
 """
 
 
+def _not_a_file(path: Path) -> bool:
+    """A directory, or a link to nothing. (A file that is simply gone is not blamed: it
+    was deleted or moved while we looked, which the next run sees.)"""
+    return path.is_dir() or (path.is_symlink() and not path.exists())
+
+
 def check_segments(
     con: duckdb.DuckDBPyConnection, segments: list[Segment]
 ) -> list[tuple[Segment, int, str | None]]:
@@ -211,6 +218,13 @@ def check_segments(
     """
     if not segments:
         return []
+    odd = [s for s in segments if not is_remote(s.path) and _not_a_file(Path(s.path))]
+    if odd:
+        # A directory or a dangling link under a segment's name: DuckDB's "no files
+        # found" on it is not about content, and stopped every file of the batch.
+        return [(s, 0, "not a regular file (a directory or a dangling link)") for s in odd] + (
+            check_segments(con, [s for s in segments if s not in odd])
+        )
     if any(s.kind == UNKNOWN_KIND for s in segments):
         named = f"not a segment name (expected {' or '.join(f'{k}-*' for k in KINDS)})"
         return [(s, 0, named) for s in segments if s.kind == UNKNOWN_KIND] + check_segments(
@@ -326,7 +340,7 @@ def _move_to_quarantine(paths: DataPaths, segment: Segment, reason: str) -> None
     target = paths.quarantine / segment.instance
     target.mkdir(parents=True, exist_ok=True)
     source = Path(segment.path)
-    if source.exists():
+    if source.exists() or source.is_symlink():  # a dangling link moves too
         shutil.move(str(source), target / source.name)
     (target / f"{source.name}.reason.txt").write_text(reason + "\n")
 
@@ -393,7 +407,9 @@ def collect(
     report = IngestReport()
     location = segments_location(paths, segments)
     with connect(paths.database, wait_s=wait_s) as con:
-        ledger = dict(con.execute("SELECT path, status FROM ingested_segments").fetchall())
+        rows = con.execute("SELECT path, status, reason FROM ingested_segments").fetchall()
+        ledger = {path: status for path, status, _ in rows}
+        reasons = {path: reason for path, _, reason in rows}
         if retry_quarantined:
             _move_back(paths, location, ledger)
         found = discover(location, con)
@@ -402,7 +418,9 @@ def collect(
         # A quarantined file the previous run could not move yet: move it now.
         for segment in found:
             if ledger.get(segment.key) == "quarantined":
-                _move_to_quarantine(paths, segment, "quarantined by an earlier run")
+                # The run that quarantined it stopped before moving it: its reason stands.
+                reason = reasons.get(segment.key) or "quarantined by an earlier run"
+                _move_to_quarantine(paths, segment, reason)
         new = [s for s in found if s.key not in ledger]
         for batch in _chunks(new, batch_files):
             good: list[tuple[Segment, int]] = []

@@ -397,3 +397,53 @@ def test_values_the_table_refuses_are_quarantined_as_bad_content(paths: DataPath
     assert reasons[0].startswith("values the table refuses: Constraint Error: NOT NULL")
     assert reasons[1].startswith("values the table refuses: Conversion Error")
     assert _ledger(paths) == [("ingested", 1), ("quarantined", 2)]
+
+
+def test_a_directory_or_dangling_link_under_a_segment_name_is_quarantined_not_fatal(
+    paths: DataPaths,
+) -> None:
+    """DuckDB's "no files found" on a dangling link is not about any file's content, so
+    it stopped every `rollout collect`, and no other instance's rows landed either."""
+    write_request_segments(paths.segments, "app-1", files=2, rows=100)
+    folder = paths.segments / "app-3"
+    folder.mkdir()
+    (folder / "requests-t-000001.parquet").symlink_to(folder / "gone.parquet")
+    (folder / "requests-t-000002.parquet").mkdir()
+
+    report = collect(paths)
+    assert report.rows == 200 and counts(paths) == (200, 200, 200)
+    reasons = dict(report.quarantined)
+    assert set(reasons) == {"app-3/requests-t-000001.parquet", "app-3/requests-t-000002.parquet"}
+    assert all(r.startswith("not a regular file") for r in reasons.values())
+    assert not list(folder.iterdir())  # both moved to quarantine/app-3
+    assert (paths.quarantine / "app-3" / "requests-t-000001.parquet").is_symlink()
+    assert collect(paths).quarantined == []
+
+
+def test_a_quarantine_the_crash_left_unmoved_keeps_its_reason(
+    paths: DataPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ledger row commits before the file moves: a crash in between left the next
+    run writing "quarantined by an earlier run" beside the file instead of why."""
+    write_request_segments(paths.segments, "app-1", files=1, rows=100)
+    bad = paths.segments / "app-1" / "requests-t-000005.parquet"
+    bad.write_bytes(b"not parquet at all")
+    moves = []
+
+    def crash_before_moving(*args: object) -> None:
+        moves.append(args)
+        raise SystemExit("crash after commit")
+
+    monkeypatch.setattr(ingest, "_move_to_quarantine", crash_before_moving)
+    with pytest.raises(SystemExit):
+        collect(paths)
+    monkeypatch.undo()
+    assert moves and bad.exists()
+    collect(paths)
+    reason = (paths.quarantine / "app-1" / f"{bad.name}.reason.txt").read_text()
+    assert reason.startswith("unreadable parquet"), reason
+    with connect(paths.database, read_only=True) as con:
+        (size,) = con.execute(
+            "SELECT bytes FROM ingested_segments WHERE path = ?", [f"app-1/{bad.name}"]
+        ).fetchone()
+    assert size == len(b"not parquet at all")
