@@ -82,3 +82,15 @@ class Rogue(NoArguments):
 
     def choose(self, candidates: Sequence[BackendState], ctx: RequestContext) -> Choice:
         return Choice(self.outsider, "remembered backend")
+
+
+class Crashing(NoArguments):
+    """Raises from both methods, as buggy user code does."""
+
+    name = "crashing"
+
+    def choose(self, candidates: Sequence[BackendState], ctx: RequestContext) -> Choice:
+        raise KeyError("model_weights")
+
+    def observe(self, backend: BackendState, observation: Observation) -> None:
+        raise ZeroDivisionError("no calls yet")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +17,8 @@ from router.backend_state import BackendState
 from router.production_config import ProductionLoadBalancingConfig
 
 REQUIRED = ("choose", "observe")
+
+log = logging.getLogger(__name__)
 
 
 def _fail(spec: str, problem: str) -> ValueError:
@@ -82,8 +85,9 @@ def load_custom_algorithm(spec: str | None, config: ProductionLoadBalancingConfi
 class CustomAlgorithm:
     """Rule: whatever the user's class decides, held to the contract: if it returns no
     `Choice`, or its pick is not one of the candidates (for example an ejected backend it
-    remembered), the first candidate is used instead and the reason says why, so a bug in user code cannot
-    route to a backend the balancer ruled out.
+    remembered), or if it raises, the first candidate is used instead and the reason
+    says why, so a bug in user code can neither fail a request nor route to a backend
+    the balancer ruled out (an exception is logged once per method and type).
 
     `name` is `custom:<the class's name>`, which is what metrics rows record.
     """
@@ -92,9 +96,18 @@ class CustomAlgorithm:
         self.spec = spec
         self.inner = load_custom_algorithm(spec, config)
         self.name = f"custom:{self.inner.name}"
+        self._logged: set[tuple[str, type[BaseException]]] = set()
 
     def choose(self, candidates: Sequence[BackendState], ctx: RequestContext) -> Choice:
-        choice = self.inner.choose(candidates, ctx)
+        try:
+            choice = self.inner.choose(candidates, ctx)
+        except Exception as exc:  # a bug in user code must not fail the user's request
+            self._log_once("choose", exc)
+            picked = candidates[0]
+            return Choice(
+                picked,
+                f"custom algorithm raised {type(exc).__name__}: {exc}; fell back to {picked.name}",
+            )
         if isinstance(choice, Choice):
             backend = choice.backend
             for candidate in candidates:
@@ -107,4 +120,14 @@ class CustomAlgorithm:
         return Choice(picked, f"custom algorithm returned {got}; fell back to {picked.name}")
 
     def observe(self, backend: BackendState, observation: Observation) -> None:
-        self.inner.observe(backend, observation)
+        try:
+            self.inner.observe(backend, observation)
+        except Exception as exc:  # the answer is already in hand: keep it
+            self._log_once("observe", exc)
+
+    def _log_once(self, method: str, exc: Exception) -> None:
+        """The traceback once per method and exception type, not once per request."""
+        key = (method, type(exc))
+        if key not in self._logged:
+            self._logged.add(key)
+            log.error("custom algorithm %s.%s raised", self.spec, method, exc_info=exc)

@@ -540,3 +540,21 @@ def test_every_algorithm_name_can_be_built_and_keeps_the_contract(name: Algorith
         algorithm.observe(
             choice.backend, Observation(ok=step % 5 != 0, latency_ms=200.0, cost_usd=0.001)
         )
+
+
+def test_a_custom_algorithm_that_raises_falls_back_and_logs_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug in the user's class must not fail the user's request: the first candidate
+    serves, the reason says what was raised, and the traceback is logged once."""
+    algorithm = build_algorithm(
+        AlgorithmName.CUSTOM, custom_config("tests.fixtures_custom_algorithm:Crashing")
+    )
+    a, b = backend("a"), backend("b")
+    with caplog.at_level("ERROR", logger="router.algorithms.custom"):
+        for _ in range(3):
+            choice = algorithm.choose([a, b], CTX)
+            assert choice.backend is a
+            assert "raised KeyError" in choice.reason and "fell back to a" in choice.reason
+            algorithm.observe(a, Observation(ok=True, latency_ms=1.0))
+    assert len(caplog.records) == 2  # choose's KeyError and observe's ZeroDivisionError
