@@ -128,12 +128,27 @@ class _RequestCollector(Collector):
         yield latency
 
 
+SNAPSHOT_TRIES = 5
+
+
 class _StateCollector(Collector):
     def __init__(self, state: Callable[[], dict[str, Any]]) -> None:
         self.state = state
 
+    def _snapshot(self) -> dict[str, Any]:
+        """The scrape runs in the exporter's thread while the event loop keeps updating
+        the breakers' windows: iterating one as a request lands raises "deque mutated
+        during iteration". The next try reads a settled window."""
+        for attempt in range(SNAPSHOT_TRIES):
+            try:
+                return self.state()
+            except RuntimeError:
+                if attempt == SNAPSHOT_TRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
+
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        snapshot = self.state()
+        snapshot = self._snapshot()
         breaker = GaugeMetricFamily(
             "router_breaker_state",
             "Circuit breaker per backend: 0 closed, 1 half-open, 2 open.",

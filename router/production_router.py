@@ -144,6 +144,8 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         self.control_store: ControlStore | None = (
             _store_from_flags(self.flags) if control_store == "env" else control_store  # type: ignore[assignment]
         )
+        #: A store built here from PROD_LB_* is ours to close (an HTTP one holds a client).
+        self._owns_store = control_store == "env"
         if recorder is None:
             segments = self.flags.data_dir / "segments"
             recorder_cls = SegmentRecorder if self.flags.perf_comparison else NullRecorder
@@ -427,6 +429,9 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
                 await asyncio.to_thread(self._write_ack_logged, *self._next_ack())
             await super().shutdown()
             await self._production_client.aclose()
+            close = getattr(self.control_store, "close", None)
+            if self._owns_store and callable(close):
+                close()
         finally:
             self.metrics.close()
             # Whatever happened above, the buffered rows are flushed: in a thread, since a

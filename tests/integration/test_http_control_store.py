@@ -152,6 +152,9 @@ async def test_flows_publish_and_a_router_applies_through_the_endpoint(
         assert result.ok and router.config.version == 1
     finally:
         await router.shutdown()
+    # the store the router built from PROD_LB_CONTROL_URL is closed with it
+    assert isinstance(router.control_store, HttpControlStore)
+    assert router.control_store.client.is_closed
 
 
 def test_a_heartbeat_for_another_instance_or_a_bad_name_is_refused(

@@ -1323,6 +1323,37 @@ async def test_prometheus_metrics_count_requests_and_show_state(
     await router.shutdown()
 
 
+async def test_a_scrape_racing_a_request_retries_instead_of_failing(
+    tmp_path: Path, backends: Backends
+) -> None:
+    """The exporter's thread reads the breakers' windows while the event loop appends
+    to them: "deque mutated during iteration" failed the scrape (an HTTP 500 to
+    Prometheus, a gap in every graph). It is read again; a lasting error still shows."""
+    from prometheus_client import generate_latest
+
+    router = await started(tmp_path, backends, 3, "canary", 50)
+    real, calls = router._metrics_state, []
+
+    def racing() -> dict[str, Any]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("deque mutated during iteration")
+        return real()
+
+    collector = next(c for c in router.metrics._collectors if hasattr(c, "state"))
+    collector.state = racing
+    assert "router_config_version 3.0" in generate_latest(router.metrics.registry).decode()
+    assert len(calls) == 2
+
+    def broken() -> dict[str, Any]:
+        raise RuntimeError("deque mutated during iteration")
+
+    collector.state = broken
+    with pytest.raises(RuntimeError):
+        generate_latest(router.metrics.registry)
+    await router.shutdown()
+
+
 async def test_a_shared_registry_takes_a_new_router_once_the_old_one_shut_down(
     tmp_path: Path, backends: Backends
 ) -> None:
