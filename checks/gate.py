@@ -162,7 +162,9 @@ def weigh_mean_breach(
         return record
     limit = record.threshold
     tau = MEAN_GUARDRAIL_TAU_SHARE * limit if limit > 0 else 1e-9
-    low, high = mean_cs(n, mean, variance, alpha, tau)
+    # The spread is never taken below tau: equal values so far (one flat price, one
+    # coarse score) say nothing yet about the rest.
+    low, high = mean_cs(n, mean, variance, alpha, tau, min_variance=tau * tau)
     record = replace(record, lower_bound=low, upper_bound=high, n_production=n)
     if record.decision is not Decision.FAIL:
         return record

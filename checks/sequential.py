@@ -1086,15 +1086,22 @@ def phase_metric_alpha(thresholds: Thresholds) -> float:
     return metric_alpha(thresholds.alpha, len(rollback_checks(thresholds)))
 
 
-def mean_cs(n: Num, mean: Num, variance: Num, alpha: float, tau: float) -> tuple[Num, Num]:
+def mean_cs(
+    n: Num, mean: Num, variance: Num, alpha: float, tau: float, min_variance: float = 0.0
+) -> tuple[Num, Num]:
     """(lower, upper) bounds on a mean from n observations with sample `variance`, each
     one-sided at `alpha` and valid at every look: the inverted normal-mixture mSPRT
     (`normal_mixture_radius`) with mixing scale `tau`, on the plug-in variance of the
-    mean (asymptotic, like the latency and cost tests; callers keep a burn-in). A zero
-    variance (every value equal, e.g. a flat price) leaves the mean itself; below two
-    values, or with no finite variance, nothing is known: (-inf, inf)."""
+    mean (asymptotic, like the latency and cost tests; callers keep a burn-in).
+
+    The plug-in variance is never taken below `min_variance`: a run of equal values
+    (one flat price, one coarse quality score) has sample variance 0 and would make the
+    bounds collapse onto the mean, so a guardrail rolled back on 30 equal scores that
+    said nothing yet about the rest. With `min_variance` 0, a zero variance leaves the
+    mean itself. Below two values, or with no finite variance, nothing is known:
+    (-inf, inf)."""
     m = np.asarray(n, dtype=float)
-    v = np.asarray(variance, dtype=float)
+    v = np.maximum(np.asarray(variance, dtype=float), min_variance)
     x = np.asarray(mean, dtype=float)
     known = (m >= 2) & np.isfinite(v) & np.isfinite(x)
     spread = known & (v > 0)
