@@ -428,11 +428,11 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
                 self._check_staleness()
                 await asyncio.to_thread(self._write_ack_logged, *self._next_ack())
             await super().shutdown()
+        finally:
             await self._production_client.aclose()
             close = getattr(self.control_store, "close", None)
             if self._owns_store and callable(close):
                 close()
-        finally:
             self.metrics.close()
             # Whatever happened above, the buffered rows are flushed: in a thread, since a
             # stuck disk can hold close() for its whole timeout.

@@ -104,9 +104,9 @@ def _plain(value: Any) -> Any:
 
 
 def _csv_cell(value: Any) -> Any:
-    """A CSV cell: nested values as JSON text, NaN as written by DuckDB."""
-    if isinstance(value, float) and math.isnan(value):
-        return "nan"
+    """A CSV cell: nested values as JSON text, NaN and infinities spelled out."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # nan, inf, -inf: an empty cell would read as NULL
     plain = _plain(value)
     return json.dumps(plain) if isinstance(plain, dict | list) else plain
 
@@ -148,6 +148,9 @@ def sql(
         return
     if not query or not query.strip():
         fail('give a query, e.g. rollout sql "SELECT * FROM arm_summary", or --examples')
+    if re.fullmatch(r"--?[\w-]+(=\S*)?", query):
+        # Unknown options reach here as the query (a query may start with "-- comment").
+        fail(f"no such option: {query}; see rollout sql --help")
     p = paths(data_dir)
     try:
         with connect(p.database, read_only=True, wait_s=wait, sandbox=[p.root, p.archive]) as con:

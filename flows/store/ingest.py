@@ -164,9 +164,13 @@ def discover(location: str | Path, con: duckdb.DuckDBPyConnection | None = None)
         for instance_dir in sorted(p for p in root.iterdir() if p.is_dir()):
             for path in sorted(instance_dir.glob(f"*{SEGMENT_SUFFIX}")):
                 segment = _segment(str(path))
-                if segment is not None:
-                    # The ledger's `bytes` for a file quarantined before its footer is read.
-                    found.append(replace(segment, size=path.lstat().st_size))
+                if segment is None:
+                    continue
+                try:  # the ledger's `bytes` for a file quarantined before its footer is read
+                    size = path.lstat().st_size
+                except FileNotFoundError:  # gone since the listing (moved, retention)
+                    continue
+                found.append(replace(segment, size=size))
     return found
 
 

@@ -199,3 +199,14 @@ def test_a_query_may_start_with_a_comment_line_as_the_examples_print_them(
     code, out, err = rollout_sql(data, "-- how many\nSELECT 41 + 1 AS answer", "--format", "csv")
     assert code == 0, err
     assert out.splitlines() == ["answer", "42"]
+
+
+def test_csv_spells_out_infinities_and_a_mistyped_option_is_named(data: DataPaths) -> None:
+    code, out, err = rollout_sql(
+        data, "SELECT 'inf'::DOUBLE AS y, '-inf'::DOUBLE AS z, NULL AS n", "--format", "csv"
+    )
+    assert code == 0, err
+    assert out.splitlines() == ["y,z,n", "inf,-inf,"]  # an empty cell is NULL only
+    code, out, err = rollout_sql(data, "--exmaples")
+    assert code == 2 and out == ""
+    assert "no such option: --exmaples" in err
