@@ -124,8 +124,34 @@ def ab_test(thresholds: Thresholds) -> GateSpec:
     return replace(production_only(thresholds), mode="ab_test", traffic_percent=50.0)
 
 
-def _insert_rows(con, rows: dict[str, list]) -> None:
-    """One INSERT for many rows (one execute per row took ~2 ms each)."""
+def _insert_rows(con, arm: str, mode: str, buckets: list[int], **columns: list) -> None:
+    """One INSERT for len(buckets) answered rows of `arm` (one execute per row took ~2 ms
+    each); `columns` override the defaults column by column."""
+    n = len(buckets)
+    rows = {
+        "request_id": [f"{arm}-{i}" for i in range(n)],
+        "ts": [NOW] * n,
+        "router_instance": ["i"] * n,
+        "config_version": [1] * n,
+        "mode": [mode] * n,
+        "arm": [arm] * n,
+        "is_shadow": [False] * n,
+        "subject_bucket": buckets,
+        "query_category": ["general"] * n,
+        "algorithm": ["response_time"] * n,
+        "backend": ["b"] * n,
+        "attempts": [1] * n,
+        "fallback_used": [False] * n,
+        "outcome": ["ok"] * n,
+        "http_status": [200] * n,
+        "latency_ms": [120.0] * n,
+        "tokens_in": [10] * n,
+        "tokens_out": [50] * n,
+        "cost_usd": [0.001] * n,
+        "query_hash": ["h"] * n,
+        "query_length": [40] * n,
+        **columns,
+    }
     frame = pd.DataFrame(rows)
     con.register("new_rows", frame)
     try:
@@ -140,30 +166,12 @@ def _production_rows(
     failed = [i < failures for i in range(n)]
     _insert_rows(
         con,
-        {
-            "request_id": [f"{arm}-{i}" for i in range(n)],
-            "ts": [NOW] * n,
-            "router_instance": ["i"] * n,
-            "config_version": [1] * n,
-            "mode": ["production_only"] * n,
-            "arm": [arm] * n,
-            "is_shadow": [False] * n,
-            "subject_bucket": [(first_bucket + i) % 10_000 for i in range(n)],
-            "query_category": ["general"] * n,
-            "algorithm": ["response_time"] * n,
-            "backend": ["b"] * n,
-            "attempts": [1] * n,
-            "fallback_used": [False] * n,
-            "outcome": ["error" if f else "ok" for f in failed],
-            "http_status": [500 if f else 200 for f in failed],
-            "error_kind": ["server_error" if f else None for f in failed],
-            "latency_ms": [120.0] * n,
-            "tokens_in": [10] * n,
-            "tokens_out": [50] * n,
-            "cost_usd": [0.001] * n,
-            "query_hash": ["h"] * n,
-            "query_length": [40] * n,
-        },
+        arm,
+        "production_only",
+        [(first_bucket + i) % 10_000 for i in range(n)],
+        outcome=["error" if f else "ok" for f in failed],
+        http_status=[500 if f else 200 for f in failed],
+        error_kind=["server_error" if f else None for f in failed],
     )
 
 
@@ -411,33 +419,8 @@ def test_a_legacy_value_that_is_not_a_number_never_excuses_a_breach() -> None:
 def _ab_rows(con, production_ms, legacy_ms) -> None:
     """Answered A/B rows, one per latency, buckets apart per arm."""
     for arm, values, first in (("production", production_ms, 0), ("legacy", legacy_ms, 5000)):
-        n = len(values)
-        _insert_rows(
-            con,
-            {
-                "request_id": [f"{arm}-{i}" for i in range(n)],
-                "ts": [NOW] * n,
-                "router_instance": ["i"] * n,
-                "config_version": [1] * n,
-                "mode": ["ab_test"] * n,
-                "arm": [arm] * n,
-                "is_shadow": [False] * n,
-                "subject_bucket": [first + i % 5000 for i in range(n)],
-                "query_category": ["general"] * n,
-                "algorithm": ["x"] * n,
-                "backend": ["b"] * n,
-                "attempts": [1] * n,
-                "fallback_used": [False] * n,
-                "outcome": ["ok"] * n,
-                "http_status": [200] * n,
-                "latency_ms": [float(ms) for ms in values],
-                "tokens_in": [10] * n,
-                "tokens_out": [50] * n,
-                "cost_usd": [0.001] * n,
-                "query_hash": ["h"] * n,
-                "query_length": [40] * n,
-            },
-        )
+        buckets = [first + i % 5000 for i in range(len(values))]
+        _insert_rows(con, arm, "ab_test", buckets, latency_ms=[float(ms) for ms in values])
 
 
 def test_a_production_with_twice_legacys_p95_is_not_promoted(tmp_path: Path) -> None:
