@@ -429,10 +429,13 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
                 await asyncio.to_thread(self._write_ack_logged, *self._next_ack())
             await super().shutdown()
         finally:
-            await self._production_client.aclose()
-            close = getattr(self.control_store, "close", None)
-            if self._owns_store and callable(close):
-                close()
+            try:  # closing a client must never cost the buffered rows flushed below
+                await self._production_client.aclose()
+                close = getattr(self.control_store, "close", None)
+                if self._owns_store and callable(close):
+                    close()
+            except Exception:
+                log.exception("closing the production client or the control store failed")
             self.metrics.close()
             # Whatever happened above, the buffered rows are flushed: in a thread, since a
             # stuck disk can hold close() for its whole timeout.
