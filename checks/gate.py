@@ -249,7 +249,7 @@ SHARED_BREACH_METRICS: dict[str, Callable[[ArmStats], float | None]] = {
     "mean_quality": lambda arm: arm.quality_mean,
 }
 #: Guardrails broken by a value under the limit (the others: over it).
-LOWER_IS_WORSE = frozenset({"mean_quality"})
+LOWER_IS_WORSE = frozenset(m for m, (_, above) in MEAN_GUARDRAILS.items() if not above)
 
 
 def excuse_shared_breach(record: MetricRecord, legacy: ArmStats, min_samples: int) -> MetricRecord:
