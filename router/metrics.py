@@ -139,13 +139,12 @@ class _StateCollector(Collector):
         """The scrape runs in the exporter's thread while the event loop keeps updating
         the breakers' windows: iterating one as a request lands raises "deque mutated
         during iteration". The next try reads a settled window."""
-        for attempt in range(SNAPSHOT_TRIES):
+        for _ in range(SNAPSHOT_TRIES - 1):
             try:
                 return self.state()
             except RuntimeError:
-                if attempt == SNAPSHOT_TRIES - 1:
-                    raise
-        raise AssertionError("unreachable")
+                continue
+        return self.state()  # the last try's error, if any, is the scrape's
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         snapshot = self._snapshot()
