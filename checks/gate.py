@@ -72,7 +72,8 @@ def _records(
 ) -> list[MetricRecord]:
     records = []
     for check in outcome.outcomes:
-        mode = "data_quality" if data_quality else spec.thresholds.mode_of(check.metric).value
+        metric_mode = spec.thresholds.mode_of(check.metric)
+        mode = "data_quality" if data_quality else metric_mode.value
         observed = float(check.observed) if isinstance(check.observed, int | float) else None
         shown = f"{check.metric} = {_number(observed)}"
         if check.success:
@@ -92,7 +93,7 @@ def _records(
                 n_legacy=n_legacy,
                 n_production=n_production,
                 metric_mode=mode,
-                critical=not data_quality and mode in ("abort", "pause"),
+                critical=not data_quality and metric_mode.acts,
             )
         )
     return records
@@ -226,7 +227,7 @@ def weigh_guardrail_breaches(
 def unscored_quality_record(spec: GateSpec, n_legacy: int) -> MetricRecord:
     """The plan sets a quality limit and no production answer has a score: the limit
     cannot be judged, which must hold the phase, not vanish from the record."""
-    mode = spec.thresholds.mode_of("mean_quality").value
+    mode = spec.thresholds.mode_of("mean_quality")
     return MetricRecord(
         "guardrail",
         "mean_quality",
@@ -236,8 +237,8 @@ def unscored_quality_record(spec: GateSpec, n_legacy: int) -> MetricRecord:
         threshold=spec.thresholds.min_mean_quality,
         n_legacy=n_legacy,
         n_production=0,
-        metric_mode=mode,
-        critical=mode in ("abort", "pause"),
+        metric_mode=mode.value,
+        critical=mode.acts,
     )
 
 

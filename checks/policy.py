@@ -100,13 +100,8 @@ def _decide(
     pauses = [r for r in acting if r.metric_mode == MetricMode.PAUSE.value]
     if pauses:
         return Verdict.NEEDS_APPROVAL, f"paused for a human by {_names(pauses)}"
-    open_critical = [
-        r
-        for r in records
-        if r.critical
-        and r.decision is Decision.INCONCLUSIVE
-        and r.metric_mode in (MetricMode.ABORT.value, MetricMode.PAUSE.value)
-    ]
+    # `critical` already means the metric's mode acts (pause or abort)
+    open_critical = [r for r in records if r.critical and r.decision is Decision.INCONCLUSIVE]
     if open_critical:
         return Verdict.HOLD, f"not yet conclusive: {', '.join(r.metric for r in open_critical)}"
     passed, failing = _checks_pass(records)

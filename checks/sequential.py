@@ -1308,7 +1308,7 @@ def to_record(
         metric_mode=mode.value,
         # pause acts too (a human decides), so an open pause metric holds like an abort one
         critical=critical
-        and mode in (MetricMode.ABORT, MetricMode.PAUSE)
+        and mode.acts
         and (result.decision is not Decision.INCONCLUSIVE or result.holds_while_open),
     )
 

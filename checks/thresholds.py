@@ -23,6 +23,11 @@ class MetricMode(StrEnum):
     PAUSE = "pause"
     ABORT = "abort"
 
+    @property
+    def acts(self) -> bool:
+        """Pause and abort change the rollout; observe and warn are only reported."""
+        return self in (MetricMode.PAUSE, MetricMode.ABORT)
+
 
 class MaxDurationPolicy(StrEnum):
     """What happens when a phase reaches its maximum duration without a decision."""

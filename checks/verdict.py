@@ -42,7 +42,7 @@ class MetricRecord:
     n_production: int | None = None
     threshold: float | None = None
     metric_mode: str = "abort"
-    critical: bool = True
+    critical: bool = True  # the metric acts (mode pause or abort) on this record
 
     @property
     def failed(self) -> bool:
