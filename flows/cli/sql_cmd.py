@@ -39,22 +39,50 @@ EXAMPLES: dict[str, str] = {
 }
 
 
-#: An EXPLAIN's own prefix (after any leading comments): what follows is the statement
-#: it explains, which `EXPLAIN ANALYZE` also RUNS, so it must be a SELECT as well.
+#: Leading comments before a statement's first keyword.
+_COMMENTS = r"^\s*(?:(?:--[^\n]*(?:\n|$)|/\*.*?\*/)\s*)*"
+
+#: An EXPLAIN's own prefix: what follows is the statement it explains, which
+#: `EXPLAIN ANALYZE` also RUNS, so it must be a SELECT as well.
 _EXPLAIN_PREFIX = re.compile(
-    r"^\s*(?:(?:--[^\n]*(?:\n|$)|/\*.*?\*/)\s*)*EXPLAIN\s+(?:ANALY[SZ]E\s+)?(?:\([^)]*\)\s*)?",
-    re.IGNORECASE | re.DOTALL,
+    _COMMENTS + r"EXPLAIN\s+(?:ANALY[SZ]E\s+)?(?:\([^)]*\)\s*)?", re.IGNORECASE | re.DOTALL
+)
+
+#: DuckDB turns a PIVOT into several statements (it builds the column list first), so
+#: its type is MULTI; it only reads.
+_PIVOT = re.compile(_COMMENTS + r"PIVOT(?:_WIDER)?\b", re.IGNORECASE | re.DOTALL)
+
+#: `PRAGMA name` / `CALL name(...)`: allowed for the catalogue readers only; other
+#: pragmas change settings, other calls may write files.
+_PRAGMA_OR_CALL = re.compile(_COMMENTS + r"(?:PRAGMA|CALL)\s+(\w+)", re.IGNORECASE | re.DOTALL)
+READ_PRAGMAS = frozenset(
+    {"table_info", "show", "show_tables", "show_tables_expanded", "database_size", "version"}
 )
 
 
+def _reads_catalogue(query: str) -> bool:
+    match = _PRAGMA_OR_CALL.match(query)
+    if match is None:
+        return False
+    name = match.group(1).lower()
+    return name.removeprefix("pragma_") in READ_PRAGMAS or (
+        name.startswith("duckdb_") and name != "duckdb_secrets"
+    )
+
+
 def _read_only(con: Any, statement: Any) -> bool:
-    """SELECT-like statements, and EXPLAIN [ANALYZE] of one (never of a COPY: analysing
-    a COPY writes its file)."""
+    """SELECT-like statements (PIVOT included), the catalogue's pragmas, and EXPLAIN
+    [ANALYZE] of a SELECT (never of a COPY: analysing a COPY writes its file)."""
     import duckdb
 
-    if statement.type is duckdb.StatementType.SELECT:
+    kind = statement.type
+    if kind is duckdb.StatementType.SELECT:
         return True
-    if statement.type is not duckdb.StatementType.EXPLAIN:
+    if kind is duckdb.StatementType.MULTI:
+        return _PIVOT.match(statement.query) is not None
+    if kind in (duckdb.StatementType.PRAGMA, duckdb.StatementType.CALL):
+        return _reads_catalogue(statement.query)
+    if kind is not duckdb.StatementType.EXPLAIN:
         return False
     prefix = _EXPLAIN_PREFIX.match(statement.query)
     if prefix is None:
@@ -101,6 +129,14 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Decimal | UUID):
         return str(value)
     return value
+
+
+def _table_cell(value: Any) -> Any:
+    """A table cell: floats to 4 significant digits, nested values as JSON."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    plain = _plain(value)
+    return json.dumps(plain) if isinstance(plain, dict | list) else value
 
 
 def _csv_cell(value: Any) -> Any:
@@ -167,7 +203,8 @@ def sql(
                     kind = "EXPLAIN of anything but a SELECT"
                 fail(
                     f"refused: {kind} statements are not allowed; `rollout sql` is read-only "
-                    "(SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN of a SELECT)"
+                    "(SELECT, WITH, PIVOT, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN of a SELECT, "
+                    "PRAGMA table_info and the other catalogue pragmas)"
                 )
             for statement in statements:
                 try:
@@ -201,6 +238,6 @@ def _print(columns: list[str], rows: list[tuple[Any, ...]], output: Format) -> N
     for column in columns:  # names come from the query (`AS "[x]"`): data, not markup
         table.add_column(literal(column))
     for row in rows:
-        table.add_row(*(literal(f"{v:.4g}" if isinstance(v, float) else v) for v in row))
+        table.add_row(*(literal(_table_cell(v)) for v in row))
     console.print(table)
     console.print(f"{len(rows)} row(s)", style="dim")

@@ -210,3 +210,34 @@ def test_csv_spells_out_infinities_and_a_mistyped_option_is_named(data: DataPath
     code, out, err = rollout_sql(data, "--exmaples")
     assert code == 2 and out == ""
     assert "no such option: --exmaples" in err
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("PRAGMA table_info('ingested_segments')", "path"),
+        ("CALL pragma_table_info('requests')", "config_version"),
+        ("PRAGMA show_tables", "requests"),
+        ("CALL duckdb_views()", "arm_summary"),
+        ("PIVOT (SELECT arm FROM all_requests) ON arm USING count(*)", "production"),
+    ],
+)
+def test_catalogue_pragmas_and_pivot_are_reads(data: DataPaths, query: str, expected: str) -> None:
+    code, out, err = rollout_sql(data, query, "--format", "csv")
+    assert code == 0, err
+    assert expected in out
+
+
+@pytest.mark.parametrize(
+    "query", ["PRAGMA threads = 1", "PRAGMA enable_profiling", "CALL duckdb_secrets()"]
+)
+def test_setting_pragmas_and_other_calls_are_refused(data: DataPaths, query: str) -> None:
+    code, _, err = rollout_sql(data, query)
+    assert code == 2 and "refused" in err and "catalogue pragmas" in err
+
+
+def test_the_table_prints_nested_values_as_json(data: DataPaths) -> None:
+    code, out, err = rollout_sql(data, "SELECT {'ok': 3} AS counts, ['a', 'b'] AS names")
+    assert code == 0, err
+    assert '{"ok": 3}' in out and '["a", "b"]' in out
+    assert "{'ok'" not in out
