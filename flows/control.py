@@ -55,8 +55,10 @@ def phase_config(
         salt=plan.salt,
         guard=GuardLimits(
             # The router's local guard is the fast, blunt backstop: it trips at twice the
-            # gate's error threshold so the gate, with its statistics, decides first.
-            error_rate=min(1.0, th.max_error_rate * 2),
+            # gate's error threshold so the gate, with its statistics, decides first (and
+            # at 50 % errors whatever the plan says). Hosts' PROD_LB_ROLLBACK_* variables
+            # can make it stricter (`ProductionFeatureFlags.bound_guard`).
+            error_rate=min(0.5, th.max_error_rate * 2),
             p95_latency_ms=th.max_p95_latency_ms * 2,
             min_requests=20,
         ),

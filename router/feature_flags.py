@@ -8,6 +8,7 @@ operator overriding one value on a host expects.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Annotated
@@ -19,7 +20,12 @@ from router.algorithms.names import ADVANCED_ALGORITHMS, AlgorithmName
 from router.backends import BackendConfig, BackendKind, check_env_name
 from router.modes import DeploymentMode
 from router.production_config import CostSettings, ProductionLoadBalancingConfig
-from router.router_config import GuardLimits, RouterConfig, check_mode_percent
+from router.router_config import (
+    GuardLimits,
+    RouterConfig,
+    check_mode_percent,
+    highest_trippable_error_rate,
+)
 from router.settings_errors import SettingsError, format_error
 
 ENV_PREFIX = "PROD_LB_"
@@ -90,6 +96,21 @@ class ProductionFeatureFlags(BaseSettings):
             raise ValueError(
                 f"{ENV_PREFIX}PRIMARY_ALGORITHM=custom needs {ENV_PREFIX}CUSTOM_ALGORITHM=module:Class"
             )
+        window = GuardLimits.model_fields["window"].default
+        if self.rollback_min_requests > window:
+            raise ValueError(
+                f"{ENV_PREFIX}ROLLBACK_MIN_REQUESTS={self.rollback_min_requests} is over the "
+                f"guard's window of {window} requests, so the guard could never trip: use 1..{window}"
+            )
+        reachable = 100 * highest_trippable_error_rate(
+            window, GuardLimits.model_fields["confidence"].default
+        )
+        if self.rollback_error_rate >= reachable:
+            raise ValueError(
+                f"{ENV_PREFIX}ROLLBACK_ERROR_RATE={self.rollback_error_rate:g} (percent) can never "
+                f"trip the guard, whose bound over {window} requests stays under "
+                f"{reachable:.1f}: use a value above 0 and below it"
+            )
         if self.cost_optimization and self.daily_budget_usd is None:
             raise ValueError(
                 f"{ENV_PREFIX}COST_OPTIMIZATION=true needs {ENV_PREFIX}DAILY_BUDGET_USD (a number above 0)"
@@ -159,6 +180,28 @@ class ProductionFeatureFlags(BaseSettings):
             ),
             reason="initial configuration from PROD_LB_* environment",
         )
+
+    def bound_guard(self, limits: GuardLimits) -> GuardLimits:
+        """A published document's guard limits as this host applies them.
+
+        The guard variables an operator set on the host still hold under a rollout's
+        documents (they were silently replaced): `AUTO_FAILBACK=false` keeps the guard
+        off; for the error rate, the p95 latency and the split's age the stricter limit
+        wins; `ROLLBACK_MIN_REQUESTS` (how much evidence before failing back) is the
+        host's. Variables left unset leave the document's limits as they are."""
+        chosen = self.model_fields_set
+        changes: dict[str, object] = {"enabled": limits.enabled and self.auto_failback}
+        if "rollback_error_rate" in chosen:
+            changes["error_rate"] = min(limits.error_rate, self.rollback_error_rate / 100.0)
+        if "rollback_latency_ms" in chosen:
+            changes["p95_latency_ms"] = min(limits.p95_latency_ms, self.rollback_latency_ms)
+        if "rollback_min_requests" in chosen:
+            changes["min_requests"] = min(self.rollback_min_requests, limits.window)
+        if "canary_max_hours" in chosen:
+            changes["canary_max_hours"] = min(
+                limits.canary_max_hours or math.inf, self.canary_max_hours
+            )
+        return limits.model_copy(update=changes)
 
 
 def load_backends_file(path: Path) -> tuple[BackendConfig, ...]:

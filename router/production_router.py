@@ -265,7 +265,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         self.production.set_weights(config.production_weights, reset=True)
         self.production.algorithm = algorithm
         self.config = config
-        self.guard.reconfigure(config.guard, rearm=config.rearm_guard)
+        self.guard.reconfigure(self.flags.bound_guard(config.guard), rearm=config.rearm_guard)
         self.refused = None
         self.recorder.event(
             EventKind.CONFIG_APPLIED,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
+from statistics import NormalDist
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -33,6 +34,30 @@ class GuardLimits(BaseModel):
     canary_max_hours: float | None = Field(
         default=None, gt=0, description="fail back if a split outlives this with no new config"
     )
+
+    @model_validator(mode="after")
+    def _can_trip(self) -> GuardLimits:
+        """Limits the guard could never reach would switch auto-failback off in silence."""
+        if self.min_requests > self.window:
+            raise ValueError(
+                f"guard min_requests ({self.min_requests}) must be at most its window "
+                f"({self.window}): the guard never holds more than window requests"
+            )
+        reachable = highest_trippable_error_rate(self.window, self.confidence)
+        if self.error_rate >= reachable:
+            raise ValueError(
+                f"guard error_rate {self.error_rate:.1%} can never trip: at confidence "
+                f"{self.confidence:g}, even {self.window} failures in {self.window} requests "
+                f"only bound the rate above {reachable:.1%}; use a limit below that"
+            )
+        return self
+
+
+def highest_trippable_error_rate(window: int, confidence: float) -> float:
+    """The Wilson lower bound of `window` failures in `window` requests, n / (n + z^2):
+    an error-rate limit at or above it can never trip the guard."""
+    z = max(0.0, NormalDist().inv_cdf(confidence))
+    return window / (window + z * z)
 
 
 class RouterConfig(BaseModel):

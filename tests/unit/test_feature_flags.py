@@ -11,6 +11,7 @@ import pytest
 
 from router.feature_flags import ENV_PREFIX, ProductionFeatureFlags, load_flags
 from router.modes import DeploymentMode
+from router.router_config import GuardLimits
 from router.settings_errors import SettingsError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -292,3 +293,47 @@ def test_a_key_pasted_where_a_variable_name_belongs_is_refused_unechoed(
     with pytest.raises(SettingsError) as from_file:
         load_flags().backends()
     assert "api_key_env" in str(from_file.value) and pasted not in str(from_file.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("PROD_LB_ROLLBACK_MIN_REQUESTS", "500", "over the guard's window of 200"),
+        ("PROD_LB_ROLLBACK_ERROR_RATE", "95", "can never trip the guard"),
+    ],
+)
+def test_guard_limits_that_could_never_trip_stop_start_up(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, says: str
+) -> None:
+    """Such a limit switched auto-failback off in silence: 10,000 failed requests
+    never tripped a guard needing 500 of them in a window of 200."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as caught:
+        load_flags()
+    (line,) = caught.value.lines
+    assert f"{variable}={value}" in line and says in line
+
+
+def test_a_guard_document_that_could_never_trip_is_invalid() -> None:
+    with pytest.raises(ValueError, match="at most its window"):
+        GuardLimits(min_requests=300, window=200)
+    with pytest.raises(ValueError, match="can never trip"):
+        GuardLimits(error_rate=0.95)
+    assert GuardLimits(error_rate=0.9).error_rate == 0.9  # reachable over 200 requests
+
+
+def test_the_hosts_guard_variables_bound_a_published_document() -> None:
+    document = GuardLimits(error_rate=0.06, p95_latency_ms=8_000, min_requests=20)
+    untouched = ProductionFeatureFlags().bound_guard(document)
+    assert untouched == document  # defaults the operator never set change nothing
+    host = ProductionFeatureFlags(
+        auto_failback=False,
+        rollback_error_rate=3,
+        rollback_latency_ms=9_000,
+        rollback_min_requests=30,
+        canary_max_hours=1,
+    )
+    bound = host.bound_guard(document)
+    assert not bound.enabled
+    assert (bound.error_rate, bound.p95_latency_ms) == (0.03, 8_000)  # the stricter each
+    assert (bound.min_requests, bound.canary_max_hours) == (30, 1)

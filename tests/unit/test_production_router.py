@@ -13,7 +13,7 @@ import json
 import math
 import threading
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any
@@ -618,6 +618,7 @@ def test_guard_decides_as_the_window_statistics_say(
 ) -> None:
     """The guard's running counts agree with recomputing error rate and nearest-rank p95
     over the last `window` requests, and it trips on the first request that crosses."""
+    min_requests = min(min_requests, window)  # a larger one is refused (it never trips)
     limits = GuardLimits(
         error_rate=0.25,
         p95_latency_ms=100.0,
@@ -1383,3 +1384,30 @@ async def test_a_shared_registry_takes_a_new_router_once_the_old_one_shut_down(
     assert "router_requests_total{" in generate_latest(registry).decode()
     await second.shutdown()
     assert "router_requests" not in generate_latest(registry).decode()
+
+
+async def test_a_split_older_than_the_hosts_canary_max_hours_fails_back(
+    tmp_path: Path, backends: Backends
+) -> None:
+    """The dead-man's switch: flows publish no `canary_max_hours`, so the host's
+    PROD_LB_CANARY_MAX_HOURS must still end a split nobody re-published (it was replaced
+    by the document's "none" and never fired)."""
+    flags = ProductionFeatureFlags(
+        enabled=True, data_dir=tmp_path, instance_id="old", control_poll_s=60, canary_max_hours=1
+    )
+    publish(tmp_path, 1, "canary", 5, published_at=datetime.now(UTC) - timedelta(hours=5))
+    router = ProductionIntelligentQueryRouter(
+        backends=BACKENDS,
+        transport=httpx.MockTransport(backends),
+        health_checks=False,
+        flags=flags,
+        control_store=FileControlStore(tmp_path / "control"),
+        recorder=SegmentRecorder(tmp_path / "segments", "old"),
+    )
+    await router.start()
+    router.heartbeat()
+    result = await router.route_query(QUESTION, {"user_id": "u1"})
+    await router.shutdown()
+    assert router.config.version == 1 and router.effective_mode is DeploymentMode.LEGACY_ONLY
+    assert "PROD_LB_CANARY_MAX_HOURS" in (router.guard.reason or "")
+    assert result.arm == "legacy"
