@@ -121,7 +121,7 @@ class Balancer:
     def eligible(
         self, classification: Classification, tried: set[str] | frozenset[str] = frozenset()
     ) -> list[BackendState]:
-        """Usable untried backends of the preferred kind if there are any, else every
+        """Usable untried weighted backends of the preferred kind if there are any, else every
         allowed backend: failover leaves the preferred kind only once it is exhausted."""
         allowed = [s for s in self.states if s.kind in classification.allowed]
         if classification.preferred is not None:
@@ -131,6 +131,7 @@ class Balancer:
                 for s in allowed
                 if s.kind is classification.preferred
                 and s.name not in tried
+                and s.weight > 0  # drained: the other allowed kind serves instead
                 and self._usable(s, now)
             ]
             if preferred:

@@ -2,13 +2,15 @@
 
 Recent-events questions need live web search (Perplexity); pathway and mechanism
 questions are what the curated knowledge graph (LightRAG) is for; the rest may go to
-either. A classifier is anything with `classify(text) -> Classification`.
+either. A classifier is anything with `classify(text) -> Classification`; the production
+router caches its answers per question text, so it must be a function of the text
+(assign a new classifier to the router to change the rules).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 from router.backends import BackendKind
@@ -39,7 +41,7 @@ class QueryClassifier(Protocol):
 
 _RECENT = re.compile(
     r"\b(latest|recent(ly)?|this (year|month|week)|news|just (published|approved)|new(est)? "
-    r"(study|studies|trial|trials|guideline|guidelines|approval)|20(2[4-9]|3\d)|current(ly)?)\b",
+    r"(study|studies|trial|trials|guideline|guidelines|approval)|20(2[4-9]|3\d))\b",
     re.IGNORECASE,
 )
 _PATHWAY = re.compile(
@@ -47,6 +49,22 @@ _PATHWAY = re.compile(
     r"catabolism|signal(l)?ing|interacts?|regulat(es|ion)|flux)\b",
     re.IGNORECASE,
 )
+
+
+def fit_to_kinds(classification: Classification, kinds: frozenset[BackendKind]) -> Classification:
+    """A category whose backend kinds none of the configured backends has (recent events
+    on a LightRAG-only deployment) is answered by the configured ones, and says so: an
+    answer from the knowledge graph beats an error for every such question."""
+    if classification.allowed & kinds:
+        return classification
+    wanted = " or ".join(sorted(kind.value for kind in classification.allowed))
+    return replace(
+        classification,
+        allowed=kinds,
+        preferred=None,
+        reasoning=f"{classification.reasoning}; no {wanted} backend is configured, so "
+        "any configured backend answers",
+    )
 
 
 class KeywordClassifier:

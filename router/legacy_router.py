@@ -23,7 +23,7 @@ from router.backend_client import BackendHttpClient
 from router.backend_state import BackendState
 from router.backends import BackendConfig
 from router.balancer import Balancer, RouteOutcome
-from router.classifier import Classification, KeywordClassifier, QueryClassifier
+from router.classifier import Classification, KeywordClassifier, QueryClassifier, fit_to_kinds
 from router.failures import BackendFailure
 from router.feature_flags import ProductionFeatureFlags, load_flags
 from router.health_checker import ActiveHealthChecker
@@ -141,6 +141,7 @@ class IntelligentQueryRouter:
         self.load_balancing_config = load_balancing_config or LoadBalancingConfig()
         self.backends = tuple(backends) if backends is not None else default_backends()
         self.classifier = classifier or KeywordClassifier()
+        self._kinds = frozenset(backend.kind for backend in self.backends)
         self.analytics = Analytics()
         self._client = BackendHttpClient(self.backends, transport=transport)
         cfg = self.load_balancing_config
@@ -216,12 +217,15 @@ class IntelligentQueryRouter:
         await self.shutdown()
 
     # -- routing ----------------------------------------------------------------------
+    def _classify(self, query_text: str) -> Classification:
+        return fit_to_kinds(self.classifier.classify(query_text), self._kinds)
+
     async def route_query(
         self, query_text: str, context: Mapping[str, Any] | None = None
     ) -> RoutingResult:
         self._start_background()
         request_id = str((context or {}).get("request_id") or uuid.uuid4().hex)
-        classification = self.classifier.classify(query_text)
+        classification = self._classify(query_text)
         started = time.perf_counter()
         outcome = await self.legacy.route(
             query_text,

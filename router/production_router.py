@@ -196,6 +196,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         self._id_prefix = uuid.uuid4().hex[:12]
         self._id_counter = itertools.count(1)
         self._facts_cache: dict[str, QueryFacts] = {}
+        self._facts_classifier: QueryClassifier | None = None
         self._bucket_cache: dict[tuple[str, str], int] = {}
         self.shadow_skipped = 0
         #: Prometheus metrics; pass `metrics_registry=prometheus_client.REGISTRY` to expose
@@ -505,12 +506,15 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
     def _facts(self, query_text: str) -> QueryFacts:
         """Classification, fingerprint and length of a question; pure functions of the
         text, cached (bounded) because popular questions repeat."""
+        if self.classifier is not self._facts_classifier:  # a new classifier: new rules
+            self._facts_cache.clear()
+            self._facts_classifier = self.classifier
         facts = self._facts_cache.get(query_text)
         if facts is None:
             if len(self._facts_cache) >= FACTS_CACHE_SIZE:
                 self._facts_cache.clear()
             facts = QueryFacts(
-                self.classifier.classify(query_text),
+                self._classify(query_text),
                 query_fingerprint(query_text),
                 len(query_text),
             )

@@ -464,3 +464,17 @@ async def test_explanation_names_candidates_scores_and_reason() -> None:
     assert explanation["candidate_scores"] == {"a": 0.0, "b": 1.0}
     assert explanation["reason"] == "first in order"
     assert Counter(a["backend"] for a in explanation["attempts"]) == {"a": 1}
+
+
+async def test_draining_the_preferred_kind_moves_its_questions_to_the_other_kind() -> None:
+    """Pathway questions prefer LightRAG but may go to Perplexity: with every LightRAG
+    server drained (weight 0, e.g. for a reindex), Perplexity answers them."""
+    answer = {"choices": [{"message": {"content": "live"}}]}
+    fleet = Fleet(
+        {"a": lambda r: ok(), "b": lambda r: ok(), "p": lambda r: httpx.Response(200, json=answer)}
+    )
+    drained = [lightrag(n).model_copy(update={"weight": 0.0}) for n in ("a", "b")]
+    b = balancer(fleet, [*drained, perplexity("p")])
+    for i in range(5):
+        assert (await route(b, f"r{i}", classification=PATHWAY)).ok
+    assert fleet.called() == ["p"] * 5

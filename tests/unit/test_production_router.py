@@ -38,6 +38,7 @@ from router import (
     RouterConfig,
 )
 from router.bucketing import bucket_of, in_production
+from router.classifier import Classification
 from router.control_store import Acknowledgement, atomic_write
 from router.failback_guard import FailbackGuard, wilson_lower
 from router.recorder import SegmentRecorder
@@ -1411,3 +1412,53 @@ async def test_a_split_older_than_the_hosts_canary_max_hours_fails_back(
     assert router.config.version == 1 and router.effective_mode is DeploymentMode.LEGACY_ONLY
     assert "PROD_LB_CANARY_MAX_HOURS" in (router.guard.reason or "")
     assert result.arm == "legacy"
+
+
+@pytest.mark.parametrize("production", [False, True])
+async def test_a_lightrag_only_deployment_answers_recent_events_questions(
+    tmp_path: Path, backends: Backends, production: bool
+) -> None:
+    """Questions naming a year or "the latest" need live search, yet with no Perplexity
+    configured every one of them failed ("no backend of ['perplexity']") while the
+    system reported healthy: the configured backends answer, and the reasoning says why."""
+    lightrag_only = BACKENDS[:2]
+    if production:
+        flags = ProductionFeatureFlags(enabled=True, data_dir=tmp_path, control_poll_s=60)
+        router: IntelligentQueryRouter = ProductionIntelligentQueryRouter(
+            backends=lightrag_only,
+            transport=httpx.MockTransport(backends),
+            health_checks=False,
+            flags=flags,
+            control_store=None,
+            recorder=SegmentRecorder(tmp_path / "segments", "lr"),
+        )
+    else:
+        router = IntelligentQueryRouter(
+            backends=lightrag_only, transport=httpx.MockTransport(backends), health_checks=False
+        )
+    result = await router.route_query("What did the 2025 newborn screening guideline change?")
+    await router.shutdown()
+    assert result.outcome == "ok" and result.backend in {"lightrag-1", "lightrag-2"}
+    assert result.category == "recent_events"
+    assert "no perplexity backend is configured" in " ".join(result.reasoning)
+
+
+async def test_a_new_classifier_applies_to_questions_already_seen(
+    tmp_path: Path, backends: Backends
+) -> None:
+    """The production router caches classifications per question; swapping the public
+    `classifier` attribute (as legacy callers do) must take effect at once."""
+
+    class OnlyPerplexity:
+        def classify(self, text: str) -> Classification:
+            return Classification(
+                "live", frozenset({BackendKind.PERPLEXITY}), None, 1.0, "live only"
+            )
+
+    router = await started(tmp_path, backends, 1, "production_only", 100)
+    before = await router.route_query(QUESTION, {"user_id": "u1"})
+    router.classifier = OnlyPerplexity()
+    after = await router.route_query(QUESTION, {"user_id": "u1"})
+    await router.shutdown()
+    assert before.category == "general"
+    assert (after.category, after.backend) == ("live", "perplexity-1")
