@@ -201,6 +201,21 @@ async def test_json_of_the_wrong_shape_is_malformed(
     assert_shape(await failure_of(backend), "malformed")
 
 
+@pytest.mark.parametrize("tokens", [b"1e400", b"-5"])
+@respx.mock
+async def test_token_counts_that_are_no_count_are_malformed(
+    tokens: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1e400 is valid JSON and an infinite float: int() raised OverflowError, which
+    escaped as an untyped exception (no failover; the legacy router raised it)."""
+    monkeypatch.setenv("TEST_PPLX_KEY", SECRET)
+    body = b'{"choices": [{"message": {"content": "ok"}}], "usage": {"prompt_tokens": %s}}'
+    respx.post(url__regex=r"http://px\.test/.*").mock(
+        return_value=httpx.Response(200, content=body % tokens)
+    )
+    assert_shape(await failure_of(PPLX), "malformed")
+
+
 @respx.mock
 async def test_oversized_by_content_length() -> None:
     route = respx.post("http://lr.test/query").mock(
