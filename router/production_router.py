@@ -118,14 +118,20 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         if production_config is None:
             # PROD_LB_* decide algorithm, budget, region and custom class; the legacy
             # config's health, breaker and ejection settings carry over through the migrator.
+            # The caller's legacy strategy maps to the production algorithm unless
+            # PROD_LB_PRIMARY_ALGORITHM names one (or no legacy config was given).
+            explicit = (
+                load_balancing_config is None or "primary_algorithm" in self.flags.model_fields_set
+            )
             migrated = ConfigurationMigrator().migrate_config(
                 self.load_balancing_config,
                 backends=self.backends,
-                algorithm=self.flags.primary_algorithm,
+                algorithm=self.flags.primary_algorithm if explicit else None,
                 custom_algorithm=self.flags.custom_algorithm,
             )
             production_config = self.flags.production_config().model_copy(
                 update={
+                    "algorithm": migrated.algorithm,
                     "backends": tuple(self.backends),
                     "health_check": migrated.health_check,
                     "circuit_breaker": migrated.circuit_breaker,

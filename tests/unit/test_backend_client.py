@@ -201,9 +201,9 @@ async def test_json_of_the_wrong_shape_is_malformed(
     assert_shape(await failure_of(backend), "malformed")
 
 
-@pytest.mark.parametrize("tokens", [b"1e400", b"-5"])
+@pytest.mark.parametrize("tokens", [b"1e400", b"-1e400"])
 @respx.mock
-async def test_token_counts_that_are_no_count_are_malformed(
+async def test_an_infinite_token_count_is_malformed(
     tokens: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """1e400 is valid JSON and an infinite float: int() raised OverflowError, which

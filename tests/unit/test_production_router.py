@@ -1462,3 +1462,25 @@ async def test_a_new_classifier_applies_to_questions_already_seen(
     await router.shutdown()
     assert before.category == "general"
     assert (after.category, after.backend) == ("live", "perplexity-1")
+
+
+@pytest.mark.parametrize(
+    ("legacy", "explicit", "expected"),
+    [
+        (LoadBalancingConfig(strategy="response_time"), None, "response_time"),
+        (LoadBalancingConfig(strategy="response_time"), "round_robin", "round_robin"),
+        (None, None, "least_connections"),
+    ],
+)
+def test_the_callers_legacy_strategy_picks_the_production_algorithm(
+    tmp_path: Path, legacy: LoadBalancingConfig | None, explicit: str | None, expected: str
+) -> None:
+    """Drop-in: `LoadBalancingConfig(strategy=...)` kept meaning something; it was ignored
+    for the flags' default algorithm. PROD_LB_PRIMARY_ALGORITHM, when set, still wins."""
+    chosen = {"primary_algorithm": explicit} if explicit else {}
+    flags = ProductionFeatureFlags(enabled=True, data_dir=tmp_path, **chosen)
+    router = ProductionIntelligentQueryRouter(
+        legacy, backends=BACKENDS, health_checks=False, flags=flags, control_store=None
+    )
+    assert router.production.algorithm.name == expected
+    assert router.config.algorithm.value == expected
