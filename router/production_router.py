@@ -842,7 +842,8 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         }
 
     def force_rollback(self, reason: str = "manual rollback") -> bool:
-        """Fail back to legacy on this instance now; the next config from the store can undo it."""
+        """Fail back to legacy on this instance now. It stays failed back under new
+        documents until one with `rearm_guard` (a new rollout's first phase) arrives."""
         if self.guard.tripped:
             return False
         self.guard.trip(f"forced: {reason}")

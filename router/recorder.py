@@ -12,7 +12,9 @@ written as a `rows_dropped` router event at the next flush, so the loss is visib
 `router_events` rather than silent (events dropped from a full event buffer are counted
 and reported the same way). A failed write puts its rows back in front (the oldest are
 kept) and drops the newest beyond the bound, counted the same way. Memory therefore
-stays bounded by `max_buffered_rows` per stream, whether the disk is slow or failing.
+stays bounded, whether the disk is slow or failing: per stream, at most
+`max_buffered_rows` waiting plus the batch being written (up to as many again), so
+twice `max_buffered_rows` rows in the worst case.
 
 `close()` is bounded too: if the disk hangs, it gives up after its timeout and logs the
 rows it could not write. Rows recorded after `close()` are counted as dropped and logged
