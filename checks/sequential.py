@@ -107,6 +107,7 @@ from scipy import special
 
 from checks.thresholds import CRITICAL_METRICS, SEQUENTIAL_METRICS, MetricMode, Thresholds
 from checks.verdict import Decision, MetricRecord
+from router.record import SHADOW_PAIRS_SQL
 
 Num = float | npt.NDArray[np.float64]
 
@@ -144,9 +145,14 @@ neither fast nor cheap service (failures are the error metric's business). Count
 them let an arm that was rate-limited more look faster and cheaper, and the other roll
 back for "harm" in latency or cost."""
 
-SHADOW_MOMENTS_SQL = """
+SHADOW_MOMENTS_SQL = (
+    """
 WITH pairs AS (
-    SELECT CASE WHEN s.outcome IN ('error', 'timeout', 'rate_limited') THEN 1.0 ELSE 0.0 END
+"""
+    + SHADOW_PAIRS_SQL.format(
+        table="requests",
+        columns="""
+           CASE WHEN s.outcome IN ('error', 'timeout', 'rate_limited') THEN 1.0 ELSE 0.0 END
                AS f_p,
            CASE WHEN p.outcome IN ('error', 'timeout', 'rate_limited') THEN 1.0 ELSE 0.0 END
                AS f_l,
@@ -154,9 +160,10 @@ WITH pairs AS (
                 THEN ln(greatest(s.latency_ms, 1e-3)) - ln(greatest(p.latency_ms, 1e-3))
            END AS d_log_latency,
            CASE WHEN s.outcome = 'ok' AND p.outcome = 'ok' THEN s.cost_usd END AS c_p,
-           CASE WHEN s.outcome = 'ok' AND p.outcome = 'ok' THEN p.cost_usd END AS c_l
-    FROM requests s JOIN requests p ON p.request_id = s.primary_request_id
-    WHERE s.is_shadow AND NOT p.is_shadow AND s.config_version = ?
+           CASE WHEN s.outcome = 'ok' AND p.outcome = 'ok' THEN p.cost_usd END AS c_l""",
+        where="AND s.config_version = ?",
+    )
+    + """
 )
 SELECT count(*) AS n, count(d_log_latency) AS n_latency, count(c_p) AS n_cost,
        sum(f_p - f_l) AS sum_d_fail, sum((f_p - f_l) ^ 2) AS sum_d_fail_sq,
@@ -167,6 +174,7 @@ SELECT count(*) AS n, count(d_log_latency) AS n_latency, count(c_p) AS n_cost,
        count(*) FILTER (WHERE c_l > 0 AND c_p = 0) AS n_cost_paid_legacy_only
 FROM pairs
 """
+)
 """Paired sufficient statistics of shadow executions (production shadow minus legacy
 primary of the same request) of one config version."""
 
@@ -1160,17 +1168,25 @@ ARM_TAIL_SAMPLES_SQL = """
 SELECT arm, latency_ms FROM requests
 WHERE config_version = $version AND NOT is_shadow AND outcome = 'ok' AND latency_ms > 0
 """
-SHADOW_TAIL_SAMPLES_SQL = """
+SHADOW_TAIL_SAMPLES_SQL = (
+    """
 WITH pairs AS (
-    SELECT s.latency_ms AS production_ms, p.latency_ms AS legacy_ms
-    FROM requests s JOIN requests p ON p.request_id = s.primary_request_id
-    WHERE s.is_shadow AND NOT p.is_shadow AND s.config_version = $version
-      AND s.outcome = 'ok' AND p.outcome = 'ok'
+    SELECT production_ms, legacy_ms FROM (
+"""
+    + SHADOW_PAIRS_SQL.format(
+        table="requests",
+        columns="s.latency_ms AS production_ms, p.latency_ms AS legacy_ms, "
+        "s.outcome AS s_outcome, p.outcome AS p_outcome",
+        where="AND s.config_version = $version",
+    )
+    + """
+    ) WHERE s_outcome = 'ok' AND p_outcome = 'ok'
 )
 SELECT 'production' AS arm, production_ms AS latency_ms FROM pairs
 UNION ALL
 SELECT 'legacy' AS arm, legacy_ms AS latency_ms FROM pairs
 """
+)
 #: Legacy order statistics by quantile level: DuckDB's quantile_disc(x, q) is the value at
 #: ascending 0-based index ceil(q n) - 1, so q = (n - rank + 0.5) / n is the rank-th largest.
 TAIL_LEGACY_SQL = """

@@ -132,3 +132,27 @@ EVENT_SCHEMA = pa.schema(
     ]
 )
 assert tuple(EVENT_SCHEMA.names) == RouterEvent._fields
+
+
+#: How a shadow row finds its primary, for every reader (the `shadow_pairs` view, the
+#: gate's paired tests): the served row of the SAME router instance and config version
+#: whose request id the shadow names. Request ids may come from the caller, so an id
+#: alone pairs a shadow with unrelated rows (another instance, an earlier rollout) and
+#: with every attempt of a caller's retry; when the id repeats within one instance and
+#: version, the primary that ended closest in time to the shadow is taken, so each
+#: shadow pairs with exactly one primary. `{table}` is the rows' table or view,
+#: `{columns}` the select list (aliases `s` for the shadow, `p` for the primary),
+#: `{where}` extra conditions (`AND ...`) on them.
+SHADOW_PAIRS_SQL = """
+SELECT {columns}
+FROM {table} s JOIN {table} p
+  ON p.request_id = s.primary_request_id
+ AND p.router_instance = s.router_instance
+ AND p.config_version = s.config_version
+ AND NOT p.is_shadow
+WHERE s.is_shadow {where}
+QUALIFY row_number() OVER (
+    PARTITION BY s.router_instance, s.request_id
+    ORDER BY abs(epoch(p.ts) - epoch(s.ts)), p.ts
+) = 1
+"""

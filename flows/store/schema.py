@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 
 from flows.store.locations import is_remote
+from router.record import SHADOW_PAIRS_SQL
 
 REQUEST_COLUMNS = """
     request_id          VARCHAR NOT NULL,
@@ -394,8 +395,9 @@ VIEWS: dict[str, str] = {
         FROM all_requests WHERE backend IS NOT NULL
         GROUP BY ALL
     """,
-    "shadow_pairs": """
-        SELECT s.primary_request_id AS request_id, s.request_id AS shadow_request_id,
+    "shadow_pairs": SHADOW_PAIRS_SQL.format(
+        table="all_requests",
+        columns="""s.primary_request_id AS request_id, s.request_id AS shadow_request_id,
                s.config_version, p.ts,
                p.backend AS primary_backend, s.backend AS shadow_backend,
                p.backend IS NOT DISTINCT FROM s.backend AS same_backend,
@@ -403,8 +405,7 @@ VIEWS: dict[str, str] = {
                p.latency_ms AS primary_latency_ms, s.latency_ms AS shadow_latency_ms,
                s.latency_ms - p.latency_ms AS latency_delta_ms,
                s.cost_usd - p.cost_usd AS cost_delta_usd,
-               s.quality_score - p.quality_score AS quality_delta
-        FROM all_requests s JOIN all_requests p ON p.request_id = s.primary_request_id
-        WHERE s.is_shadow AND NOT p.is_shadow
-    """,
+               s.quality_score - p.quality_score AS quality_delta""",
+        where="",
+    ),
 }

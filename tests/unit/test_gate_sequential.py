@@ -43,14 +43,16 @@ def insert(
     latency: float,
     outcome: str = "ok",
     cost: float = 0.001,
+    instance: str = "i",
+    version: int = 1,
 ) -> None:
     con.execute(
         "INSERT INTO requests (request_id, ts, router_instance, config_version, mode, arm, "
         "is_shadow, primary_request_id, subject_bucket, query_category, algorithm, backend, "
         "attempts, fallback_used, outcome, latency_ms, tokens_in, tokens_out, cost_usd, "
-        "query_hash, query_length) VALUES (?, ?, 'i', 1, 'shadow', ?, ?, ?, 1, 'general', 'x', "
+        "query_hash, query_length) VALUES (?, ?, ?, ?, 'shadow', ?, ?, ?, 1, 'general', 'x', "
         "'b', 1, false, ?, ?, 1, 1, ?, 'h', 10)",
-        [request_id, NOW, arm, shadow, primary, outcome, latency, cost],
+        [request_id, NOW, instance, version, arm, shadow, primary, outcome, latency, cost],
     )
 
 
@@ -72,6 +74,27 @@ def test_shadow_pairs_detect_a_slower_production(tmp_path: Path) -> None:
         records = {r.metric: r for r in sequential_records(con, spec("shadow"))}
     assert records["latency"].decision is Decision.HARM
     assert records["error_rate"].decision is not Decision.HARM
+
+
+def test_a_shadow_pairs_only_with_its_own_instances_primary_of_the_same_version(
+    tmp_path: Path,
+) -> None:
+    """Callers may reuse request ids: the same ids as failed rows of an earlier config and
+    of another instance turned 15 % production failures against a perfect legacy into
+    "non-inferior" (each shadow paired with every row of its id)."""
+    with connect(tmp_path / "m.duckdb") as con:
+        for i in range(400):
+            insert(con, f"p{i}", "legacy", False, None, 100.0)
+            failed = i % 20 < 3
+            insert(con, f"s{i}", "production", True, f"p{i}", 100.0, "error" if failed else "ok")
+            insert(con, f"p{i}", "legacy", False, None, 100.0, "error", version=0)
+            insert(con, f"p{i}", "legacy", False, None, 100.0, "error", instance="other")
+        records = {r.metric: r for r in sequential_records(con, spec("shadow"))}
+        pairs = con.execute("SELECT count(*), count(DISTINCT shadow_request_id) FROM shadow_pairs")
+        assert pairs.fetchone() == (400, 400)
+    error = records["error_rate"]
+    assert error.decision is Decision.HARM, error.reason
+    assert error.n_production == 400 and error.estimate == pytest.approx(0.15)
 
 
 def test_legacy_refusals_do_not_make_production_look_costlier(tmp_path: Path) -> None:
