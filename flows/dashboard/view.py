@@ -23,8 +23,10 @@ from flows.store.database import StoreError, connect
 CHART_POINTS = 40
 _NICE_BUCKETS_S = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 86400)
 
+#: The phase's own documents: not the legacy_only one of the rollback that ended it.
 PHASE_VERSIONS = (
-    "SELECT version FROM config_versions WHERE rollout_id = $rollout AND phase_index = $phase"
+    "SELECT version FROM config_versions WHERE rollout_id = $rollout AND phase_index = $phase "
+    "AND mode <> 'legacy_only'"
 )
 
 ARMS_SQL = f"""

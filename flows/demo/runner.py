@@ -50,7 +50,7 @@ SELECT r.arm,
        avg(r.cost_usd)                                                 AS cost_per_request_usd,
        avg(r.quality_score)                                            AS mean_quality
 FROM all_requests r JOIN config_versions cv ON cv.version = r.config_version
-WHERE cv.rollout_id = ?
+WHERE cv.rollout_id = ? AND cv.mode <> 'legacy_only'  -- the phases', not a rollback's
 GROUP BY r.arm ORDER BY r.arm
 """
 

@@ -337,12 +337,16 @@ VIEWS: dict[str, str] = {
     """,
     # Rows count for a phase through `config_versions`, like `arm_summary`: a phase that
     # was republished under a new version (restore, reconcile) keeps its earlier rows.
+    # The legacy_only document of a rollback or abort carries the phase it ended, and
+    # stays live until the next rollout: its rows are not the phase's (no plan phase is
+    # legacy_only), or a finished 100 % phase kept gaining legacy requests.
     "phase_timeline": """
         WITH counts AS (
             SELECT cv.rollout_id, cv.phase_index,
                    count(*) FILTER (WHERE r.arm = 'legacy') AS legacy_requests,
                    count(*) FILTER (WHERE r.arm = 'production') AS production_requests
             FROM all_requests r JOIN config_versions cv ON cv.version = r.config_version
+            WHERE cv.mode <> 'legacy_only'
             GROUP BY cv.rollout_id, cv.phase_index
         )
         SELECT p.rollout_id, p.phase_index, p.name, p.mode, p.traffic_percent,
