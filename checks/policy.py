@@ -4,17 +4,21 @@ INSUFFICIENT_DATA. Pure, so every rule is a row in a table test.
 Order of precedence:
 1. the router's own guard failed back under this config          -> ROLLBACK
 2. a failed metric in mode `abort`                                -> ROLLBACK
-3. data quality failed (pipeline alarm: no fresh rows, wrong split) -> INSUFFICIENT_DATA
-4. fewer production samples than the phase's minimum              -> INSUFFICIENT_DATA
-5. a failed metric in mode `pause`                                -> NEEDS_APPROVAL
+3. a failed metric in mode `pause`                                -> NEEDS_APPROVAL
+4. data quality failed (pipeline alarm: no fresh rows, wrong split) -> INSUFFICIENT_DATA
+5. fewer production samples than the phase's minimum              -> INSUFFICIENT_DATA
 6. a critical metric still inconclusive                           -> HOLD
 7. minimum duration not reached                                   -> HOLD
 8. the phase asks a human                                         -> NEEDS_APPROVAL
 9. otherwise                                                      -> PROMOTE
-Past the maximum duration, a HOLD becomes what the plan's `on_max_duration` says. An
-INSUFFICIENT_DATA never becomes PROMOTE: with `promote` (or `ask`) a human decides,
-with `rollback` it rolls back, with `hold` it holds. `observe` and `warn` metrics are
-reported and never act; a verdict that would say "checks pass" names those that fail.
+A failed `pause` metric asks a human as soon as it fails, like an `abort` one rolls
+back: its tests are valid at any sample size, so a minimum not reached yet must not hide
+detected harm. Past the maximum duration, a HOLD becomes what the plan's
+`on_max_duration` says, except that a phase asking a human is never promoted without
+one. An INSUFFICIENT_DATA never becomes PROMOTE: with `promote` (or `ask`) a human
+decides, with `rollback` it rolls back, with `hold` it holds. `observe` and `warn`
+metrics are reported and never act; a verdict that would say "checks pass" names those
+that fail.
 """
 
 from __future__ import annotations
@@ -70,6 +74,9 @@ def decide(
         )
         table = AT_MAX if verdict is Verdict.HOLD and not over_limit else AT_MAX_WITHOUT_DATA
         final = table[spec.on_max_duration]
+        if final is Verdict.PROMOTE and spec.requires_approval:
+            # Weaker evidence than a phase that passes (which asks) must not skip the human.
+            final = Verdict.NEEDS_APPROVAL
         return final, (
             f"maximum duration {spec.max_duration_s:g}s reached while {verdict.value} "
             f"({reason}); plan policy on_max_duration={spec.on_max_duration.value}"
@@ -89,6 +96,9 @@ def _decide(
     aborts = [r for r in acting if r.metric_mode == MetricMode.ABORT.value]
     if aborts:
         return Verdict.ROLLBACK, f"harm in {_names(aborts)}"
+    pauses = [r for r in acting if r.metric_mode == MetricMode.PAUSE.value]
+    if pauses:
+        return Verdict.NEEDS_APPROVAL, f"paused for a human by {_names(pauses)}"
     data = [r for r in records if r.check_kind == "data_quality" and r.failed]
     pipeline = [r for r in data if not r.metric.startswith("min_rows")]
     if pipeline:
@@ -97,9 +107,6 @@ def _decide(
         return Verdict.INSUFFICIENT_DATA, f"{n_production} of {spec.min_samples} production samples"
     if data:
         return Verdict.INSUFFICIENT_DATA, f"too few rows: {_names(data)}"
-    pauses = [r for r in acting if r.metric_mode == MetricMode.PAUSE.value]
-    if pauses:
-        return Verdict.NEEDS_APPROVAL, f"paused for a human by {_names(pauses)}"
     # `critical` already means the metric's mode acts (pause or abort)
     open_critical = [r for r in records if r.critical and r.decision is Decision.INCONCLUSIVE]
     if open_critical:

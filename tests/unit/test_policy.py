@@ -80,7 +80,25 @@ GOOD = [rec("sequential", m, Decision.NON_INFERIOR) for m in ("error_rate", "lat
             Verdict.PROMOTE,
             "checks pass",
         ),
-        # 3. a data-quality alarm: insufficient data, never a pass
+        # 3. a pause metric failed: a human decides, even with too few samples (its
+        # test is valid at any n; "50 of 100 samples" hid detected harm)
+        (
+            [*GOOD, rec("guardrail", "mean_quality", Decision.FAIL, "pause")],
+            500,
+            [],
+            spec(),
+            Verdict.NEEDS_APPROVAL,
+            "paused",
+        ),
+        (
+            [rec("sequential", "latency", Decision.HARM, "pause")],
+            50,
+            [],
+            spec(),
+            Verdict.NEEDS_APPROVAL,
+            "paused for a human by latency",
+        ),
+        # 4. a data-quality alarm: insufficient data, never a pass
         (
             [*GOOD, rec("data_quality", "sample_ratio", Decision.FAIL, "data_quality")],
             500,
@@ -89,7 +107,7 @@ GOOD = [rec("sequential", m, Decision.NON_INFERIOR) for m in ("error_rate", "lat
             Verdict.INSUFFICIENT_DATA,
             "data quality alarm: sample_ratio",
         ),
-        # 4. too few production samples
+        # 5. too few production samples
         (GOOD, 99, [], spec(), Verdict.INSUFFICIENT_DATA, "99 of 100 production samples"),
         (
             [*GOOD, rec("data_quality", "min_rows_legacy", Decision.FAIL, "data_quality")],
@@ -98,15 +116,6 @@ GOOD = [rec("sequential", m, Decision.NON_INFERIOR) for m in ("error_rate", "lat
             spec(),
             Verdict.INSUFFICIENT_DATA,
             "too few rows: min_rows_legacy",
-        ),
-        # 5. a pause metric failed: a human decides
-        (
-            [*GOOD, rec("guardrail", "mean_quality", Decision.FAIL, "pause")],
-            500,
-            [],
-            spec(),
-            Verdict.NEEDS_APPROVAL,
-            "paused",
         ),
         # 6. a critical metric still inconclusive: hold
         (
@@ -187,3 +196,15 @@ def test_a_guardrail_held_over_its_limit_is_never_promoted_unattended() -> None:
     held = [*GOOD, rec("guardrail", "p95_latency_ms", Decision.INCONCLUSIVE)]
     verdict, reason = decide(late, held, 500)
     assert verdict is Verdict.NEEDS_APPROVAL and "maximum duration" in reason
+
+
+def test_a_phase_that_asks_a_human_is_never_promoted_at_its_maximum_duration() -> None:
+    """With on_max_duration=promote, a held phase was promoted unattended while the
+    same phase with every check passing asked a human: weaker evidence skipped him."""
+    late = spec(elapsed_s=700, approval=True, at_max=MaxDurationPolicy.PROMOTE)
+    assert decide(late, GOOD, 500)[0] is Verdict.NEEDS_APPROVAL
+    held = [*GOOD[:1], rec("sequential", "latency", Decision.INCONCLUSIVE)]
+    verdict, reason = decide(late, held, 500)
+    assert verdict is Verdict.NEEDS_APPROVAL and "maximum duration" in reason
+    unattended = spec(elapsed_s=700, at_max=MaxDurationPolicy.PROMOTE)
+    assert decide(unattended, held, 500)[0] is Verdict.PROMOTE  # as the plan says
