@@ -12,16 +12,18 @@ from typing import Any, Protocol
 
 import pandas as pd
 
+from router.modes import Arm, DeploymentMode
+from router.record import Outcome
+
 #: Outcomes that count as failures (a 4xx "rejected" is the caller's fault).
 FAILURE_SQL = "outcome IN ('error', 'timeout', 'rate_limited')"
 
 #: A row whose numbers no metric can use: NaN or infinite latency, cost or quality, a
-#: negative cost, a quality outside 0..1 (negative latency has its own row check). NaN
-#: slips past GX's range checks (it counts as missing) and silently freezes the sums
-#: the sequential tests run on.
+#: negative latency or cost, a quality outside 0..1. NaN slips past GX's range checks
+#: (it counts as missing) and silently freezes the sums the sequential tests run on.
 INVALID_NUMBERS_SQL = (
     "NOT isfinite(latency_ms) OR NOT isfinite(cost_usd) OR NOT isfinite(quality_score) "
-    "OR cost_usd < 0 OR quality_score < 0 OR quality_score > 1"
+    "OR latency_ms < 0 OR cost_usd < 0 OR quality_score < 0 OR quality_score > 1"
 )
 
 ARM_AGGREGATES_SQL = f"""
@@ -39,6 +41,17 @@ SELECT arm,
 FROM requests
 WHERE config_version = ?
 GROUP BY arm
+"""
+
+#: The row checks that must see EVERY row of the phase, counted in SQL: the raw-row frame
+#: GX validates holds the newest `window_rows` only, and a long phase has more (50
+#: duplicated ids in a phase's first hour passed under 200,000 later rows).
+PHASE_INTEGRITY_SQL = """
+SELECT count(*) - count(DISTINCT request_id) AS duplicate_request_ids,
+       count(*) FILTER (WHERE arm NOT IN $arms OR outcome NOT IN $outcomes
+                        OR mode NOT IN $modes) AS invalid_labels
+FROM requests
+WHERE config_version = $version
 """
 
 WINDOW_ROWS_SQL = """
@@ -98,6 +111,21 @@ def window_rows(
     return con.execute(
         WINDOW_ROWS_SQL, [version, since + timedelta(seconds=SWITCH_GRACE_S), limit]
     ).df()
+
+
+def phase_integrity(con: Connection, version: int) -> dict[str, int]:
+    """`PHASE_INTEGRITY_SQL` for one config version: {duplicate_request_ids, invalid_labels}."""
+    cursor = con.execute(
+        PHASE_INTEGRITY_SQL,
+        {
+            "version": version,
+            "arms": [a.value for a in Arm],
+            "outcomes": [o.value for o in Outcome],
+            "modes": [m.value for m in DeploymentMode],
+        },
+    )
+    names = [d[0] for d in cursor.description]
+    return {k: int(v or 0) for k, v in zip(names, cursor.fetchone(), strict=True)}
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:

@@ -9,7 +9,15 @@ from typing import Any
 
 import pandas as pd
 
-from checks.frames import ArmStats, Connection, arm_stats, difference, ratio, window_rows
+from checks.frames import (
+    ArmStats,
+    Connection,
+    arm_stats,
+    difference,
+    phase_integrity,
+    ratio,
+    window_rows,
+)
 from checks.gx_suites import Check, GxRunner, SuiteOutcome
 from checks.policy import decide
 from checks.sample_ratio import sample_ratio
@@ -437,6 +445,7 @@ def evaluate(
         "staleness_s": min(staleness, 1e9),
         "srm_p_value": srm if srm is not None else 1.0,
         "invalid_numbers": prod.invalid_numbers + legacy.invalid_numbers,
+        **phase_integrity(con, version),
     }
     run(
         "data_quality",

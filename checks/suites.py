@@ -93,13 +93,15 @@ def data_quality_aggregate_checks(expect_legacy: bool, srm_applies: bool) -> lis
             ),
             "freshness_s",
         ),
-        # Over every row of the phase (`checks.frames.INVALID_NUMBERS_SQL`), not a sample.
+    ]
+    # Over every row of the phase (`checks.frames.INVALID_NUMBERS_SQL` and
+    # `PHASE_INTEGRITY_SQL`), not the newest rows the row checks see.
+    checks += [
         Check(
-            "invalid_numbers",
-            x.ExpectColumnMaxToBeBetween(
-                column="invalid_numbers", max_value=0, meta={"metric": "invalid_numbers"}
-            ),
-        ),
+            metric,
+            x.ExpectColumnMaxToBeBetween(column=metric, max_value=0, meta={"metric": metric}),
+        )
+        for metric in ("invalid_numbers", "duplicate_request_ids", "invalid_labels")
     ]
     if expect_legacy:
         checks.append(

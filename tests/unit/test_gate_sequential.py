@@ -631,3 +631,29 @@ def test_a_latency_that_is_not_a_number_raises_a_data_quality_alarm(
     result = _evaluate(tmp_path, "nan", ab_test(Thresholds()), fill)
     assert result.verdict is Verdict.INSUFFICIENT_DATA, result.reason
     assert "invalid_numbers" in result.reason
+
+
+def test_whole_phase_checks_see_rows_older_than_the_row_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The raw-row frame holds the newest rows only (200,000 by default; 300 here):
+    negative latencies and repeated request ids early in a long phase passed unseen."""
+    from checks import gate
+    from checks.frames import window_rows
+    from checks.verdict import Verdict
+
+    monkeypatch.setattr(
+        gate, "window_rows", lambda con, v, since: window_rows(con, v, since, limit=300)
+    )
+
+    def fill(con) -> None:
+        _production_rows(con, 400, 0)
+        _production_rows(con, 400, 0, arm="legacy", first_bucket=5_000)
+        con.execute(
+            "UPDATE requests SET latency_ms = -5, request_id = 'again', "
+            "ts = ts - INTERVAL 1 MINUTE WHERE request_id IN ('production-1', 'production-2')"
+        )
+
+    result = _evaluate(tmp_path, "old", ab_test(Thresholds()), fill)
+    assert result.verdict is Verdict.INSUFFICIENT_DATA, result.reason
+    assert "invalid_numbers" in result.reason and "duplicate_request_ids" in result.reason

@@ -195,6 +195,8 @@ def aggregate(**overrides: Any) -> pd.DataFrame:
         "staleness_s": 4.0,
         "srm_p_value": 0.36,  # a healthy split
         "invalid_numbers": 0,
+        "duplicate_request_ids": 0,
+        "invalid_labels": 0,
     }
     values.update(overrides)
     return pd.DataFrame([values])
@@ -212,6 +214,9 @@ def run_aggregate(
     )
 
 
+WHOLE_PHASE = ("invalid_numbers", "duplicate_request_ids", "invalid_labels")
+
+
 def test_aggregate_suite_passes_on_a_healthy_split(runner: GxRunner) -> None:
     outcome = run_aggregate(runner, aggregate())
 
@@ -221,7 +226,7 @@ def test_aggregate_suite_passes_on_a_healthy_split(runner: GxRunner) -> None:
         "min_rows_legacy",
         "freshness_s",
         "sample_ratio",
-        "invalid_numbers",
+        *WHOLE_PHASE,
     }
     assert failed(outcome) == set()
 
@@ -234,6 +239,8 @@ def test_aggregate_suite_passes_on_a_healthy_split(runner: GxRunner) -> None:
         pytest.param({"staleness_s": 900.0}, "freshness_s", 900.0, TH.freshness_s, id="stale"),
         # a NaN latency, an infinite cost or a quality of 7 in the phase's rows
         pytest.param({"invalid_numbers": 2}, "invalid_numbers", 2, 0.0, id="invalid-numbers"),
+        pytest.param({"duplicate_request_ids": 3}, "duplicate_request_ids", 3, 0.0, id="dup-ids"),
+        pytest.param({"invalid_labels": 1}, "invalid_labels", 1, 0.0, id="bad-labels"),
         # a split far off the configured one: p = 4e-8, far below the 0.001 alarm
         pytest.param(
             {"srm_p_value": 4e-8},
@@ -277,7 +284,7 @@ def test_aggregate_suite_in_production_only_ignores_legacy_and_split(runner: GxR
     outcome = run_aggregate(runner, frame, expect_legacy=False, srm_applies=False)
 
     assert outcome.success
-    assert set(by_metric(outcome)) == {"min_rows_production", "freshness_s", "invalid_numbers"}
+    assert set(by_metric(outcome)) == {"min_rows_production", "freshness_s", *WHOLE_PHASE}
 
 
 # -- guardrails on the production arm ---------------------------------------------------
