@@ -232,22 +232,81 @@ def weigh_guardrail_breaches(
     return out
 
 
-def unscored_quality_record(spec: GateSpec, n_legacy: int) -> MetricRecord:
-    """The plan sets a quality limit and no production answer has a score: the limit
-    cannot be judged, which must hold the phase, not vanish from the record."""
-    mode = spec.thresholds.mode_of("mean_quality")
+def unjudged_record(
+    spec: GateSpec,
+    kind: str,
+    metric: str,
+    reason: str,
+    threshold: float | None,
+    n_legacy: int,
+    n_production: int,
+) -> MetricRecord:
+    """A check the plan asks for that the data cannot judge: it must stay on the record,
+    and hold the phase when its mode acts, not vanish (and let the phase promote)."""
+    mode = spec.thresholds.mode_of(metric)
     return MetricRecord(
-        "guardrail",
-        "mean_quality",
+        kind,
+        metric,
         Decision.INCONCLUSIVE,
-        "no production answer has a quality score to judge min_mean_quality by (is "
-        "PROD_LB_QUALITY_METRICS off on the routers?): holding",
-        threshold=spec.thresholds.min_mean_quality,
+        reason,
+        threshold=threshold,
         n_legacy=n_legacy,
-        n_production=0,
+        n_production=n_production,
         metric_mode=mode.value,
         critical=mode.acts,
     )
+
+
+def unscored_quality_record(spec: GateSpec, n_legacy: int) -> MetricRecord:
+    """The plan sets a quality limit and no production answer has a score."""
+    return unjudged_record(
+        spec,
+        "guardrail",
+        "mean_quality",
+        "no production answer has a quality score to judge min_mean_quality by (is "
+        "PROD_LB_QUALITY_METRICS off on the routers?): holding",
+        spec.thresholds.min_mean_quality,
+        n_legacy,
+        0,
+    )
+
+
+def unjudged_comparisons(
+    spec: GateSpec, values: dict[str, float | None], legacy: ArmStats, prod: ArmStats
+) -> list[MetricRecord]:
+    """Records for the comparisons `values` could not compute: a cost ratio over a free
+    legacy arm, a quality difference with an arm that has no scores."""
+    th = spec.thresholds
+    out = []
+    if values["cost_ratio"] is None:
+        out.append(
+            unjudged_record(
+                spec,
+                "comparison",
+                "cost_ratio",
+                f"legacy's answers cost nothing, production's {_number(prod.cost_mean)} USD "
+                "per request: no ratio to judge (the sequential cost test compares the paid "
+                "answers)",
+                th.max_cost_ratio,
+                legacy.n,
+                prod.n,
+            )
+        )
+    if values["quality_diff"] is None:
+        unscored = [a.arm for a in (prod, legacy) if a.quality_mean is None]
+        out.append(
+            unjudged_record(
+                spec,
+                "comparison",
+                "quality_diff",
+                f"no quality score on the {' and '.join(unscored)} arm: no difference to "
+                "judge (is PROD_LB_QUALITY_METRICS off on the routers?)",
+                th.min_quality_diff,
+                legacy.n,
+                prod.n,
+            )
+        )
+    return out
 
 
 #: Guardrail metric -> the legacy arm's value of it, for `excuse_shared_breach`.
@@ -498,7 +557,10 @@ def evaluate(
         values = {
             "p95_ratio": ratio(prod.p95_ms, legacy.p95_ms),
             "error_rate_diff": difference(prod.error_rate, legacy.error_rate),
-            "cost_ratio": ratio(prod.cost_mean, legacy.cost_mean),
+            # both arms free: equal cost, not "no ratio"
+            "cost_ratio": 1.0
+            if prod.cost_mean == 0 and legacy.cost_mean == 0
+            else ratio(prod.cost_mean, legacy.cost_mean),
             "quality_diff": difference(prod.quality_mean, legacy.quality_mean),
         }
         present = {k: v for k, v in values.items() if v is not None}
@@ -514,6 +576,7 @@ def evaluate(
             },
             "comparison",
         )
+        records.extend(unjudged_comparisons(spec, values, legacy, prod))
 
     records.extend(sequential_records(con, spec))
 

@@ -657,3 +657,36 @@ def test_whole_phase_checks_see_rows_older_than_the_row_window(
     result = _evaluate(tmp_path, "old", ab_test(Thresholds()), fill)
     assert result.verdict is Verdict.INSUFFICIENT_DATA, result.reason
     assert "invalid_numbers" in result.reason and "duplicate_request_ids" in result.reason
+
+
+def test_a_comparison_the_data_cannot_judge_stays_on_the_record(tmp_path: Path) -> None:
+    """No quality score on one arm, or a free legacy arm, left no quality_diff or
+    cost_ratio record at all: in mode abort the phase promoted with the check unjudged."""
+    from checks.verdict import Verdict
+
+    def fill(con) -> None:
+        _production_rows(con, 400, 0)
+        _production_rows(con, 400, 0, arm="legacy", first_bucket=5_000)
+        con.execute("UPDATE requests SET quality_score = 0.8 WHERE arm = 'legacy'")
+
+    base = ab_test(Thresholds())
+    default = _evaluate(tmp_path, "warn", base, fill)
+    unjudged = {r.metric: r for r in default.records if r.check_kind == "comparison"}
+    assert unjudged["quality_diff"].decision is Decision.INCONCLUSIVE
+    assert "no quality score on the production arm" in unjudged["quality_diff"].reason
+    assert not unjudged["quality_diff"].critical  # mode warn: reported, never holds
+    assert "quality_diff" not in default.reason
+
+    strict = replace(base, thresholds=Thresholds(metric_modes={"quality_diff": "abort"}))
+    held = _evaluate(tmp_path, "abort", strict, fill)
+    assert held.verdict is Verdict.HOLD, held.reason
+    assert "not yet conclusive" in held.reason and "quality_diff" in held.reason
+
+    def free_legacy(con) -> None:
+        fill(con)
+        con.execute("UPDATE requests SET cost_usd = 0 WHERE arm = 'legacy'")
+
+    free = _evaluate(tmp_path, "free", base, free_legacy)
+    (cost_ratio,) = [r for r in free.records if r.metric == "cost_ratio"]
+    assert cost_ratio.decision is Decision.INCONCLUSIVE
+    assert "legacy's answers cost nothing" in cost_ratio.reason
