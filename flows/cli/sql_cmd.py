@@ -20,8 +20,10 @@ from rich.table import Table
 from flows.cli.common import DEFAULT_DATA_DIR, DataDir, console, fail, literal, paths
 
 EXAMPLES: dict[str, str] = {
-    "Legacy against production, per phase": "SELECT phase_index + 1 AS phase, phase_name, arm, requests, success_rate, p95_ms, "
-    "cost_per_request_usd, mean_quality FROM arm_summary ORDER BY rollout_id, phase, arm",
+    "Legacy against production, per phase of the latest rollout": "SELECT phase_index + 1 AS phase, phase_name, arm, requests, success_rate, p95_ms, "
+    "cost_per_request_usd, mean_quality FROM arm_summary WHERE rollout_id = (SELECT rollout_id "
+    "FROM rollouts ORDER BY started_at DESC LIMIT 1) AND phase_name <> 'rollback' "
+    "ORDER BY phase, arm",
     "Every decision of the latest rollout, with its reason": "SELECT decided_at, phase_index + 1 AS phase, verdict, action, actor, reason "
     "FROM decisions WHERE rollout_id = (SELECT rollout_id FROM rollouts "
     "ORDER BY started_at DESC LIMIT 1) ORDER BY decided_at",
@@ -131,10 +133,23 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _table_cell(value: Any) -> Any:
-    """A table cell: floats to 4 significant digits, nested values as JSON."""
-    if isinstance(value, float):
+def _float_cell(value: float) -> str:
+    """4 significant digits, but never scientific notation for everyday sizes: a
+    week-long phase's duration_s read `6.048e+05`."""
+    if not math.isfinite(value) or value == 0 or not 1e-4 <= abs(value) < 1e15:
         return f"{value:.4g}"
+    if abs(value) >= 1000:
+        return f"{value:.0f}"
+    if abs(value) >= 1:
+        return f"{value:.4g}"
+    decimals = 3 - math.floor(math.log10(abs(value)))  # 4 significant digits
+    return f"{value:.{decimals}f}".rstrip("0").rstrip(".")
+
+
+def _table_cell(value: Any) -> Any:
+    """A table cell: floats short and readable, nested values as JSON."""
+    if isinstance(value, float):
+        return _float_cell(value)
     plain = _plain(value)
     return json.dumps(plain) if isinstance(plain, dict | list) else value
 

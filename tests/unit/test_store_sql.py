@@ -241,3 +241,12 @@ def test_the_table_prints_nested_values_as_json(data: DataPaths) -> None:
     assert code == 0, err
     assert '{"ok": 3}' in out and '["a", "b"]' in out
     assert "{'ok'" not in out
+
+
+def test_the_table_never_shows_everyday_numbers_in_scientific_notation(data: DataPaths) -> None:
+    code, out, err = rollout_sql(
+        data, "SELECT 604800.0::DOUBLE AS duration_s, 0.0050341::DOUBLE AS cost, 136.4::DOUBLE AS p"
+    )
+    assert code == 0, err
+    assert "604800" in out and "0.005034" in out and "136.4" in out
+    assert "e+05" not in out
