@@ -159,6 +159,7 @@ def connect(
             else:
                 use_archive(con, path)
         else:
+            check_readable_version(schema_version(con))
             location = use_archive(con, path)
             if sandbox is not None:
                 lock_down(con, [*sandbox, *([location] if location else [])])
@@ -202,6 +203,22 @@ def schema_version(con: duckdb.DuckDBPyConnection) -> int:
     return int(row[0][0])
 
 
+def check_readable_version(current: int, *, writer: bool = False) -> None:
+    """A reader of a database whose schema is not this code's would fail on a missing
+    view with a bare catalog error: say what is wrong and what to do instead. A writer
+    upgrades an older one in place; nobody uses a newer one."""
+    if current > LATEST_VERSION:
+        raise StoreError(
+            f"database schema v{current} is newer than this code (v{LATEST_VERSION}): "
+            "upgrade the rollout package"
+        )
+    if not writer and 0 < current < LATEST_VERSION:
+        raise StoreError(
+            f"database schema v{current} is older than this code (v{LATEST_VERSION}): "
+            "run any writer once to upgrade it in place (for example `rollout collect`)"
+        )
+
+
 def migrate(
     con: duckdb.DuckDBPyConnection,
     *,
@@ -222,11 +239,7 @@ def migrate(
         "(version INTEGER PRIMARY KEY, description VARCHAR, applied_at TIMESTAMPTZ)"
     )
     current = schema_version(con)
-    if current > LATEST_VERSION:
-        raise StoreError(
-            f"database schema v{current} is newer than this code (v{LATEST_VERSION}): "
-            "upgrade the rollout package"
-        )
+    check_readable_version(current, writer=True)
     for version, description, statements in MIGRATIONS:
         if version <= current:
             continue

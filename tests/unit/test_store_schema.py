@@ -118,6 +118,21 @@ def test_a_newer_database_is_refused(tmp_path: Path) -> None:
         con.execute("INSERT INTO schema_version VALUES (99, 'future', now())")
     with pytest.raises(StoreError, match="newer than this code"), connect(path):
         pass
+    # readers too: they failed with "Table ... arm_summary does not exist"
+    with pytest.raises(StoreError, match="newer than this code"), connect(path, read_only=True):
+        pass
+
+
+def test_a_reader_of_an_older_database_is_told_how_to_upgrade_it(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.duckdb"
+    make_v1_database(path)
+    refused = pytest.raises(StoreError, match=r"older than this code.*rollout collect")
+    with refused, connect(path, read_only=True):
+        pass
+    with connect(path):  # a writer upgrades it in place
+        pass
+    with connect(path, read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM arm_summary").fetchall()
 
 
 def test_views_answer_on_an_empty_store_from_any_working_directory(
