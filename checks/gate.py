@@ -523,7 +523,7 @@ def evaluate(
             if record.metric == "sample_ratio":
                 record.reason += (
                     f"; production served {split.production_share:.2%} of the requests in "
-                    f"its own buckets, {split.expected_share:.2%} expected (Welch test of "
+                    f"its own buckets, {split.expected_share:.2%} expected (t-test of "
                     f"requests per bucket, {split.production_buckets:,} vs "
                     f"{split.legacy_buckets:,} buckets)"
                 )
