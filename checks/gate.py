@@ -454,6 +454,7 @@ def evaluate(
     prod, legacy = arms["production"], arms["legacy"]
     records: list[MetricRecord] = []
     docs: list[str] = []
+    failing_docs: list[str] = []
     th = spec.thresholds
 
     def run(
@@ -467,6 +468,8 @@ def evaluate(
         outcome = runner.run(name, checks, frame, params, run_name)
         if outcome.docs_url:
             docs.append(outcome.docs_url)
+            if not outcome.success:
+                failing_docs.append(outcome.docs_url)
         records.extend(_records(outcome, kind, spec, legacy.n, prod.n, data_quality=dq))
 
     # -- data quality -------------------------------------------------------------------
@@ -600,5 +603,7 @@ def evaluate(
         records=records,
         n_legacy=legacy.n,
         n_production=prod.n,
-        data_docs_url=docs[-1] if docs else runner.index_url(),
+        # the first failing suite's page: the link is followed to see why (it showed the
+        # all-green comparison suite, run last)
+        data_docs_url=(failing_docs or docs[-1:] or [runner.index_url()])[0],
     )

@@ -690,3 +690,19 @@ def test_a_comparison_the_data_cannot_judge_stays_on_the_record(tmp_path: Path) 
     (cost_ratio,) = [r for r in free.records if r.metric == "cost_ratio"]
     assert cost_ratio.decision is Decision.INCONCLUSIVE
     assert "legacy's answers cost nothing" in cost_ratio.reason
+
+
+def test_the_data_docs_link_opens_the_failing_suites_page(tmp_path: Path) -> None:
+    """It linked the suite run last (the all-green comparison): a user following it to
+    see why data quality failed found nothing wrong there."""
+    from checks.gate import evaluate
+    from checks.gx_suites import GxRunner
+
+    with connect(tmp_path / "docs.duckdb") as con:
+        _production_rows(con, 400, 0)
+        _production_rows(con, 400, 0, arm="legacy", first_bucket=5_000)
+        con.execute("UPDATE requests SET latency_ms = 'nan' WHERE request_id = 'production-7'")
+        result = evaluate(con, ab_test(Thresholds()), GxRunner(tmp_path / "docs"), "e1")
+    url = result.data_docs_url or ""
+    assert "/data_quality-" in url and "comparison" not in url, url
+    assert Path(url.removeprefix("file://")).exists()
