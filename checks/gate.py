@@ -20,7 +20,7 @@ from checks.frames import (
 )
 from checks.gx_suites import Check, GxRunner, SuiteOutcome
 from checks.policy import decide
-from checks.sample_ratio import sample_ratio
+from checks.sample_ratio import sample_ratio, shadow_coverage
 from checks.sequential import (
     ARM_MOMENTS_SQL,
     ARM_TAIL_SAMPLES_SQL,
@@ -501,6 +501,12 @@ def evaluate(
     split = sample_ratio(con, version, spec.traffic_percent) if srm_applies else None
     srm = split.p_value if split is not None else None
     expect_legacy = spec.mode != DeploymentMode.PRODUCTION_ONLY.value
+    # In shadow mode the legacy arm's rows are the primaries, production's the shadows.
+    coverage = (
+        shadow_coverage(legacy.n, prod.n, spec.shadow_sample_rate)
+        if spec.mode == DeploymentMode.SHADOW.value
+        else None
+    )
     aggregate: dict[str, Any] = {
         "n_production": prod.n,
         "n_legacy": legacy.n,
@@ -508,15 +514,19 @@ def evaluate(
         "srm_p_value": srm if srm is not None else 1.0,
         "invalid_numbers": prod.invalid_numbers + legacy.invalid_numbers,
         **phase_integrity(con, version),
+        "shadow_coverage": coverage.coverage if coverage else 1.0,
     }
     run(
         "data_quality",
-        data_quality_aggregate_checks(expect_legacy, srm_applies and srm is not None),
+        data_quality_aggregate_checks(
+            expect_legacy, srm_applies and srm is not None, coverage is not None
+        ),
         pd.DataFrame([aggregate]),
         {
             "min_rows": float(spec.min_samples),
             "freshness_s": th.freshness_s,
             "srm_p_value": th.srm_p_value,
+            "min_shadow_coverage": coverage.minimum if coverage else 0.0,
         },
         "data_quality",
         True,
@@ -530,6 +540,14 @@ def evaluate(
                     f"requests per bucket, {split.production_buckets:,} vs "
                     f"{split.legacy_buckets:,} buckets)"
                 )
+    for record in records:
+        if record.metric == "shadow_coverage" and coverage is not None:
+            record.reason += (
+                f"; {prod.n:,} shadow rows for {legacy.n:,} primaries at sample rate "
+                f"{spec.shadow_sample_rate:g}: shadows skipped at the router's "
+                "shadow_max_concurrency leave no row, and they are skipped when production "
+                "is slow (raise the cap or lower the sample rate)"
+            )
 
     # -- guardrails on the production arm -------------------------------------------------
     if prod.n:

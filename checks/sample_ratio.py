@@ -115,3 +115,31 @@ def sample_ratio(con: Connection, version: int, traffic_percent: float) -> Sampl
     if total == 0 or p_value is None:
         return None
     return SampleRatio(p_value, production[0] / total, owned / BUCKETS, owned, BUCKETS - owned)
+
+
+#: Shadow executions recorded under this share of those the sample rate asks for,
+#: beyond sampling noise, are a data-quality alarm.
+MIN_SHADOW_COVERAGE = 0.9
+#: Too few expected shadows to judge coverage.
+MIN_EXPECTED_SHADOWS = 100
+#: How unlikely a shortfall must be under honest sampling before it counts.
+SHADOW_NOISE_LEVEL = 1e-4
+
+
+@dataclass(frozen=True)
+class ShadowCoverage:
+    coverage: float  # recorded shadows / (primaries x sample rate)
+    minimum: float  # the lowest coverage sampling noise explains, at most MIN_SHADOW_COVERAGE
+
+
+def shadow_coverage(primaries: int, shadows: int, sample_rate: float) -> ShadowCoverage | None:
+    """Shadows the router skipped (its concurrency cap was full) leave no row, and they
+    are skipped exactly when production is slow: the paired tests would then judge a
+    faster subset. Coverage below `MIN_SHADOW_COVERAGE`, and below what binomial
+    sampling at `sample_rate` explains at `SHADOW_NOISE_LEVEL`, is an alarm. None when
+    too few shadows are expected to judge."""
+    expected = primaries * sample_rate
+    if sample_rate <= 0 or expected < MIN_EXPECTED_SHADOWS:
+        return None
+    noise_floor = float(stats.binom.ppf(SHADOW_NOISE_LEVEL, primaries, sample_rate)) / expected
+    return ShadowCoverage(shadows / expected, min(MIN_SHADOW_COVERAGE, noise_floor))

@@ -74,7 +74,9 @@ def data_quality_row_checks() -> list[Check]:
     return checks
 
 
-def data_quality_aggregate_checks(expect_legacy: bool, srm_applies: bool) -> list[Check]:
+def data_quality_aggregate_checks(
+    expect_legacy: bool, srm_applies: bool, shadow_coverage_applies: bool = False
+) -> list[Check]:
     x = gxe()
     checks = [
         Check(
@@ -111,6 +113,18 @@ def data_quality_aggregate_checks(expect_legacy: bool, srm_applies: bool) -> lis
                     column="n_legacy", min_value=_p("min_rows"), meta={"metric": "min_rows_legacy"}
                 ),
                 "min_rows",
+            )
+        )
+    if shadow_coverage_applies:
+        checks.append(
+            Check(
+                "shadow_coverage",
+                x.ExpectColumnMinToBeBetween(
+                    column="shadow_coverage",
+                    min_value=_p("min_shadow_coverage"),
+                    meta={"metric": "shadow_coverage"},
+                ),
+                "min_shadow_coverage",
             )
         )
     if srm_applies:

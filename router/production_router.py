@@ -205,6 +205,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         self._facts_classifier: QueryClassifier | None = None
         self._bucket_cache: dict[tuple[str, str], int] = {}
         self.shadow_skipped = 0
+        self._skipped_reported = 0
         #: Prometheus metrics; pass `metrics_registry=prometheus_client.REGISTRY` to expose
         #: them with the host application's other metrics (one live router per registry:
         #: shutdown() unregisters them).
@@ -383,11 +384,26 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
                 log.exception("control document could not be read or applied")
             try:
                 self._check_staleness()
+                self._report_skipped_shadows()
                 if self.control_store is not None:
                     await asyncio.to_thread(self._write_ack, *self._next_ack())
             except Exception:
                 log.exception("heartbeat failed")
             await asyncio.sleep(interval)
+
+    def _report_skipped_shadows(self) -> None:
+        """Shadows skipped at the concurrency cap leave no row: say how many, once per
+        control tick, so a low shadow coverage in the gate has its cause on record."""
+        skipped = self.shadow_skipped - self._skipped_reported
+        if skipped <= 0:
+            return
+        self._skipped_reported = self.shadow_skipped
+        self.recorder.event(
+            EventKind.SHADOWS_SKIPPED,
+            f"{skipped} shadow execution(s) skipped: {len(self._shadow_tasks)} running, "
+            f"shadow_max_concurrency {self.config.shadow_max_concurrency}",
+            config_version=self.config.version,
+        )
 
     # -- lifecycle --------------------------------------------------------------------
     def _balancers(self) -> list[Balancer]:
@@ -427,6 +443,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         """
         self._closing = True
         try:
+            self._report_skipped_shadows()
             await self._cancel_shadows()
             await self._drain(drain_timeout_s)
             if self._background_acks:

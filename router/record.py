@@ -105,6 +105,7 @@ class EventKind(StrEnum):
     BACKEND_HEALTHY = "backend_healthy"
     BREAKER_HALF_OPEN = "breaker_half_open"
     ROWS_DROPPED = "rows_dropped"
+    SHADOWS_SKIPPED = "shadows_skipped"
     SEGMENT_QUARANTINED = "segment_quarantined"
 
 

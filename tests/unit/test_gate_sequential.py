@@ -706,3 +706,33 @@ def test_the_data_docs_link_opens_the_failing_suites_page(tmp_path: Path) -> Non
     url = result.data_docs_url or ""
     assert "/data_quality-" in url and "comparison" not in url, url
     assert Path(url.removeprefix("file://")).exists()
+
+
+def test_shadows_the_router_skipped_raise_a_data_quality_alarm(tmp_path: Path) -> None:
+    """Shadows over the router's concurrency cap leave no row, and are skipped when
+    production is slow: 500 shadows for 1,000 primaries at sample rate 1 were judged as
+    if complete (the paired tests then see the faster half)."""
+    from checks.verdict import Verdict
+
+    def fill(shadows: int):
+        def rows(con) -> None:
+            _insert_rows(con, "legacy", "shadow", [5_000] * 1_000)
+            _insert_rows(
+                con,
+                "production",
+                "shadow",
+                [5_000] * shadows,
+                is_shadow=[True] * shadows,
+                primary_request_id=[f"legacy-{i}" for i in range(shadows)],
+            )
+
+        return rows
+
+    spec_ = replace(spec("shadow"), min_samples=100)
+    half = _evaluate(tmp_path, "half", spec_, fill(500))
+    assert half.verdict is Verdict.INSUFFICIENT_DATA, half.reason
+    (record,) = [r for r in half.records if r.metric == "shadow_coverage"]
+    assert record.estimate == pytest.approx(0.5) and "shadow_max_concurrency" in record.reason
+    whole = _evaluate(tmp_path, "whole", spec_, fill(990))
+    assert "shadow_coverage" not in whole.reason
+    assert [r.decision for r in whole.records if r.metric == "shadow_coverage"] == [Decision.PASS]
