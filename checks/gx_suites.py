@@ -178,9 +178,14 @@ def _outcomes(validation: Any) -> list[CheckOutcome]:
         meta = config.get("meta") or {}
         result = item.get("result") or {}
         observed = result.get("observed_value")
-        if observed is None and "unexpected_count" in result:
-            observed = result.get("unexpected_count")
         threshold = kwargs.get("max_value", kwargs.get("min_value"))
+        if kwargs.get("mostly") is not None and "unexpected_percent" in result:
+            # a row check with a tolerance: the share of rows off against the share allowed
+            # (it read "current_config_version = 40 within 1": a count against a version)
+            observed = (result.get("unexpected_percent") or 0.0) / 100.0
+            threshold = round(1.0 - float(kwargs["mostly"]), 12)
+        elif observed is None and "unexpected_count" in result:
+            observed = result.get("unexpected_count")
         info = item.get("exception_info") or {}
         if "raised_exception" in info:
             error = info.get("exception_message") if info.get("raised_exception") else None
