@@ -45,9 +45,13 @@ GROUP BY arm
 
 #: The row checks that must see EVERY row of the phase, counted in SQL: the raw-row frame
 #: GX validates holds the newest `window_rows` only, and a long phase has more (50
-#: duplicated ids in a phase's first hour passed under 200,000 later rows).
+#: duplicated rows in a phase's first hour passed under 200,000 later rows). A row
+#: stored twice (same instance, id, time and kind) breaks exactly-once collection; a
+#: request id a caller reused for a retry is another request, and is the row check's
+#: business (`unique_request_id`) while it is recent.
 PHASE_INTEGRITY_SQL = """
-SELECT count(*) - count(DISTINCT request_id) AS duplicate_request_ids,
+SELECT count(*) - count(DISTINCT (router_instance, request_id, ts, is_shadow))
+           AS duplicate_rows,
        count(*) FILTER (WHERE arm NOT IN $arms OR outcome NOT IN $outcomes
                         OR mode NOT IN $modes) AS invalid_labels
 FROM requests
@@ -114,7 +118,7 @@ def window_rows(
 
 
 def phase_integrity(con: Connection, version: int) -> dict[str, int]:
-    """`PHASE_INTEGRITY_SQL` for one config version: {duplicate_request_ids, invalid_labels}."""
+    """`PHASE_INTEGRITY_SQL` for one config version: {duplicate_rows, invalid_labels}."""
     cursor = con.execute(
         PHASE_INTEGRITY_SQL,
         {

@@ -103,7 +103,7 @@ def data_quality_aggregate_checks(
             metric,
             x.ExpectColumnMaxToBeBetween(column=metric, max_value=0, meta={"metric": metric}),
         )
-        for metric in ("invalid_numbers", "duplicate_request_ids", "invalid_labels")
+        for metric in ("invalid_numbers", "duplicate_rows", "invalid_labels")
     ]
     if expect_legacy:
         checks.append(

@@ -8,7 +8,6 @@ operator overriding one value on a host expects.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Annotated
@@ -186,9 +185,12 @@ class ProductionFeatureFlags(BaseSettings):
 
         The guard variables an operator set on the host still hold under a rollout's
         documents (they were silently replaced): `AUTO_FAILBACK=false` keeps the guard
-        off; for the error rate, the p95 latency and the split's age the stricter limit
-        wins; `ROLLBACK_MIN_REQUESTS` (how much evidence before failing back) is the
-        host's. Variables left unset leave the document's limits as they are."""
+        off; for the error rate and the p95 latency the stricter limit wins;
+        `ROLLBACK_MIN_REQUESTS` (how much evidence before failing back) is the host's.
+        Variables left unset leave the document's limits as they are.
+        `CANARY_MAX_HOURS` is not applied: it ends a split the environment configured
+        when nobody re-publishes it, while a rollout's split lasts as long as its plan
+        says (14 days, and a human's answer after that) and the flow watches it."""
         chosen = self.model_fields_set
         changes: dict[str, object] = {"enabled": limits.enabled and self.auto_failback}
         if "rollback_error_rate" in chosen:
@@ -197,10 +199,6 @@ class ProductionFeatureFlags(BaseSettings):
             changes["p95_latency_ms"] = min(limits.p95_latency_ms, self.rollback_latency_ms)
         if "rollback_min_requests" in chosen:
             changes["min_requests"] = min(self.rollback_min_requests, limits.window)
-        if "canary_max_hours" in chosen:
-            changes["canary_max_hours"] = min(
-                limits.canary_max_hours or math.inf, self.canary_max_hours
-            )
         return limits.model_copy(update=changes)
 
 

@@ -141,7 +141,8 @@ assert tuple(EVENT_SCHEMA.names) == RouterEvent._fields
 #: alone pairs a shadow with unrelated rows (another instance, an earlier rollout) and
 #: with every attempt of a caller's retry; when the id repeats within one instance and
 #: version, the primary that ended closest in time to the shadow is taken, so each
-#: shadow pairs with exactly one primary. `{table}` is the rows' table or view,
+#: shadow pairs with exactly one primary (the version in the partition is implied by the
+#: join, and lets a filter on it reach the scans). `{table}` is the rows' table or view,
 #: `{columns}` the select list (aliases `s` for the shadow, `p` for the primary),
 #: `{where}` extra conditions (`AND ...`) on them.
 SHADOW_PAIRS_SQL = """
@@ -153,7 +154,7 @@ FROM {table} s JOIN {table} p
  AND NOT p.is_shadow
 WHERE s.is_shadow {where}
 QUALIFY row_number() OVER (
-    PARTITION BY s.router_instance, s.request_id
+    PARTITION BY s.router_instance, s.config_version, s.request_id
     ORDER BY abs(epoch(p.ts) - epoch(s.ts)), p.ts
 ) = 1
 """

@@ -203,19 +203,14 @@ def schema_version(con: duckdb.DuckDBPyConnection) -> int:
     return int(row[0][0])
 
 
-def check_readable_version(current: int, *, writer: bool = False) -> None:
-    """A reader of a database whose schema is not this code's would fail on a missing
-    view with a bare catalog error: say what is wrong and what to do instead. A writer
-    upgrades an older one in place; nobody uses a newer one."""
+def check_readable_version(current: int) -> None:
+    """A database newer than this code is refused by readers too: they failed on a
+    missing view with a bare catalog error. An older one stays readable (the commands
+    that write read it first, then upgrade it in place)."""
     if current > LATEST_VERSION:
         raise StoreError(
             f"database schema v{current} is newer than this code (v{LATEST_VERSION}): "
             "upgrade the rollout package"
-        )
-    if not writer and 0 < current < LATEST_VERSION:
-        raise StoreError(
-            f"database schema v{current} is older than this code (v{LATEST_VERSION}): "
-            "run any writer once to upgrade it in place (for example `rollout collect`)"
         )
 
 
@@ -239,7 +234,7 @@ def migrate(
         "(version INTEGER PRIMARY KEY, description VARCHAR, applied_at TIMESTAMPTZ)"
     )
     current = schema_version(con)
-    check_readable_version(current, writer=True)
+    check_readable_version(current)
     for version, description, statements in MIGRATIONS:
         if version <= current:
             continue

@@ -336,4 +336,6 @@ def test_the_hosts_guard_variables_bound_a_published_document() -> None:
     bound = host.bound_guard(document)
     assert not bound.enabled
     assert (bound.error_rate, bound.p95_latency_ms) == (0.03, 8_000)  # the stricter each
-    assert (bound.min_requests, bound.canary_max_hours) == (30, 1)
+    assert bound.min_requests == 30
+    # a rollout's split lasts as its plan says: the host's time limit is for env splits
+    assert bound.canary_max_hours is None

@@ -656,7 +656,7 @@ def test_whole_phase_checks_see_rows_older_than_the_row_window(
 
     result = _evaluate(tmp_path, "old", ab_test(Thresholds()), fill)
     assert result.verdict is Verdict.INSUFFICIENT_DATA, result.reason
-    assert "invalid_numbers" in result.reason and "duplicate_request_ids" in result.reason
+    assert "invalid_numbers" in result.reason and "duplicate_rows" in result.reason
 
 
 def test_a_comparison_the_data_cannot_judge_stays_on_the_record(tmp_path: Path) -> None:

@@ -206,7 +206,7 @@ def aggregate(**overrides: Any) -> pd.DataFrame:
         "staleness_s": 4.0,
         "srm_p_value": 0.36,  # a healthy split
         "invalid_numbers": 0,
-        "duplicate_request_ids": 0,
+        "duplicate_rows": 0,
         "invalid_labels": 0,
     }
     values.update(overrides)
@@ -225,7 +225,7 @@ def run_aggregate(
     )
 
 
-WHOLE_PHASE = ("invalid_numbers", "duplicate_request_ids", "invalid_labels")
+WHOLE_PHASE = ("invalid_numbers", "duplicate_rows", "invalid_labels")
 
 
 def test_aggregate_suite_passes_on_a_healthy_split(runner: GxRunner) -> None:
@@ -250,7 +250,7 @@ def test_aggregate_suite_passes_on_a_healthy_split(runner: GxRunner) -> None:
         pytest.param({"staleness_s": 900.0}, "freshness_s", 900.0, TH.freshness_s, id="stale"),
         # a NaN latency, an infinite cost or a quality of 7 in the phase's rows
         pytest.param({"invalid_numbers": 2}, "invalid_numbers", 2, 0.0, id="invalid-numbers"),
-        pytest.param({"duplicate_request_ids": 3}, "duplicate_request_ids", 3, 0.0, id="dup-ids"),
+        pytest.param({"duplicate_rows": 3}, "duplicate_rows", 3, 0.0, id="dup-ids"),
         pytest.param({"invalid_labels": 1}, "invalid_labels", 1, 0.0, id="bad-labels"),
         # a split far off the configured one: p = 4e-8, far below the 0.001 alarm
         pytest.param(

@@ -561,7 +561,8 @@ def test_sufficient_statistics_sql() -> None:
     con.execute(
         "CREATE TABLE requests (request_id VARCHAR, primary_request_id VARCHAR, "
         "config_version BIGINT, arm VARCHAR, is_shadow BOOLEAN, outcome VARCHAR, "
-        "latency_ms DOUBLE, cost_usd DOUBLE)"
+        "latency_ms DOUBLE, cost_usd DOUBLE, router_instance VARCHAR DEFAULT 'i', "
+        "ts TIMESTAMPTZ DEFAULT now())"
     )
     n = 400
     outcomes = np.where(rng.random(2 * n) < 0.05, "timeout", "ok")
@@ -573,7 +574,11 @@ def test_sufficient_statistics_sql() -> None:
         rows.append(
             (f"s{i}", f"p{i}", 3, "production", True, outcomes[n + i], lat[n + i], cost[n + i])
         )
-    con.executemany("INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    con.executemany(
+        "INSERT INTO requests (request_id, primary_request_id, config_version, arm, is_shadow, "
+        "outcome, latency_ms, cost_usd) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        rows,
+    )
 
     cur = con.execute(sq.ARM_MOMENTS_SQL, [3])
     names = [d[0] for d in cur.description]
