@@ -214,7 +214,8 @@ class FailbackGuard:
         if age_h > limit:
             return self.trip(
                 f"traffic split is {age_h:.1f} h old with no new config: "
-                f"over the {limit:g} h maximum (PROD_LB_CANARY_MAX_HOURS)"
+                f"over the {limit:g} h maximum (canary_max_hours: PROD_LB_CANARY_MAX_HOURS, "
+                "or the published document's guard)"
             )
         return None
 
