@@ -19,6 +19,7 @@ database describes.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
 
@@ -57,6 +58,8 @@ class RolledBackMeanwhile(RolloutError):
     """A rollback reached the routers while this change was being decided."""
 
 
+log = logging.getLogger(__name__)
+
 #: How long a rollback waits for the database *after* it has told the routers.
 RECORD_WAIT_S = 15.0
 
@@ -79,8 +82,12 @@ class Published:
 
 
 def _store_floor(paths: DataPaths) -> int:
-    current = control_store(paths).current_or_none()
-    return current.version if current else 0
+    """The highest version the routers may have seen: the live document's, or one in
+    their heartbeats (applied or refused). Every publisher numbers above it: routers
+    refuse a version below the one they run (a reset data dir started at v1 under
+    routers on v7, and every start and restore was refused)."""
+    store = control_store(paths)
+    return _fresh_version(store, store.current_or_none()) - 1
 
 
 def _publish_in_txn(
@@ -196,22 +203,27 @@ def promote(
     reason: str,
     actor: str,
     override: bool = False,
+    decision: tuple[str, str] | None = None,
 ) -> Published | Rollout:
     """Next phase (publishes its config) or, after the last phase, completion.
 
-    `override`: a person promotes without the gate's verdict; their decision is recorded
-    with the move, in the same transaction (the gate and `approve` record their own)."""
+    A person's decision is recorded with the move, in the same transaction, so a move
+    that fails leaves no decision claiming it happened: `override` (promoting without
+    the gate's verdict) or `decision` = (verdict, action), e.g. an approval. The gate
+    records its own."""
     index = rollout.phase_index
     plan = rollout.plan
+    if override:
+        decision = ("PROMOTE", "manual override of the gate")
     with transaction(con):
-        if override:
+        if decision is not None:
             record_decision(
                 con,
                 decision_id=uuid.uuid4().hex,
                 rollout=rollout,
                 config_version=_phase_version_or_none(con, rollout),
-                verdict="PROMOTE",
-                action="manual override of the gate",
+                verdict=decision[0],
+                action=decision[1],
                 actor=actor,
                 reason=reason,
             )
@@ -483,19 +495,21 @@ def approve(
         reason = f"{'approved' if approved else 'rejected'} by {actor}" + (
             f": {comment}" if comment else ""
         )
+        if approved:
+            moved = promote(
+                con, paths, rollout, reason=reason, actor=actor, decision=("APPROVED", "promote")
+            )
+            return moved.rollout if isinstance(moved, Published) else moved
         record_decision(
             con,
             decision_id=uuid.uuid4().hex,
             rollout=rollout,
             config_version=_phase_version(con, rollout),
-            verdict="APPROVED" if approved else "REJECTED",
-            action="promote" if approved else "rollback",
+            verdict="REJECTED",
+            action="rollback",
             actor=actor,
             reason=reason,
         )
-        if approved:
-            moved = promote(con, paths, rollout, reason=reason, actor=actor)
-            return moved.rollout if isinstance(moved, Published) else moved
     rolled = rollback(paths, reason=reason, actor=actor, rollout_id=rollout.rollout_id).rollout
     assert rolled is not None
     return rolled
@@ -526,8 +540,7 @@ def restore_previous(
             return None
         if not rollout.active or _phase_version_or_none(con, rollout) != failed_version:
             return None  # not the live, unacknowledged phase: nothing to undo
-        current = store.current_or_none()
-        version = next_config_version(con, current.version if current else 0)
+        version = next_config_version(con, _store_floor(paths))
         if row is None:  # the failed publish was phase 1: before it, legacy served everyone
             config = legacy_only_config(
                 version, rollout_id, rollout.plan.salt, f"restore after failed publish: {reason}"
@@ -542,38 +555,53 @@ def restore_previous(
                 }
             )
             target_state, phase_index = RolloutState.RUNNING, max(0, int(failed[1]) - 1)
-        with transaction(con):
-            record_config(con, config, phase_index)
-            con.execute(
-                "UPDATE phases SET started_at = NULL, config_version = NULL, ended_at = NULL, "
-                "outcome = NULL WHERE rollout_id = ? AND phase_index = ? AND phase_index <> ?",
-                [rollout_id, int(failed[1]), phase_index],
-            )
-            if target_state is RolloutState.RUNNING:
-                # a new version judged from scratch: its clock restarts too
-                start_phase(con, rollout_id, phase_index, version)
-            if target_state is RolloutState.ABORTED:
-                end_phase(con, rollout_id, 0, "aborted")
-            if rollout.state is not target_state or rollout.phase_index != phase_index:
-                rollout = transition(
-                    con,
-                    rollout,
-                    target_state,
-                    phase_index=phase_index,
-                    cause=f"publish of v{failed_version} failed ({reason}); restored as v{version}",
-                    actor=actor,
+        try:
+            with transaction(con):
+                con.execute(
+                    "UPDATE phases SET started_at = NULL, config_version = NULL, "
+                    "ended_at = NULL, outcome = NULL "
+                    "WHERE rollout_id = ? AND phase_index = ? AND phase_index <> ?",
+                    [rollout_id, int(failed[1]), phase_index],
                 )
-            record_decision(
-                con,
-                decision_id=uuid.uuid4().hex,
-                rollout=rollout,
-                config_version=version,
-                verdict="RESTORED",
-                action=f"re-published the previous config as v{version}",
-                actor=actor,
-                reason=reason,
-            )
-            store.publish(config)
+                if target_state is RolloutState.RUNNING:
+                    # a new version judged from scratch: its clock restarts too
+                    start_phase(con, rollout_id, phase_index, version)
+                if target_state is RolloutState.ABORTED:
+                    end_phase(con, rollout_id, 0, "aborted")
+                moved = rollout
+                if rollout.state is not target_state or rollout.phase_index != phase_index:
+                    moved = transition(
+                        con,
+                        rollout,
+                        target_state,
+                        phase_index=phase_index,
+                        cause=f"publish of v{failed_version} failed ({reason}); restored as "
+                        f"v{version}",
+                        actor=actor,
+                    )
+                record_decision(
+                    con,
+                    decision_id=uuid.uuid4().hex,
+                    rollout=moved,
+                    config_version=version,
+                    verdict="RESTORED",
+                    action=f"re-published the previous config as v{version}",
+                    actor=actor,
+                    reason=reason,
+                )
+                _publish_in_txn(con, paths, config, phase_index)
+        except RolledBackMeanwhile:
+            # An emergency rollback went out and could not be recorded yet: restoring the
+            # previous phase would undo it (users back on production, no trace of the
+            # rollback). Record the rollback instead.
+            live = store.current_or_none()
+            if live is not None:
+                log.warning(
+                    "restore of v%s skipped, a rollback is live: %s",
+                    failed_version,
+                    _adopt(con, rollout, live, failed_version),
+                )
+            return None
     return config
 
 
@@ -602,7 +630,7 @@ def reconcile(paths: DataPaths) -> str | None:
             and document.rollout_id
             and get_rollout(con, document.rollout_id) is None
         ):
-            version = next_config_version(con, document.version)
+            version = next_config_version(con, _store_floor(paths))
             config = legacy_only_config(
                 version,
                 None,
@@ -624,7 +652,7 @@ def reconcile(paths: DataPaths) -> str | None:
             adopted = _adopt(con, rollout, document, expected)
             if adopted is not None or document.version == expected:
                 return adopted
-        version = next_config_version(con, document.version if document else 0)
+        version = next_config_version(con, _store_floor(paths))
         config = phase_config(
             rollout.plan,
             rollout.phase_index,

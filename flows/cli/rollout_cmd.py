@@ -451,6 +451,22 @@ def promote(
             markup=False,
             highlight=False,
         )
+        if status_.live and not status_.complete:
+            # As a tick or an approval does: the routers did not take it, so the previous
+            # phase goes back out (the database claimed a phase no router served).
+            restored = lifecycle.restore_previous(
+                p,
+                rollout_id=rollout.rollout_id,
+                failed_version=moved.config.version,
+                reason=f"not applied by every router: {status_.describe()}",
+                actor=_actor(),
+            )
+            undo = (
+                f"restored the previous config as v{restored.version}"
+                if restored
+                else ("nothing restored (see rollout status)")
+            )
+            fail(f"v{moved.config.version} was not applied by every router: {undo}", code=1)
     else:
         console.print(f"rollout {moved.rollout_id} completed", markup=False, highlight=False)
 

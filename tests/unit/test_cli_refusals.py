@@ -140,3 +140,39 @@ def test_status_json_keeps_the_reason_verbatim(running: DataPaths) -> None:
 
 def _no_flow_may_run() -> Any:
     raise AssertionError("a refused command must not start a Prefect session")
+
+
+def test_a_promotion_the_routers_refuse_is_undone_and_exits_1(
+    running: DataPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It exited 0 with "0/1 instance(s) applied": scripts took the promotion as done,
+    and the database claimed a phase no router served until a tick came by."""
+    from datetime import UTC, datetime
+
+    from flows import control
+    from router.control_store import Acknowledgement
+
+    now = datetime.now(UTC)
+    router = Acknowledgement(
+        instance="app-1",
+        applied_version=1,
+        effective_mode="shadow",
+        configured_mode="shadow",
+        traffic_percent=0,
+        heartbeat_at=now,
+        started_at=now,
+    )
+
+    def refused(store: control.Store, version: int, timeout_s: float) -> control.AckStatus:
+        return control.AckStatus(
+            version, live=[router], pending=["app-1"], refused=[("app-1", "cannot apply")]
+        )
+
+    monkeypatch.setattr(control, "wait_for_ack", refused)
+    result = cli("promote", "--reason", "skip shadow", "--data-dir", str(running.root))
+    assert result.exit_code == 1, result.output
+    assert "v2 was not applied by every router: restored the previous config as v3" in (
+        result.stderr
+    )
+    live = control.control_store(running).current()
+    assert (live.version, live.phase) == (3, "shadow")

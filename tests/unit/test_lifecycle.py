@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from flows import lifecycle
-from flows.control import control_store
+from flows.control import control_store, legacy_only_config
 from flows.demo.runner import DEMO_PLAN
 from flows.paths import DataPaths
 from flows.plan import load_plan
-from flows.store.database import connect
-from flows.store.rollouts import get_rollout
+from flows.state import RolloutState
+from flows.store.database import connect, transaction
+from flows.store.rollouts import get_rollout, transition
+from router.control_store import Acknowledgement
+from router.router_config import RouterConfig
 
 
 @pytest.fixture
@@ -60,3 +64,75 @@ def test_starting_an_existing_id_again_is_a_no_op_only_for_the_same_active_plan(
     with pytest.raises(lifecycle.RolloutError, match=r"already exists \(rolled_back\)"):
         lifecycle.start(paths, plan, actor="test", rollout_id=rid)
     assert control_store(paths).current() == published  # nothing claimed, nothing moved
+
+
+def _rollback_published_not_recorded(paths: DataPaths, rid: str) -> RouterConfig:
+    """What `rollback` leaves when the database is locked: legacy_only is live (it tells
+    the routers first) and the record is deferred."""
+    live = control_store(paths).current()
+    document = legacy_only_config(live.version + 1, rid, live.salt, "rollback: on-call")
+    control_store(paths).publish(document)
+    return document
+
+
+def test_a_restore_never_undoes_a_rollback_that_is_live_but_unrecorded(
+    running: tuple[DataPaths, str],
+) -> None:
+    """An unacknowledged promotion's restore re-published the previous phase over an
+    emergency rollback: users went back to the production balancer and the rollback
+    left no trace. The rollback is recorded instead."""
+    paths, rid = running
+    with connect(paths.database) as con:
+        rollout = get_rollout(con, rid)
+        assert rollout is not None
+        moved = lifecycle.promote(con, paths, rollout, reason="gate", actor="gate")
+    assert isinstance(moved, lifecycle.Published)
+    rollback = _rollback_published_not_recorded(paths, rid)
+    restored = lifecycle.restore_previous(
+        paths,
+        rollout_id=rid,
+        failed_version=moved.config.version,
+        reason="routers did not acknowledge it",
+        actor="transaction",
+    )
+    assert restored is None
+    assert control_store(paths).current() == rollback
+    assert state_of(paths, rid) == "rolled_back"
+
+
+def test_an_approval_whose_promotion_fails_leaves_no_approved_decision(
+    running: tuple[DataPaths, str],
+) -> None:
+    paths, rid = running
+    with connect(paths.database) as con:
+        rollout = get_rollout(con, rid)
+        assert rollout is not None
+        with transaction(con):
+            transition(con, rollout, RolloutState.AWAITING_APPROVAL, cause="gate", actor="gate")
+    _rollback_published_not_recorded(paths, rid)
+    for _ in range(2):
+        with pytest.raises(lifecycle.RolledBackMeanwhile):
+            lifecycle.approve(paths, approved=True, actor="alice", rollout_id=rid)
+    with connect(paths.database, read_only=True) as con:
+        verdicts = con.execute("SELECT verdict FROM decisions WHERE rollout_id = ?", [rid])
+        assert ("APPROVED",) not in verdicts.fetchall()
+
+
+def test_versions_are_numbered_above_what_the_routers_run(tmp_path: Path) -> None:
+    """A data dir reset under running routers (they run v7) started at v1: routers refuse
+    a lower version, so every start and restore was refused."""
+    paths = DataPaths.at(tmp_path / "data").ensure()
+    now = datetime.now(UTC)
+    control_store(paths).write_ack(
+        Acknowledgement(
+            instance="app-1",
+            applied_version=7,
+            effective_mode="legacy_only",
+            configured_mode="legacy_only",
+            traffic_percent=0,
+            heartbeat_at=now,
+            started_at=now,
+        )
+    )
+    published = lifecycle.start(paths, load_plan(DEMO_PLAN), actor="test")
+    assert published.config.version == 8
