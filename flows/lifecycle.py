@@ -60,6 +60,10 @@ class RolledBackMeanwhile(RolloutError):
 
 log = logging.getLogger(__name__)
 
+#: The reason a restore of phase 1 (legacy_only, the rollout ends ABORTED) starts with:
+#: `reconcile` tells it from a rollback by it.
+PHASE_ONE_RESTORE = "restore after failed publish"
+
 #: How long a rollback waits for the database *after* it has told the routers.
 RECORD_WAIT_S = 15.0
 
@@ -543,7 +547,7 @@ def restore_previous(
         version = next_config_version(con, _store_floor(paths))
         if row is None:  # the failed publish was phase 1: before it, legacy served everyone
             config = legacy_only_config(
-                version, rollout_id, rollout.plan.salt, f"restore after failed publish: {reason}"
+                version, rollout_id, rollout.plan.salt, f"{PHASE_ONE_RESTORE}: {reason}"
             )
             target_state, phase_index = RolloutState.ABORTED, 0
         else:
@@ -684,7 +688,8 @@ def _adopt(
     cause = f"recovered after a crash: v{document.version} was published but not recorded"
     with transaction(con):
         if document.mode.value == "legacy_only":
-            aborted = document.reason.startswith("abort")
+            # a restore of phase 1 ends the rollout aborted too (see restore_previous)
+            aborted = document.reason.startswith(("abort", PHASE_ONE_RESTORE))
             target = RolloutState.ABORTED if aborted else RolloutState.ROLLED_BACK
             if not known:
                 record_config(con, document, rollout.phase_index)

@@ -114,6 +114,12 @@ class Phase(BaseModel):
             raise ValueError(
                 f"max_duration {self.max_duration} is shorter than min_duration {self.min_duration}"
             )
+        if self.evaluation_interval > self.max_duration:
+            # the maximum-duration policy would fire only at the first look past it
+            raise ValueError(
+                f"evaluation_interval {self.evaluation_interval} is longer than max_duration "
+                f"{self.max_duration}: use an interval of at most the maximum duration"
+            )
         return self
 
 
@@ -278,10 +284,30 @@ def apply_profiles(plan: RolloutPlan) -> RolloutPlan:
     return plan.model_copy(update={"phases": phases})
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error: the last one
+    won silently, and `traffic_percent: 5` then `traffic_percent: 50` sent 50 %."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[object, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} is given twice (lines {seen[key]} and {line}): keep one",
+                    key_node.start_mark,
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_plan(path: Path | str) -> RolloutPlan:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader
     except FileNotFoundError:
         raise PlanError([f"plan file {str(path)!r} does not exist"]) from None
     except OSError as exc:

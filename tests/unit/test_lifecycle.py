@@ -136,3 +136,19 @@ def test_versions_are_numbered_above_what_the_routers_run(tmp_path: Path) -> Non
     )
     published = lifecycle.start(paths, load_plan(DEMO_PLAN), actor="test")
     assert published.config.version == 8
+
+
+def test_a_phase_one_restore_that_died_before_recording_is_adopted_as_an_abort(
+    running: tuple[DataPaths, str],
+) -> None:
+    """reconcile told an abort from a rollback by the reason's first word, and the
+    phase-1 restore's reason starts "restore": it was adopted as ROLLED_BACK."""
+    paths, rid = running
+    live = control_store(paths).current()
+    control_store(paths).publish(
+        legacy_only_config(
+            live.version + 1, rid, live.salt, f"{lifecycle.PHASE_ONE_RESTORE}: no ack"
+        )
+    )
+    assert "adopted abort" in (lifecycle.reconcile(paths) or "")
+    assert state_of(paths, rid) == "aborted"

@@ -148,7 +148,27 @@ BROKEN = [
         ["phase 2 (canary-5)", "max_duration", "longer than the 3650 days allowed"],
     ),
     ("negative ack timeout", lambda d: d.update(ack_timeout=-5), ["ack_timeout", "longer than 0"]),
+    (
+        "interval past the maximum",
+        lambda d: d["phases"][1].update(evaluation_interval="2h"),
+        ["phase 2 (canary-5)", "evaluation_interval", "longer than max_duration"],
+    ),
 ]
+
+
+def test_a_key_given_twice_in_a_plan_file_is_refused_naming_both_lines(tmp_path: Path) -> None:
+    """YAML keeps the last of two equal keys: `traffic_percent: 5` then `50` sent 50 %."""
+    text = (ROOT / "deployments" / "plans" / "demo.yaml").read_text()
+    doubled = text.replace(
+        "traffic_percent: 5\n", "traffic_percent: 5\n    traffic_percent: 50\n", 1
+    )
+    assert doubled != text
+    path = tmp_path / "doubled.yaml"
+    path.write_text(doubled)
+    with pytest.raises(PlanError) as caught:
+        load_plan(path)
+    (line,) = caught.value.lines
+    assert "not valid YAML" in line and "'traffic_percent' is given twice" in line
 
 
 @pytest.mark.parametrize(("what", "change", "words"), BROKEN, ids=[b[0] for b in BROKEN])
