@@ -47,9 +47,13 @@ def mask_url(text: str) -> str:
 
 
 def mask(name: str, value: object) -> str:
+    """A value as an error shows it: secrets as ***, and any URL in it without its
+    password or query values (an invalid PROD_LB_PERPLEXITY_URL printed both)."""
     if any(marker in name.upper() for marker in SECRET_MARKERS):
         return "'***'"
-    return repr(value)
+    if isinstance(value, list | tuple):
+        return repr([mask_url(str(item)) for item in value])
+    return repr(mask_url(value)) if isinstance(value, str) else repr(value)
 
 
 def _bounds(info: FieldInfo) -> str:

@@ -161,6 +161,26 @@ def test_cli_validate_rejects_with_exit_2_and_one_line(
     assert variable in lines[0] and allowed in lines[0]
 
 
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PROD_LB_PERPLEXITY_URL", "https://admin:hunter2@api.example:99999/?token=tok456"),
+        ("PROD_LB_CONTROL_URL", "htp://admin:hunter2@ctl?token=tok456"),
+        ("PROD_LB_LIGHTRAG_URLS", "http://admin:hunter2@x:99999/?token=tok456"),
+    ],
+)
+def test_an_invalid_url_is_named_without_its_password_or_token(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    """The error printed the whole value: credentials reached CI and service logs."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as caught:
+        load_flags()
+    shown = str(caught.value)
+    assert variable in shown and "hunter2" not in shown and "tok456" not in shown
+    assert "admin:***@" in shown and "token=***" in shown
+
+
 def test_cli_validate_accepts_profile_and_show_masks_nothing_secret() -> None:
     result = _cli("config", "validate", "--profile", "canary", env={})
     assert result.returncode == 0, result.stderr
