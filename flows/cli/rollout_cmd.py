@@ -526,6 +526,37 @@ def abort(
     )
 
 
+def _decisions_table(decisions: list[dict[str, Any]]) -> Table:
+    """Every decision, oldest first; a run of the same verdict and action in one phase
+    is one row with its count, its first time and its latest reason (a week-long phase
+    evaluated every 15 minutes holds hundreds of HOLDs)."""
+
+    def same(d: dict[str, Any]) -> tuple[Any, ...]:
+        return d["phase_index"], d["verdict"], d["action"], d["actor"]
+
+    runs: list[tuple[dict[str, Any], int, str]] = []
+    for d in reversed(decisions):  # the snapshot lists the newest first
+        if runs and same(runs[-1][0]) == same(d):
+            first_row, count, _ = runs[-1]
+            runs[-1] = (first_row, count + 1, d["reason"])
+        else:
+            runs.append((d, 1, d["reason"]))
+    table = Table(
+        "when (UTC)", "phase", "verdict", "×", "action", "by", "reason", title="decisions"
+    )
+    for d, count, reason in runs:
+        table.add_row(
+            f"{d['decided_at']:%Y-%m-%d %H:%M:%S}",
+            "-" if d["phase_index"] is None else str(d["phase_index"] + 1),
+            literal(d["verdict"]),
+            str(count),
+            literal(d["action"]),
+            literal(d["actor"]),
+            literal(reason),
+        )
+    return table
+
+
 def report(
     rollout_id: RolloutId = None,
     as_json: AsJson = False,
@@ -565,7 +596,9 @@ def report(
     from rich.markdown import Markdown
 
     console.print(Markdown(markdown(snap)))
-    transitions = Table("#", "when", "from", "to", "phase", "by", "cause", title="transitions")
+    transitions = Table(
+        "#", "when (UTC)", "from", "to", "phase", "by", "cause", title="transitions"
+    )
     for t in snap.transitions:
         transitions.add_row(
             str(t["seq"]),
@@ -577,6 +610,7 @@ def report(
             literal(t["cause"]),
         )
     console.print(transitions)
+    console.print(_decisions_table(snap.decisions))
     arms_table = Table(
         "arm",
         "requests",

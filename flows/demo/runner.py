@@ -51,6 +51,7 @@ SELECT r.arm,
        avg(r.quality_score)                                            AS mean_quality
 FROM all_requests r JOIN config_versions cv ON cv.version = r.config_version
 WHERE cv.rollout_id = ? AND cv.mode <> 'legacy_only'  -- the phases', not a rollback's
+  AND NOT r.is_shadow  -- what users got: a shadow answer is discarded
 GROUP BY r.arm ORDER BY r.arm
 """
 

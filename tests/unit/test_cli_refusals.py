@@ -176,3 +176,27 @@ def test_a_promotion_the_routers_refuse_is_undone_and_exits_1(
     )
     live = control.control_store(running).current()
     assert (live.version, live.phase) == (3, "shadow")
+
+
+def test_the_report_lists_decisions_and_counts_only_what_users_got(running: DataPaths) -> None:
+    """It promised every decision and printed none; and it counted shadow executions
+    (discarded answers) as production, hiding a canary's regression behind them."""
+    from flows.bench.synthetic import make_table
+    from flows.store.database import connect
+
+    with connect(running.database) as con:
+        rows = make_table(400, seed=3, config_version=1, mode="shadow")
+        con.execute(f"INSERT INTO requests ({', '.join(rows.column_names)}) SELECT * FROM rows")
+        con.execute("UPDATE requests SET is_shadow = (arm = 'production')")
+        served = con.execute(
+            "SELECT count(*) FROM requests WHERE arm = 'production' AND NOT is_shadow"
+        ).fetchall()[0][0]
+        rollout = lifecycle.resolve_active(con, None)
+        assert rollout is not None
+        lifecycle.promote(con, running, rollout, reason="by hand", actor="alice", override=True)
+    report = cli("report", "--data-dir", str(running.root), "--json")
+    assert report.exit_code == 0, report.output
+    arms = {a["arm"]: a["requests"] for a in json.loads(report.stdout)["arms"]}
+    assert arms.get("production", 0) == served == 0
+    text = cli("report", "--data-dir", str(running.root))
+    assert "decisions" in text.stdout and "manual override of the gate" in text.stdout
