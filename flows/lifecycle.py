@@ -75,6 +75,8 @@ class BackToLegacy:
     #: True only for the call that ended the rollout: repeats and rollbacks of a finished
     #: rollout publish nothing new and must not announce it again.
     ended_now: bool = False
+    #: True when this call published a new legacy_only document (not a repeat).
+    published: bool = False
 
 
 @dataclass(frozen=True)
@@ -349,7 +351,9 @@ def _back_to_legacy(
         and owner is not None
     ):
         config = current  # already out: repeating is a no-op for the routers
+        published = False
     else:
+        published = True
         config = legacy_only_config(
             _fresh_version(store, current),
             owner,
@@ -378,23 +382,26 @@ def _back_to_legacy(
                         con, rollout, target, cause=f"{past}: {reason}", actor=actor
                     )
                     ended_now = True
-                    if record:
-                        record_decision(
-                            con,
-                            decision_id=uuid.uuid4().hex,
-                            rollout=rollout,
-                            config_version=config.version,
-                            verdict=verdict,
-                            action="published legacy_only",
-                            actor=actor,
-                            reason=reason,
-                        )
+                if record and (ended_now or (rollout is not None and published)):
+                    # after the rollout ended too: moving every user back to legacy
+                    # must leave a trace where people look (report, status)
+                    record_decision(
+                        con,
+                        decision_id=uuid.uuid4().hex,
+                        rollout=rollout,
+                        config_version=config.version,
+                        verdict=verdict,
+                        action="published legacy_only"
+                        + ("" if ended_now else f" after the rollout {rollout.state.value}"),
+                        actor=actor,
+                        reason=reason,
+                    )
     except StoreError as exc:
         raise RecordingDeferred(
             f"legacy_only is published as v{config.version} (routers are switching now); "
             f"recording it is deferred to the next tick: {exc}"
         ) from exc
-    return BackToLegacy(config, rollout, ended_now)
+    return BackToLegacy(config, rollout, ended_now, published)
 
 
 def _fresh_version(store: Store, current: RouterConfig | None) -> int:

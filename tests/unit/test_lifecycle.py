@@ -152,3 +152,26 @@ def test_a_phase_one_restore_that_died_before_recording_is_adopted_as_an_abort(
     )
     assert "adopted abort" in (lifecycle.reconcile(paths) or "")
     assert state_of(paths, rid) == "aborted"
+
+
+def test_rolling_back_a_finished_rollout_leaves_a_decision(
+    running: tuple[DataPaths, str],
+) -> None:
+    """Every user went back to legacy after a completed rollout with no transition, no
+    decision and no event: `rollout report` showed nothing."""
+    paths, rid = running
+    with connect(paths.database) as con:
+        rollout = get_rollout(con, rid)
+        assert rollout is not None
+        with transaction(con):
+            transition(con, rollout, RolloutState.COMPLETED, cause="done", actor="gate")
+    done = lifecycle.rollback(paths, reason="late errors", actor="alice", rollout_id=rid)
+    assert done.published and not done.ended_now
+    again = lifecycle.rollback(paths, reason="again", actor="alice", rollout_id=rid)
+    assert not again.published  # a repeat publishes and records nothing new
+    with connect(paths.database, read_only=True) as con:
+        decisions = con.execute(
+            "SELECT verdict, action, actor FROM decisions WHERE rollout_id = ?", [rid]
+        ).fetchall()
+    assert decisions == [("ROLLBACK", "published legacy_only after the rollout completed", "alice")]
+    assert state_of(paths, rid) == "completed"
