@@ -56,6 +56,14 @@ def print_error(line: str) -> None:
     err_console.print(Text.assemble(("error:", "red"), " ", line), soft_wrap=True)
 
 
+def fail_store(exc: Exception) -> NoReturn:
+    """A store problem: exit 1 when the database is busy (locked: retry later), 2 when
+    the input is wrong (no database there, a bad --wait)."""
+    from flows.store.database import StoreLocked
+
+    fail(str(exc), code=1 if isinstance(exc, StoreLocked) else 2)
+
+
 def fail(lines: str | list[str], code: int = 2) -> NoReturn:
     """Print each problem on its own line to stderr and exit (2: bad input)."""
     for line in [lines] if isinstance(lines, str) else lines:

@@ -25,6 +25,7 @@ from flows.cli.common import (
     err_console,
     existing,
     fail,
+    fail_store,
     literal,
     paths,
 )
@@ -167,7 +168,7 @@ def status(
         with connect(p.database, read_only=True) as con:
             snap = snapshot(con, rollout_id, decisions=5)
     except StoreError as exc:
-        fail(str(exc))
+        fail_store(exc)
     acks = control_store(p).read_acks()
     if snap is None:
         fail(
@@ -584,7 +585,7 @@ def report(
             names = [d[0] for d in cursor.description]
             arms = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
     except StoreError as exc:
-        fail(str(exc))
+        fail_store(exc)
     if as_json:
         _print_json(
             {

@@ -17,7 +17,15 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from flows.cli.common import DEFAULT_DATA_DIR, DataDir, console, fail, literal, paths
+from flows.cli.common import (
+    DEFAULT_DATA_DIR,
+    DataDir,
+    console,
+    fail,
+    fail_store,
+    literal,
+    paths,
+)
 
 EXAMPLES: dict[str, str] = {
     "Legacy against production, per phase of the latest rollout": "SELECT phase_index + 1 AS phase, phase_name, arm, requests, success_rate, p95_ms, "
@@ -230,7 +238,7 @@ def sql(
                     fail(f"query failed: {str(exc).splitlines()[0]}")
                 _print(columns, rows, output)
     except StoreError as exc:
-        fail(str(exc))
+        fail_store(exc)
 
 
 def _print(columns: list[str], rows: list[tuple[Any, ...]], output: Format) -> None:

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from flows.cli.common import DEFAULT_DATA_DIR, DataDir, console, existing, fail
+from flows.cli.common import DEFAULT_DATA_DIR, DataDir, console, existing, fail, fail_store
 
 
 def compact(
@@ -67,7 +67,9 @@ def compact(
             relocate_archive=relocate_archive,
             wait_s=wait,
         )
-    except (StoreError, ValueError) as exc:
+    except StoreError as exc:
+        fail_store(exc)
+    except ValueError as exc:
         fail(str(exc))
     if as_json:
         print(

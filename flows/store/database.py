@@ -8,6 +8,7 @@ wait for, instead of hanging or crashing with DuckDB's raw text.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -39,6 +40,9 @@ ARCHIVE_SETTING = "archive_location"
 #: moves (backup restore, another mount) keeps its archive. Explicit locations are
 #: recorded absolute, or as URLs.
 DEFAULT_ARCHIVE = "archive"
+
+#: The longest a connection waits for a lock (an hour): a NaN or endless wait hung forever.
+MAX_WAIT_S = 3600.0
 
 
 class StoreError(RuntimeError):
@@ -118,6 +122,8 @@ def connect(
             f"the database path {path} contains '?', which DuckDB cannot use (it names the "
             "write-ahead log after the part before '?'): use a data dir without '?'"
         )
+    if not (math.isfinite(wait_s) and 0 <= wait_s <= MAX_WAIT_S):
+        raise StoreError(f"wait {wait_s:g} s is not allowed: give seconds from 0 to {MAX_WAIT_S:g}")
     if read_only and not path.exists():
         raise StoreError(
             f"no metrics database at {path}: run `rollout collect` or `rollout demo` first, "

@@ -250,3 +250,10 @@ def test_the_table_never_shows_everyday_numbers_in_scientific_notation(data: Dat
     assert code == 0, err
     assert "604800" in out and "0.005034" in out and "136.4" in out
     assert "e+05" not in out
+
+
+@pytest.mark.parametrize("wait", ["nan", "-5", "inf"])
+def test_a_wait_that_is_no_number_of_seconds_is_refused(data: DataPaths, wait: str) -> None:
+    """--wait nan waited forever on a held lock, and -5 said "waited -5s"."""
+    code, _, err = rollout_sql(data, "--wait", wait, "SELECT 1")
+    assert code == 2 and "give seconds from 0 to 3600" in err
