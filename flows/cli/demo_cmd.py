@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 from pathlib import Path
@@ -44,6 +45,9 @@ def demo(
     """Run a compressed five-phase rollout against simulated backends on 127.0.0.1."""
     if not 0 <= dashboard_port <= 65535:
         fail(f"--dashboard-port {dashboard_port}: allowed is 0-65535")
+    if rate is not None and not (math.isfinite(rate) and rate > 0):
+        # checked before any process starts (0 silently became the default rate)
+        fail(f"--rate {rate:g}: give questions per second above 0, or leave it out")
     configure_prefect()
     from flows.demo.runner import DEMO_PLAN, DemoSettings, run_demo
     from flows.plan import PlanError
@@ -137,6 +141,9 @@ def app_run(
             info = FleetInfo.read(fleet_file)
         except FileNotFoundError:
             fail(f"no fleet file at {fleet_file}: is `rollout sim serve` running?")
+        except (ValueError, OSError) as exc:  # pydantic's ValidationError is a ValueError
+            first = str(exc).splitlines()[0]
+            fail(f"{fleet_file} is not a fleet file `rollout sim serve` wrote ({first})")
         backends_file = fleet_file.with_name("backends.json")
         backends_file.write_text(
             json.dumps([b.model_dump(mode="json") for b in info.backend_configs(timeout_s=5.0)])
@@ -145,8 +152,10 @@ def app_run(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
-    if rate <= 0 or users <= 0:
-        fail("--rate and --users must be above 0")
+    if not (math.isfinite(rate) and rate > 0) or users <= 0:
+        fail(f"--rate ({rate:g}) and --users ({users}) must be numbers above 0")
+    if not (math.isfinite(duration) and duration >= 0):
+        fail(f"--duration ({duration:g}) must be 0 (until SIGTERM) or a number of seconds")
     try:
         counts = asyncio.run(
             run_app(
@@ -155,4 +164,6 @@ def app_run(
         )
     except SettingsError as exc:
         fail(exc.lines)
+    except ValueError as exc:  # e.g. no backends configured at all
+        fail(str(exc).splitlines()[0])
     console.print(counts)

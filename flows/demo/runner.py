@@ -214,7 +214,7 @@ def run_demo(settings: DemoSettings, console: Console) -> DemoOutcome:
     plan = load_plan(settings.plan_path)
     if settings.fast:
         plan = plan.compressed(0.5)
-    rate = settings.rate or (120.0 if settings.fast else 80.0)
+    rate = settings.rate if settings.rate is not None else (120.0 if settings.fast else 80.0)
     phase_names = [p.name for p in plan.phases]
     target = settings.inject_regression
     if target is not None:

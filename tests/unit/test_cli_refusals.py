@@ -200,3 +200,30 @@ def test_the_report_lists_decisions_and_counts_only_what_users_got(running: Data
     assert arms.get("production", 0) == served == 0
     text = cli("report", "--data-dir", str(running.root))
     assert "decisions" in text.stdout and "manual override of the gate" in text.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["app", "run", "--rate", "nan", "--duration", "1"], "--rate (nan)"),
+        (["app", "run", "--rate", "5", "--duration", "-3"], "--duration (-3)"),
+        (["demo", "--rate", "0"], "--rate 0: give questions per second above 0"),
+        (["demo", "--rate", "-2"], "--rate -2"),
+    ],
+)
+def test_load_settings_that_are_no_rate_are_refused_before_anything_starts(
+    args: list[str], says: str, tmp_path: Path
+) -> None:
+    """--rate nan shed 4,400,014 questions with exit 0; --duration -3 ran forever;
+    `demo --rate 0` silently became 80."""
+    result = cli(*args, "--data-dir", str(tmp_path))
+    assert result.exit_code == 2, result.output
+    assert says in one_error_line(result)
+
+
+def test_a_broken_fleet_file_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.json"
+    fleet.write_text("{}")
+    result = cli("app", "run", "--fleet-file", str(fleet), "--duration", "1")
+    assert result.exit_code == 2, result.output
+    assert "is not a fleet file" in one_error_line(result)
