@@ -38,6 +38,16 @@ if TYPE_CHECKING:
 RolloutId = Annotated[
     str | None, typer.Option("--rollout-id", help="Which rollout (default: the active one).")
 ]
+#: status and report show the latest rollout, finished or not.
+LatestRolloutId = Annotated[
+    str | None,
+    typer.Option("--rollout-id", help="Which rollout (default: the latest, even a finished one)."),
+]
+#: The id a new rollout gets.
+NewRolloutId = Annotated[
+    str | None,
+    typer.Option("--rollout-id", help="The new rollout's id (default: a fresh ro-<hex>)."),
+]
 AsJson = Annotated[bool, typer.Option("--json", help="One JSON object.")]
 
 
@@ -70,7 +80,7 @@ def start(
         ),
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate only.")] = False,
-    rollout_id: RolloutId = None,
+    rollout_id: NewRolloutId = None,
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
     """Validate a plan and start the rollout (publishes phase 1, waits for the routers)."""
@@ -156,7 +166,9 @@ def _check_can_start(p: DataPaths, rollout_id: str | None) -> None:
 
 
 def status(
-    rollout_id: RolloutId = None, as_json: AsJson = False, data_dir: DataDir = DEFAULT_DATA_DIR
+    rollout_id: LatestRolloutId = None,
+    as_json: AsJson = False,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
     """Where the rollout is, what the gate said last, and what each router instance runs."""
     from flows.control import STALE_AFTER_S, control_store
@@ -224,10 +236,10 @@ def status(
             literal(t["last_verdict"]),
         )
     console.print(timeline)
-    decisions = Table("when", "verdict", "action", "reason", title="last decisions")
+    decisions = Table("when (UTC)", "verdict", "action", "reason", title="last decisions")
     for d in snap.decisions:
         decisions.add_row(
-            f"{d['decided_at']:%H:%M:%S}",
+            f"{d['decided_at']:%m-%d %H:%M:%S}",  # phases last weeks: the day matters
             literal(d["verdict"]),
             literal(d["action"]),
             literal(d["reason"]),
@@ -563,7 +575,7 @@ def _decisions_table(decisions: list[dict[str, Any]]) -> Table:
 
 
 def report(
-    rollout_id: RolloutId = None,
+    rollout_id: LatestRolloutId = None,
     as_json: AsJson = False,
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
