@@ -76,11 +76,27 @@ class Comparison:
         }
 
 
+def window(
+    con: duckdb.DuckDBPyConnection, hours: float, end: datetime
+) -> tuple[datetime, datetime]:
+    """[start, end): `hours` back from `end`, except that it starts where the previous
+    stored comparison ended when that is less than twice `hours` back. A schedule at
+    02:00 local time runs 23 or 25 hours apart when clocks change, and a late run must
+    not skip or double-count the hours in between."""
+    start = end - timedelta(hours=hours)
+    row = con.execute(
+        "SELECT max(window_end) FROM nightly_comparisons WHERE window_end < ?", [end]
+    ).fetchall()
+    previous = row[0][0] if row else None
+    if previous is not None and end - timedelta(hours=2 * hours) < previous:
+        start = previous
+    return start, end
+
+
 def compare(
     con: duckdb.DuckDBPyConnection, hours: float, now: datetime | None = None
 ) -> Comparison:
-    end = now or datetime.now(UTC)
-    start = end - timedelta(hours=hours)
+    start, end = window(con, hours, now or datetime.now(UTC))
     rows = [
         dict(zip(COLUMNS, r, strict=True))
         for r in con.execute(COMPARISON_SQL, [start, end]).fetchall()

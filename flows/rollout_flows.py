@@ -18,6 +18,7 @@ hook re-publishes the previous config and moves the rollout back to that phase.
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -133,8 +134,13 @@ def nightly_task(data_dir: str, hours: float) -> nightly.Comparison:
     from flows.store.ingest import collect
 
     collect(paths)
+    # A scheduled run compares up to its scheduled time, not to when a worker got to it.
+    from prefect.runtime import flow_run
+
+    scheduled = flow_run.scheduled_start_time
+    end = min(scheduled, datetime.now(UTC)) if isinstance(scheduled, datetime) else None
     with connect(paths.database) as con:
-        comparison = nightly.compare(con, hours)
+        comparison = nightly.compare(con, hours, end)
         nightly.store(con, comparison)
     return comparison
 

@@ -657,21 +657,34 @@ MAX_NIGHTLY_HOURS = 24 * 3653
 
 def nightly(
     hours: Annotated[float, typer.Option(help="Window length in hours (above 0).")] = 24.0,
+    compact: Annotated[
+        bool,
+        typer.Option(
+            help="Also run the retention step, as the scheduled deployment does: rows older "
+            "than ROLLOUT_RETENTION_DAYS move to the archive, old segment files are deleted."
+        ),
+    ] = False,
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
-    """Run the nightly legacy-vs-production comparison now."""
+    """Run the nightly legacy-vs-production comparison now (the window starts where the
+    previous stored comparison ended, when that is less than 2 x --hours back)."""
     if not 0 < hours <= MAX_NIGHTLY_HOURS:  # also refuses nan
         fail(f"--hours {hours:g}: allowed is above 0 and at most {MAX_NIGHTLY_HOURS}")
+    p = existing(data_dir)  # before the (slow) Prefect session starts
+    if not p.database.exists() and not any(p.segments.glob("*/*.parquet")):
+        fail(f"no metrics database and no segments in {p.root}: is this the data dir?")
     with prefect_session():
         from flows.rollout_flows import nightly_comparison
 
-        result = nightly_comparison(str(existing(data_dir).root), hours)
+        result = nightly_comparison(str(p.root), hours, compact=compact)
     console.print(
         f"nightly comparison {result['run_id']}: {result['rows']} rows "
         f"(legacy {result['legacy']}, production {result['production']})",
         markup=False,
         highlight=False,
     )
+    if result["retention"] is not None:
+        console.print(f"retention: {result['retention']}", markup=False, highlight=False)
 
 
 def deploy(

@@ -370,3 +370,26 @@ def env() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if not k.startswith("ROLLOUT_")}
+
+
+def test_nightly_windows_follow_each_other_across_a_clock_change(paths: DataPaths) -> None:
+    """A 02:00 local-time schedule runs 23 or 25 hours apart when clocks change: a fixed
+    24-hour window counted one hour twice in spring and never compared one in autumn."""
+    from flows.nightly import store
+
+    ends = [DAY0 + timedelta(hours=24), DAY0 + timedelta(hours=49), DAY0 + timedelta(hours=72)]
+    windows = []
+    with connect(paths.database) as con:
+        for end in ends:  # 24 h, then 25 h later (autumn), then 23 h later (spring)
+            comparison = compare(con, hours=24, now=end)
+            store(con, comparison)
+            windows.append((comparison.window_start, comparison.window_end))
+        total = con.execute(
+            "SELECT count(*) FROM all_requests WHERE ts >= ? AND ts < ? AND NOT is_shadow",
+            [windows[0][0], ends[-1]],
+        ).fetchall()[0][0]
+        compared = con.execute(
+            "SELECT sum(legacy_requests + production_requests) FROM nightly_comparisons"
+        ).fetchall()[0][0]
+    assert [w[0] for w in windows[1:]] == [w[1] for w in windows[:-1]]  # no gap, no overlap
+    assert compared == total
