@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import signal
 import socket
 from collections.abc import Iterator
@@ -25,10 +26,12 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise OSError(
-            f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port "
-            "(0 picks a free one)"
-        ) from exc
+        hint = (
+            "pick another --port (0 picks a free one)"
+            if exc.errno == errno.EADDRINUSE
+            else "is the host an address of this machine? (127.0.0.1 is)"
+        )
+        raise OSError(f"cannot listen on {host}:{port} ({exc.strerror}); {hint}") from exc
     # Listening at once: a client told the URL may connect before the server loop has
     # started; it waits in the backlog instead of being refused.
     sock.listen(2048)

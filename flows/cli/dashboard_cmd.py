@@ -8,6 +8,7 @@ import typer
 from rich.markup import escape
 
 from flows.cli.common import DEFAULT_DATA_DIR, DataDir, console, existing, fail
+from flows.paths import DataPaths
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -40,6 +41,8 @@ def dashboard(
     if not 0.5 <= refresh <= 300:
         fail(f"--refresh {refresh:g}: allowed is 0.5 to 300 seconds")
     paths = existing(data_dir)
+    if rollout_id is not None:  # as status and report do: say so now, not on the page
+        _check_rollout_id(paths, rollout_id)
     try:
         sock = bind(host, port)
     except OSError as exc:
@@ -54,3 +57,18 @@ def dashboard(
         f"dashboard: http://{shown}:{bound_port}/  (Ctrl-C stops it)", markup=False, highlight=False
     )
     serve_until_stopped(make_app(paths, rollout_id=rollout_id, refresh_s=refresh), sock)
+
+
+def _check_rollout_id(paths: DataPaths, rollout_id: str) -> None:
+    from flows.store.database import StoreError, connect
+    from flows.store.rollouts import get_rollout
+
+    if not paths.database.exists():
+        fail(f"no rollout {rollout_id!r}: no metrics database in {paths.root} yet")
+    try:
+        with connect(paths.database, read_only=True) as con:
+            known = get_rollout(con, rollout_id) is not None
+    except StoreError:
+        return  # busy or older: the page shows the problem and retries
+    if not known:
+        fail(f"no rollout {rollout_id!r} in {paths.root}")

@@ -356,7 +356,7 @@ def _routers(view: DashboardView) -> str:
 def _events(view: DashboardView) -> str:
     ingest = view.ingest
     summary = (
-        f'<p class="muted">collected {_num(ingest.get("rows"))} rows from '
+        f'<p class="muted">collected {_num(ingest.get("rows"))} request rows from '
         f"{_num(ingest.get('segments'))} segments, last at {_when(ingest.get('last_ingest'))}; "
         f"{_num(ingest.get('quarantined'))} quarantined</p>"
         if ingest

@@ -87,7 +87,9 @@ BACKEND_WINDOW_S = 300
 INGEST_SQL = """
 SELECT max(ingested_at) AS last_ingest, count(*) AS segments,
        count(*) FILTER (WHERE status = 'quarantined') AS quarantined,
-       coalesce(sum(rows) FILTER (WHERE status <> 'quarantined'), 0) AS rows
+       -- request rows only: the footer says "collected N rows" next to request counts
+       coalesce(sum(rows) FILTER (WHERE status <> 'quarantined' AND kind = 'requests'), 0)
+           AS rows
 FROM ingested_segments
 """
 

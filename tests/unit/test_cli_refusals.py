@@ -227,3 +227,17 @@ def test_a_broken_fleet_file_is_one_line_not_a_traceback(tmp_path: Path) -> None
     result = cli("app", "run", "--fleet-file", str(fleet), "--duration", "1")
     assert result.exit_code == 2, result.output
     assert "is not a fleet file" in one_error_line(result)
+
+
+def test_the_dashboard_refuses_an_unknown_rollout_before_serving(running: DataPaths) -> None:
+    """It started serving and only the page said "no rollout 'nope'"."""
+    result = cli("dashboard", "--rollout-id", "nope", "--data-dir", str(running.root))
+    assert result.exit_code == 2
+    assert "no rollout 'nope'" in one_error_line(result)
+
+
+def test_a_host_that_is_not_this_machine_is_named_as_the_problem(running: DataPaths) -> None:
+    result = cli("dashboard", "--host", "192.0.2.1", "--data-dir", str(running.root))
+    assert result.exit_code == 2
+    line = one_error_line(result)
+    assert "an address of this machine" in line and "pick another --port" not in line
