@@ -502,7 +502,7 @@ def rollback(
         fail(str(exc))
     config, rollout = done.config, done.rollout
     acks = _wait_for_routers(p, config.version, 10)
-    if rollout is not None and done.published:  # a repeat announces nothing new
+    if rollout is not None and (done.ended_now or done.published):  # a repeat: nothing new
         _notify(EVENT_ROLLED_BACK, rollout, reason)
     state = rollout.state.value if rollout else "no rollout recorded"
     if rollout is not None and not done.ended_now:
