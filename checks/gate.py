@@ -544,10 +544,14 @@ def evaluate(
         if record.metric == "shadow_coverage" and coverage is not None:
             record.reason += (
                 f"; {prod.n:,} shadow rows for {legacy.n:,} primaries at sample rate "
-                f"{spec.shadow_sample_rate:g}: shadows skipped at the router's "
-                "shadow_max_concurrency leave no row, and they are skipped when production "
-                "is slow (raise the cap or lower the sample rate)"
+                f"{spec.shadow_sample_rate:g}"
             )
+            if record.failed:
+                record.reason += (
+                    ": shadows skipped at the router's shadow_max_concurrency leave no row, "
+                    "and they are skipped when production is slow (see the shadows_skipped "
+                    "router events; raise the cap or lower the sample rate)"
+                )
 
     # -- guardrails on the production arm -------------------------------------------------
     if prod.n:
