@@ -11,6 +11,10 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from router.control_store import Acknowledgement
 
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="rollout-tests-prefect-")
 os.environ.pop("PREFECT_API_URL", None)  # never talk to a real server from tests
@@ -62,3 +66,25 @@ def cli_server(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(10)
+
+
+def heartbeat(
+    instance: str, applied_version: int, mode: str = "shadow", **fields: Any
+) -> Acknowledgement:
+    """A router's acknowledgement written just now (refusals via `refused_version` and
+    `refused_reason`), as the control store holds it."""
+    from datetime import UTC, datetime
+
+    from router.control_store import Acknowledgement
+
+    now = datetime.now(UTC)
+    return Acknowledgement(
+        instance=instance,
+        applied_version=applied_version,
+        effective_mode=mode,
+        configured_mode=mode,
+        traffic_percent=0,
+        heartbeat_at=now,
+        started_at=now,
+        **fields,
+    )

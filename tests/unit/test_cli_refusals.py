@@ -147,21 +147,10 @@ def test_a_promotion_the_routers_refuse_is_undone_and_exits_1(
 ) -> None:
     """It exited 0 with "0/1 instance(s) applied": scripts took the promotion as done,
     and the database claimed a phase no router served until a tick came by."""
-    from datetime import UTC, datetime
-
     from flows import control
-    from router.control_store import Acknowledgement
+    from tests.conftest import heartbeat
 
-    now = datetime.now(UTC)
-    router = Acknowledgement(
-        instance="app-1",
-        applied_version=1,
-        effective_mode="shadow",
-        configured_mode="shadow",
-        traffic_percent=0,
-        heartbeat_at=now,
-        started_at=now,
-    )
+    router = heartbeat("app-1", 1)
 
     def refused(store: control.Store, version: int, timeout_s: float) -> control.AckStatus:
         return control.AckStatus(

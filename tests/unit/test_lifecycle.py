@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,8 @@ from flows.plan import load_plan
 from flows.state import RolloutState
 from flows.store.database import connect, transaction
 from flows.store.rollouts import get_rollout, transition
-from router.control_store import Acknowledgement
 from router.router_config import RouterConfig
+from tests.conftest import heartbeat
 
 
 @pytest.fixture
@@ -31,6 +30,15 @@ def state_of(paths: DataPaths, rollout_id: str) -> str:
         rollout = get_rollout(con, rollout_id)
     assert rollout is not None
     return rollout.state.value
+
+
+def move_to(paths: DataPaths, rollout_id: str, state: RolloutState) -> None:
+    """Put the rollout in `state` as the gate would have."""
+    with connect(paths.database) as con:
+        rollout = get_rollout(con, rollout_id)
+        assert rollout is not None
+        with transaction(con):
+            transition(con, rollout, state, cause="gate", actor="gate")
 
 
 def test_a_rollback_for_a_mistyped_id_publishes_nothing(running: tuple[DataPaths, str]) -> None:
@@ -104,11 +112,7 @@ def test_an_approval_whose_promotion_fails_leaves_no_approved_decision(
     running: tuple[DataPaths, str],
 ) -> None:
     paths, rid = running
-    with connect(paths.database) as con:
-        rollout = get_rollout(con, rid)
-        assert rollout is not None
-        with transaction(con):
-            transition(con, rollout, RolloutState.AWAITING_APPROVAL, cause="gate", actor="gate")
+    move_to(paths, rid, RolloutState.AWAITING_APPROVAL)
     _rollback_published_not_recorded(paths, rid)
     for _ in range(2):
         with pytest.raises(lifecycle.RolledBackMeanwhile):
@@ -122,18 +126,7 @@ def test_versions_are_numbered_above_what_the_routers_run(tmp_path: Path) -> Non
     """A data dir reset under running routers (they run v7) started at v1: routers refuse
     a lower version, so every start and restore was refused."""
     paths = DataPaths.at(tmp_path / "data").ensure()
-    now = datetime.now(UTC)
-    control_store(paths).write_ack(
-        Acknowledgement(
-            instance="app-1",
-            applied_version=7,
-            effective_mode="legacy_only",
-            configured_mode="legacy_only",
-            traffic_percent=0,
-            heartbeat_at=now,
-            started_at=now,
-        )
-    )
+    control_store(paths).write_ack(heartbeat("app-1", 7, "legacy_only"))
     published = lifecycle.start(paths, load_plan(DEMO_PLAN), actor="test")
     assert published.config.version == 8
 
@@ -160,11 +153,7 @@ def test_rolling_back_a_finished_rollout_leaves_a_decision(
     """Every user went back to legacy after a completed rollout with no transition, no
     decision and no event: `rollout report` showed nothing."""
     paths, rid = running
-    with connect(paths.database) as con:
-        rollout = get_rollout(con, rid)
-        assert rollout is not None
-        with transaction(con):
-            transition(con, rollout, RolloutState.COMPLETED, cause="done", actor="gate")
+    move_to(paths, rid, RolloutState.COMPLETED)
     done = lifecycle.rollback(paths, reason="late errors", actor="alice", rollout_id=rid)
     assert done.published and not done.ended_now
     again = lifecycle.rollback(paths, reason="again", actor="alice", rollout_id=rid)

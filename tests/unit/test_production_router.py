@@ -106,9 +106,9 @@ def backends() -> Backends:
     return Backends()
 
 
-def make_router(tmp_path: Path, backends: Backends, instance: str = "test-1"):
+def make_router(tmp_path: Path, backends: Backends, instance: str = "test-1", **flags_kw: Any):
     flags = ProductionFeatureFlags(
-        enabled=True, data_dir=tmp_path, instance_id=instance, control_poll_s=60
+        enabled=True, data_dir=tmp_path, instance_id=instance, control_poll_s=60, **flags_kw
     )
     return ProductionIntelligentQueryRouter(
         backends=BACKENDS,
@@ -1397,9 +1397,6 @@ async def test_a_split_older_than_its_canary_max_hours_fails_back(
     carry no limit (a phase lasts as its plan says): the host's PROD_LB_CANARY_MAX_HOURS
     must not end it (the shipped 336 h equals the plan's 14-day maximum, when the gate
     asks a human)."""
-    flags = ProductionFeatureFlags(
-        enabled=True, data_dir=tmp_path, instance_id="old", control_poll_s=60, canary_max_hours=1
-    )
     publish(
         tmp_path,
         1,
@@ -1408,14 +1405,7 @@ async def test_a_split_older_than_its_canary_max_hours_fails_back(
         published_at=datetime.now(UTC) - timedelta(hours=5),
         guard=GuardLimits(canary_max_hours=documents_limit),
     )
-    router = ProductionIntelligentQueryRouter(
-        backends=BACKENDS,
-        transport=httpx.MockTransport(backends),
-        health_checks=False,
-        flags=flags,
-        control_store=FileControlStore(tmp_path / "control"),
-        recorder=SegmentRecorder(tmp_path / "segments", "old"),
-    )
+    router = make_router(tmp_path, backends, "old", canary_max_hours=1)
     await router.start()
     router.heartbeat()
     await router.shutdown()
