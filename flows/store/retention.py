@@ -7,15 +7,19 @@ it stays small and the gate stays fast; older rows live in
 
 Exactly once, although COPY is not transactional:
 
-1. COPY the rows older than the cutoff to new files named after a fresh batch id
-   (APPEND mode: files of earlier batches are never touched or overwritten).
+1. COPY the rows older than the cutoff to new files named after a fresh batch id. A
+   local archive is written into `<archive>/.staging-<batch>/` and the finished files
+   are renamed into place: the views read every file's schema, so a file DuckDB is
+   still writing (or a crash left at 0 bytes) must never sit where they look. Object
+   stores only show a file once its upload completes, so remote archives are written
+   in place (APPEND mode: files of earlier batches are never touched or overwritten).
 2. In ONE transaction: DELETE those rows from `requests` and record the batch, day by
    day, in `archive_batches`. The row counts of COPY and DELETE must agree.
 
 The views only read archive files whose batch is recorded, so a crash between 1 and 2
 leaves rows in the table and invisible files in the archive: nothing is counted twice,
-nothing is lost, and the next run deletes those files (the batch id was noted as
-pending before the COPY) and archives the rows again.
+nothing is lost, and the next run deletes those files and the staging folder (the
+batch id was noted as pending before the COPY) and archives the rows again.
 
 Rows of a phase that is still open are never archived (the gate reads the table only),
 whatever the retention window says.
@@ -23,6 +27,7 @@ whatever the retention window says.
 
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -48,6 +53,8 @@ from flows.store.schema import ARCHIVE_TABLE_DIR, REQUEST_COLUMN_NAMES, sql_lite
 
 #: `store_settings` key of the batch being copied (cleared by the commit that records it).
 PENDING_SETTING = "archive_pending_batch"
+#: Where a local archive's COPY writes, beside (never inside) the folder the views read.
+STAGING_PREFIX = ".staging-"
 
 #: The earliest moment that must stay in the table: the start of any open phase.
 _OPEN_PHASES_SQL = """
@@ -109,6 +116,14 @@ def _sweep_orphans(con: duckdb.DuckDBPyConnection, location: str, report: Compac
             report.orphans_removed += 1
         else:
             report.orphans_left += 1
+    if not is_remote(location):
+        for staging in Path(location).glob(f"{STAGING_PREFIX}*"):
+            files = sum(1 for f in staging.rglob("*") if f.is_file())
+            if staging.name == f"{STAGING_PREFIX}{pending}":
+                shutil.rmtree(staging, ignore_errors=True)
+                report.orphans_removed += files
+            else:
+                report.orphans_left += files
     con.execute("DELETE FROM store_settings WHERE key = ?", [PENDING_SETTING])
 
 
@@ -149,7 +164,8 @@ def _archive(
     )
     columns = ", ".join(REQUEST_COLUMN_NAMES)
     since = sql_literal(cutoff_ts.isoformat())
-    target = sql_literal(join(location, ARCHIVE_TABLE_DIR))
+    staging = None if is_remote(location) else Path(location) / f"{STAGING_PREFIX}{batch}"
+    target = sql_literal(str(staging) if staging else join(location, ARCHIVE_TABLE_DIR))
     # APPEND, never OVERWRITE_OR_IGNORE: mixing the two leaves stale duplicates behind.
     copied = con.execute(
         f"COPY (SELECT {columns}, {sql_literal(batch)} AS archive_batch, ts::DATE AS day "
@@ -161,6 +177,8 @@ def _archive(
         raise StoreError(f"archive copy wrote {copied} rows, expected {expected}; nothing deleted")
     if after_copy is not None:
         after_copy()
+    if staging is not None:
+        _move_into_place(staging, Path(location) / ARCHIVE_TABLE_DIR)
     now = datetime.now(UTC)
     with transaction(con):
         deleted = con.execute("DELETE FROM requests WHERE ts < ?", [cutoff_ts]).fetchall()[0][0]
@@ -185,6 +203,16 @@ def _archive(
     report.batch_id = batch
     report.days = [(d[0], int(d[1])) for d in days]
     report.rows = int(copied)
+
+
+def _move_into_place(staging: Path, table_dir: Path) -> None:
+    """Rename each finished `day=*/part-*.parquet` from the staging folder into the
+    archive (the same file system: each rename is atomic), then drop the folder."""
+    for part in sorted(staging.glob("day=*/part-*.parquet")):
+        day = table_dir / part.parent.name
+        day.mkdir(parents=True, exist_ok=True)
+        part.rename(day / part.name)
+    shutil.rmtree(staging)
 
 
 def _delete_segments(
