@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import duckdb
 
@@ -243,7 +245,8 @@ def promote(
             index + 1,
             version,
             rollout.rollout_id,
-            f"promoted to phase {index + 2} ({nxt.name}): {reason}",
+            # names the actor: `reconcile` records the decision from it after a crash
+            f"promoted to phase {index + 2} ({nxt.name}) by {actor}: {reason}",
         )
         start_phase(con, rollout.rollout_id, index + 1, version)
         moved = transition(
@@ -258,6 +261,12 @@ def promote(
         return Published(moved, config)
 
 
+#: Records the caller's own rows (a gate's evaluation, a person's rejection) in the
+#: transaction that records a rollback, so that no row claims a rollback that a crash
+#: kept from being recorded, and none is lost once it is.
+AlsoRecord = Callable[[duckdb.DuckDBPyConnection, Rollout | None, RouterConfig], None]
+
+
 def rollback(
     paths: DataPaths,
     *,
@@ -265,10 +274,11 @@ def rollback(
     actor: str,
     rollout_id: str | None = None,
     decided: bool = False,
+    also: AlsoRecord | None = None,
 ) -> BackToLegacy:
     """Fast path: publish legacy_only first, then record. Safe to repeat.
 
-    `decided`: the caller (a gate evaluation) already recorded the ROLLBACK decision.
+    `decided`: the caller records the ROLLBACK decision itself, in `also`.
     """
     return _back_to_legacy(
         paths,
@@ -277,6 +287,7 @@ def rollback(
         reason=reason,
         actor=actor,
         record=not decided,
+        also=also,
     )
 
 
@@ -333,10 +344,13 @@ def _back_to_legacy(
     reason: str,
     actor: str,
     record: bool,
+    also: AlsoRecord | None = None,
 ) -> BackToLegacy:
     """Publish legacy_only first, from the control store alone, then end the rollout in
     `target`. A rollback may target no or a finished rollout (the routers go back to
-    legacy all the same); an abort needs an active one."""
+    legacy all the same); an abort needs an active one. The document's reason names
+    the actor: if the process dies before recording, `reconcile` records the decision
+    from it."""
     outcome, verdict, past, noun = _ENDINGS[target]
     store = control_store(paths)
     current = store.current_or_none()
@@ -358,7 +372,7 @@ def _back_to_legacy(
             _fresh_version(store, current),
             owner,
             current.salt if current else "rollout-v1",
-            f"{noun}: {reason}",
+            f"{noun} by {actor}: {reason}",
         )
         store.publish(config)  # users first; the database may be busy
     ended_now = False
@@ -396,6 +410,8 @@ def _back_to_legacy(
                         actor=actor,
                         reason=reason,
                     )
+                if also is not None:
+                    also(con, rollout, config)
     except StoreError as exc:
         raise RecordingDeferred(
             f"legacy_only is published as v{config.version} (routers are switching now); "
@@ -511,17 +527,24 @@ def approve(
                 con, paths, rollout, reason=reason, actor=actor, decision=("APPROVED", "promote")
             )
             return moved.rollout if isinstance(moved, Published) else moved
+        version = _phase_version(con, rollout)
+
+    def rejected(c: duckdb.DuckDBPyConnection, _: Rollout | None, __: RouterConfig) -> None:
+        # with the rollback, never before it: a rejection on record must have been acted on
         record_decision(
-            con,
+            c,
             decision_id=uuid.uuid4().hex,
             rollout=rollout,
-            config_version=_phase_version(con, rollout),
+            config_version=version,
             verdict="REJECTED",
             action="rollback",
             actor=actor,
             reason=reason,
         )
-    rolled = rollback(paths, reason=reason, actor=actor, rollout_id=rollout.rollout_id).rollout
+
+    rolled = rollback(
+        paths, reason=reason, actor=actor, rollout_id=rollout.rollout_id, also=rejected
+    ).rollout
     assert rolled is not None
     return rolled
 
@@ -535,13 +558,6 @@ def restore_previous(
     store = control_store(paths)
     with connect(paths.database) as con:
         rollout = get_rollout(con, rollout_id)
-        row = first(
-            con.execute(
-                "SELECT document FROM config_versions WHERE version < ? AND rollout_id = ? "
-                "ORDER BY version DESC LIMIT 1",
-                [failed_version, rollout_id],
-            )
-        )
         failed = first(
             con.execute(
                 "SELECT mode, phase_index FROM config_versions WHERE version = ?", [failed_version]
@@ -549,6 +565,15 @@ def restore_previous(
         )
         if rollout is None or failed is None or failed[0] == "legacy_only":
             return None
+        # The previous PHASE's latest document, not the previous version: that may be an
+        # older document of the failed phase itself (a republish after a lost document).
+        row = first(
+            con.execute(
+                "SELECT document FROM config_versions WHERE version < ? AND rollout_id = ? "
+                "AND phase_index = ? AND mode <> 'legacy_only' ORDER BY version DESC LIMIT 1",
+                [failed_version, rollout_id, int(failed[1]) - 1],
+            )
+        )
         if not rollout.active or _phase_version_or_none(con, rollout) != failed_version:
             return None  # not the live, unacknowledged phase: nothing to undo
         version = next_config_version(con, _store_floor(paths))
@@ -563,6 +588,7 @@ def restore_previous(
                 update={
                     "version": version,
                     "reason": f"restored after failed publish of v{failed_version}: {reason}",
+                    "published_at": datetime.now(UTC),  # not the copied document's
                 }
             )
             target_state, phase_index = RolloutState.RUNNING, max(0, int(failed[1]) - 1)
@@ -693,6 +719,21 @@ def _adopt(
         is not None
     )
     cause = f"recovered after a crash: v{document.version} was published but not recorded"
+
+    def recovered(verdict: str, action: str, version: int) -> None:
+        # The decision died with the process that made it; its document's reason says
+        # who decided and why, so the audit trail keeps the move.
+        record_decision(
+            con,
+            decision_id=uuid.uuid4().hex,
+            rollout=rollout,
+            config_version=version,
+            verdict=verdict,
+            action=f"{action} (recorded after a crash)",
+            actor="reconcile",
+            reason=document.reason,
+        )
+
     with transaction(con):
         if document.mode.value == "legacy_only":
             # a restore of phase 1 ends the rollout aborted too (see restore_previous)
@@ -700,6 +741,7 @@ def _adopt(
             target = RolloutState.ABORTED if aborted else RolloutState.ROLLED_BACK
             if not known:
                 record_config(con, document, rollout.phase_index)
+            recovered("ABORT" if aborted else "ROLLBACK", "published legacy_only", document.version)
             end_phase(
                 con,
                 rollout.rollout_id,
@@ -717,6 +759,15 @@ def _adopt(
         if document.version <= expected or index is None:
             return None
         if index == rollout.phase_index + 1 and not known:
+            decided = first(
+                con.execute(
+                    "SELECT 1 FROM decisions WHERE rollout_id = ? AND config_version = ? "
+                    "AND verdict IN ('PROMOTE', 'APPROVED')",
+                    [rollout.rollout_id, expected],
+                )
+            )
+            if decided is None:  # a person's (a gate's PROMOTE is on record before it acts)
+                recovered("PROMOTE", f"promoted to phase {index + 1}", expected)
             end_phase(con, rollout.rollout_id, rollout.phase_index, "promoted")
             record_config(con, document, index)
             start_phase(con, rollout.rollout_id, index, document.version)

@@ -24,6 +24,7 @@ from flows.store.database import connect, transaction
 from flows.store.ingest import IngestReport, collect
 from flows.store.rollouts import (
     Rollout,
+    config_published_at,
     phase_config_version,
     phase_started_at,
     record_decision,
@@ -145,7 +146,19 @@ def tick(
         if not acks.complete:
             report.verdict = Verdict.INSUFFICIENT_DATA.value
             report.reason = f"waiting for routers: {acks.describe()}"
-            started = phase_started_at(con, rollout.rollout_id, rollout.phase_index)
+            # Timed from this version's publish: a republish (after a lost or stale
+            # document) gets the routers' whole ack timeout, although its phase is older.
+            started = max(
+                (
+                    t
+                    for t in (
+                        phase_started_at(con, rollout.rollout_id, rollout.phase_index),
+                        config_published_at(con, version),
+                    )
+                    if t is not None
+                ),
+                default=None,
+            )
             overdue = (
                 acks.live
                 and started is not None
@@ -202,21 +215,11 @@ def tick(
         report.n_legacy, report.n_production = result.n_legacy, result.n_production
         report.data_docs_url = result.data_docs_url
         rolled_back = result.verdict is Verdict.ROLLBACK
-        if rolled_back:
-            # Users first: legacy_only goes out before anything is written here.
-            lifecycle.rollback(
-                paths,
-                reason=result.reason,
-                actor=actor,
-                rollout_id=rollout.rollout_id,
-                decided=True,
-            )
-        # The decision is on record before any other action; if the process dies in the
-        # action, the next tick re-evaluates and `reconcile` repairs a half-done publish.
-        with transaction(con):
-            record_evaluations(con, rows)
+
+        def record(c: Any, *_: Any) -> None:
+            record_evaluations(c, rows)
             record_decision(
-                con,
+                c,
                 decision_id=evaluation_id,
                 rollout=rollout,
                 config_version=version,
@@ -228,6 +231,25 @@ def tick(
                 n_legacy=result.n_legacy,
                 n_production=result.n_production,
             )
+
+        if rolled_back:
+            # Users first: legacy_only goes out before anything is written here; the
+            # evaluation is recorded with the rollback (a crash in between leaves the
+            # rollback to `reconcile`, which records it from the document's reason).
+            lifecycle.rollback(
+                paths,
+                reason=result.reason,
+                actor=actor,
+                rollout_id=rollout.rollout_id,
+                decided=True,
+                also=record,
+            )
+        else:
+            # The decision is on record before any other action; if the process dies in
+            # the action, the next tick re-evaluates and `reconcile` repairs a half-done
+            # publish.
+            with transaction(con):
+                record(con)
         if awaiting and not rolled_back:
             report.action = AWAITING_INTENT
             report.reason = f"{WAITING_FOR_HUMAN}; the gate now says: {result.reason}"

@@ -219,6 +219,13 @@ def phase_started_at(
     return row[0] if row else None
 
 
+def config_published_at(con: duckdb.DuckDBPyConnection, version: int) -> datetime | None:
+    row = first(
+        con.execute("SELECT published_at FROM config_versions WHERE version = ?", [version])
+    )
+    return row[0] if row else None
+
+
 def start_phase(
     con: duckdb.DuckDBPyConnection, rollout_id: str, phase_index: int, version: int
 ) -> None:

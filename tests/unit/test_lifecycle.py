@@ -1,4 +1,5 @@
-"""Lifecycle commands given a wrong rollout id: they refuse before any router moves."""
+"""Lifecycle commands: a wrong rollout id is refused before any router moves, and a
+process that dies mid-move leaves the database and the routers agreeing, with a record."""
 
 from __future__ import annotations
 
@@ -164,3 +165,132 @@ def test_rolling_back_a_finished_rollout_leaves_a_decision(
         ).fetchall()
     assert decisions == [("ROLLBACK", "published legacy_only after the rollout completed", "alice")]
     assert state_of(paths, rid) == "completed"
+
+
+class Died(BaseException):
+    """The process dying at this point (nothing after it runs, nothing uncommitted stays)."""
+
+
+def decisions_of(paths: DataPaths, rid: str) -> list[tuple[str, str, str]]:
+    with connect(paths.database, read_only=True) as con:
+        return con.execute(
+            "SELECT verdict, actor, reason FROM decisions WHERE rollout_id = ? ORDER BY decided_at",
+            [rid],
+        ).fetchall()
+
+
+def test_a_rejection_on_record_was_acted_on(
+    running: tuple[DataPaths, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """REJECTED was written before the rollback: a crash in between left a recorded
+    rejection, a rollout still awaiting approval and the phase still live."""
+    paths, rid = running
+    move_to(paths, rid, RolloutState.AWAITING_APPROVAL)
+
+    def dies(*args: object, **kwargs: object) -> None:
+        raise Died
+
+    with monkeypatch.context() as patched:
+        patched.setattr(lifecycle, "_back_to_legacy", dies)
+        with pytest.raises(Died):
+            lifecycle.approve(paths, approved=False, actor="alice", rollout_id=rid)
+    assert decisions_of(paths, rid) == []
+    assert state_of(paths, rid) == "awaiting_approval"
+
+    lifecycle.approve(paths, approved=False, actor="alice", comment="p95", rollout_id=rid)
+    assert [d[0] for d in decisions_of(paths, rid)] == ["ROLLBACK", "REJECTED"]
+    assert state_of(paths, rid) == "rolled_back"
+
+
+def test_a_decision_that_died_with_its_process_is_recorded_by_reconcile(
+    running: tuple[DataPaths, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """reconcile adopted the move but the decision was gone: an override promotion or an
+    on-call rollback left no trace of who decided, or that anybody did."""
+    paths, rid = running
+    store = type(control_store(paths))
+    publish = store.publish
+
+    def publish_then_die(self: object, config: RouterConfig) -> None:
+        publish(self, config)  # type: ignore[arg-type]
+        raise Died
+
+    with monkeypatch.context() as patched:
+        patched.setattr(store, "publish", publish_then_die)
+        with connect(paths.database) as con:
+            rollout = get_rollout(con, rid)
+            assert rollout is not None
+            with pytest.raises(Died):
+                lifecycle.promote(
+                    con, paths, rollout, reason="manual: ok", actor="bob", override=True
+                )
+        with pytest.raises(Died):
+            lifecycle.rollback(paths, reason="pager", actor="alice", rollout_id=rid)
+    # the rollback's document replaced the promotion's: only the rollback can be adopted
+    assert "adopted rollback" in (lifecycle.reconcile(paths) or "")
+    assert state_of(paths, rid) == "rolled_back"
+    ((verdict, actor, reason),) = decisions_of(paths, rid)
+    assert (verdict, actor) == ("ROLLBACK", "reconcile") and "by alice: pager" in reason
+
+
+def test_a_promotion_that_died_before_recording_keeps_who_decided(
+    running: tuple[DataPaths, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths, rid = running
+    store = type(control_store(paths))
+    publish = store.publish
+
+    def publish_then_die(self: object, config: RouterConfig) -> None:
+        publish(self, config)  # type: ignore[arg-type]
+        raise Died
+
+    with monkeypatch.context() as patched:
+        patched.setattr(store, "publish", publish_then_die)
+        with connect(paths.database) as con:
+            rollout = get_rollout(con, rid)
+            assert rollout is not None
+            with pytest.raises(Died):
+                lifecycle.promote(
+                    con, paths, rollout, reason="manual: ok", actor="bob", override=True
+                )
+    assert decisions_of(paths, rid) == []  # the whole move was rolled back with the process
+    assert "adopted promotion" in (lifecycle.reconcile(paths) or "")
+    ((verdict, actor, reason),) = decisions_of(paths, rid)
+    assert (verdict, actor) == ("PROMOTE", "reconcile") and "by bob: manual: ok" in reason
+    assert lifecycle.reconcile(paths) is None  # once
+
+
+def test_a_republished_phase_is_not_restored_to_an_older_copy_of_itself(
+    running: tuple[DataPaths, str],
+) -> None:
+    """After a lost control document, reconcile republished the phase; the same tick found
+    it "overdue" (timed from the phase's start) and restored the newest older version,
+    an older copy of the same phase, while the database moved back a phase."""
+    from datetime import timedelta
+
+    from flows.tick import tick
+
+    paths, rid = running
+    with connect(paths.database) as con:
+        rollout = get_rollout(con, rid)
+        assert rollout is not None
+        moved = lifecycle.promote(con, paths, rollout, reason="gate", actor="gate")
+        assert isinstance(moved, lifecycle.Published)
+        con.execute(  # the phase has run for a day
+            "UPDATE phases SET started_at = started_at - INTERVAL 1 DAY WHERE rollout_id = ?",
+            [rid],
+        )
+    control_store(paths).write_ack(heartbeat("app-1", moved.config.version, "canary"))
+    (paths.control / "router_config.json").unlink()  # the live document is lost
+    report = tick(paths, runner=None, rollout_id=rid)  # type: ignore[arg-type]  # no gate run
+    assert report.reconciled and "republished phase 2" in report.reconciled
+    assert report.action == "none" and report.phase_index == 1
+    live = control_store(paths).current()
+    assert live.phase == moved.config.phase and live.version > moved.config.version
+
+    # routers that never take it: the previous PHASE goes back out
+    restored = lifecycle.restore_previous(
+        paths, rollout_id=rid, failed_version=live.version, reason="no ack", actor="gate"
+    )
+    assert restored is not None and restored.phase == load_plan(DEMO_PLAN).phases[0].name
+    assert timedelta(0) < restored.published_at - live.published_at
