@@ -15,6 +15,8 @@ from typing import Any
 
 import duckdb
 
+from flows.store.database import transaction
+
 COMPARISON_SQL = """
 WITH per_arm AS (
     SELECT coalesce(backend, '(none)') AS backend, query_category, arm,
@@ -105,21 +107,29 @@ def compare(
 
 
 def store(con: duckdb.DuckDBPyConnection, comparison: Comparison) -> None:
+    """All rows or none (`executemany` commits row by row: a crash left a partial window
+    that the next night's window starts after); a re-run of the same window replaces the
+    earlier run instead of counting it twice."""
     if not comparison.rows:
         return
-    con.executemany(
-        f"INSERT INTO nightly_comparisons (run_id, window_start, window_end, {', '.join(COLUMNS)}) "
-        f"VALUES ({', '.join('?' for _ in range(3 + len(COLUMNS)))})",
-        [
+    with transaction(con):
+        con.execute(
+            "DELETE FROM nightly_comparisons WHERE window_start = ? AND window_end = ?",
+            [comparison.window_start, comparison.window_end],
+        )
+        con.executemany(
+            f"INSERT INTO nightly_comparisons (run_id, window_start, window_end, "
+            f"{', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in range(3 + len(COLUMNS)))})",
             [
-                comparison.run_id,
-                comparison.window_start,
-                comparison.window_end,
-                *[row[c] for c in COLUMNS],
-            ]
-            for row in comparison.rows
-        ],
-    )
+                [
+                    comparison.run_id,
+                    comparison.window_start,
+                    comparison.window_end,
+                    *[row[c] for c in COLUMNS],
+                ]
+                for row in comparison.rows
+            ],
+        )
 
 
 def markdown(comparison: Comparison) -> str:

@@ -8,9 +8,11 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -404,3 +406,27 @@ def test_nightly_windows_follow_each_other_across_a_clock_change(paths: DataPath
         ).fetchall()[0][0]
     assert [w[0] for w in windows[1:]] == [w[1] for w in windows[:-1]]  # no gap, no overlap
     assert compared == total
+
+
+def test_a_nightly_comparison_is_stored_whole_once_per_window(paths: DataPaths) -> None:
+    """Rows were inserted one commit at a time: a crash kept a partial window that the
+    next night started after, and a re-run of the night stored the window twice."""
+    from flows.nightly import store
+
+    end = DAY0 + timedelta(hours=24)
+    with connect(paths.database) as con:
+        comparison = compare(con, hours=24, now=end)
+        assert len(comparison.rows) > 1
+        # the last row is refused by the table, after the others were written
+        broken = [*comparison.rows[:-1], {**comparison.rows[-1], "legacy_requests": "many"}]
+        with pytest.raises(duckdb.Error):
+            store(con, replace(comparison, rows=broken))
+        assert con.execute("SELECT count(*) FROM nightly_comparisons").fetchone() == (0,)
+
+        store(con, comparison)
+        again = compare(con, hours=24, now=end)  # the same night, run again
+        store(con, again)
+        stored = con.execute(
+            "SELECT run_id, count(*) FROM nightly_comparisons GROUP BY run_id"
+        ).fetchall()
+    assert stored == [(again.run_id, len(comparison.rows))]
