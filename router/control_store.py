@@ -23,6 +23,7 @@ from typing import Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from router.files import remove_stale_temps, sync_directory
 from router.modes import DeploymentMode
 from router.router_config import RouterConfig
 
@@ -89,6 +90,8 @@ def atomic_write(path: Path, text: str) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+    sync_directory(path.parent)
+    remove_stale_temps(path.parent, f".{path.name}.*.tmp")  # of writers that died
 
 
 class DocumentReads:

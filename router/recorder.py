@@ -37,6 +37,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from router.files import remove_stale_temps, sync_directory
 from router.record import EVENT_SCHEMA, REQUEST_SCHEMA, EventKind, RequestRecord, RouterEvent
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ def write_segment(table: pa.Table, directory: Path, prefix: str, seq: int) -> Pa
         handle.flush()
         os.fsync(handle.fileno())
     temp.replace(final)
+    sync_directory(directory)
     return final
 
 
@@ -207,6 +209,8 @@ class SegmentRecorder:
     # -- background -------------------------------------------------------------------
     def start(self) -> SegmentRecorder:
         if self._thread is None:
+            if self.directory.is_dir():  # what an earlier process of this instance left
+                remove_stale_temps(self.directory, f".*{SEGMENT_SUFFIX}.tmp")
             self._thread = threading.Thread(
                 target=self._run, name=f"segment-recorder-{self.instance}", daemon=True
             )

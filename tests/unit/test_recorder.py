@@ -14,6 +14,7 @@ import router.recorder as recorder_module
 from flows.bench.synthetic import make_records
 from router.record import EventKind
 from router.recorder import SegmentRecorder
+from router.router_config import RouterConfig
 
 
 def _rows(tmp_path: Path, stream: str) -> list[dict]:
@@ -143,3 +144,33 @@ def test_close_gives_up_on_a_hung_write_and_counts_what_it_could_not_write(
     assert not closer.is_alive()
     assert recorder.requests.dropped == 1 and not recorder.requests.buffer
     assert "stuck in a write" in caplog.text
+
+
+def test_temporary_files_left_by_a_dead_writer_are_removed(tmp_path: Path) -> None:
+    """A host killed mid-write left `.requests-....parquet.tmp` files in the segment
+    folder and `.router_config.json.*.tmp` in the control folder for good."""
+    import os
+    import time
+
+    from router.control_store import FileControlStore
+
+    folder = tmp_path / "segments" / "r1"
+    folder.mkdir(parents=True)
+    dead = folder / ".requests-r1-20260101T000000000000Z-000001.parquet.tmp"
+    writing = folder / ".requests-r1-20260101T000000000000Z-000002.parquet.tmp"
+    for temp in (dead, writing):
+        temp.write_bytes(b"PAR1")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(dead, (hours_ago, hours_ago))
+    recorder = SegmentRecorder(tmp_path / "segments", "r1").start()
+    recorder.close()
+    assert not dead.exists() and writing.exists()  # another process may still write it
+
+    control = tmp_path / "control"
+    store = FileControlStore(control)
+    stale = control / ".router_config.json.abc123.tmp"
+    control.mkdir(exist_ok=True)
+    stale.write_text("{")
+    os.utime(stale, (hours_ago, hours_ago))
+    store.publish(RouterConfig(version=1))
+    assert not stale.exists() and store.current().version == 1
