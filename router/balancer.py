@@ -337,6 +337,13 @@ class Balancer:
             if failure.kind is ErrorKind.TIMEOUT and timeout_s < 0.5 * full_s:
                 failure.cut_by_deadline = True
             return None, failure, (self.clock() - started) * 1000.0
+        except asyncio.CancelledError:
+            # The caller gave up: no failure of the backend's (no health penalty), but it
+            # had not answered in that time. Peak-EWMA charges dropped requests too, or a
+            # backend that hangs while callers time out first stays "fastest" for good.
+            now = self.clock()
+            state.latency.observe_failure((now - started) * 1000.0, now)
+            raise
         finally:
             state.in_flight -= 1
 

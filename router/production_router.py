@@ -610,13 +610,16 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         self._record(result, outcome, bucket, facts, now, is_shadow=False, primary=None)
         self.analytics.add(now, result)
         self.routed += 1
+        # A caller's cancel is no error of the arm (a host hedging 30 % of its calls
+        # tripped the guard in production_only), but the time its user waited counts.
+        ok = result.ok or cancelled
         if arm is Arm.PRODUCTION:
-            self._guard_observe(result)
+            self._guard_observe(result, ok)
         elif (
             result.outcome not in NOT_PRODUCTIONS_FAULT
             and result.config_version == self.config.version  # as in _guard_observe
         ):
-            self.guard.observe_legacy(result.ok, result.latency_ms)
+            self.guard.observe_legacy(ok, result.latency_ms)
         if cancelled:
             raise asyncio.CancelledError
         return result
@@ -684,7 +687,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
                 is_shadow=True,
                 primary=primary_id,
             )
-            self._guard_observe(result)
+            self._guard_observe(result, result.ok)
         except asyncio.CancelledError:
             raise
         except Exception:  # a shadow must never surface anywhere but the log
@@ -714,12 +717,12 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
                 ),
             )
 
-    def _guard_observe(self, result: RoutingResult) -> None:
+    def _guard_observe(self, result: RoutingResult, ok: bool) -> None:
         if result.outcome in NOT_PRODUCTIONS_FAULT:
             return  # the caller's 4xx, or a quota both arms share (429): not ill health
         if result.config_version != self.config.version:
             return  # started under an earlier config: the guard was reset since
-        reason = self.guard.observe(result.ok, result.latency_ms)
+        reason = self.guard.observe(ok, result.latency_ms)
         if reason:
             self._record_failback(reason)
 

@@ -7,11 +7,13 @@ Backends are an `httpx.MockTransport`; the control store and segments live in tm
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import inspect
 import json
 import math
 import threading
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,6 +39,7 @@ from router import (
     ProductionIntelligentQueryRouter,
     RouterConfig,
 )
+from router.algorithms import AlgorithmName
 from router.bucketing import bucket_of, in_production
 from router.classifier import Classification
 from router.control_store import Acknowledgement, atomic_write
@@ -1281,6 +1284,59 @@ async def test_a_cancelled_request_still_leaves_its_row(tmp_path: Path, backends
     await router.shutdown()
     (row,) = read_segments(tmp_path, "requests")
     assert (row["outcome"], row["error_kind"], row["arm"]) == ("timeout", "cancelled", "production")
+
+
+async def test_callers_that_cancel_never_trip_the_guard(tmp_path: Path, backends: Backends) -> None:
+    """A host hedging its calls (here every third, cancelled after 20 ms) tripped the
+    guard in production_only: each cancel counted as a production error. Its rows stay."""
+    backends.gate = asyncio.Event()  # "slow" questions wait until the caller gives up
+    guard = production_guard(error_rate=0.1)
+    router = await started(tmp_path, backends, 1, "production_only", 100, guard=guard)
+    for i in range(60):
+        question = "a slow question" if i % 3 == 0 else QUESTION
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.02):
+                await router.route_query(question, {"user_id": f"u{i}"})
+    assert not router.guard.tripped
+    assert router.effective_mode is DeploymentMode.PRODUCTION_ONLY
+    await router.shutdown()
+    kinds = Counter(r["error_kind"] for r in read_segments(tmp_path, "requests"))
+    assert kinds == {"cancelled": 20, None: 40}
+
+
+async def test_a_backend_that_hangs_while_callers_give_up_is_avoided(
+    tmp_path: Path, backends: Backends
+) -> None:
+    """Attempts the caller cancelled were never learned from: a backend whose answers
+    hang (its health check fine) kept response_time's lowest estimate, and every user
+    request went to it and timed out."""
+    hung = asyncio.Event()
+
+    async def hangs_on_lightrag_2(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "lightrag-2.test" and hung.is_set():
+            await asyncio.Event().wait()
+        if request.url.host == "lightrag-1.test":
+            await asyncio.sleep(0.02)  # lightrag-2 is the fast one, until it hangs
+        return answer(request, "fine")
+
+    backends.faults["production"] = hangs_on_lightrag_2
+    router = await started(
+        tmp_path, backends, 1, "production_only", 100, algorithm=AlgorithmName.ROUND_ROBIN
+    )
+    for i in range(20):  # every backend answers, and gets latency samples
+        await router.route_query(QUESTION, {"user_id": f"w{i}"})
+    publish(tmp_path, 2, "production_only", 100, algorithm=AlgorithmName.RESPONSE_TIME)
+    router.poll_control_store()
+    hung.set()
+    lost = 0
+    for i in range(30):
+        try:
+            async with asyncio.timeout(0.2):
+                await router.route_query(QUESTION, {"user_id": f"u{i}"})
+        except TimeoutError:
+            lost += 1
+    await router.shutdown()
+    assert lost <= 2  # charged the time it kept its caller waiting, it is left alone
 
 
 def test_cost_optimisation_and_region_come_from_the_flags(tmp_path: Path) -> None:
