@@ -451,9 +451,12 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             if self.control_store is not None and not self._closed:
                 self._check_staleness()
                 await asyncio.to_thread(self._write_ack_logged, *self._next_ack())
-            await super().shutdown()
         finally:
+            # Even when this shutdown is itself cancelled (a host's own timeout around
+            # it): the control loop must not go on writing heartbeats for a stopped
+            # instance, nor health checks go on hitting backends.
             try:  # closing a client must never cost the buffered rows flushed below
+                await super().shutdown()
                 await self._production_client.aclose()
                 close = getattr(self.control_store, "close", None)
                 if self._owns_store and callable(close):
@@ -478,7 +481,8 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         """Wait, at most `timeout_s`, for the route_query calls in flight to finish."""
         if not self._in_flight:
             return
-        self._drained = asyncio.Event()
+        if self._drained is None or self._drained.is_set():
+            self._drained = asyncio.Event()  # a concurrent shutdown() waits on the same one
         try:
             await asyncio.wait_for(self._drained.wait(), timeout_s)
         except TimeoutError:

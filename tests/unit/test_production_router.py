@@ -1092,6 +1092,40 @@ async def test_shutdown_lets_requests_finish_and_leaves_no_shadow_running(
     assert router.recorder.requests.dropped == 0 and not router.recorder.requests.buffer
 
 
+async def test_a_shutdown_cut_short_still_stops_background_work(
+    tmp_path: Path, backends: Backends
+) -> None:
+    """A host's own timeout around shutdown() (shorter than the drain) left the control
+    loop writing heartbeats for a stopped instance and the legacy pool open."""
+    backends.gate = asyncio.Event()
+    router = await started(tmp_path, backends, 1, "production_only", 100)
+    slow = asyncio.create_task(router.route_query("a slow question", {"user_id": "a"}))
+    await wait_until(lambda: len(backends.calls) == 1, "the request")
+    assert router._tasks  # the control loop
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(router.shutdown(), 0.1)
+    assert all(task.done() for task in router._tasks) and router._client.is_closed
+    backends.gate.set()
+    await slow
+
+
+async def test_two_shutdowns_at_once_both_end_when_the_requests_do(
+    tmp_path: Path, backends: Backends
+) -> None:
+    """Each shutdown() replaced the drain's event: the first waited out its whole drain
+    timeout (10 s by default) and then warned of requests that had finished long ago."""
+    backends.gate = asyncio.Event()
+    router = await started(tmp_path, backends, 1, "production_only", 100)
+    slow = asyncio.create_task(router.route_query("a slow question", {"user_id": "a"}))
+    await wait_until(lambda: len(backends.calls) == 1, "the request")
+    first = asyncio.create_task(router.shutdown(drain_timeout_s=60))
+    second = asyncio.create_task(router.shutdown(drain_timeout_s=60))
+    await asyncio.sleep(0.05)
+    backends.gate.set()
+    await asyncio.wait_for(asyncio.gather(first, second), 30)  # not the drain's 60 s
+    assert (await slow).outcome == "ok"
+
+
 class SlowCloseRecorder(SegmentRecorder):
     """close() waits for the event loop to release it (as a slow disk would hold it)."""
 
