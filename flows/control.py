@@ -90,12 +90,16 @@ class AckStatus:
     applied: list[str] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
     refused: list[tuple[str, str]] = field(default_factory=list)
+    #: why the heartbeats could not be read this time (an endpoint restarting)
+    error: str | None = None
 
     @property
     def complete(self) -> bool:
         return bool(self.live) and not self.pending
 
     def describe(self) -> str:
+        if self.error is not None:
+            return f"heartbeats unreadable: {self.error}"
         if not self.live:
             return "no live router instance (no heartbeat in the last 15 s)"
         parts = [f"{len(self.applied)}/{len(self.live)} instance(s) applied v{self.version}"]
@@ -105,8 +109,16 @@ class AckStatus:
 
 
 def ack_status(store: Store, version: int) -> AckStatus:
+    """Who runs `version`, among instances with a heartbeat in the last `STALE_AFTER_S`.
+    An unreadable store is no news (no live instance, `error` says why), not a failure:
+    a control endpoint restarting must not fail a wait that would have outlasted it."""
     status = AckStatus(version)
-    for ack in store.read_acks():
+    try:
+        acks = store.read_acks()
+    except OSError as exc:
+        status.error = str(exc)
+        return status
+    for ack in acks:
         if ack.age_s() > STALE_AFTER_S:
             continue
         status.live.append(ack)

@@ -3,9 +3,9 @@
 A stand-in for a fleet's endpoint (the routes of `router.http_control_store`): it
 stores what is published as it is (routers refuse an invalid document and say so in
 their heartbeat, as they do with the folder), except that a document whose version is
-not above the stored one is refused with 409: two publishers who both read version 6
-must not both publish a 7, or routers that polled in between would run different
-documents under one version. It accepts a heartbeat only for the instance its path
+not above the stored one is refused with 409 (and one without an integer version with
+422): two publishers who both read version 6 must not both publish a 7, or routers that
+polled in between would run different documents under one version. It accepts a heartbeat only for the instance its path
 names, under a safe name.
 """
 
@@ -51,10 +51,10 @@ async def _body(request: Request) -> bytes:
 
 
 def _version(text: str) -> int | None:
-    """The document's version, if it has a readable one."""
+    """The document's version, if it is a JSON integer (as routers read it)."""
     try:
         version = json.loads(text).get("version")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # RecursionError: [[[...]]]
         return None
     return version if isinstance(version, int) and not isinstance(version, bool) else None
 
@@ -62,14 +62,17 @@ def _version(text: str) -> int | None:
 def make_app(store: FileControlStore) -> Starlette:
     publishing = threading.Lock()  # compare-and-write of the document, one at a time
 
-    def store_if_newer(text: str) -> str | None:
-        """Write `text` unless it does not advance the version; else say why."""
+    def store_if_newer(text: str) -> JSONResponse | None:
+        """Write `text` unless it does not advance the version; else the refusal."""
+        new = _version(text)
+        if new is None:
+            # without a version the rule below cannot hold ("6" or 6.0 went through it)
+            return _problem(422, "the document's version must be a JSON integer")
         with publishing:
-            new = _version(text)
             found = store.read_document()
-            old = _version(found[1]) if found else None
-            if new is not None and old is not None and new <= old:
-                return f"version {new} is not above the published version {old}"
+            old = _version(found[1]) if found else None  # None: unreadable, replace it
+            if old is not None and new <= old:
+                return _problem(409, f"version {new} is not above the published version {old}")
             atomic_write(store.config_path, text)
             return None
 
@@ -77,9 +80,11 @@ def make_app(store: FileControlStore) -> Starlette:
         found = await run_in_threadpool(store.read_document)
         if found is None:
             return _problem(404, "nothing published yet")
-        text = found[1]
-        etag = hashlib.sha256(text.encode()).hexdigest()
-        return Response(text, media_type="application/json", headers={"etag": etag})
+        # The bytes as stored: a corrupt (not UTF-8) document is served for routers to
+        # refuse and report, not turned into a 500 they cannot tell from an outage.
+        raw = found[1].encode("utf-8", errors="surrogateescape")
+        etag = hashlib.sha256(raw).hexdigest()
+        return Response(raw, media_type="application/json", headers={"etag": etag})
 
     async def put_config(request: Request) -> Response:
         try:
@@ -89,9 +94,7 @@ def make_app(store: FileControlStore) -> Starlette:
         except UnicodeDecodeError:
             return _problem(400, "document is not UTF-8")
         refused = await run_in_threadpool(store_if_newer, text)
-        if refused:
-            return _problem(409, refused)
-        return Response(status_code=204)
+        return refused or Response(status_code=204)
 
     async def get_acks(request: Request) -> Response:
         acks = await run_in_threadpool(store.read_acks)

@@ -46,9 +46,16 @@ class Acknowledgement(BaseModel):
     host: str = ""
     pid: int = 0
     routed: int = 0
+    #: When the store received it, by the store's clock (set when read; None from a
+    #: store that cannot tell). Liveness is judged by it: `heartbeat_at` is the
+    #: replica's own clock, and one running an hour ahead looked alive for an hour
+    #: after it died.
+    received_at: datetime | None = None
 
     def age_s(self, now: datetime | None = None) -> float:
-        return ((now or datetime.now(UTC)) - self.heartbeat_at).total_seconds()
+        return (
+            (now or datetime.now(UTC)) - (self.received_at or self.heartbeat_at)
+        ).total_seconds()
 
 
 @runtime_checkable
@@ -139,9 +146,11 @@ class FileControlStore(DocumentReads):
         acks = []
         for path in sorted(self.acks_dir.glob("*.json")):
             try:
-                acks.append(Acknowledgement.model_validate_json(path.read_bytes()))
+                ack = Acknowledgement.model_validate_json(path.read_bytes())
+                written = datetime.fromtimestamp(path.stat().st_mtime, UTC)
             except (OSError, ValueError):  # ValidationError, bytes that are not JSON or UTF-8
                 continue  # being replaced right now, or foreign junk: the next read sees it
+            acks.append(ack.model_copy(update={"received_at": written}))
         return acks
 
 

@@ -63,7 +63,11 @@ class ProductionFeatureFlags(BaseSettings):
     region: str = "eu-central"
     request_timeout_s: float = Field(default=30.0, gt=0, le=600)
     data_dir: Path = Field(default=Path("data"), description="control/ and segments/ live here")
-    instance_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
+    instance_id: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        max_length=128,  # as the control endpoint accepts; unique per process
+    )
     control_poll_s: float = Field(default=1.0, gt=0, le=60)
     control_url: HttpUrl | None = Field(
         default=None, description="an HTTP control endpoint instead of DATA_DIR/control"

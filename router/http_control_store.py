@@ -26,6 +26,14 @@ class HttpControlStore(DocumentReads):
     def __init__(
         self, url: str, *, timeout_s: float = 2.0, transport: httpx.BaseTransport | None = None
     ) -> None:
+        parsed = httpx.URL(url)
+        if parsed.query or parsed.fragment:
+            # the routes are appended to the path: `?token=x` would become `?token=x/config`
+            # and every GET a 404, read as "nothing published yet"
+            raise ValueError(
+                f"control URL {mask_url(url)} has a query or fragment: the routes are "
+                "appended to its path, so give credentials as user:password@ instead"
+            )
         self.url = url.rstrip("/")
         self.client = httpx.Client(timeout=timeout_s, transport=transport)
 

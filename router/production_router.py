@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
 
@@ -73,6 +73,7 @@ FACTS_CACHE_SIZE = 4096
 INT32_MAX = 2**31 - 1  # the row schema's token columns
 BUCKET_CACHE_SIZE = 65_536
 SHUTDOWN_DRAIN_S = 10.0  # how long shutdown() lets requests in flight finish
+CONTROL_CALL_S = 5.0  # how long start() and shutdown() wait for the control store
 
 
 class QueryFacts(NamedTuple):
@@ -428,9 +429,19 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
     async def start(self) -> ProductionIntelligentQueryRouter:
         """Start background work; the published config is applied before this returns."""
         if self.control_store is not None and not self._tasks and not self._closed:
-            self._consider(await asyncio.to_thread(self._read_document))
+            self._consider(await self._bounded(self._read_document, "reading the control store"))
         self._start_background()
         return self
+
+    async def _bounded(self, call: Callable[..., Any], what: str, *args: Any) -> Any:
+        """`call` in a thread, given up on after CONTROL_CALL_S: an endpoint trickling its
+        answer a byte at a time (each read within the client's timeout) held start()
+        and shutdown() for as long as it liked. The control loop tries again later."""
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(call, *args), CONTROL_CALL_S)
+        except TimeoutError:
+            log.warning("%s took over %.0f s: given up on", what, CONTROL_CALL_S)
+            return None
 
     async def shutdown(self, drain_timeout_s: float = SHUTDOWN_DRAIN_S) -> None:
         """Stop background work, write the last heartbeat and flush the buffered rows.
@@ -450,7 +461,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
                 await asyncio.gather(*self._background_acks, return_exceptions=True)
             if self.control_store is not None and not self._closed:
                 self._check_staleness()
-                await asyncio.to_thread(self._write_ack_logged, *self._next_ack())
+                await self._bounded(self._write_ack_logged, "the last heartbeat", *self._next_ack())
         finally:
             # Even when this shutdown is itself cancelled (a host's own timeout around
             # it): the control loop must not go on writing heartbeats for a stopped
@@ -893,7 +904,7 @@ def _version_hint(text: str) -> int | None:
     try:
         value = json.loads(text).get("version")
         return int(value) if value is not None else None
-    except (ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError, AttributeError, RecursionError):  # [[[...]]] too
         return None
 
 

@@ -69,7 +69,7 @@ class RouterConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    version: int = Field(ge=0)
+    version: int = Field(ge=0, strict=True)  # "6" or 6.0 is no version: they compare apart
     mode: DeploymentMode = DeploymentMode.LEGACY_ONLY
     traffic_percent: float = Field(default=0.0, ge=0, le=100)
     algorithm: AlgorithmName = AlgorithmName.LEAST_CONNECTIONS

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -275,3 +276,137 @@ async def test_an_unreachable_endpoint_never_holds_up_a_request(tmp_path: Path) 
     await router.shutdown()
     assert result.ok and result.arm == "legacy"
     assert not store.answered_late
+
+
+def test_a_version_that_is_not_a_json_integer_is_refused(
+    endpoint: tuple[str, subprocess.Popen[str], DataPaths],
+) -> None:
+    """ "6" and 6.0 skipped the versions-only-grow rule: a new router applied a second
+    document as v6 while the running ones kept the first, a fleet split under one
+    version. Routers refuse them too."""
+    url, _, served = endpoint
+    store = HttpControlStore(url)
+    store.publish(RouterConfig(version=6, mode=DeploymentMode.CANARY, traffic_percent=5))
+    for version in ('"6"', "6.0", "7.0"):
+        body = f'{{"version": {version}, "mode": "ab_test", "traffic_percent": 50}}'
+        answer = httpx.put(f"{url}/config", content=body)
+        assert answer.status_code == 422 and "JSON integer" in answer.json()["error"]
+        with pytest.raises(ValidationError):
+            RouterConfig.model_validate_json(body)
+    current = store.current()
+    assert current is not None and current.mode is DeploymentMode.CANARY
+    with pytest.raises(OSError, match="409"):
+        store.publish(RouterConfig(version=2))
+    # a stored document with no readable version (a hand edit) can still be replaced:
+    # a rollback must always go out
+    served.control.joinpath("router_config.json").write_text("[" * 100_000)
+    assert httpx.put(f"{url}/config", content="[" * 100_000).status_code == 422
+    store.publish(RouterConfig(version=8))
+    latest = store.current()
+    assert latest is not None and latest.version == 8
+
+
+async def test_a_corrupt_stored_document_reaches_routers_to_refuse_and_report(
+    endpoint: tuple[str, subprocess.Popen[str], DataPaths], tmp_path: Path
+) -> None:
+    """A document that is not UTF-8 on the endpoint's disk was a 500, which routers read
+    as an outage: they never reported a refusal."""
+    url, _, served = endpoint
+    body = RouterConfig(version=2, reason="café").model_dump_json().encode("latin-1")
+    served.control.joinpath("router_config.json").write_bytes(body)
+    answer = await asyncio.to_thread(httpx.get, f"{url}/config")
+    assert answer.status_code == 200 and answer.content == body
+    router = Router(
+        backends=[BackendConfig(name="a", kind=BackendKind.LIGHTRAG, base_url="http://a.test")],
+        transport=httpx.MockTransport(lambda r: httpx.Response(200, json={"response": "ok"})),
+        health_checks=False,
+        flags=ProductionFeatureFlags(
+            enabled=True, data_dir=tmp_path, instance_id="c-1", control_url=url
+        ),
+        recorder=NullRecorder(tmp_path / "segments", "c-1"),
+    )
+    await router.start()
+    await router.shutdown()
+    assert router.refused is not None and router.refused[0] == 2
+    (ack,) = HttpControlStore(url).read_acks()
+    assert ack.refused_version == 2 and "unicode" in (ack.refused_reason or "")
+
+
+def test_liveness_follows_the_endpoints_clock_not_the_replicas(
+    endpoint: tuple[str, subprocess.Popen[str], DataPaths],
+) -> None:
+    """A replica whose clock ran 20 s behind was dropped from the fleet the moment it
+    heartbeated (a live replica still on v1 did not hold the wait back); one an hour
+    ahead stayed "live" for an hour after it died."""
+    from datetime import UTC, datetime, timedelta
+
+    from flows.control import ack_status
+
+    url, _, _ = endpoint
+
+    def heartbeat(instance: str, applied: int, skew_s: float) -> dict[str, object]:
+        at = (datetime.now(UTC) + timedelta(seconds=skew_s)).isoformat()
+        return {
+            "instance": instance,
+            "applied_version": applied,
+            "effective_mode": "legacy_only",
+            "configured_mode": "legacy_only",
+            "traffic_percent": 0,
+            "heartbeat_at": at,
+            "started_at": at,
+        }
+
+    assert httpx.put(f"{url}/acks/on-time", json=heartbeat("on-time", 2, 0)).status_code == 204
+    assert httpx.put(f"{url}/acks/behind", json=heartbeat("behind", 1, -20)).status_code == 204
+    status = ack_status(HttpControlStore(url), 2)
+    assert sorted(a.instance for a in status.live) == ["behind", "on-time"]
+    assert status.pending == ["behind"] and not status.complete
+
+
+def test_waiting_for_routers_outlasts_an_endpoint_that_is_down(tmp_path: Path) -> None:
+    """One failed read of the heartbeats (an endpoint restarting) ended the wait at once
+    with an OSError, and the flow restored the previous phase."""
+    from flows.control import wait_for_ack
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    store = HttpControlStore(f"http://127.0.0.1:{port}", timeout_s=0.2)
+    started = time.monotonic()
+    status = wait_for_ack(store, 3, timeout_s=0.6, poll_s=0.05)
+    assert time.monotonic() - started >= 0.6  # waited out the timeout
+    assert not status.complete and status.describe().startswith("heartbeats unreadable")
+
+
+def test_a_control_url_with_a_query_is_refused() -> None:
+    """`?token=x` became `?token=x/config`: every read a 404, read as "nothing published"."""
+    with pytest.raises(ValueError, match=r"token=\*\*\*.*query or fragment"):
+        HttpControlStore("http://control.test/?token=secret")
+    with pytest.raises(ValidationError, match="at most 128 characters"):
+        ProductionFeatureFlags(instance_id="a" * 129)
+
+
+async def test_start_and_shutdown_give_up_on_an_endpoint_that_never_finishes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An endpoint trickling its answer (each byte within the read timeout) held start()
+    and shutdown() for as long as it liked."""
+    import router.production_router as production_router
+
+    monkeypatch.setattr(production_router, "CONTROL_CALL_S", 0.2)
+    store = _HangingStore()
+    router = Router(
+        backends=[BackendConfig(name="a", kind=BackendKind.LIGHTRAG, base_url="http://a.test")],
+        transport=httpx.MockTransport(lambda r: httpx.Response(200, json={"response": "ok"})),
+        health_checks=False,
+        flags=ProductionFeatureFlags(
+            enabled=True, data_dir=tmp_path, instance_id="hang-2", control_poll_s=60
+        ),
+        control_store=store,
+        recorder=NullRecorder(tmp_path / "segments", "hang-2"),
+    )
+    await router.start()  # returns while the read still hangs
+    assert not store.release.is_set()
+    await router.shutdown()  # and so does the last heartbeat
+    assert not store.release.is_set()
+    store.release.set()
