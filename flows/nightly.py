@@ -17,6 +17,9 @@ import duckdb
 
 from flows.store.database import transaction
 
+#: The longest window a comparison covers (ten years): the CLI and the flow refuse more.
+MAX_HOURS = 24 * 3653
+
 COMPARISON_SQL = """
 WITH per_arm AS (
     SELECT coalesce(backend, '(none)') AS backend, query_category, arm,

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.input import RunInput
 from prefect.transactions import Transaction, get_transaction, transaction
-from pydantic import Field
+from pydantic import Field, StringConstraints
 
 from checks.gx_suites import GxRunner
 from flows import lifecycle, nightly, progress
@@ -44,6 +44,7 @@ from flows.prefect_outputs import (
     publish_status,
 )
 from flows.store.database import connect
+from flows.store.rollouts import Rollout
 from flows.tick import TickReport, tick
 
 _RUNNERS: dict[str, GxRunner] = {}
@@ -171,34 +172,51 @@ def rollout_start(
     return {**started, "acks": acks}
 
 
+#: Seconds; None: the rollout plan's `ack_timeout` (30 s was used whatever the plan said).
+AckTimeout = Annotated[float | None, Field(gt=0)]
+
+
+def _plan_ack_timeout(data_dir: str, rollout_id: str, given: float | None) -> float:
+    if given is not None:
+        return given
+    with connect(DataPaths.at(data_dir).database, read_only=True) as con:
+        return lifecycle.get_state(con, rollout_id).plan.ack_timeout.total_seconds()
+
+
 @flow(name="rollout-tick")
 def rollout_tick(
     data_dir: str = "data",
     rollout_id: str | None = None,
     actor: str = "gate",
-    ack_timeout_s: float = 30.0,
+    ack_timeout_s: AckTimeout = None,
     only_when_due: bool = False,
 ) -> dict[str, Any]:
     """One evaluation: collect new segments, run the checks, decide, act.
 
     `only_when_due` (what the schedule sets): run often, evaluate at each phase's own
     `evaluation_interval` (collection still runs every time; a failback is acted on at
-    once)."""
+    once). `ack_timeout_s`: how long routers get to apply a promotion (default: the
+    plan's `ack_timeout`)."""
     logger = get_run_logger()
     with transaction():
         report = tick_task(data_dir, rollout_id, actor, only_when_due)
         if report.published_version is not None:
-            ack_task(data_dir, report.published_version, ack_timeout_s)
-    logger.info(
-        "%s phase %s: %s (%s) -> %s [legacy %d, production %d]",
-        report.rollout_id,
-        report.phase_name,
-        report.verdict,
-        report.reason,
-        report.action,
-        report.n_legacy,
-        report.n_production,
-    )
+            assert report.rollout_id is not None
+            timeout_s = _plan_ack_timeout(data_dir, report.rollout_id, ack_timeout_s)
+            ack_task(data_dir, report.published_version, timeout_s)
+    if report.rollout_id is None:
+        logger.info("no active rollout: %s", report.reason or "nothing to evaluate")
+    else:
+        logger.info(
+            "%s phase %s: %s (%s) -> %s [legacy %d, production %d]",
+            report.rollout_id,
+            report.phase_name,
+            report.verdict,
+            report.reason,
+            report.action,
+            report.n_legacy,
+            report.n_production,
+        )
     if report.reconciled:
         logger.warning("reconciled after an earlier crash: %s", report.reconciled)
     if report.rollout_id:
@@ -232,12 +250,42 @@ def _emit_for(report: TickReport) -> None:
         emit(EVENT_APPROVAL_REQUESTED, report.rollout_id, group, payload)
 
 
+#: Who decided, as recorded with the decision: never blank.
+Approver = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+
+
 class ApprovalInput(RunInput):
     """The form a human fills in the Prefect UI."""
 
     approve: bool = Field(description="Promote to the next phase (true) or roll back (false)")
-    comment: str = Field(default="", max_length=500)
-    approver: str = Field(default="prefect-ui", max_length=100)
+    comment: str = Field(default="", max_length=500, description="Why; kept with the decision")
+    approver: Approver = Field(default="prefect-ui", description="Your name, for the record")
+
+
+def _approval_question(paths: DataPaths, asked: Rollout) -> str:
+    """What the form asks: which rollout, which move, and why the gate asked."""
+    i, phases = asked.phase_index, asked.plan.phases
+    move = (
+        f"promote phase {i + 1} ({phases[i].name}) to phase {i + 2} ({phases[i + 1].name})"
+        if i + 1 < len(phases)
+        else f"complete the rollout after its last phase ({phases[i].name})"
+    )
+    with connect(paths.database, read_only=True) as con:
+        row = con.execute(
+            "SELECT reason, n_legacy, n_production FROM decisions WHERE rollout_id = ? "
+            "AND phase_index = ? AND verdict = 'NEEDS_APPROVAL' ORDER BY decided_at DESC LIMIT 1",
+            [asked.rollout_id, i],
+        ).fetchall()
+    why = (
+        f" The gate asked because: {row[0][0]} (legacy {row[0][1]}, production {row[0][2]}"
+        " requests)."
+        if row
+        else ""
+    )
+    return (
+        f"Rollout {asked.rollout_id}: {move}?{why} Approve to go ahead; reject to send every "
+        "user back to the legacy balancer."
+    )
 
 
 @flow(name="rollout-approve")
@@ -245,10 +293,10 @@ def rollout_approve(
     data_dir: str = "data",
     rollout_id: str | None = None,
     approve: bool | None = None,
-    comment: str = "",
-    approver: str = "cli",
-    timeout_s: int = 86_400,
-    ack_timeout_s: float = 30.0,
+    comment: Annotated[str, Field(max_length=500)] = "",
+    approver: Approver = "prefect-ui",
+    timeout_s: Annotated[int, Field(ge=1)] = 86_400,
+    ack_timeout_s: AckTimeout = None,
 ) -> dict[str, Any]:
     """A human's decision on a rollout awaiting approval. Without `approve`, the run
     pauses and asks for it with a form in the Prefect UI (or `rollout approve`)."""
@@ -268,7 +316,7 @@ def rollout_approve(
         answer = pause_flow_run(
             # No default answer: a click on Resume must not promote by accident.
             wait_for_input=ApprovalInput.with_initial_data(
-                description="Approve promotion to the next phase, or reject to roll back.",
+                description=_approval_question(paths, asked),
             ),
             timeout=timeout_s,
             poll_interval=2,
@@ -290,7 +338,7 @@ def rollout_approve(
     if approve and rollout.state.value == "running" and version_row and version_row[0][0]:
         version = int(version_row[0][0])
         try:
-            ack_task(data_dir, version, ack_timeout_s)
+            ack_task(data_dir, version, ack_timeout_s or asked.plan.ack_timeout.total_seconds())
         except AcknowledgementFailed as exc:
             # The same undo as a tick's promotion: the previous phase goes back out.
             lifecycle.restore_previous(
@@ -366,9 +414,9 @@ def compact_task(data_dir: str, retention_days: int | None) -> dict[str, Any]:
 @flow(name="nightly-comparison")
 def nightly_comparison(
     data_dir: str = "data",
-    hours: float = 24.0,
+    hours: Annotated[float, Field(gt=0, le=nightly.MAX_HOURS)] = 24.0,
     compact: bool = True,
-    retention_days: int | None = None,
+    retention_days: Annotated[int | None, Field(ge=0)] = None,
 ) -> dict[str, Any]:
     """Legacy against production over the last `hours`, per backend and query category;
     then the retention step (`rollout compact`), so old rows move to daily Parquet."""

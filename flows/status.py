@@ -5,6 +5,7 @@ One snapshot feeds the Prefect status artifact, `rollout status` and `rollout re
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -72,21 +73,30 @@ def _when(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
 
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-!|<>~])")
+
+
+def md(text: object) -> str:
+    """Free text (a person's comment, a plan or phase name) as literal Markdown: a
+    comment `# x ![](http://...)` became a heading and a remote image in the artifact."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+
+
 def markdown(snap: StatusSnapshot, docs_url: str | None = None) -> str:
     r = snap.rollout
     phase = r.plan.phases[min(r.phase_index, len(r.plan.phases) - 1)]
     lines = [
-        f"# Rollout `{r.rollout_id}` ({r.plan.name}, router group `{r.router_group}`)",
+        f"# Rollout `{r.rollout_id}` ({md(r.plan.name)}, router group `{r.router_group}`)",
         "",
         f"**State:** {r.state.value} · **phase {r.phase_index + 1}/{len(r.plan.phases)}:** "
-        f"{phase.name} ({phase.mode.value}, {phase.traffic_percent:g} %)",
+        f"{md(phase.name)} ({phase.mode.value}, {phase.traffic_percent:g} %)",
     ]
     if snap.decisions:
         last = snap.decisions[0]
         lines += [
             "",
-            f"**Last verdict:** {last['verdict']} → {last['action']}  ",
-            f"{last['reason']}",
+            f"**Last verdict:** {last['verdict']} → {md(last['action'])}  ",
+            md(last["reason"]),
         ]
     lines += [
         "",
@@ -95,7 +105,7 @@ def markdown(snap: StatusSnapshot, docs_url: str | None = None) -> str:
     ]
     for p in snap.timeline:
         lines.append(
-            f"| {p['phase_index'] + 1} | {p['name']} | {p['mode']} | {p['traffic_percent']:g} | "
+            f"| {p['phase_index'] + 1} | {md(p['name'])} | {p['mode']} | {p['traffic_percent']:g} | "
             f"{p['config_version'] or '-'} | {_when(p['started_at'])} | {_when(p['ended_at'])} | "
             f"{p['legacy_requests']} | {p['production_requests']} | {p['outcome'] or '-'} | "
             f"{p['last_verdict'] or '-'} |"

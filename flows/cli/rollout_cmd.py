@@ -652,9 +652,6 @@ def report(
 
 
 #: Ten years: a longer window reaches before year 1 and crashes the date arithmetic.
-MAX_NIGHTLY_HOURS = 24 * 3653
-
-
 def nightly(
     hours: Annotated[float, typer.Option(help="Window length in hours (above 0).")] = 24.0,
     compact: Annotated[
@@ -668,8 +665,10 @@ def nightly(
 ) -> None:
     """Run the nightly legacy-vs-production comparison now (the window starts where the
     previous stored comparison ended, when that is less than 2 x --hours back)."""
-    if not 0 < hours <= MAX_NIGHTLY_HOURS:  # also refuses nan
-        fail(f"--hours {hours:g}: allowed is above 0 and at most {MAX_NIGHTLY_HOURS}")
+    from flows.nightly import MAX_HOURS
+
+    if not 0 < hours <= MAX_HOURS:  # also refuses nan
+        fail(f"--hours {hours:g}: allowed is above 0 and at most {MAX_HOURS}")
     p = existing(data_dir)  # before the (slow) Prefect session starts
     if not p.database.exists() and not any(p.segments.glob("*/*.parquet")):
         fail(f"no metrics database and no segments in {p.root}: is this the data dir?")

@@ -168,11 +168,21 @@ def test_harm_found_while_awaiting_approval_rolls_back_without_the_human(
 
 def test_approval_through_the_paused_form(live_app: LiveApp) -> None:
     """The UI path: the flow pauses with a form; a resume with input decides."""
+    from prefect.exceptions import ParameterTypeError
+
+    from flows import lifecycle
     from flows.cli.rollout_cmd import _resume_paused_approval
-    from flows.rollout_flows import rollout_approve, rollout_start
+    from flows.rollout_flows import _approval_question, rollout_approve, rollout_start
 
     rollout_start(small_plan(approval_on=0), str(live_app.paths.root))
     tick_until(live_app, {"awaiting_approval"})
+    with pytest.raises(ParameterTypeError, match="approver"):  # a decision names someone
+        rollout_approve(str(live_app.paths.root), approve=True, approver="  ")
+    # the form says which rollout, which move and why the gate asked
+    asked = lifecycle.awaiting_approval(live_app.paths, None)
+    question = _approval_question(live_app.paths, asked)
+    assert question.startswith(f"Rollout {asked.rollout_id}: promote phase 1 (")
+    assert "The gate asked because:" in question
     outcome: dict[str, Any] = {}
     waiter = threading.Thread(
         target=lambda: outcome.update(rollout_approve(str(live_app.paths.root), timeout_s=60))
@@ -336,6 +346,11 @@ def test_nightly_comparison_stores_rows_and_artifacts(live_app: LiveApp) -> None
     )[0]
     assert stored[0] == result["rows"] and stored[1] >= 2
     assert Artifact.get("nightly-comparison") is not None
+    # a UI run with an inverted window is refused, not "completed" with an empty table
+    from prefect.exceptions import ParameterTypeError
+
+    with pytest.raises(ParameterTypeError, match="hours"):
+        nightly_comparison(str(live_app.paths.root), hours=-24)
 
 
 def test_tick_writes_status_and_decision_artifacts(live_app: LiveApp) -> None:

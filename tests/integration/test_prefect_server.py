@@ -156,6 +156,10 @@ def test_deploy_and_run_the_nightly_comparison(server: dict[str, str], tmp_path:
         schedule = nightly.schedules[0].schedule
         assert schedule.cron == "0 2 * * *" and schedule.timezone == "Europe/Berlin"
         assert deployments["rollout-tick"].global_concurrency_limit.limit == 1
+        # a paused approval form outlives Prefect's lease renewals only without a limit
+        assert deployments["rollout-approve"].global_concurrency_limit is None
+        hours = nightly.parameter_openapi_schema["properties"]["hours"]
+        assert hours["exclusiveMinimum"] == 0  # the UI refuses an inverted window
         assert nightly.parameters["data_dir"] == str(paths.root.resolve())
 
     started = run(

@@ -294,3 +294,22 @@ def test_a_republished_phase_is_not_restored_to_an_older_copy_of_itself(
     )
     assert restored is not None and restored.phase == load_plan(DEMO_PLAN).phases[0].name
     assert timedelta(0) < restored.published_at - live.published_at
+
+
+def test_a_reason_cannot_inject_markdown_into_the_status_artifact(
+    running: tuple[DataPaths, str],
+) -> None:
+    """A comment `# Heading ![x](http://...)` rendered as a heading and a remote image in
+    the status artifact people read in the Prefect UI."""
+    from flows.status import markdown, snapshot
+
+    paths, rid = running
+    lifecycle.rollback(
+        paths, reason="# Heading ![x](http://127.0.0.1:9/p.png) | cell", actor="eve", rollout_id=rid
+    )
+    with connect(paths.database, read_only=True) as con:
+        snap = snapshot(con, rid)
+    assert snap is not None
+    page = markdown(snap)
+    assert "\n# Heading" not in page and "![x](" not in page
+    assert r"\# Heading \!\[x\]\(http://127.0.0.1:9/p.png\) \| cell" in page
