@@ -43,6 +43,7 @@ from flows.prefect_outputs import (
     publish_decision,
     publish_status,
 )
+from flows.status import md
 from flows.store.database import connect
 from flows.store.rollouts import Rollout
 from flows.tick import TickReport, tick
@@ -176,13 +177,6 @@ def rollout_start(
 AckTimeout = Annotated[float | None, Field(gt=0)]
 
 
-def _plan_ack_timeout(data_dir: str, rollout_id: str, given: float | None) -> float:
-    if given is not None:
-        return given
-    with connect(DataPaths.at(data_dir).database, read_only=True) as con:
-        return lifecycle.get_state(con, rollout_id).plan.ack_timeout.total_seconds()
-
-
 @flow(name="rollout-tick")
 def rollout_tick(
     data_dir: str = "data",
@@ -201,9 +195,9 @@ def rollout_tick(
     with transaction():
         report = tick_task(data_dir, rollout_id, actor, only_when_due)
         if report.published_version is not None:
-            assert report.rollout_id is not None
-            timeout_s = _plan_ack_timeout(data_dir, report.rollout_id, ack_timeout_s)
-            ack_task(data_dir, report.published_version, timeout_s)
+            # (not read from the database here: a busy writer would fail the transaction
+            # and undo a good promotion)
+            ack_task(data_dir, report.published_version, ack_timeout_s or report.ack_timeout_s)
     if report.rollout_id is None:
         logger.info("no active rollout: %s", report.reason or "nothing to evaluate")
     else:
@@ -266,9 +260,9 @@ def _approval_question(paths: DataPaths, asked: Rollout) -> str:
     """What the form asks: which rollout, which move, and why the gate asked."""
     i, phases = asked.phase_index, asked.plan.phases
     move = (
-        f"promote phase {i + 1} ({phases[i].name}) to phase {i + 2} ({phases[i + 1].name})"
+        f"promote phase {i + 1} ({md(phases[i].name)}) to phase {i + 2} ({md(phases[i + 1].name)})"
         if i + 1 < len(phases)
-        else f"complete the rollout after its last phase ({phases[i].name})"
+        else f"complete the rollout after its last phase ({md(phases[i].name)})"
     )
     with connect(paths.database, read_only=True) as con:
         row = con.execute(
@@ -277,13 +271,13 @@ def _approval_question(paths: DataPaths, asked: Rollout) -> str:
             [asked.rollout_id, i],
         ).fetchall()
     why = (
-        f" The gate asked because: {row[0][0]} (legacy {row[0][1]}, production {row[0][2]}"
+        f" The gate asked because: {md(row[0][0])} (legacy {row[0][1]}, production {row[0][2]}"
         " requests)."
         if row
         else ""
     )
     return (
-        f"Rollout {asked.rollout_id}: {move}?{why} Approve to go ahead; reject to send every "
+        f"Rollout {md(asked.rollout_id)}: {move}?{why} Approve to go ahead; reject to send every "
         "user back to the legacy balancer."
     )
 

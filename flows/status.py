@@ -73,7 +73,7 @@ def _when(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
 
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-!|<>~])")
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-=!|<>~])")
 
 
 def md(text: object) -> str:
@@ -86,7 +86,7 @@ def markdown(snap: StatusSnapshot, docs_url: str | None = None) -> str:
     r = snap.rollout
     phase = r.plan.phases[min(r.phase_index, len(r.plan.phases) - 1)]
     lines = [
-        f"# Rollout `{r.rollout_id}` ({md(r.plan.name)}, router group `{r.router_group}`)",
+        f"# Rollout {md(r.rollout_id)} ({md(r.plan.name)}, router group {md(r.router_group)})",
         "",
         f"**State:** {r.state.value} · **phase {r.phase_index + 1}/{len(r.plan.phases)}:** "
         f"{md(phase.name)} ({phase.mode.value}, {phase.traffic_percent:g} %)",

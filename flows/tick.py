@@ -43,6 +43,8 @@ class TickReport:
     verdict: str | None = None
     reason: str = ""
     action: str = "none"
+    #: how long routers get to apply a promotion: the plan's `ack_timeout`
+    ack_timeout_s: float = 30.0
     n_legacy: int = 0
     n_production: int = 0
     ingested_rows: int = 0
@@ -134,6 +136,7 @@ def tick(
             reconciled=reconciled,
         )
         report.router_group = rollout.router_group
+        report.ack_timeout_s = rollout.plan.ack_timeout.total_seconds()
         version = phase_config_version(con, rollout.rollout_id, rollout.phase_index)
         report.config_version = version
         # While a human decides, the gate keeps judging: harm found meanwhile still rolls

@@ -10,6 +10,7 @@ user's answer.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import json
 import logging
@@ -199,6 +200,8 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         #: `_drained` is set when the last one ends while shutdown() waits for them.
         self._closing = False
         self._in_flight = 0
+        #: production requests in a row that the caller cancelled before any answer
+        self._cancels_in_a_row = 0
         self._drained: asyncio.Event | None = None
         self._id_prefix = uuid.uuid4().hex[:12]
         self._id_counter = itertools.count(1)
@@ -427,7 +430,9 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             self._tasks.append(asyncio.create_task(self._control_loop(), name="router-control"))
 
     async def start(self) -> ProductionIntelligentQueryRouter:
-        """Start background work; the published config is applied before this returns."""
+        """Start background work; the published config is applied before this returns
+        (unless the control store takes over `CONTROL_CALL_S` to answer: the control loop
+        applies it then)."""
         if self.control_store is not None and not self._tasks and not self._closed:
             self._consider(await self._bounded(self._read_document, "reading the control store"))
         self._start_background()
@@ -466,14 +471,22 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             # Even when this shutdown is itself cancelled (a host's own timeout around
             # it): the control loop must not go on writing heartbeats for a stopped
             # instance, nor health checks go on hitting backends.
-            try:  # closing a client must never cost the buffered rows flushed below
-                await super().shutdown()
-                await self._production_client.aclose()
-                close = getattr(self.control_store, "close", None)
-                if self._owns_store and callable(close):
-                    close()
-            except Exception:
-                log.exception("closing the production client or the control store failed")
+            # Each step on its own: one failing must not skip the others, nor cost the
+            # buffered rows flushed below.
+            close = getattr(self.control_store, "close", None)
+            steps: list[tuple[str, Callable[[], Any]]] = [
+                ("stopping background work and the legacy client", super().shutdown),
+                ("closing the production client", self._production_client.aclose),
+            ]
+            if self._owns_store and callable(close):
+                steps.append(("closing the control store", close))
+            for what, step in steps:
+                try:
+                    done = step()
+                    if inspect.isawaitable(done):
+                        await done
+                except Exception:
+                    log.exception("%s failed", what)
             self.metrics.close()
             # Whatever happened above, the buffered rows are flushed: in a thread, since a
             # stuck disk can hold close() for its whole timeout.
@@ -626,15 +639,18 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         self.analytics.add(now, result)
         self.routed += 1
         # A caller's cancel is no error of the arm (a host hedging 30 % of its calls
-        # tripped the guard in production_only), but the time its user waited counts.
-        ok = result.ok or cancelled
+        # tripped the guard in production_only), only a latency sample: unless production
+        # answered none of the last `min_requests` requests, a hung arm whose callers give
+        # up before it fails (it would never trip the guard otherwise).
         if arm is Arm.PRODUCTION:
-            self._guard_observe(result, ok)
+            self._cancels_in_a_row = self._cancels_in_a_row + 1 if cancelled else 0
+            hung = self._cancels_in_a_row >= self.guard.limits.min_requests
+            self._guard_observe(result, result.ok or (cancelled and not hung))
         elif (
             result.outcome not in NOT_PRODUCTIONS_FAULT
             and result.config_version == self.config.version  # as in _guard_observe
         ):
-            self.guard.observe_legacy(ok, result.latency_ms)
+            self.guard.observe_legacy(result.ok or cancelled, result.latency_ms)
         if cancelled:
             raise asyncio.CancelledError
         return result

@@ -112,6 +112,14 @@ def app_run(
     duration: Annotated[float, typer.Option(help="Seconds to run; 0 until SIGTERM.")] = 0.0,
     seed: Annotated[int, typer.Option()] = 11,
     workload: Annotated[Path | None, typer.Option(help="Questions (JSON lines).")] = None,
+    legacy_rest_s: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Seconds the legacy router rests a failing or slow backend (its "
+            "circuit_breaker_timeout; default 300). The demo passes 20: its clock is compressed.",
+        ),
+    ] = None,
     fleet_file: Annotated[
         Path | None,
         typer.Option(help="Use the backends of a running `rollout sim serve` (its fleet file)."),
@@ -159,7 +167,14 @@ def app_run(
     try:
         counts = asyncio.run(
             run_app(
-                LoadSpec(rate=rate, users=users, duration_s=duration, seed=seed, workload=workload)
+                LoadSpec(
+                    rate=rate,
+                    users=users,
+                    duration_s=duration,
+                    seed=seed,
+                    workload=workload,
+                    legacy_rest_s=legacy_rest_s,
+                )
             )
         )
     except SettingsError as exc:

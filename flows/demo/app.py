@@ -31,12 +31,6 @@ log = logging.getLogger("rollout.app")
 
 #: How long the last questions may take to finish once the app is told to stop.
 PENDING_WAIT_S = 8.0
-#: The legacy router rests a backend 300 s after 5 failures or slow (> 2 s) answers in
-#: a row. The demo compresses weeks into minutes: one stall of a busy machine rested the
-#: slow LightRAG server for the rest of the demo in the legacy arm only, and the gate
-#: (rightly) found production slower than that lucky legacy. The rest shrinks with the
-#: clock; production's ejection cap follows it through the migrator.
-DEMO_LEGACY_REST_S = 20
 
 
 @dataclass
@@ -47,6 +41,8 @@ class LoadSpec:
     duration_s: float = 0.0  # 0: until stopped
     seed: int = 11
     workload: Path | None = None
+    #: the legacy router's rest (`circuit_breaker_timeout`); None: its default (300 s)
+    legacy_rest_s: int | None = None
 
 
 async def generate_load(
@@ -99,9 +95,12 @@ async def generate_load(
 
 async def run_app(spec: LoadSpec) -> dict[str, int]:
     flags = load_flags()
-    router = ProductionIntelligentQueryRouter(
-        LoadBalancingConfig(circuit_breaker_timeout=DEMO_LEGACY_REST_S), flags=flags
+    legacy = (
+        LoadBalancingConfig(circuit_breaker_timeout=spec.legacy_rest_s)
+        if spec.legacy_rest_s is not None
+        else None  # a caller's legacy config also picks the production algorithm
     )
+    router = ProductionIntelligentQueryRouter(legacy, flags=flags)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

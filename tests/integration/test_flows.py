@@ -173,6 +173,7 @@ def test_approval_through_the_paused_form(live_app: LiveApp) -> None:
     from flows import lifecycle
     from flows.cli.rollout_cmd import _resume_paused_approval
     from flows.rollout_flows import _approval_question, rollout_approve, rollout_start
+    from flows.status import md
 
     rollout_start(small_plan(approval_on=0), str(live_app.paths.root))
     tick_until(live_app, {"awaiting_approval"})
@@ -181,7 +182,7 @@ def test_approval_through_the_paused_form(live_app: LiveApp) -> None:
     # the form says which rollout, which move and why the gate asked
     asked = lifecycle.awaiting_approval(live_app.paths, None)
     question = _approval_question(live_app.paths, asked)
-    assert question.startswith(f"Rollout {asked.rollout_id}: promote phase 1 (")
+    assert question.startswith(f"Rollout {md(asked.rollout_id)}: promote phase 1 (")
     assert "The gate asked because:" in question
     outcome: dict[str, Any] = {}
     waiter = threading.Thread(

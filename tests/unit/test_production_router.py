@@ -1101,10 +1101,11 @@ async def test_a_shutdown_cut_short_still_stops_background_work(
     router = await started(tmp_path, backends, 1, "production_only", 100)
     slow = asyncio.create_task(router.route_query("a slow question", {"user_id": "a"}))
     await wait_until(lambda: len(backends.calls) == 1, "the request")
-    assert router._tasks  # the control loop
+    background = list(router._tasks)  # the control loop
+    assert background
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(router.shutdown(), 0.1)
-    assert all(task.done() for task in router._tasks) and router._client.is_closed
+    assert all(task.done() for task in background) and router._client.is_closed
     backends.gate.set()
     await slow
 
@@ -1327,15 +1328,38 @@ async def test_callers_that_cancel_never_trip_the_guard(tmp_path: Path, backends
     guard = production_guard(error_rate=0.1)
     router = await started(tmp_path, backends, 1, "production_only", 100, guard=guard)
     for i in range(60):
-        question = "a slow question" if i % 3 == 0 else QUESTION
+        if i % 3:
+            await router.route_query(QUESTION, {"user_id": f"u{i}"})
+            continue
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(0.02):
-                await router.route_query(question, {"user_id": f"u{i}"})
+                await router.route_query("a slow question", {"user_id": f"u{i}"})
     assert not router.guard.tripped
     assert router.effective_mode is DeploymentMode.PRODUCTION_ONLY
     await router.shutdown()
     kinds = Counter(r["error_kind"] for r in read_segments(tmp_path, "requests"))
     assert kinds == {"cancelled": 20, None: 40}
+
+
+async def test_a_hung_production_arm_trips_the_guard_though_its_callers_give_up_first(
+    tmp_path: Path, backends: Backends
+) -> None:
+    """Cancels are no errors while production answers; once it answers none of the last
+    `min_requests`, its callers' cancels are what its failures look like."""
+    backends.gate = asyncio.Event()  # never set: every question hangs
+    router = await started(tmp_path, backends, 1, "production_only", 100, guard=production_guard())
+    for i in range(12):
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.01):
+                await router.route_query("a slow question", {"user_id": f"u{i}"})
+    assert not router.guard.tripped  # cancels alone, at first: as a hedging host's look
+    for i in range(12, 40):
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.01):
+                await router.route_query("a slow question", {"user_id": f"u{i}"})
+    assert router.guard.tripped and router.effective_mode is DeploymentMode.LEGACY_ONLY
+    backends.gate.set()
+    await router.shutdown()
 
 
 async def test_a_backend_that_hangs_while_callers_give_up_is_avoided(
