@@ -202,6 +202,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         self._in_flight = 0
         #: production requests in a row that the caller cancelled before any answer
         self._cancels_in_a_row = 0
+        self._told_closed = False  # route_query after shutdown() is logged once
         self._drained: asyncio.Event | None = None
         self._id_prefix = uuid.uuid4().hex[:12]
         self._id_counter = itertools.count(1)
@@ -736,6 +737,14 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         the caller gets a result (as for any other failure), not a traceback, the request
         still leaves its row, and on the production arm the failback guard counts it, so
         a bug in the new path fails back to legacy."""
+        if self._closed:
+            # Its HTTP clients are closed: each call logged a RuntimeError traceback.
+            if not self._told_closed:
+                self._told_closed = True
+                log.warning("route_query after shutdown(): answered with an error")
+            return RouteOutcome(
+                None, None, BackendFailure(ErrorKind.NO_BACKEND, "the router is shut down")
+            )
         try:
             return await balancer.route(query_text, classification, region=region, headers=headers)
         except Exception as exc:  # CancelledError is a BaseException: it still propagates

@@ -1127,6 +1127,23 @@ async def test_two_shutdowns_at_once_both_end_when_the_requests_do(
     assert (await slow).outcome == "ok"
 
 
+async def test_a_request_after_shutdown_is_told_so_without_a_traceback(
+    tmp_path: Path, backends: Backends, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each call logged a RuntimeError traceback from the closed HTTP client."""
+    router = await started(tmp_path, backends, 1, "production_only", 100)
+    await router.shutdown()
+    calls = len(backends.calls)
+    for i in range(3):
+        result = await router.route_query(QUESTION, {"user_id": f"u{i}"})
+        assert not result.ok and result.error == "the router is shut down"
+    assert len(backends.calls) == calls
+    assert not any(r.exc_info for r in caplog.records)
+    assert [r.getMessage() for r in caplog.records if "after shutdown" in r.getMessage()] == [
+        "route_query after shutdown(): answered with an error"
+    ]
+
+
 class SlowCloseRecorder(SegmentRecorder):
     """close() waits for the event loop to release it (as a slow disk would hold it)."""
 
