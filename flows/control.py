@@ -9,13 +9,12 @@ from dataclasses import dataclass, field
 
 from flows.paths import DataPaths
 from flows.plan import RolloutPlan
-from router.control_store import Acknowledgement, FileControlStore
+from router.control_store import STALE_AFTER_S, Acknowledgement, FileControlStore
 from router.http_control_store import HttpControlStore
 from router.modes import DeploymentMode
 from router.router_config import GuardLimits, RouterConfig
 
 #: An instance whose heartbeat is older than this is considered gone.
-STALE_AFTER_S = 15.0
 
 
 #: Publish to and read heartbeats from an HTTP control endpoint instead of the folder

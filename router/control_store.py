@@ -27,6 +27,10 @@ from router.files import remove_stale_temps, sync_directory
 from router.modes import DeploymentMode
 from router.router_config import RouterConfig
 
+#: A heartbeat older than this is from an instance that is gone (routers write one every
+#: `PROD_LB_CONTROL_POLL_S`, 1 s by default).
+STALE_AFTER_S = 15.0
+
 
 class Acknowledgement(BaseModel):
     """An instance's heartbeat: what it runs now and what it refused."""
@@ -51,6 +55,9 @@ class Acknowledgement(BaseModel):
     #: replica's own clock, and one running an hour ahead looked alive for an hour
     #: after it died.
     received_at: datetime | None = None
+
+    def same_process(self, other: Acknowledgement) -> bool:
+        return (self.host, self.pid, self.started_at) == (other.host, other.pid, other.started_at)
 
     def age_s(self, now: datetime | None = None) -> float:
         return (

@@ -40,6 +40,7 @@ from router.bucketing import bucket_of, in_production, subject_key
 from router.budget import DailyBudget
 from router.classifier import Classification, QueryClassifier
 from router.control_store import (
+    STALE_AFTER_S,
     Acknowledgement,
     ControlStore,
     FileControlStore,
@@ -75,6 +76,7 @@ INT32_MAX = 2**31 - 1  # the row schema's token columns
 BUCKET_CACHE_SIZE = 65_536
 SHUTDOWN_DRAIN_S = 10.0  # how long shutdown() lets requests in flight finish
 CONTROL_CALL_S = 5.0  # how long start() and shutdown() wait for the control store
+SHARED_ID_CHECK_S = 30.0  # how often a router looks for another process under its id
 
 
 class QueryFacts(NamedTuple):
@@ -203,6 +205,8 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         #: production requests in a row that the caller cancelled before any answer
         self._cancels_in_a_row = 0
         self._told_closed = False  # route_query after shutdown() is logged once
+        self._next_shared_check = 0.0
+        self._shared_told: set[tuple[str, int]] = set()
         self._drained: asyncio.Event | None = None
         self._id_prefix = uuid.uuid4().hex[:12]
         self._id_counter = itertools.count(1)
@@ -366,8 +370,38 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         with self._ack_lock:
             if seq <= self._ack_written:
                 return
+            self._check_shared_id(ack)
             self.control_store.write_ack(ack)
             self._ack_written = seq
+
+    def _check_shared_id(self, mine: Acknowledgement) -> None:
+        """Every SHARED_ID_CHECK_S, before writing: is another live process heartbeating
+        under this instance id (`gunicorn -w 4` with one PROD_LB_INSTANCE_ID)? The two
+        overwrite each other's heartbeat, and the fleet's view of which version runs
+        flips between them; say so once per other process, in the log and as an event."""
+        assert self.control_store is not None
+        now = time.monotonic()
+        if now < self._next_shared_check:
+            return
+        self._next_shared_check = now + SHARED_ID_CHECK_S
+        for other in self.control_store.read_acks():
+            if (
+                other.instance != mine.instance
+                or other.same_process(mine)
+                or other.age_s() > STALE_AFTER_S
+                or (other.host, other.pid) in self._shared_told
+            ):
+                continue
+            self._shared_told.add((other.host, other.pid))
+            message = (
+                f"instance id {mine.instance!r} is also used by {other.host} pid {other.pid} "
+                f"(this is {mine.host} pid {mine.pid}): each process needs its own "
+                "PROD_LB_INSTANCE_ID, or their heartbeats overwrite each other"
+            )
+            log.error(message)
+            self.recorder.event(
+                EventKind.INSTANCE_SHARED, message, config_version=self.config.version
+            )
 
     def _check_staleness(self) -> None:
         reason = self.guard.check_staleness(

@@ -106,6 +106,7 @@ class EventKind(StrEnum):
     BREAKER_HALF_OPEN = "breaker_half_open"
     ROWS_DROPPED = "rows_dropped"
     SHADOWS_SKIPPED = "shadows_skipped"
+    INSTANCE_SHARED = "instance_shared"
     SEGMENT_QUARANTINED = "segment_quarantined"
 
 

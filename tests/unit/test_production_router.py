@@ -1144,6 +1144,32 @@ async def test_a_request_after_shutdown_is_told_so_without_a_traceback(
     ]
 
 
+async def test_two_processes_under_one_instance_id_are_told_so(
+    tmp_path: Path, backends: Backends, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`gunicorn -w 4` with one PROD_LB_INSTANCE_ID: the workers overwrote each other's
+    heartbeat and the fleet's view of which version runs flipped between them, silently."""
+    first = make_router(tmp_path, backends, instance="api-1")
+    second = make_router(tmp_path, backends, instance="api-1")  # another start: a twin
+    first.heartbeat()
+    second.heartbeat()
+    second.heartbeat()  # told once
+    (told,) = [r.getMessage() for r in caplog.records if "is also used by" in r.getMessage()]
+    assert told.startswith("instance id 'api-1' is also used by") and "PROD_LB_INSTANCE_ID" in told
+    await first.shutdown()
+    await second.shutdown()
+    events = read_segments(tmp_path, "events", instance="api-1")
+    assert [e["kind"] for e in events].count("instance_shared") == 1
+    # one process heartbeating again and again is no twin of itself
+    caplog.clear()
+    alone = make_router(tmp_path / "alone", backends, instance="solo")
+    for _ in range(3):
+        alone.heartbeat()
+        alone._next_shared_check = 0.0
+    await alone.shutdown()
+    assert not [r for r in caplog.records if "is also used by" in r.getMessage()]
+
+
 class SlowCloseRecorder(SegmentRecorder):
     """close() waits for the event loop to release it (as a slow disk would hold it)."""
 
