@@ -156,7 +156,15 @@ def rollout_start(
     actor: str = "prefect",
 ) -> dict[str, Any]:
     """Validate the plan, record the rollout and publish phase 1; wait for the routers.
-    Without a plan: the five-week plan (deployments/plans/five_weeks.yaml)."""
+
+    Args:
+        plan: The phases, thresholds and timeouts. Empty: the five-week plan of
+            deployments/plans/five_weeks.yaml.
+        data_dir: The data folder the routers and the flows share (metrics.duckdb,
+            control/, segments/).
+        rollout_id: An id for the new rollout; empty: one is generated.
+        actor: Who started it, for the record.
+    """
     logger = get_run_logger()
     plan = plan or default_plan()
     with transaction():
@@ -187,10 +195,15 @@ def rollout_tick(
 ) -> dict[str, Any]:
     """One evaluation: collect new segments, run the checks, decide, act.
 
-    `only_when_due` (what the schedule sets): run often, evaluate at each phase's own
-    `evaluation_interval` (collection still runs every time; a failback is acted on at
-    once). `ack_timeout_s`: how long routers get to apply a promotion (default: the
-    plan's `ack_timeout`)."""
+    Args:
+        data_dir: The data folder the routers and the flows share.
+        rollout_id: The rollout to evaluate; empty: the active one.
+        actor: Who decides, for the record.
+        ack_timeout_s: Seconds the routers get to apply a promotion; empty: the plan's
+            ack_timeout.
+        only_when_due: What the schedule sets: collect every time, but evaluate only at
+            the phase's evaluation_interval (or at once after a router failback).
+    """
     logger = get_run_logger()
     with transaction():
         report = tick_task(data_dir, rollout_id, actor, only_when_due)
@@ -292,8 +305,19 @@ def rollout_approve(
     timeout_s: Annotated[int, Field(ge=1)] = 86_400,
     ack_timeout_s: AckTimeout = None,
 ) -> dict[str, Any]:
-    """A human's decision on a rollout awaiting approval. Without `approve`, the run
-    pauses and asks for it with a form in the Prefect UI (or `rollout approve`)."""
+    """A human's decision on a rollout awaiting approval.
+
+    Args:
+        data_dir: The data folder the routers and the flows share.
+        rollout_id: The rollout awaiting approval; empty: the active one.
+        approve: True promotes, false rolls back. Empty: the run pauses with a form in
+            the Prefect UI (or answer with `rollout approve`).
+        comment: Why; kept with the decision.
+        approver: Who decides, for the record.
+        timeout_s: Seconds the paused form waits for an answer.
+        ack_timeout_s: Seconds the routers get to apply an approved promotion; empty:
+            the plan's ack_timeout.
+    """
     from prefect.flow_runs import pause_flow_run
 
     logger = get_run_logger()
@@ -377,7 +401,14 @@ def rollout_rollback(
     rollout_id: str | None = None,
     actor: str = "prefect",
 ) -> dict[str, Any]:
-    """Fast path: publish legacy_only first, then record. Safe to repeat."""
+    """Fast path back to legacy: publish legacy_only first, then record. Safe to repeat.
+
+    Args:
+        reason: Why, for the record (the routers' events and the decision).
+        data_dir: The data folder the routers and the flows share.
+        rollout_id: The rollout to roll back; empty: the one the live config belongs to.
+        actor: Who rolls back, for the record.
+    """
     result = rollback_task(data_dir, reason, rollout_id, actor)
     if result["ended_now"]:  # a repeat changes nothing: no second event
         emit(
@@ -413,7 +444,16 @@ def nightly_comparison(
     retention_days: Annotated[int | None, Field(ge=0)] = None,
 ) -> dict[str, Any]:
     """Legacy against production over the last `hours`, per backend and query category;
-    then the retention step (`rollout compact`), so old rows move to daily Parquet."""
+    then the retention step (`rollout compact`), so old rows move to daily Parquet.
+
+    Args:
+        data_dir: The data folder the routers and the flows share.
+        hours: The window; it starts where the previous stored comparison ended when
+            that is less than twice this far back.
+        compact: Also run the retention step.
+        retention_days: Days of rows kept in the table; empty: ROLLOUT_RETENTION_DAYS,
+            else 30.
+    """
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     comparison = nightly_task(data_dir, hours)

@@ -160,6 +160,7 @@ def test_deploy_and_run_the_nightly_comparison(server: dict[str, str], tmp_path:
         assert deployments["rollout-approve"].global_concurrency_limit is None
         hours = nightly.parameter_openapi_schema["properties"]["hours"]
         assert hours["exclusiveMinimum"] == 0  # the UI refuses an inverted window
+        assert "window" in hours["description"]  # the form says what each field is
         assert nightly.parameters["data_dir"] == str(paths.root.resolve())
 
     started = run(
