@@ -200,10 +200,13 @@ class Balancer:
         *,
         region: str | None = None,
         headers: dict[str, str] | None = None,
+        outcome: RouteOutcome | None = None,
     ) -> RouteOutcome:
+        """`outcome`: filled in as the request goes, so a caller whose request is
+        cancelled still knows the attempts it made."""
         start = self.clock()
         deadline = start + self.deadline_s
-        outcome = RouteOutcome(None, None, None)
+        outcome = outcome if outcome is not None else RouteOutcome(None, None, None)
         tried: set[str] = set()
         budget = self.retry_budget
         budget.requests_in_flight += 1
@@ -282,7 +285,14 @@ class Balancer:
                     outcome.choice, outcome.degraded = choice, degraded
                 state = choice.backend
                 tried.add(state.name)
-                answer, failure, latency_ms = await self._attempt(state, query, remaining, headers)
+                try:
+                    answer, failure, latency_ms = await self._attempt(
+                        state, query, remaining, headers
+                    )
+                except asyncio.CancelledError:  # the caller's: the attempt still counts
+                    cut_ms = (self.clock() - now) * 1000.0
+                    outcome.attempts.append(Attempt(state.name, cut_ms, ErrorKind.CANCELLED, None))
+                    raise
             finally:
                 if is_retry:
                     budget.release()

@@ -645,11 +645,16 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         started = time.perf_counter()
         headers = {"X-Request-ID": request_id, "X-Router-Arm": arm_name}
         cancelled = False
+        partial = RouteOutcome(None, None, None)
         try:
-            outcome = await self._route_arm(balancer, query_text, classification, region, headers)
+            outcome = await self._route_arm(
+                balancer, query_text, classification, region, headers, partial
+            )
         except asyncio.CancelledError:
             # The caller gave up (disconnect, its own timeout): still one row, so an arm
-            # whose users give up is not flattered by their absence. Re-raised below.
+            # whose users give up is not flattered by their absence. Re-raised below. Its
+            # attempts are kept; no backend is named (per-backend figures must not count
+            # the caller's cancels).
             cancelled = True
             outcome = RouteOutcome(
                 None,
@@ -657,6 +662,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
                 BackendFailure(
                     ErrorKind.CANCELLED, "the caller cancelled the request before an answer"
                 ),
+                attempts=partial.attempts,
             )
         latency_ms = (time.perf_counter() - started) * 1000.0
         result = build_result(
@@ -766,6 +772,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         classification: Classification,
         region: Any,
         headers: dict[str, str],
+        partial: RouteOutcome | None = None,
     ) -> RouteOutcome:
         """`balancer.route`, with its unexpected exceptions turned into a failed outcome:
         the caller gets a result (as for any other failure), not a traceback, the request
@@ -780,7 +787,9 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
                 None, None, BackendFailure(ErrorKind.NO_BACKEND, "the router is shut down")
             )
         try:
-            return await balancer.route(query_text, classification, region=region, headers=headers)
+            return await balancer.route(
+                query_text, classification, region=region, headers=headers, outcome=partial
+            )
         except Exception as exc:  # CancelledError is a BaseException: it still propagates
             log.exception("%s balancer failed unexpectedly", balancer.arm)
             return RouteOutcome(

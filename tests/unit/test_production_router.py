@@ -1362,6 +1362,8 @@ async def test_a_cancelled_request_still_leaves_its_row(tmp_path: Path, backends
     await router.shutdown()
     (row,) = read_segments(tmp_path, "requests")
     assert (row["outcome"], row["error_kind"], row["arm"]) == ("timeout", "cancelled", "production")
+    # the attempt it was waiting on counts (it read 0); no backend is charged with it
+    assert (row["attempts"], row["backend"]) == (1, None)
 
 
 async def test_callers_that_cancel_never_trip_the_guard(tmp_path: Path, backends: Backends) -> None:
