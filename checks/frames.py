@@ -58,8 +58,27 @@ FROM requests
 WHERE config_version = $version
 """
 
-WINDOW_ROWS_SQL = """
-SELECT request_id, ts, router_instance, config_version, mode, arm, is_shadow, outcome,
+
+def html_text(column: str) -> str:
+    """`column` HTML-escaped, as `html.escape` would (distinct values stay distinct, valid
+    labels are unchanged): GX Data Docs render unexpected sample values as raw HTML, and
+    these values come from segment files anyone who can write there controls."""
+    expression = column
+    for char, entity in (
+        ("&", "&amp;"),
+        ("<", "&lt;"),
+        (">", "&gt;"),
+        ('"', "&quot;"),
+        ("'", "&#x27;"),
+    ):
+        quoted = char.replace("'", "''")  # SQL string literal
+        expression = f"replace({expression}, '{quoted}', '{entity}')"
+    return f"{expression} AS {column}"
+
+
+WINDOW_ROWS_SQL = f"""
+SELECT {html_text("request_id")}, ts, {html_text("router_instance")}, config_version,
+       {html_text("mode")}, {html_text("arm")}, is_shadow, {html_text("outcome")},
        latency_ms, cost_usd, quality_score, tokens_in, tokens_out, attempts
 FROM requests
 WHERE config_version = ? OR ts >= ?

@@ -40,6 +40,18 @@ def control_store(paths: DataPaths) -> Store:
     return FileControlStore(paths.control)
 
 
+#: Characters of a reason a published document carries; the whole text stays in DuckDB
+#: (decisions, transitions). Unbounded, an alert pasting a log excerpt into a rollback
+#: reason made the document too large for the HTTP control endpoint: the rollback failed.
+MAX_DOCUMENT_REASON = 2_000
+
+
+def brief(reason: str) -> str:
+    if len(reason) <= MAX_DOCUMENT_REASON:
+        return reason
+    return reason[: MAX_DOCUMENT_REASON - 1] + "…"
+
+
 def phase_config(
     plan: RolloutPlan, phase_index: int, version: int, rollout_id: str, reason: str
 ) -> RouterConfig:
@@ -63,7 +75,7 @@ def phase_config(
         ),
         rollout_id=rollout_id,
         phase=phase.name,
-        reason=reason,
+        reason=brief(reason),
         rearm_guard=phase_index == 0,  # a new rollout starts with an armed guard
     )
 
@@ -78,7 +90,7 @@ def legacy_only_config(
         salt=salt,
         rollout_id=rollout_id,
         phase="rollback",
-        reason=reason,
+        reason=brief(reason),
     )
 
 

@@ -20,6 +20,7 @@ database describes.
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +47,9 @@ from flows.store.rollouts import (
     transition,
 )
 from router.router_config import RouterConfig
+
+#: What a new rollout's id may be: it names GX Data Docs pages (HTML), store keys and files.
+ROLLOUT_ID_PATTERN = r"[A-Za-z0-9_.-]{1,64}"
 
 
 class RolloutError(RuntimeError):
@@ -130,6 +134,11 @@ def start(
     One active rollout per data directory: its control store is the one document every
     router instance of the group reads, so two rollouts would overwrite each other."""
     rollout_id = rollout_id or f"ro-{uuid.uuid4().hex[:10]}"
+    if not re.fullmatch(ROLLOUT_ID_PATTERN, rollout_id):
+        raise RolloutError(
+            f"rollout id {rollout_id[:80]!r}: allowed are 1 to 64 letters, digits, '_', '.' "
+            "and '-' (it names Data Docs pages and files; a '/' stopped every evaluation)"
+        )
     try:  # a plan from the UI form or the API has not been through load_plan
         plan = apply_profiles(plan)
     except PlanError as exc:

@@ -15,6 +15,7 @@ from typing import Any
 
 import duckdb
 
+from flows.status import md
 from flows.store.database import transaction
 
 #: The longest window a comparison covers (ten years): the CLI and the flow refuse more.
@@ -157,7 +158,7 @@ def markdown(comparison: Comparison) -> str:
 
     for r in comparison.rows:
         lines.append(
-            f"| {r['backend']} | {r['query_category']} | {r['legacy_requests']} | "
+            f"| {md(r['backend'])} | {md(r['query_category'])} | {r['legacy_requests']} | "
             f"{r['production_requests']} | {num(r['legacy_error_rate'], '.2%')} | "
             f"{num(r['production_error_rate'], '.2%')} | {num(r['legacy_p95_ms'], '.0f')} | "
             f"{num(r['production_p95_ms'], '.0f')} | {pct(r['p95_rel_diff'])} | "

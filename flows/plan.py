@@ -178,7 +178,9 @@ def _describe(loc: tuple[Any, ...], data: Any) -> str:
         index = loc[1]
         name = ""
         with contextlib.suppress(KeyError, IndexError, TypeError):
-            name = f" ({data['phases'][index]['name']})"
+            given = data["phases"][index]["name"]
+            # only a string, and short: str() of a YAML alias bomb exhausts memory
+            name = f" ({given[:60]})" if isinstance(given, str) else ""
         rest = ".".join(str(p) for p in loc[2:])
         field = f" field {rest}" if rest else ""
         return f"phase {index + 1}{name}{field}"

@@ -152,7 +152,7 @@ def nightly_task(data_dir: str, hours: float) -> nightly.Comparison:
 def rollout_start(
     plan: RolloutPlan | None = None,
     data_dir: str = "data",
-    rollout_id: str | None = None,
+    rollout_id: Annotated[str | None, Field(pattern=f"^{lifecycle.ROLLOUT_ID_PATTERN}$")] = None,
     actor: str = "prefect",
 ) -> dict[str, Any]:
     """Validate the plan, record the rollout and publish phase 1; wait for the routers.

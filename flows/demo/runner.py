@@ -160,18 +160,18 @@ class LiveView:
         report = self.last
         if report is None:
             table.add_row(
-                f"{time.monotonic() - self.started:.0f}s", "-", "", "", "", "", self.status
+                f"{time.monotonic() - self.started:.0f}s", "-", "", "", "", "", Text(self.status)
             )
         else:
             index = report.phase_index if report.phase_index is not None else 0
             table.add_row(
                 f"{time.monotonic() - self.started:.0f}s",
-                f"{index + 1}/{len(self.plan.phases)} {report.phase_name}",
+                Text(f"{index + 1}/{len(self.plan.phases)} {report.phase_name}"),
                 report.state,
                 str(report.n_legacy),
                 str(report.n_production),
                 report.verdict or "",
-                (report.reason or "")[:70],
+                Text((report.reason or "")[:70]),  # plan names and reasons are data, not markup
             )
         parts: list[Any] = [table, Text("\n".join(self.history[-8:]), style="dim")]
         if self.dashboard_url:
@@ -442,7 +442,7 @@ def _phase_table(rows: list[tuple[Any, ...]]) -> Table:
     for phase, name, arm, n, success, p50, p95, cost, quality in rows:
         table.add_row(
             str(phase),
-            name,
+            Text(str(name)),
             arm,
             str(n),
             _fmt(success, "pct"),

@@ -26,7 +26,7 @@ REASON = "see [oncall] runbook [/] step 2 and/or [bold]x[/bold] \\"
 @pytest.fixture
 def running(tmp_path: Path) -> DataPaths:
     paths = DataPaths.at(tmp_path / "data").ensure()
-    lifecycle.start(paths, load_plan(DEMO_PLAN), actor="test", rollout_id="ro-[b]real")
+    lifecycle.start(paths, load_plan(DEMO_PLAN), actor="test", rollout_id="ro-real")
     return paths
 
 
@@ -45,12 +45,12 @@ def test_a_reason_with_brackets_round_trips_through_status_report_and_sql(
 ) -> None:
     """`[/]` in a reason crashed status and report (MarkupError) for good; `[oncall]`
     vanished from the tables."""
-    lifecycle.rollback(running, reason=REASON, actor="alice", rollout_id="ro-[b]real")
+    lifecycle.rollback(running, reason=REASON, actor="alice", rollout_id="ro-real")
     data = ["--data-dir", str(running.root)]
 
     status = cli("status", *data)
     assert status.exit_code == 0, status.output
-    assert "rollout ro-[b]real (demo)" in status.stdout
+    assert "rollout ro-real (demo)" in status.stdout
     assert REASON in status.stdout
 
     report = cli("report", *data)
@@ -81,7 +81,7 @@ def test_starting_while_a_rollout_is_active_is_refused_before_any_flow_runs(
     assert result.exit_code == 2, result.output
     assert result.stdout == ""
     assert one_error_line(result).startswith(
-        "rollout ro-[b]real (router group 'demo') is already running"
+        "rollout ro-real (router group 'demo') is already running"
     )
 
 
@@ -132,7 +132,7 @@ def test_deploy_against_a_dead_prefect_server_is_one_line(tmp_path: Path) -> Non
 
 
 def test_status_json_keeps_the_reason_verbatim(running: DataPaths) -> None:
-    lifecycle.rollback(running, reason=REASON, actor="alice", rollout_id="ro-[b]real")
+    lifecycle.rollback(running, reason=REASON, actor="alice", rollout_id="ro-real")
     result = cli("status", "--json", "--data-dir", str(running.root))
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["decisions"][0]["reason"] == REASON
