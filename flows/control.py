@@ -14,9 +14,6 @@ from router.http_control_store import HttpControlStore
 from router.modes import DeploymentMode
 from router.router_config import GuardLimits, RouterConfig
 
-#: An instance whose heartbeat is older than this is considered gone.
-
-
 #: Publish to and read heartbeats from an HTTP control endpoint instead of the folder
 #: (set it where the routers have PROD_LB_CONTROL_URL).
 CONTROL_URL_ENV = "ROLLOUT_CONTROL_URL"

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 
 import duckdb
 
-from flows.control import Store, control_store, legacy_only_config, phase_config
+from flows.control import Store, brief, control_store, legacy_only_config, phase_config
 from flows.paths import DataPaths
 from flows.plan import PlanError, RolloutPlan, apply_profiles
 from flows.state import RolloutState
@@ -596,7 +596,9 @@ def restore_previous(
             config = previous.model_copy(
                 update={
                     "version": version,
-                    "reason": f"restored after failed publish of v{failed_version}: {reason}",
+                    "reason": brief(
+                        f"restored after failed publish of v{failed_version}: {reason}"
+                    ),
                     "published_at": datetime.now(UTC),  # not the copied document's
                 }
             )

@@ -14,6 +14,7 @@ import inspect
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import socket
@@ -76,7 +77,9 @@ INT32_MAX = 2**31 - 1  # the row schema's token columns
 BUCKET_CACHE_SIZE = 65_536
 SHUTDOWN_DRAIN_S = 10.0  # how long shutdown() lets requests in flight finish
 CONTROL_CALL_S = 5.0  # how long start() and shutdown() wait for the control store
-SHARED_ID_CHECK_S = 30.0  # how often a router looks for another process under its id
+#: How often a router looks for another process under its id (above STALE_AFTER_S, so
+#: the first look never sees the heartbeat of a process this one replaced).
+SHARED_ID_CHECK_S = 30.0
 
 
 class QueryFacts(NamedTuple):
@@ -204,8 +207,9 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         self._in_flight = 0
         #: production requests in a row that the caller cancelled before any answer
         self._cancels_in_a_row = 0
+        self._last_production_answer = -math.inf  # perf_counter of the last answer
         self._told_closed = False  # route_query after shutdown() is logged once
-        self._next_shared_check = 0.0
+        self._next_shared_check: float | None = None  # None: not before the first write
         self._shared_told: set[tuple[str, int]] = set()
         self._drained: asyncio.Event | None = None
         self._id_prefix = uuid.uuid4().hex[:12]
@@ -370,7 +374,10 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         with self._ack_lock:
             if seq <= self._ack_written:
                 return
-            self._check_shared_id(ack)
+            try:
+                self._check_shared_id(ack)
+            except Exception as exc:  # an endpoint that only serves config and heartbeats
+                log.debug("looking for another process under this instance id: %s", exc)
             self.control_store.write_ack(ack)
             self._ack_written = seq
 
@@ -381,6 +388,11 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         flips between them; say so once per other process, in the log and as an event."""
         assert self.control_store is not None
         now = time.monotonic()
+        if self._next_shared_check is None:
+            # Not at the first heartbeat: a restarted process would find the last
+            # heartbeat of the one it replaced (fresh for STALE_AFTER_S) and cry twin.
+            self._next_shared_check = now + SHARED_ID_CHECK_S
+            return
         if now < self._next_shared_check:
             return
         self._next_shared_check = now + SHARED_ID_CHECK_S
@@ -683,12 +695,18 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         # tripped the guard in production_only), only a latency sample: unless production
         # answered none of the last `min_requests` requests, a hung arm whose callers give
         # up before it fails (it would never trip the guard otherwise).
-        if arm is Arm.PRODUCTION:
+        if arm is Arm.PRODUCTION and not self._closed:  # after shutdown: nothing to guard
             self._cancels_in_a_row = self._cancels_in_a_row + 1 if cancelled else 0
-            hung = self._cancels_in_a_row >= self.guard.limits.min_requests
+            if result.ok:
+                self._last_production_answer = time.perf_counter()
+            hung = (  # not a burst of cancels (one client going away) while answers flow
+                self._cancels_in_a_row >= self.guard.limits.min_requests
+                and self._last_production_answer < started
+            )
             self._guard_observe(result, result.ok or (cancelled and not hung))
         elif (
-            result.outcome not in NOT_PRODUCTIONS_FAULT
+            arm is not Arm.PRODUCTION
+            and result.outcome not in NOT_PRODUCTIONS_FAULT
             and result.config_version == self.config.version  # as in _guard_observe
         ):
             self.guard.observe_legacy(result.ok or cancelled, result.latency_ms)

@@ -46,7 +46,11 @@ LatestRolloutId = Annotated[
 #: The id a new rollout gets.
 NewRolloutId = Annotated[
     str | None,
-    typer.Option("--rollout-id", help="The new rollout's id (default: a fresh ro-<hex>)."),
+    typer.Option(
+        "--rollout-id",
+        help="The new rollout's id: 1 to 64 letters, digits, '_', '.', '-' (default: a fresh "
+        "ro-<hex>).",
+    ),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="One JSON object.")]
 
@@ -90,6 +94,16 @@ def start(
         parsed = load_plan(plan or DEFAULT_PLAN_FILE)
     except PlanError as exc:
         fail(exc.lines)
+    if rollout_id is not None:
+        import re
+
+        from flows.lifecycle import ROLLOUT_ID_PATTERN
+
+        if not re.fullmatch(ROLLOUT_ID_PATTERN, rollout_id):
+            fail(
+                f"--rollout-id {rollout_id[:80]!r}: allowed are 1 to 64 letters, digits, "
+                "'_', '.' and '-'"
+            )
     if not dry_run:
         _check_can_start(paths(data_dir), rollout_id)
     table = Table("#", "phase", "mode", "%", "min", "max", "every", "min samples", "approval")

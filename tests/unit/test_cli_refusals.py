@@ -230,3 +230,12 @@ def test_a_host_that_is_not_this_machine_is_named_as_the_problem(running: DataPa
     assert result.exit_code == 2
     line = one_error_line(result)
     assert "an address of this machine" in line and "pick another --port" not in line
+
+
+def test_a_rollout_id_outside_the_safe_characters_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """It surfaced as a Prefect ParameterTypeError traceback after the flow had started."""
+    result = cli("start", "--dry-run", "--rollout-id", "team/x", "--data-dir", str(tmp_path))
+    assert result.exit_code == 2, result.output
+    assert one_error_line(result) == (
+        "--rollout-id 'team/x': allowed are 1 to 64 letters, digits, '_', '.' and '-'"
+    )

@@ -1134,10 +1134,10 @@ async def test_a_request_after_shutdown_is_told_so_without_a_traceback(
     router = await started(tmp_path, backends, 1, "production_only", 100)
     await router.shutdown()
     calls = len(backends.calls)
-    for i in range(3):
+    for i in range(25):  # over min_requests: a stopped router has nothing to fail back
         result = await router.route_query(QUESTION, {"user_id": f"u{i}"})
         assert not result.ok and result.error == "the router is shut down"
-    assert len(backends.calls) == calls
+    assert len(backends.calls) == calls and not router.guard.tripped
     assert not any(r.exc_info for r in caplog.records)
     assert [r.getMessage() for r in caplog.records if "after shutdown" in r.getMessage()] == [
         "route_query after shutdown(): answered with an error"
@@ -1149,25 +1149,44 @@ async def test_two_processes_under_one_instance_id_are_told_so(
 ) -> None:
     """`gunicorn -w 4` with one PROD_LB_INSTANCE_ID: the workers overwrote each other's
     heartbeat and the fleet's view of which version runs flipped between them, silently."""
+
+    def told() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "is also used by" in r.getMessage()]
+
     first = make_router(tmp_path, backends, instance="api-1")
-    second = make_router(tmp_path, backends, instance="api-1")  # another start: a twin
     first.heartbeat()
-    second.heartbeat()
-    second.heartbeat()  # told once
-    (told,) = [r.getMessage() for r in caplog.records if "is also used by" in r.getMessage()]
-    assert told.startswith("instance id 'api-1' is also used by") and "PROD_LB_INSTANCE_ID" in told
     await first.shutdown()
+    # A restart under the same id finds its predecessor's fresh heartbeat: no twin (the
+    # first look comes SHARED_ID_CHECK_S later, when that heartbeat is stale).
+    second = make_router(tmp_path, backends, instance="api-1")
+    second.heartbeat()
+    assert told() == []
+    # A twin running alongside: found at the next look, and told once.
+    twin = make_router(tmp_path, backends, instance="api-1")
+    twin.heartbeat()
+    for _ in range(2):
+        second._next_shared_check = 0.0  # the next look is due
+        second.heartbeat()
+    (message,) = told()
+    assert message.startswith("instance id 'api-1' is also used by")
+    assert "PROD_LB_INSTANCE_ID" in message
+
+    # A store whose heartbeat list cannot be read never costs the heartbeat itself.
+    def unreadable() -> list[Acknowledgement]:
+        raise OSError("GET /acks: 403")
+
+    store = second.control_store
+    assert isinstance(store, FileControlStore)
+    store.read_acks = unreadable  # type: ignore[method-assign]
+    second._next_shared_check = 0.0
+    heartbeat_file = tmp_path / "control" / "acks" / "api-1.json"
+    heartbeat_file.unlink()
+    second.heartbeat()
+    assert heartbeat_file.exists()
     await second.shutdown()
+    await twin.shutdown()
     events = read_segments(tmp_path, "events", instance="api-1")
     assert [e["kind"] for e in events].count("instance_shared") == 1
-    # one process heartbeating again and again is no twin of itself
-    caplog.clear()
-    alone = make_router(tmp_path / "alone", backends, instance="solo")
-    for _ in range(3):
-        alone.heartbeat()
-        alone._next_shared_check = 0.0
-    await alone.shutdown()
-    assert not [r for r in caplog.records if "is also used by" in r.getMessage()]
 
 
 class SlowCloseRecorder(SegmentRecorder):
@@ -1403,6 +1422,31 @@ async def test_a_hung_production_arm_trips_the_guard_though_its_callers_give_up_
             async with asyncio.timeout(0.01):
                 await router.route_query("a slow question", {"user_id": f"u{i}"})
     assert router.guard.tripped and router.effective_mode is DeploymentMode.LEGACY_ONLY
+    backends.gate.set()
+    await router.shutdown()
+
+
+async def test_a_burst_of_cancels_while_production_answers_is_no_failure(
+    tmp_path: Path, backends: Backends
+) -> None:
+    """One client going away cancels all its requests at once: 40 cancels in a row, while
+    production kept answering everyone else. They are no production failures."""
+    backends.gate = asyncio.Event()  # "slow" questions wait (until their caller leaves)
+    guard = production_guard(error_rate=0.1)
+    router = await started(tmp_path, backends, 1, "production_only", 100, guard=guard)
+    waiting = [
+        asyncio.create_task(router.route_query("a slow question", {"user_id": f"s{i}"}))
+        for i in range(40)
+    ]
+    await wait_until(lambda: len(backends.calls) == 40, "40 requests waiting")
+    for i in range(20):  # the other users' answers keep arriving meanwhile
+        assert (await router.route_query(QUESTION, {"user_id": f"u{i}"})).ok
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    assert router._cancels_in_a_row == 40  # the burst did reach the guard
+    assert not router.guard.tripped
+    assert router.effective_mode is DeploymentMode.PRODUCTION_ONLY
     backends.gate.set()
     await router.shutdown()
 
