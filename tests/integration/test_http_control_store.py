@@ -84,6 +84,23 @@ def test_an_unreachable_or_failing_endpoint_is_an_os_error(failure: object) -> N
         HttpControlStore(URL).read_document()
 
 
+def loopback_router(
+    data_dir: Path, instance: str, store: object = "env", **flags: object
+) -> Router:
+    """A router with one answering backend; its control store from `control_url` in
+    `flags`, or `store`."""
+    return Router(
+        backends=[BackendConfig(name="a", kind=BackendKind.LIGHTRAG, base_url="http://a.test")],
+        transport=httpx.MockTransport(lambda r: httpx.Response(200, json={"response": "ok"})),
+        health_checks=False,
+        flags=ProductionFeatureFlags(
+            enabled=True, data_dir=data_dir, instance_id=instance, **flags
+        ),
+        control_store=store,  # type: ignore[arg-type]
+        recorder=NullRecorder(data_dir / "segments", instance),
+    )
+
+
 @pytest.fixture
 def endpoint(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str], DataPaths]]:
     paths = DataPaths.at(tmp_path / "control-host").ensure()
@@ -112,18 +129,8 @@ async def test_flows_publish_and_a_router_applies_through_the_endpoint(
     monkeypatch.setenv(CONTROL_URL_ENV, url)
     flows_side = control_store(DataPaths.at(tmp_path / "flows-host"))  # no shared folder
     assert isinstance(flows_side, HttpControlStore)
-    router = Router(
-        backends=[BackendConfig(name="a", kind=BackendKind.LIGHTRAG, base_url="http://a.test")],
-        transport=httpx.MockTransport(lambda r: httpx.Response(200, json={"response": "ok"})),
-        health_checks=False,
-        flags=ProductionFeatureFlags(
-            enabled=True,
-            data_dir=tmp_path / "router-host",
-            instance_id="http-1",
-            control_poll_s=0.1,
-            control_url=url,
-        ),
-        recorder=NullRecorder(tmp_path / "segments", "http-1"),
+    router = loopback_router(
+        tmp_path / "router-host", "http-1", control_poll_s=0.1, control_url=url
     )
     await router.start()
     try:
@@ -261,16 +268,7 @@ async def test_an_unreachable_endpoint_never_holds_up_a_request(tmp_path: Path) 
     control endpoint: the read runs in the background, so the event loop stays free
     (here, free to release the read itself)."""
     store = _HangingStore()
-    router = Router(
-        backends=[BackendConfig(name="a", kind=BackendKind.LIGHTRAG, base_url="http://a.test")],
-        transport=httpx.MockTransport(lambda r: httpx.Response(200, json={"response": "ok"})),
-        health_checks=False,
-        flags=ProductionFeatureFlags(
-            enabled=True, data_dir=tmp_path, instance_id="hang-1", control_poll_s=60
-        ),
-        control_store=store,
-        recorder=NullRecorder(tmp_path / "segments", "hang-1"),
-    )
+    router = loopback_router(tmp_path, "hang-1", store, control_poll_s=60)
     result = await router.route_query("What is glycine?", {"user_id": "u1"})
     store.release.set()
     await router.shutdown()
@@ -316,15 +314,7 @@ async def test_a_corrupt_stored_document_reaches_routers_to_refuse_and_report(
     served.control.joinpath("router_config.json").write_bytes(body)
     answer = await asyncio.to_thread(httpx.get, f"{url}/config")
     assert answer.status_code == 200 and answer.content == body
-    router = Router(
-        backends=[BackendConfig(name="a", kind=BackendKind.LIGHTRAG, base_url="http://a.test")],
-        transport=httpx.MockTransport(lambda r: httpx.Response(200, json={"response": "ok"})),
-        health_checks=False,
-        flags=ProductionFeatureFlags(
-            enabled=True, data_dir=tmp_path, instance_id="c-1", control_url=url
-        ),
-        recorder=NullRecorder(tmp_path / "segments", "c-1"),
-    )
+    router = loopback_router(tmp_path, "c-1", control_url=url)
     await router.start()
     await router.shutdown()
     assert router.refused is not None and router.refused[0] == 2
@@ -395,16 +385,7 @@ async def test_start_and_shutdown_give_up_on_an_endpoint_that_never_finishes(
 
     monkeypatch.setattr(production_router, "CONTROL_CALL_S", 0.2)
     store = _HangingStore()
-    router = Router(
-        backends=[BackendConfig(name="a", kind=BackendKind.LIGHTRAG, base_url="http://a.test")],
-        transport=httpx.MockTransport(lambda r: httpx.Response(200, json={"response": "ok"})),
-        health_checks=False,
-        flags=ProductionFeatureFlags(
-            enabled=True, data_dir=tmp_path, instance_id="hang-2", control_poll_s=60
-        ),
-        control_store=store,
-        recorder=NullRecorder(tmp_path / "segments", "hang-2"),
-    )
+    router = loopback_router(tmp_path, "hang-2", store, control_poll_s=60)
     await router.start()  # returns while the read still hangs
     assert not store.release.is_set()
     await router.shutdown()  # and so does the last heartbeat

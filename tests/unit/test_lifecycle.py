@@ -3,6 +3,8 @@ process that dies mid-move leaves the database and the routers agreeing, with a 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from flows.plan import load_plan
 from flows.state import RolloutState
 from flows.store.database import connect, transaction
 from flows.store.rollouts import get_rollout, transition
+from router.control_store import FileControlStore
 from router.router_config import RouterConfig
 from tests.conftest import heartbeat
 
@@ -75,6 +78,16 @@ def test_starting_an_existing_id_again_is_a_no_op_only_for_the_same_active_plan(
     assert control_store(paths).current() == published  # nothing claimed, nothing moved
 
 
+def gate_promotes(paths: DataPaths, rid: str, **kw: object) -> lifecycle.Published:
+    """The next phase, as the gate (or, with `override=True` and an actor, a person)."""
+    with connect(paths.database) as con:
+        rollout = get_rollout(con, rid)
+        assert rollout is not None
+        moved = lifecycle.promote(con, paths, rollout, **{"reason": "gate", "actor": "gate", **kw})
+    assert isinstance(moved, lifecycle.Published)
+    return moved
+
+
 def _rollback_published_not_recorded(paths: DataPaths, rid: str) -> RouterConfig:
     """What `rollback` leaves when the database is locked: legacy_only is live (it tells
     the routers first) and the record is deferred."""
@@ -91,11 +104,7 @@ def test_a_restore_never_undoes_a_rollback_that_is_live_but_unrecorded(
     emergency rollback: users went back to the production balancer and the rollback
     left no trace. The rollback is recorded instead."""
     paths, rid = running
-    with connect(paths.database) as con:
-        rollout = get_rollout(con, rid)
-        assert rollout is not None
-        moved = lifecycle.promote(con, paths, rollout, reason="gate", actor="gate")
-    assert isinstance(moved, lifecycle.Published)
+    moved = gate_promotes(paths, rid)
     rollback = _rollback_published_not_recorded(paths, rid)
     restored = lifecycle.restore_previous(
         paths,
@@ -171,6 +180,25 @@ class Died(BaseException):
     """The process dying at this point (nothing after it runs, nothing uncommitted stays)."""
 
 
+@contextlib.contextmanager
+def dies_after_publishing(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every publish reaches the routers, then the process dies (before any commit)."""
+    publish = FileControlStore.publish
+
+    def publish_then_die(self: FileControlStore, config: RouterConfig) -> None:
+        publish(self, config)
+        raise Died
+
+    with monkeypatch.context() as patched:
+        patched.setattr(FileControlStore, "publish", publish_then_die)
+        yield
+
+
+def override_promotion_dies(paths: DataPaths, rid: str) -> None:
+    with pytest.raises(Died):
+        gate_promotes(paths, rid, reason="manual: ok", actor="bob", override=True)
+
+
 def decisions_of(paths: DataPaths, rid: str) -> list[tuple[str, str, str]]:
     with connect(paths.database, read_only=True) as con:
         return con.execute(
@@ -208,22 +236,8 @@ def test_a_decision_that_died_with_its_process_is_recorded_by_reconcile(
     """reconcile adopted the move but the decision was gone: an override promotion or an
     on-call rollback left no trace of who decided, or that anybody did."""
     paths, rid = running
-    store = type(control_store(paths))
-    publish = store.publish
-
-    def publish_then_die(self: object, config: RouterConfig) -> None:
-        publish(self, config)  # type: ignore[arg-type]
-        raise Died
-
-    with monkeypatch.context() as patched:
-        patched.setattr(store, "publish", publish_then_die)
-        with connect(paths.database) as con:
-            rollout = get_rollout(con, rid)
-            assert rollout is not None
-            with pytest.raises(Died):
-                lifecycle.promote(
-                    con, paths, rollout, reason="manual: ok", actor="bob", override=True
-                )
+    with dies_after_publishing(monkeypatch):
+        override_promotion_dies(paths, rid)
         with pytest.raises(Died):
             lifecycle.rollback(paths, reason="pager", actor="alice", rollout_id=rid)
     # the rollback's document replaced the promotion's: only the rollback can be adopted
@@ -237,22 +251,8 @@ def test_a_promotion_that_died_before_recording_keeps_who_decided(
     running: tuple[DataPaths, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     paths, rid = running
-    store = type(control_store(paths))
-    publish = store.publish
-
-    def publish_then_die(self: object, config: RouterConfig) -> None:
-        publish(self, config)  # type: ignore[arg-type]
-        raise Died
-
-    with monkeypatch.context() as patched:
-        patched.setattr(store, "publish", publish_then_die)
-        with connect(paths.database) as con:
-            rollout = get_rollout(con, rid)
-            assert rollout is not None
-            with pytest.raises(Died):
-                lifecycle.promote(
-                    con, paths, rollout, reason="manual: ok", actor="bob", override=True
-                )
+    with dies_after_publishing(monkeypatch):
+        override_promotion_dies(paths, rid)
     assert decisions_of(paths, rid) == []  # the whole move was rolled back with the process
     assert "adopted promotion" in (lifecycle.reconcile(paths) or "")
     ((verdict, actor, reason),) = decisions_of(paths, rid)
@@ -271,11 +271,8 @@ def test_a_republished_phase_is_not_restored_to_an_older_copy_of_itself(
     from flows.tick import tick
 
     paths, rid = running
+    moved = gate_promotes(paths, rid)
     with connect(paths.database) as con:
-        rollout = get_rollout(con, rid)
-        assert rollout is not None
-        moved = lifecycle.promote(con, paths, rollout, reason="gate", actor="gate")
-        assert isinstance(moved, lifecycle.Published)
         con.execute(  # the phase has run for a day
             "UPDATE phases SET started_at = started_at - INTERVAL 1 DAY WHERE rollout_id = ?",
             [rid],

@@ -16,7 +16,7 @@ from flows import lifecycle
 from flows.bench.synthetic import make_table
 from flows.control import MAX_DOCUMENT_REASON, legacy_only_config
 from flows.demo.runner import DEMO_PLAN, LiveView, _phase_table
-from flows.nightly import Comparison, markdown
+from flows.nightly import COLUMNS, Comparison, markdown
 from flows.paths import DataPaths
 from flows.plan import PlanError, load_plan
 from flows.store.database import connect
@@ -54,18 +54,7 @@ def test_segment_values_reach_the_gx_frame_escaped(tmp_path: Path) -> None:
 
 
 def test_the_nightly_artifact_escapes_backend_names() -> None:
-    row = dict.fromkeys(
-        [
-            "legacy_requests",
-            "production_requests",
-            "legacy_error_rate",
-            "production_error_rate",
-            "legacy_p95_ms",
-            "production_p95_ms",
-            "p95_rel_diff",
-            "cost_rel_diff",
-        ]
-    )
+    row: dict[str, object] = dict.fromkeys(COLUMNS)
     row |= {"backend": HOSTILE, "query_category": "general"}
     row |= {"legacy_requests": 1, "production_requests": 1}
     start = datetime(2026, 1, 1, tzinfo=UTC)
