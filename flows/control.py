@@ -50,8 +50,16 @@ def brief(reason: str) -> str:
 
 
 def phase_config(
-    plan: RolloutPlan, phase_index: int, version: int, rollout_id: str, reason: str
+    plan: RolloutPlan,
+    phase_index: int,
+    version: int,
+    rollout_id: str,
+    reason: str,
+    *,
+    rearm: bool = False,
 ) -> RouterConfig:
+    """`rearm`: only a new rollout's first document re-arms a tripped guard. A phase-1
+    republish or restore re-armed it too, and the failback was never judged."""
     phase = plan.phases[phase_index]
     th = phase.thresholds
     return RouterConfig(
@@ -73,7 +81,7 @@ def phase_config(
         rollout_id=rollout_id,
         phase=phase.name,
         reason=brief(reason),
-        rearm_guard=phase_index == 0,  # a new rollout starts with an armed guard
+        rearm_guard=rearm,
     )
 
 

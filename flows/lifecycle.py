@@ -167,7 +167,9 @@ def start(
         with transaction(con):
             rollout = create_rollout(con, rollout_id, plan, actor)
             version = next_config_version(con, _store_floor(paths))
-            config = phase_config(plan, 0, version, rollout_id, "rollout started: phase 1")
+            config = phase_config(
+                plan, 0, version, rollout_id, "rollout started: phase 1", rearm=True
+            )
             start_phase(con, rollout_id, 0, version)
             rollout = transition(
                 con,
@@ -336,13 +338,23 @@ def _check_known(paths: DataPaths, rollout_id: str, current: RouterConfig | None
     )
     try:
         with connect(paths.database, read_only=True, wait_s=RECORD_WAIT_S) as con:
-            known = get_rollout(con, rollout_id) is not None
+            named = get_rollout(con, rollout_id)
+            active = active_rollouts(con)
     except StoreError as exc:
         raise RolloutError(
             f"cannot check rollout {rollout_id!r}: {exc}; {live}; nothing was published"
         ) from None
-    if not known:
+    if named is None:
         raise RolloutError(f"no rollout {rollout_id!r}; {live}; nothing was published")
+    if not named.active and active:
+        # Its legacy_only would name a finished rollout: the next tick's reconcile
+        # republished the active rollout's phase, undoing it, after telling the
+        # operator the routers were on legacy.
+        raise RolloutError(
+            f"rollout {rollout_id} has ended ({named.state.value}); rollout "
+            f"{active[0].rollout_id} is {active[0].state.value} and owns the routers: roll "
+            "that one back (leave --rollout-id out); nothing was published"
+        )
 
 
 def _back_to_legacy(
@@ -600,6 +612,7 @@ def restore_previous(
                         f"restored after failed publish of v{failed_version}: {reason}"
                     ),
                     "published_at": datetime.now(UTC),  # not the copied document's
+                    "rearm_guard": False,  # only a new rollout's start re-arms the guard
                 }
             )
             target_state, phase_index = RolloutState.RUNNING, max(0, int(failed[1]) - 1)

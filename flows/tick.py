@@ -102,6 +102,30 @@ def _not_due_for(con: Any, rollout: Rollout, version: int, now: datetime) -> flo
     return remaining if remaining > 0 and not failbacks else None
 
 
+def _confirm_failback_after_the_end(
+    con: Any, paths: DataPaths, store: Any, actor: str, report: TickReport
+) -> None:
+    """A router failed back under the last document of a finished rollout: send every
+    router to legacy, as a tick confirms a failback during a rollout. Nobody did: the
+    instance that tripped went back to production at its next restart."""
+    live = store.current_or_none()
+    if live is None or live.mode.value == "legacy_only" or live.rollout_id is None:
+        return
+    row = con.execute(
+        "SELECT detail FROM router_events WHERE kind = 'failback' AND config_version = ? "
+        "ORDER BY ts DESC LIMIT 1",
+        [live.version],
+    ).fetchall()
+    if not row:
+        return
+    reason = f"a router failed back after the rollout ended: {row[0][0]}"
+    done = lifecycle.rollback(paths, reason=reason, actor=actor, rollout_id=live.rollout_id)
+    report.rollout_id = live.rollout_id
+    report.state = done.rollout.state.value if done.rollout else "idle"
+    report.verdict, report.reason = Verdict.ROLLBACK.value, reason
+    report.action = f"rolled back: published legacy_only as v{done.config.version}"
+
+
 def tick(
     paths: DataPaths,
     runner: GxRunner,
@@ -118,7 +142,7 @@ def tick(
     with connect(paths.database) as con:
         rollout = lifecycle.resolve_active(con, rollout_id)
         if rollout is None:
-            return TickReport(
+            idle = TickReport(
                 None,
                 "idle",
                 reason="no active rollout",
@@ -126,6 +150,9 @@ def tick(
                 quarantined=ingest.quarantined,
                 reconciled=reconciled,
             )
+            if rollout_id is None:
+                _confirm_failback_after_the_end(con, paths, store, actor, idle)
+            return idle
         report = TickReport(
             rollout.rollout_id,
             rollout.state.value,

@@ -310,3 +310,60 @@ def test_a_reason_cannot_inject_markdown_into_the_status_artifact(
     page = markdown(snap)
     assert "\n# Heading" not in page and "![x](" not in page
     assert r"\# Heading \!\[x\]\(http://127.0.0.1:9/p.png\) \| cell" in page
+
+
+def test_rolling_back_a_finished_rollout_while_another_runs_is_refused(
+    running: tuple[DataPaths, str],
+) -> None:
+    """Its legacy_only named the finished rollout: the next tick's reconcile republished
+    the running rollout's phase, after the operator was told routers were on legacy."""
+    paths, first = running
+    lifecycle.rollback(paths, reason="bad canary", actor="alice", rollout_id=first)
+    second = lifecycle.start(paths, load_plan(DEMO_PLAN), actor="t", rollout_id="ro-two")
+    with pytest.raises(lifecycle.RolloutError, match="rollout ro-two is running and owns"):
+        lifecycle.rollback(paths, reason="users see errors", actor="bob", rollout_id=first)
+    assert control_store(paths).current() == second.config  # nothing was published
+
+
+def test_only_a_new_rollouts_first_document_re_arms_the_guard(
+    running: tuple[DataPaths, str],
+) -> None:
+    """A phase-1 republish (after a lost document) or restore re-armed a guard that had
+    tripped in that phase: routers went back to production, the failback never judged."""
+    paths, rid = running
+    assert control_store(paths).current().rearm_guard  # the start's document
+    (paths.control / "router_config.json").unlink()
+    assert "republished phase 1" in (lifecycle.reconcile(paths) or "")
+    republished = control_store(paths).current()
+    assert republished.phase == "shadow" and not republished.rearm_guard
+    moved = gate_promotes(paths, rid)
+    restored = lifecycle.restore_previous(
+        paths, rollout_id=rid, failed_version=moved.config.version, reason="no ack", actor="g"
+    )
+    assert restored is not None and restored.phase == "shadow" and not restored.rearm_guard
+
+
+def test_a_failback_after_the_rollout_completed_sends_routers_to_legacy(
+    running: tuple[DataPaths, str],
+) -> None:
+    """Nobody confirmed it: the instance that tripped went back to production at its next
+    restart, since the finished rollout's document still said production."""
+    from datetime import UTC, datetime
+
+    from flows.tick import tick
+
+    paths, rid = running
+    move_to(paths, rid, RolloutState.COMPLETED)
+    live = control_store(paths).current()
+    with connect(paths.database) as con:
+        con.execute(
+            "INSERT INTO router_events VALUES ('e1', ?, 'app-1', 'failback', ?, NULL, ?)",
+            [datetime.now(UTC), live.version, "production error rate 40% over 20 requests"],
+        )
+    report = tick(paths, runner=None)  # type: ignore[arg-type]  # no gate runs when idle
+    assert report.rollout_id == rid and report.action.startswith("rolled back")
+    assert control_store(paths).current().mode.value == "legacy_only"
+    ((verdict, actor, reason),) = decisions_of(paths, rid)
+    assert (verdict, actor) == ("ROLLBACK", "gate")
+    assert "failed back after the rollout ended" in reason
+    assert tick(paths, runner=None).action == "none"  # type: ignore[arg-type]  # once
