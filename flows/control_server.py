@@ -61,6 +61,7 @@ def _version(text: str) -> int | None:
 
 def make_app(store: FileControlStore) -> Starlette:
     publishing = threading.Lock()  # compare-and-write of the document, one at a time
+    store.sweep_heartbeat_temps()  # PUT /config writes the document itself, not publish()
 
     def store_if_newer(text: str) -> JSONResponse | None:
         """Write `text` unless it does not advance the version; else the refusal."""

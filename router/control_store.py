@@ -89,7 +89,11 @@ def decode_document(raw: bytes) -> str:
     return raw.decode("utf-8", errors="surrogateescape")
 
 
-def atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str, *, durable: bool = True) -> None:
+    """`durable`: the rename survives a host crash (the folder is fsynced), and temporary
+    files of writers that died are swept. A heartbeat needs neither: it is rewritten
+    every poll, by every instance, and a folder scan each time cost a shared folder
+    O(fleet) per heartbeat."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # A unique temporary name: two writers at once (threads of one server, or two
     # processes) must never write into the same temporary file.
@@ -104,8 +108,9 @@ def atomic_write(path: Path, text: str) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    sync_directory(path.parent)
-    remove_stale_temps(path.parent, f".{path.name}.*.tmp")  # of writers that died
+    if durable:
+        sync_directory(path.parent)
+        remove_stale_temps(path.parent, f".{path.name}.*.tmp")  # of writers that died
 
 
 class DocumentReads:
@@ -137,6 +142,13 @@ class FileControlStore(DocumentReads):
 
     def publish(self, config: RouterConfig) -> None:
         atomic_write(self.config_path, config.model_dump_json(indent=2))
+        self.sweep_heartbeat_temps()
+
+    def sweep_heartbeat_temps(self) -> None:
+        """Heartbeat writes skip the sweep (see `atomic_write`); publishes, which are
+        rare, do it for them."""
+        if self.acks_dir.is_dir():
+            remove_stale_temps(self.acks_dir, ".*.json.*.tmp")
 
     def read_document(self) -> tuple[object, str] | None:
         try:
@@ -147,7 +159,7 @@ class FileControlStore(DocumentReads):
         return (stat.st_ino, stat.st_mtime_ns, stat.st_size), decode_document(raw)
 
     def write_ack(self, ack: Acknowledgement) -> None:
-        atomic_write(self.acks_dir / f"{ack.instance}.json", ack.model_dump_json())
+        atomic_write(self.acks_dir / f"{ack.instance}.json", ack.model_dump_json(), durable=False)
 
     def read_acks(self) -> list[Acknowledgement]:
         acks = []

@@ -169,8 +169,10 @@ def test_temporary_files_left_by_a_dead_writer_are_removed(tmp_path: Path) -> No
     control = tmp_path / "control"
     store = FileControlStore(control)
     stale = control / ".router_config.json.abc123.tmp"
-    control.mkdir(exist_ok=True)
-    stale.write_text("{")
-    os.utime(stale, (hours_ago, hours_ago))
+    stale_ack = control / "acks" / ".app-1.json.abc123.tmp"
+    stale_ack.parent.mkdir(parents=True)
+    for temp in (stale, stale_ack):
+        temp.write_text("{")
+        os.utime(temp, (hours_ago, hours_ago))
     store.publish(RouterConfig(version=1))
-    assert not stale.exists() and store.current().version == 1
+    assert not stale.exists() and not stale_ack.exists() and store.current().version == 1
