@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from flows.paths import DataPaths
 from flows.plan import RolloutPlan
+from flows.store.phase_names import ROLLBACK_PHASE
 from router.control_store import STALE_AFTER_S, Acknowledgement, FileControlStore
 from router.http_control_store import HttpControlStore
 from router.modes import DeploymentMode
@@ -94,7 +95,7 @@ def legacy_only_config(
         traffic_percent=0,
         salt=salt,
         rollout_id=rollout_id,
-        phase="rollback",
+        phase=ROLLBACK_PHASE,
         reason=brief(reason),
     )
 

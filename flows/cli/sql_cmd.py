@@ -26,11 +26,12 @@ from flows.cli.common import (
     literal,
     paths,
 )
+from flows.store.phase_names import NOT_A_PHASE_SQL
 
 EXAMPLES: dict[str, str] = {
     "Legacy against production, per phase of the latest rollout": "SELECT phase_index + 1 AS phase, phase_name, arm, requests, success_rate, p95_ms, "
     "cost_per_request_usd, mean_quality FROM arm_summary WHERE rollout_id = (SELECT rollout_id "
-    "FROM rollouts ORDER BY started_at DESC LIMIT 1) AND phase_name <> 'rollback' "
+    f"FROM rollouts ORDER BY started_at DESC LIMIT 1) AND phase_name NOT IN {NOT_A_PHASE_SQL} "
     "ORDER BY phase, arm",
     "Every decision of the latest rollout, with its reason": "SELECT decided_at, phase_index + 1 AS phase, verdict, action, actor, reason "
     "FROM decisions WHERE rollout_id = (SELECT rollout_id FROM rollouts "

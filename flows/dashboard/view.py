@@ -23,11 +23,9 @@ from flows.store.database import StoreError, connect
 CHART_POINTS = 40
 _NICE_BUCKETS_S = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 86400)
 
-#: The phase's own documents: not the legacy_only one of the rollback that ended it.
-PHASE_VERSIONS = (
-    "SELECT version FROM config_versions WHERE rollout_id = $rollout AND phase_index = $phase "
-    "AND mode <> 'legacy_only'"
-)
+#: The phase's own rows (view `phase_requests`): not those under the legacy_only document
+#: of the rollback that ended it, nor those after the rollout completed.
+PHASE_ROWS = "FROM phase_requests WHERE rollout_id = $rollout AND phase_index = $phase"
 
 ARMS_SQL = f"""
 SELECT arm, count(*) AS requests,
@@ -40,7 +38,7 @@ SELECT arm, count(*) AS requests,
        avg(cost_usd) AS cost_per_request_usd,
        avg(quality_score) AS mean_quality,
        max(ts) AS last_ts
-FROM all_requests WHERE config_version IN ({PHASE_VERSIONS})
+{PHASE_ROWS}
 GROUP BY arm ORDER BY arm
 """
 
@@ -48,12 +46,12 @@ SERIES_SQL = f"""
 SELECT time_bucket(to_seconds($bucket), ts) AS t, arm, count(*) AS requests,
        avg(CASE WHEN is_failure(outcome) THEN 1.0 ELSE 0.0 END) AS error_rate,
        quantile_cont(latency_ms, 0.95) AS p95_ms
-FROM all_requests WHERE config_version IN ({PHASE_VERSIONS})
+{PHASE_ROWS}
 GROUP BY ALL ORDER BY t, arm
 """
 
 SPAN_SQL = f"""
-SELECT min(ts), max(ts) FROM all_requests WHERE config_version IN ({PHASE_VERSIONS})
+SELECT min(ts), max(ts) {PHASE_ROWS}
 """
 
 LAST_EVALUATION_SQL = """

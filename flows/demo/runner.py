@@ -28,6 +28,7 @@ from flows.plan import RolloutPlan, load_plan
 from flows.prefect_env import prefect_session
 from flows.resources import resource
 from flows.sim.fleet import SIM_API_KEY_ENV, FleetInfo, set_profile
+from flows.store.phase_names import NOT_A_PHASE_SQL
 from router.control_store import FileControlStore
 
 DEMO_PLAN = resource("deployments/plans/demo.yaml")
@@ -51,16 +52,16 @@ SELECT r.arm,
        quantile_cont(r.latency_ms, 0.95)                               AS p95_ms,
        avg(r.cost_usd)                                                 AS cost_per_request_usd,
        avg(r.quality_score)                                            AS mean_quality
-FROM all_requests r JOIN config_versions cv ON cv.version = r.config_version
-WHERE cv.rollout_id = ? AND cv.mode <> 'legacy_only'  -- the phases', not a rollback's
+FROM phase_requests r  -- the phases' rows: not a rollback's, nor after completion
+WHERE r.rollout_id = ?
   AND NOT r.is_shadow  -- what users got: a shadow answer is discarded
 GROUP BY r.arm ORDER BY r.arm
 """
 
-PHASE_TABLE_SQL = """
+PHASE_TABLE_SQL = f"""
 SELECT phase_index + 1 AS phase, phase_name, arm, requests, success_rate, p50_ms, p95_ms,
        cost_per_request_usd, mean_quality
-FROM arm_summary WHERE rollout_id = ? AND phase_name <> 'rollback'
+FROM arm_summary WHERE rollout_id = ? AND phase_name NOT IN {NOT_A_PHASE_SQL}
 ORDER BY phase_index, arm
 """
 

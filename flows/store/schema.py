@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 
 from flows.store.locations import is_remote
+from flows.store.phase_names import AFTER_COMPLETION_PHASE
 from router.record import SHADOW_PAIRS_SQL
 
 REQUEST_COLUMNS = """
@@ -316,11 +317,22 @@ def archive_views(location: str) -> dict[str, str]:
     }
 
 
+#: True for a row routed after its completed rollout ended (`r`: the row, `ro`: its
+#: rollout); such rows keep the last phase's config version, which stays live.
+AFTER_COMPLETION = "coalesce(ro.state = 'completed' AND r.ts > ro.ended_at, false)"
+
 #: Analysis views. They read `all_requests` (the table plus the Parquet archive), so
 #: compaction never changes an answer.
 VIEWS: dict[str, str] = {
-    "arm_summary": """
-        SELECT cv.rollout_id, cv.phase_index, cv.phase_name, r.config_version, r.arm,
+    # A completed rollout's last document stays live: the rows routed under it after the
+    # rollout ended are steady state, not the phase's (or a report read a month later
+    # compared a month of production with the rollout's legacy rows). `arm_summary` keeps
+    # them under `phase_name = 'after completion'`; `phase_requests` leaves them out.
+    "arm_summary": f"""
+        SELECT cv.rollout_id, cv.phase_index,
+               CASE WHEN {AFTER_COMPLETION} THEN '{AFTER_COMPLETION_PHASE}'
+                    ELSE cv.phase_name END AS phase_name,
+               r.config_version, r.arm,
                count(*) AS requests,
                count(*) FILTER (WHERE r.is_shadow) AS shadow_requests,
                avg(CASE WHEN r.outcome = 'ok' THEN 1.0 ELSE 0.0 END) AS success_rate,
@@ -333,21 +345,29 @@ VIEWS: dict[str, str] = {
                min(r.ts) AS first_ts, max(r.ts) AS last_ts
         FROM all_requests r
         LEFT JOIN config_versions cv ON cv.version = r.config_version
+        LEFT JOIN rollouts ro ON ro.rollout_id = cv.rollout_id
         GROUP BY ALL
     """,
-    # Rows count for a phase through `config_versions`, like `arm_summary`: a phase that
-    # was republished under a new version (restore, reconcile) keeps its earlier rows.
-    # The legacy_only document of a rollback or abort carries the phase it ended, and
-    # stays live until the next rollout: its rows are not the phase's (no plan phase is
-    # legacy_only), or a finished 100 % phase kept gaining legacy requests.
+    # The rows that count for a rollout's phase, through `config_versions` (so a phase
+    # republished under a new version, by a restore or a reconcile, keeps its earlier
+    # rows). Not a rollback's or abort's legacy_only document: it carries the phase it
+    # ended and stays live until the next rollout (a finished 100 % phase kept gaining
+    # legacy requests). Not the rows after a completed rollout's end (see above).
+    "phase_requests": f"""
+        SELECT cv.rollout_id, cv.phase_index, cv.phase_name, r.*
+        FROM all_requests r
+        JOIN config_versions cv ON cv.version = r.config_version
+        LEFT JOIN rollouts ro ON ro.rollout_id = cv.rollout_id
+        WHERE cv.rollout_id IS NOT NULL AND cv.mode <> 'legacy_only'
+          AND NOT {AFTER_COMPLETION}
+    """,
     "phase_timeline": """
         WITH counts AS (
-            SELECT cv.rollout_id, cv.phase_index,
-                   count(*) FILTER (WHERE r.arm = 'legacy') AS legacy_requests,
-                   count(*) FILTER (WHERE r.arm = 'production') AS production_requests
-            FROM all_requests r JOIN config_versions cv ON cv.version = r.config_version
-            WHERE cv.mode <> 'legacy_only'
-            GROUP BY cv.rollout_id, cv.phase_index
+            SELECT rollout_id, phase_index,
+                   count(*) FILTER (WHERE arm = 'legacy') AS legacy_requests,
+                   count(*) FILTER (WHERE arm = 'production') AS production_requests
+            FROM phase_requests
+            GROUP BY rollout_id, phase_index
         )
         SELECT p.rollout_id, p.phase_index, p.name, p.mode, p.traffic_percent,
                p.config_version, p.started_at, p.ended_at,

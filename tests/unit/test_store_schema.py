@@ -11,6 +11,7 @@ import duckdb
 import pytest
 
 from flows.bench.synthetic import make_table, write_request_segments
+from flows.demo.runner import FINAL_TABLE_SQL
 from flows.paths import DataPaths
 from flows.store import database
 from flows.store.database import StoreError, archive_location, connect, schema_version
@@ -151,6 +152,7 @@ def test_views_answer_on_an_empty_store_from_any_working_directory(
             "all_requests",
             "archived_requests",
             "arm_summary",
+            "phase_requests",
             "phase_timeline",
             "daily_comparison",
             "backend_health",
@@ -242,6 +244,59 @@ def test_rows_under_a_rollbacks_document_are_not_the_phases(tmp_path: Path) -> N
         )
     assert counted == 400
     assert by_name == {"canary-5": 400, "rollback": 300}
+
+
+def test_rows_after_a_completed_rollout_are_not_its_last_phases(tmp_path: Path) -> None:
+    """A completed rollout's last document stays live: a report read weeks later counted
+    every production request since as the 100 % phase's, against the rollout's legacy."""
+    ended = datetime(2025, 6, 1, 0, 10, tzinfo=UTC)
+    with connect(tmp_path / "metrics.duckdb") as con:
+        con.execute(
+            "INSERT INTO config_versions VALUES (4, 'r1', 3, 'full', 'production_only', 100, "
+            "'health_aware', NULL, now(), '{}'), (5, NULL, NULL, NULL, 'production_only', 100, "
+            "'health_aware', NULL, now(), '{}')"
+        )
+        con.execute(
+            "INSERT INTO rollouts VALUES ('r1', 'default', 'five-weeks', '{}', 'completed', 3, "
+            "$start, $ended, $ended, 'completed')",
+            {"start": datetime(2025, 6, 1, tzinfo=UTC), "ended": ended},
+        )
+        con.execute(
+            "INSERT INTO phases VALUES "
+            "('r1', 3, 'full', 'production_only', 100, 4, $start, $ended, 'completed')",
+            {"start": datetime(2025, 6, 1, tzinfo=UTC), "ended": ended},
+        )
+        # 1,000 rows one second apart from midnight: 600 before the end, 400 after it.
+        rows = make_table(1000, seed=4, config_version=4, mode="production_only", step_s=1.0)
+        con.execute(f"INSERT INTO requests ({', '.join(rows.column_names)}) SELECT * FROM rows")
+        outside = make_table(50, seed=5, config_version=5, mode="production_only")
+        con.execute(f"INSERT INTO requests ({', '.join(outside.column_names)}) SELECT * FROM outside")
+        (counted,) = con.execute(
+            "SELECT legacy_requests + production_requests FROM phase_timeline"
+        ).fetchone()
+        phase_rows = con.execute(
+            "SELECT rollout_id, phase_name, count(*), max(ts) <= $ended FROM phase_requests "
+            "GROUP BY ALL",
+            {"ended": ended},
+        ).fetchall()
+        by_name = dict(
+            con.execute(
+                "SELECT phase_name, sum(requests) FROM arm_summary WHERE rollout_id = 'r1' "
+                "GROUP BY ALL"
+            ).fetchall()
+        )
+        final = con.execute(FINAL_TABLE_SQL, ["r1"]).fetchall()
+        (served,) = con.execute(  # the final table shows what users got: no shadow rows
+            "SELECT count(*) FROM all_requests WHERE config_version = 4 AND ts <= $ended "
+            "AND NOT is_shadow",
+            {"ended": ended},
+        ).fetchone()
+        total = con.execute("SELECT count(*) FROM all_requests").fetchall()
+    assert counted == 601  # ts 0 s .. 600 s: the end itself still counts
+    assert phase_rows == [("r1", "full", 601, True)]
+    assert by_name == {"full": 601, "after completion": 399}
+    assert sum(row[1] for row in final) == served < 601
+    assert total == [(1050,)]  # nothing is lost: the views only attribute
 
 
 def documented_columns() -> dict[str, list[str]]:
