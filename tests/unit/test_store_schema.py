@@ -270,7 +270,9 @@ def test_rows_after_a_completed_rollout_are_not_its_last_phases(tmp_path: Path) 
         rows = make_table(1000, seed=4, config_version=4, mode="production_only", step_s=1.0)
         con.execute(f"INSERT INTO requests ({', '.join(rows.column_names)}) SELECT * FROM rows")
         outside = make_table(50, seed=5, config_version=5, mode="production_only")
-        con.execute(f"INSERT INTO requests ({', '.join(outside.column_names)}) SELECT * FROM outside")
+        con.execute(
+            f"INSERT INTO requests ({', '.join(outside.column_names)}) SELECT * FROM outside"
+        )
         (counted,) = con.execute(
             "SELECT legacy_requests + production_requests FROM phase_timeline"
         ).fetchone()
