@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from flows.paths import DataPaths
 from flows.plan import RolloutPlan
 from flows.store.phase_names import ROLLBACK_PHASE
-from router.control_store import STALE_AFTER_S, Acknowledgement, FileControlStore
+from router.control_store import Acknowledgement, FileControlStore
 from router.http_control_store import HttpControlStore
 from router.modes import DeploymentMode
 from router.router_config import GuardLimits, RouterConfig
@@ -126,7 +126,7 @@ class AckStatus:
 
 
 def ack_status(store: Store, version: int) -> AckStatus:
-    """Who runs `version`, among instances with a heartbeat in the last `STALE_AFTER_S`.
+    """Who runs `version`, among instances whose heartbeat is not stale (`is_stale`).
     An unreadable store is no news (no live instance, `error` says why), not a failure:
     a control endpoint restarting must not fail a wait that would have outlasted it."""
     status = AckStatus(version)
@@ -136,7 +136,7 @@ def ack_status(store: Store, version: int) -> AckStatus:
         status.error = str(exc)
         return status
     for ack in acks:
-        if ack.age_s() > STALE_AFTER_S:
+        if ack.is_stale():
             continue
         status.live.append(ack)
         # A router running a higher version refuses this one as older: not applied.

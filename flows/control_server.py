@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 import threading
+from datetime import UTC, datetime
 
 from pydantic import ValidationError
 from starlette.applications import Starlette
@@ -24,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from router.control_store import Acknowledgement, FileControlStore, atomic_write
+from router.http_control_store import STORE_TIME_HEADER
 
 INSTANCE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 MAX_BODY = 1_000_000
@@ -99,7 +101,12 @@ def make_app(store: FileControlStore) -> Starlette:
 
     async def get_acks(request: Request) -> Response:
         acks = await run_in_threadpool(store.read_acks)
-        return JSONResponse([a.model_dump(mode="json") for a in acks])
+        # Our clock, read after the heartbeats: the reader shifts `received_at` into its
+        # own clock with it (see router.http_control_store).
+        return JSONResponse(
+            [a.model_dump(mode="json") for a in acks],
+            headers={STORE_TIME_HEADER: datetime.now(UTC).isoformat()},
+        )
 
     async def put_ack(request: Request) -> Response:
         instance = request.path_params["instance"]

@@ -36,9 +36,11 @@ _kept = attrgetter(*KEPT)  # one C call per decision instead of a generator
 
 
 def _aware(moment: datetime | None) -> datetime | None:
-    """Naive datetimes are taken as UTC, as everything here is."""
+    """A naive datetime is the host's local time, as `datetime.now()` gives it: the legacy
+    router's callers pass `datetime.now() - timedelta(hours=1)`, and reading that as UTC
+    gave an empty or shifted window on any host not running in UTC."""
     if moment is not None and moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
+        return moment.astimezone(UTC)
     return moment
 
 

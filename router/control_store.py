@@ -21,15 +21,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 
 from router.files import remove_stale_temps, sync_directory
 from router.modes import DeploymentMode
 from router.router_config import RouterConfig
 
 #: A heartbeat older than this is from an instance that is gone (routers write one every
-#: `PROD_LB_CONTROL_POLL_S`, 1 s by default).
+#: `PROD_LB_CONTROL_POLL_S`, 1 s by default; a slower poll stretches it, see `is_stale`).
 STALE_AFTER_S = 15.0
+#: ... or older than this many of the instance's own poll intervals.
+STALE_AFTER_POLLS = 3
 
 
 class Acknowledgement(BaseModel):
@@ -45,11 +47,13 @@ class Acknowledgement(BaseModel):
     failback_reason: str | None = None
     refused_version: int | None = None
     refused_reason: str | None = None
-    heartbeat_at: datetime
-    started_at: datetime
+    heartbeat_at: AwareDatetime
+    started_at: AwareDatetime
     host: str = ""
     pid: int = 0
     routed: int = 0
+    #: The instance's `PROD_LB_CONTROL_POLL_S`: how often it writes a heartbeat.
+    poll_s: float = 1.0
     #: When the store received it, by the store's clock (set when read; None from a
     #: store that cannot tell). Liveness is judged by it: `heartbeat_at` is the
     #: replica's own clock, and one running an hour ahead looked alive for an hour
@@ -63,6 +67,12 @@ class Acknowledgement(BaseModel):
         return (
             (now or datetime.now(UTC)) - (self.received_at or self.heartbeat_at)
         ).total_seconds()
+
+    def is_stale(self, now: datetime | None = None) -> bool:
+        """Gone: no heartbeat for `STALE_AFTER_S`, or for `STALE_AFTER_POLLS` of its own
+        polls if it polls slower (a router polling every 20 s read as gone a quarter of
+        the time, and ticks skipped their evaluations waiting for it)."""
+        return self.age_s(now) > max(STALE_AFTER_S, STALE_AFTER_POLLS * self.poll_s)
 
 
 @runtime_checkable

@@ -2,7 +2,8 @@
 
     GET  {url}/config               the current document (404: none yet); ETag = change token
     PUT  {url}/config               publish a document
-    GET  {url}/acks                 every instance's heartbeat, a JSON list
+    GET  {url}/acks                 every instance's heartbeat, a JSON list; header
+                                    `x-store-time`: the endpoint's clock (ISO 8601)
     PUT  {url}/acks/{instance}      one instance's heartbeat
 
 Any server with these four routes will do (`rollout control serve` is one, over a
@@ -13,6 +14,7 @@ this time": it keeps the config it runs and tries again at the next poll.
 from __future__ import annotations
 
 import hashlib
+from datetime import UTC, datetime, timedelta
 
 import httpx
 from pydantic import ValidationError
@@ -86,13 +88,39 @@ class HttpControlStore(DocumentReads):
             items = None
         if not isinstance(items, list):
             raise OSError(f"control endpoint {mask_url(self.url)}/acks: not a JSON list")
+        shift = _clock_offset(response)
         acks = []
         for item in items:
             try:
-                acks.append(Acknowledgement.model_validate(item))
+                ack = Acknowledgement.model_validate(item)
             except ValidationError:
                 continue  # one bad heartbeat must not hide the others
+            if ack.received_at is not None and shift is not None:
+                ack = ack.model_copy(update={"received_at": ack.received_at + shift})
+            acks.append(ack)
         return acks
 
     def close(self) -> None:
         self.client.close()
+
+
+STORE_TIME_HEADER = "x-store-time"
+
+
+def _clock_offset(response: httpx.Response) -> timedelta | None:
+    """Our clock minus the endpoint's, from its `x-store-time` header (None without one).
+
+    `received_at` is by the endpoint's clock; shifted by this, ages are by ours. A flows
+    host 20 s ahead of the endpoint saw every router as gone, and one behind kept dead
+    routers "live" until the phase's ack timeout restored the previous phase.
+    """
+    said = response.headers.get(STORE_TIME_HEADER)
+    if not said:
+        return None
+    try:
+        store_now = datetime.fromisoformat(said)
+    except ValueError:
+        return None
+    if store_now.tzinfo is None:
+        return None
+    return datetime.now(UTC) - store_now

@@ -41,7 +41,6 @@ from router.bucketing import bucket_of, in_production, subject_key
 from router.budget import DailyBudget
 from router.classifier import Classification, QueryClassifier
 from router.control_store import (
-    STALE_AFTER_S,
     Acknowledgement,
     ControlStore,
     FileControlStore,
@@ -357,6 +356,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             host=socket.gethostname(),
             pid=os.getpid(),
             routed=self.routed,
+            poll_s=self.flags.control_poll_s,
         )
 
     def heartbeat(self) -> None:
@@ -400,7 +400,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             if (
                 other.instance != mine.instance
                 or other.same_process(mine)
-                or other.age_s() > STALE_AFTER_S
+                or other.is_stale()
                 or (other.host, other.pid) in self._shared_told
             ):
                 continue
@@ -427,8 +427,8 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         while True:
             # Store I/O (a shared folder, an fsync per heartbeat) runs in a thread so a
             # slow disk never stalls requests; applying a document stays on the loop,
-            # between requests. Two separate tries: whatever goes wrong with a document,
-            # the heartbeat is still written, so the fleet view never loses this instance.
+            # between requests. Separate tries: whatever goes wrong with a document or the
+            # checks, the heartbeat is still written, so the fleet never loses this instance.
             try:
                 self._consider(await asyncio.to_thread(self._read_document))
             except Exception:
@@ -436,6 +436,9 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             try:
                 self._check_staleness()
                 self._report_skipped_shadows()
+            except Exception:
+                log.exception("time-limit check failed")
+            try:
                 if self.control_store is not None:
                     await asyncio.to_thread(self._write_ack, *self._next_ack())
             except Exception:

@@ -6,7 +6,7 @@ import math
 from datetime import UTC, datetime
 from statistics import NormalDist
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from router.algorithms.names import AlgorithmName
 from router.modes import DeploymentMode
@@ -86,7 +86,9 @@ class RouterConfig(BaseModel):
     #: `rearm_guard` (the first phase of a new rollout) arms it again.
     rearm_guard: bool = False
     reason: str = ""
-    published_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    #: With its UTC offset: a naive time cannot be compared with the router's clock (a
+    #: hand-written document without one stopped every heartbeat of the fleet).
+    published_at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
 
     @model_validator(mode="after")
     def _percent_fits_mode(self) -> RouterConfig:

@@ -185,7 +185,7 @@ def status(
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
     """Where the rollout is, what the gate said last, and what each router instance runs."""
-    from flows.control import STALE_AFTER_S, control_store
+    from flows.control import control_store
     from flows.status import snapshot
     from flows.store.database import StoreError, connect
 
@@ -276,7 +276,7 @@ def status(
             f"v{a.applied_version}",
             a.effective_mode.value,
             f"{a.traffic_percent:g}",
-            f"{age:.1f}" + (" (gone)" if age > STALE_AFTER_S else ""),
+            f"{age:.1f}" + (" (gone)" if a.is_stale() else ""),
             literal(a.failback_reason),
             literal(a.refused_reason),
         )

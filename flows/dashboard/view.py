@@ -14,7 +14,7 @@ from typing import Any
 
 import duckdb
 
-from flows.control import STALE_AFTER_S, control_store
+from flows.control import control_store
 from flows.paths import DataPaths
 from flows.status import evaluation_records, snapshot
 from flows.store.database import StoreError, connect
@@ -140,7 +140,7 @@ def _routers(paths: DataPaths) -> list[dict[str, Any]]:
             "mode": a.effective_mode.value,
             "traffic_percent": a.traffic_percent,
             "age_s": round(a.age_s(), 1),
-            "gone": a.age_s() > STALE_AFTER_S,
+            "gone": a.is_stale(),
             "failback_reason": a.failback_reason,
             "refused_reason": a.refused_reason,
         }

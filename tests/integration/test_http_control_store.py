@@ -67,6 +67,35 @@ def test_heartbeats_that_are_not_utf8_are_an_error_not_a_crash() -> None:
         HttpControlStore(URL).read_acks()
 
 
+@pytest.mark.parametrize("endpoint_ahead_s", [-20.0, 20.0], ids=["behind", "ahead"])
+@respx.mock
+def test_heartbeat_ages_are_by_the_readers_clock_whatever_the_endpoints(
+    endpoint_ahead_s: float,
+) -> None:
+    """`received_at` is by the endpoint's clock. A flows host 20 s ahead of it saw every
+    router as gone; one 20 s behind kept a router dead for 16 s "live" (and a phase
+    waiting for it was restored at its ack timeout)."""
+    from datetime import UTC, datetime, timedelta
+
+    from tests.conftest import heartbeat
+
+    endpoint_now = datetime.now(UTC) + timedelta(seconds=endpoint_ahead_s)
+    arrived = {"fresh": 1.0, "dead": 16.0}  # seconds ago, by the endpoint's clock
+    acks = [
+        heartbeat(name, 2)
+        .model_copy(update={"received_at": endpoint_now - timedelta(seconds=ago)})
+        .model_dump(mode="json")
+        for name, ago in arrived.items()
+    ]
+    respx.get(f"{URL}/acks").mock(
+        return_value=httpx.Response(
+            200, json=acks, headers={"x-store-time": endpoint_now.isoformat()}
+        )
+    )
+    ages = {a.instance: a.age_s() for a in HttpControlStore(URL).read_acks()}
+    assert ages == pytest.approx(arrived, abs=1.0)
+
+
 @pytest.mark.parametrize(
     "failure",
     [httpx.ConnectError("refused"), httpx.ReadTimeout("slow"), httpx.Response(500)],

@@ -299,6 +299,11 @@ INVALID_DOCUMENTS = {
     ),
     "unknown field": json.dumps({"version": 5, "mode": "canary", "traffic_percent": 5, "x": 1}),
     "older version": json.dumps({"version": 0, "mode": "production_only", "traffic_percent": 100}),
+    # A hand-written time without its offset cannot be compared with the router's clock:
+    # applied, it stopped every heartbeat (TypeError in the time-limit check).
+    "published_at without a UTC offset": json.dumps(
+        {"version": 5, "mode": "canary", "traffic_percent": 5, "published_at": "2026-12-07T10:09"}
+    ),
     # Two publishers chose the same number: the applied document stays.
     "another document as v1": json.dumps(
         {"version": 1, "mode": "production_only", "traffic_percent": 100}
@@ -404,6 +409,48 @@ async def test_heartbeat_carries_the_applied_version(tmp_path: Path, backends: B
     assert (ack.applied_version, ack.effective_mode) == (4, DeploymentMode.AB_TEST)
     applied = [e for e in read_segments(tmp_path, "events") if e["kind"] == "config_applied"]
     assert [e["config_version"] for e in applied] == [3, 4]
+
+
+async def test_a_router_polling_slowly_is_not_reported_gone_between_heartbeats(
+    tmp_path: Path, backends: Backends
+) -> None:
+    """Liveness allowed 15 s whatever the poll (up to 60 s): a router polling every 20 s
+    read as gone a quarter of the time, and ticks skipped their evaluations waiting."""
+    from flows.control import ack_status
+
+    store = FileControlStore(tmp_path / "control")
+    router = await started(tmp_path, backends, 3, "canary", 5)  # polls every 60 s
+    router.heartbeat()
+    (ack,) = store.read_acks()
+    assert ack.poll_s == 60
+    later = datetime.now(UTC) + timedelta(seconds=100)  # 100 s without a heartbeat
+    assert not ack.is_stale(later) and ack.is_stale(later + timedelta(seconds=90))
+    assert ack_status(store, 3).applied == ["test-1"]
+    one_second = ack.model_copy(update={"poll_s": 1.0})
+    assert one_second.is_stale(datetime.now(UTC) + timedelta(seconds=16))
+    await router.shutdown()
+
+
+async def test_export_analytics_reads_a_naive_window_as_the_hosts_local_time(
+    tmp_path: Path, backends: Backends, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The legacy router's callers pass `datetime.now() - timedelta(...)`, which is local
+    time: read as UTC, the last five minutes were empty on a host east of UTC."""
+    import time as clock
+
+    monkeypatch.setenv("TZ", "Asia/Kolkata")  # UTC+05:30
+    clock.tzset()
+    try:
+        router = await started(tmp_path, backends, 1, "legacy_only")
+        for i in range(3):
+            await router.route_query(QUESTION, {"user_id": f"u{i}"})
+        recent = router.export_analytics(datetime.now() - timedelta(minutes=5))
+        until_now = router.export_analytics(end_time=datetime.now())
+        await router.shutdown()
+    finally:
+        monkeypatch.undo()
+        clock.tzset()
+    assert len(recent) == 3 and len(until_now) == 3
 
 
 class SlowDiskStore(FileControlStore):
