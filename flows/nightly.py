@@ -20,6 +20,8 @@ from flows.store.database import transaction
 
 #: The longest window a comparison covers (ten years): the CLI and the flow refuse more.
 MAX_HOURS = 24 * 3653
+#: How far back a run looks for earlier windows that gained rows since they were compared.
+LATE_ROWS_DAYS = 7
 
 COMPARISON_SQL = """
 WITH per_arm AS (
@@ -102,7 +104,10 @@ def window(
 def compare(
     con: duckdb.DuckDBPyConnection, hours: float, now: datetime | None = None
 ) -> Comparison:
-    start, end = window(con, hours, now or datetime.now(UTC))
+    return compare_window(con, *window(con, hours, now or datetime.now(UTC)))
+
+
+def compare_window(con: duckdb.DuckDBPyConnection, start: datetime, end: datetime) -> Comparison:
     rows = [
         dict(zip(COLUMNS, r, strict=True))
         for r in con.execute(COMPARISON_SQL, [start, end]).fetchall()
@@ -110,17 +115,40 @@ def compare(
     return Comparison(uuid.uuid4().hex, start, end, rows)
 
 
+_LATE_WINDOWS_SQL = """
+WITH stored AS (
+    SELECT window_start, window_end, sum(legacy_requests + production_requests) AS counted
+    FROM nightly_comparisons WHERE window_end > ? AND window_end <= ?
+    GROUP BY ALL
+)
+SELECT s.window_start, s.window_end, s.counted FROM stored s
+WHERE s.counted <> (SELECT count(*) FROM all_requests r
+                    WHERE r.ts >= s.window_start AND r.ts < s.window_end AND NOT r.is_shadow)
+ORDER BY s.window_start
+"""
+
+
+def late_windows(con: duckdb.DuckDBPyConnection, now: datetime) -> list[tuple[Comparison, int]]:
+    """The stored windows of the last `LATE_ROWS_DAYS` whose rows changed since they were
+    compared, compared again (with the number of requests they counted before). Rows are stamped when routed but land when their segment is
+    collected: a router offline overnight, or rows not yet flushed at 02:00, arrive after
+    their window ran, and the next window starts where that one ended. They were never
+    counted by any comparison."""
+    found = con.execute(_LATE_WINDOWS_SQL, [now - timedelta(days=LATE_ROWS_DAYS), now])
+    return [(compare_window(con, start, end), int(n)) for start, end, n in found.fetchall()]
+
+
 def store(con: duckdb.DuckDBPyConnection, comparison: Comparison) -> None:
     """All rows or none (`executemany` commits row by row: a crash left a partial window
     that the next night's window starts after); a re-run of the same window replaces the
-    earlier run instead of counting it twice."""
-    if not comparison.rows:
-        return
+    earlier run instead of counting it twice. An empty window stores nothing."""
     with transaction(con):
         con.execute(
             "DELETE FROM nightly_comparisons WHERE window_start = ? AND window_end = ?",
             [comparison.window_start, comparison.window_end],
         )
+        if not comparison.rows:
+            return
         con.executemany(
             f"INSERT INTO nightly_comparisons (run_id, window_start, window_end, "
             f"{', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in range(3 + len(COLUMNS)))})",

@@ -142,6 +142,16 @@ def nightly_task(data_dir: str, hours: float) -> nightly.Comparison:
     scheduled = flow_run.scheduled_start_time
     end = min(scheduled, datetime.now(UTC)) if isinstance(scheduled, datetime) else None
     with connect(paths.database) as con:
+        for late, counted in nightly.late_windows(con, end or datetime.now(UTC)):
+            nightly.store(con, late)
+            get_run_logger().info(
+                "compared %s to %s UTC again: it counted %d request(s), now %d (rows that "
+                "arrived after it ran)",
+                f"{late.window_start:%Y-%m-%d %H:%M}",
+                f"{late.window_end:%Y-%m-%d %H:%M}",
+                counted,
+                sum(late.totals.values()),
+            )
         comparison = nightly.compare(con, hours, end)
         nightly.store(con, comparison)
     return comparison
@@ -449,7 +459,8 @@ def nightly_comparison(
     Args:
         data_dir: The data folder the routers and the flows share.
         hours: The window; it starts where the previous stored comparison ended when
-            that is less than twice this far back.
+            that is less than twice this far back. Earlier windows of the last 7 days
+            that gained rows since they ran (late segments) are compared again.
         compact: Also run the retention step.
         retention_days: Days of rows kept in the table; empty: ROLLOUT_RETENTION_DAYS,
             else 30.

@@ -408,6 +408,36 @@ def test_nightly_windows_follow_each_other_across_a_clock_change(paths: DataPath
     assert compared == total
 
 
+def test_rows_that_arrive_after_their_night_was_compared_are_compared_then(
+    paths: DataPaths,
+) -> None:
+    """The next window starts where the last one ended: rows of a router that was
+    offline overnight, collected after the run, were never counted by any comparison."""
+    from flows.nightly import late_windows, store
+
+    first_end, second_end = DAY0 + timedelta(hours=24), DAY0 + timedelta(hours=48)
+    with connect(paths.database) as con:
+        store(con, compare(con, hours=24, now=first_end))
+        assert late_windows(con, second_end) == []  # nothing new: nothing redone
+    write_request_segments(  # the offline router's rows of the first night, late
+        paths.segments, "app-3", files=1, rows=40, seed=99, start=DAY0 + timedelta(hours=3)
+    )
+    collect(paths)
+    with connect(paths.database) as con:
+        ((redone, counted),) = late_windows(con, second_end)
+        assert (redone.window_start, redone.window_end) == (DAY0, first_end)
+        store(con, redone)
+        store(con, compare(con, hours=24, now=second_end))
+        assert late_windows(con, second_end) == []
+        total, compared = con.execute(
+            "SELECT (SELECT count(*) FROM all_requests WHERE ts < ? AND NOT is_shadow), "
+            "(SELECT sum(legacy_requests + production_requests) FROM nightly_comparisons)",
+            [second_end],
+        ).fetchone()
+    assert sum(redone.totals.values()) > counted
+    assert compared == total
+
+
 def test_a_nightly_comparison_is_stored_whole_once_per_window(paths: DataPaths) -> None:
     """Rows were inserted one commit at a time: a crash kept a partial window that the
     next night started after, and a re-run of the night stored the window twice."""
