@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, HttpUrl, ValidationError, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    Field,
+    HttpUrl,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from router.algorithms.names import ADVANCED_ALGORITHMS, AlgorithmName
@@ -48,6 +56,10 @@ class ProductionFeatureFlags(BaseSettings):
     daily_budget_usd: float | None = Field(default=None, gt=0)
     quality_metrics: bool = Field(default=True, description="score answer quality")
     canary_max_hours: float = Field(default=72.0, gt=0)
+    #: When the environment's split began (ISO 8601 with offset): `canary_max_hours`
+    #: counts from it. Unset, it counts from process start, and every restart (a deploy)
+    #: resets it, so a long-lived fleet never reached the limit.
+    split_since: AwareDatetime | None = None
     primary_algorithm: AlgorithmName = AlgorithmName.LEAST_CONNECTIONS
     custom_algorithm: str | None = None
     shadow_sample_rate: float = Field(default=1.0, ge=0, le=1)
@@ -113,6 +125,11 @@ class ProductionFeatureFlags(BaseSettings):
                 f"{ENV_PREFIX}ROLLBACK_ERROR_RATE={self.rollback_error_rate:g} (percent) can never "
                 f"trip the guard, whose bound over {window} requests stays under "
                 f"{reachable:.1f}: use a value above 0 and below it"
+            )
+        if self.split_since is not None and self.split_since > datetime.now(UTC):
+            raise ValueError(
+                f"{ENV_PREFIX}SPLIT_SINCE={self.split_since.isoformat()} is in the future: "
+                "give when the split began (ISO 8601 with its offset), or leave it unset"
             )
         if self.cost_optimization and self.daily_budget_usd is None:
             raise ValueError(
@@ -182,6 +199,7 @@ class ProductionFeatureFlags(BaseSettings):
                 canary_max_hours=self.canary_max_hours,
             ),
             reason="initial configuration from PROD_LB_* environment",
+            **({"published_at": self.split_since} if self.split_since else {}),
         )
 
     def bound_guard(self, limits: GuardLimits) -> GuardLimits:

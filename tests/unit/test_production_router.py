@@ -1666,6 +1666,40 @@ async def test_a_split_older_than_its_canary_max_hours_fails_back(
         assert "PROD_LB_CANARY_MAX_HOURS" in (router.guard.reason or "")
 
 
+@pytest.mark.parametrize(("since_hours_ago", "trips"), [(None, False), (5.0, True)])
+async def test_an_environment_split_counts_its_age_from_split_since_not_from_start(
+    tmp_path: Path, backends: Backends, since_hours_ago: float | None, trips: bool
+) -> None:
+    """Version 0 (the PROD_LB_* split) was stamped at process start: every restart reset
+    PROD_LB_CANARY_MAX_HOURS, so a fleet deployed more often than that never ended its
+    split. PROD_LB_SPLIT_SINCE gives the split's real start."""
+    since = (
+        None if since_hours_ago is None else datetime.now(UTC) - timedelta(hours=since_hours_ago)
+    )
+    router = make_router(
+        tmp_path,
+        backends,
+        "env-split",
+        deployment_mode="canary",
+        traffic_percent=5,
+        canary_max_hours=1,
+        split_since=since,
+    )
+    await router.start()  # nothing published: the environment's split (version 0) runs
+    router.heartbeat()
+    await router.shutdown()
+    assert router.config.version == 0 and router.guard.tripped is trips
+    if trips:
+        assert "5.0 h old" in (router.guard.reason or "")
+
+
+def test_a_split_since_in_the_future_or_without_offset_is_refused() -> None:
+    with pytest.raises(ValueError, match="PROD_LB_SPLIT_SINCE=2999-01-01T00:00:00\\+00:00 is in"):
+        ProductionFeatureFlags(split_since="2999-01-01T00:00:00Z")
+    with pytest.raises(ValueError, match="timezone"):
+        ProductionFeatureFlags(split_since="2026-01-01T00:00:00")
+
+
 @pytest.mark.parametrize("production", [False, True])
 async def test_a_lightrag_only_deployment_answers_recent_events_questions(
     tmp_path: Path, backends: Backends, production: bool
