@@ -85,6 +85,10 @@ def gate_spec(con, rollout: Rollout, version: int, now: datetime) -> GateSpec:
     )
 
 
+#: How early an evaluation counts as due (at most a tenth of the phase's interval).
+DUE_SLACK_S = 30.0
+
+
 def _not_due_for(con: Any, rollout: Rollout, version: int, now: datetime) -> float | None:
     """Seconds until this phase's next evaluation is due; None when it is due now (never
     evaluated, interval passed, or the router failed back and that must be confirmed)."""
@@ -98,8 +102,13 @@ def _not_due_for(con: Any, rollout: Rollout, version: int, now: datetime) -> flo
         "SELECT count(*) FROM router_events WHERE kind = 'failback' AND config_version = ?",
         [version],
     ).fetchone()[0]
+    interval = rollout.phase.evaluation_interval.total_seconds()
     remaining = (last + rollout.phase.evaluation_interval - now).total_seconds()
-    return remaining if remaining > 0 and not failbacks else None
+    # Due a little early: `evaluated_at` is stamped after the tick's collect, so it lands
+    # seconds past the tick's start, and an exact comparison put every other evaluation
+    # one tick late (every 16 minutes instead of 15).
+    slack = min(DUE_SLACK_S, interval / 10)
+    return remaining if remaining > slack and not failbacks else None
 
 
 def _confirm_failback_after_the_end(

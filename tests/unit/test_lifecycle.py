@@ -367,3 +367,29 @@ def test_a_failback_after_the_rollout_completed_sends_routers_to_legacy(
     assert (verdict, actor) == ("ROLLBACK", "gate")
     assert "failed back after the rollout ended" in reason
     assert tick(paths, runner=None).action == "none"  # type: ignore[arg-type]  # once
+
+
+@pytest.mark.parametrize(
+    ("evaluated_s_ago", "due"),
+    [(900 - 4, True), (900 - 60, False), (900, True)],
+    ids=["4 s early", "a minute early", "on time"],
+)
+def test_an_evaluation_stamped_seconds_after_its_tick_is_due_at_the_next(
+    evaluated_s_ago: float, due: bool
+) -> None:
+    """`evaluated_at` lands seconds after the tick starts (collect runs first): compared
+    exactly, the next 15-minute evaluation was "not due for 4 s" and ran a tick late."""
+    from datetime import UTC, datetime, timedelta
+    from types import SimpleNamespace
+
+    from flows.tick import _not_due_for
+
+    now = datetime(2026, 12, 7, 12, 15, 3, tzinfo=UTC)
+    answers = iter([(now - timedelta(seconds=evaluated_s_ago),), (0,)])  # last, failbacks
+    con = SimpleNamespace(execute=lambda *_: SimpleNamespace(fetchone=lambda: next(answers)))
+    rollout = SimpleNamespace(
+        rollout_id="r1",
+        phase_index=0,
+        phase=SimpleNamespace(evaluation_interval=timedelta(minutes=15)),
+    )
+    assert (_not_due_for(con, rollout, 3, now) is None) is due
