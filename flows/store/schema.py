@@ -384,7 +384,9 @@ VIEWS: dict[str, str] = {
     """,
     "daily_comparison": """
         WITH per_arm AS (
-            SELECT date_trunc('day', ts) AS day, arm, count(*) AS requests,
+            -- UTC days in any session's TimeZone (a user's DuckDB shell uses the host's)
+            SELECT date_trunc('day', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS day, arm,
+                   count(*) AS requests,
                    avg(CASE WHEN outcome = 'ok' THEN 1.0 ELSE 0.0 END) AS success_rate,
                    avg(CASE WHEN is_failure(outcome) THEN 1.0 ELSE 0.0 END) AS error_rate,
                    quantile_cont(latency_ms, 0.5) AS p50_ms,

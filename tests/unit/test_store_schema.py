@@ -187,6 +187,27 @@ def test_daily_comparison_keeps_days_with_one_arm_only(tmp_path: Path) -> None:
     ]
 
 
+def test_daily_comparison_has_utc_days_in_a_users_own_time_zone(tmp_path: Path) -> None:
+    """A user's own DuckDB session runs in the host's zone: in Los Angeles, the day
+    boundaries moved and the same rows made four days instead of three."""
+    paths = DataPaths.at(tmp_path).ensure()
+    rows = make_table(300, seed=3, start=datetime(2025, 6, 1, tzinfo=UTC), step_s=600.0)
+    with connect(paths.database) as con:
+        con.execute(f"INSERT INTO requests ({', '.join(rows.column_names)}) SELECT * FROM rows")
+    query = "SELECT day, legacy_requests + production_requests FROM daily_comparison ORDER BY day"
+    answers = {}
+    for zone in ("UTC", "America/Los_Angeles", "Asia/Kolkata"):
+        with duckdb.connect(str(paths.database), read_only=True) as plain:
+            plain.execute(f"SET TimeZone = '{zone}'")
+            answers[zone] = [(d.astimezone(UTC), n) for d, n in plain.execute(query).fetchall()]
+    assert [d.isoformat() for d, _ in answers["UTC"]] == [
+        "2025-06-01T00:00:00+00:00",
+        "2025-06-02T00:00:00+00:00",
+        "2025-06-03T00:00:00+00:00",
+    ]
+    assert answers["America/Los_Angeles"] == answers["UTC"] == answers["Asia/Kolkata"]
+
+
 def test_phase_timeline_counts_every_version_of_a_republished_phase(tmp_path: Path) -> None:
     """lifecycle.py republishes a phase under a new version (restore, reconcile): the rows
     routed under the earlier version still belong to the phase, as in `arm_summary`."""
