@@ -284,8 +284,14 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             self.legacy.set_weights(config.legacy_weights, reset=True)
         self.production.set_weights(config.production_weights, reset=True)
         self.production.algorithm = algorithm
+        # Another rollout's document re-arms too: an instance that missed a new rollout's
+        # first document (down, or its store unreachable, through a short first phase)
+        # stayed failed back for the whole rollout on the previous rollout's failback.
+        new_rollout = config.rollout_id is not None and config.rollout_id != self.config.rollout_id
         self.config = config
-        self.guard.reconfigure(self.flags.bound_guard(config.guard), rearm=config.rearm_guard)
+        self.guard.reconfigure(
+            self.flags.bound_guard(config.guard), rearm=config.rearm_guard or new_rollout
+        )
         self.refused = None
         self.recorder.event(
             EventKind.CONFIG_APPLIED,
@@ -967,7 +973,8 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
 
     def force_rollback(self, reason: str = "manual rollback") -> bool:
         """Fail back to legacy on this instance now. It stays failed back under new
-        documents until one with `rearm_guard` (a new rollout's first phase) arrives."""
+        documents until one with `rearm_guard` (a new rollout's first phase) or one of
+        another rollout arrives."""
         if self.guard.tripped:
             return False
         self.guard.trip(f"forced: {reason}")

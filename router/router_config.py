@@ -83,7 +83,8 @@ class RouterConfig(BaseModel):
     phase: str | None = None
     #: A tripped failback guard stays tripped across new documents (a flow that has not
     #: seen the failback yet must not switch production back on); only a document with
-    #: `rearm_guard` (the first phase of a new rollout) arms it again.
+    #: `rearm_guard` (the first phase of a new rollout), or one of another rollout, arms
+    #: it again.
     rearm_guard: bool = False
     reason: str = ""
     #: With its UTC offset: a naive time cannot be compared with the router's clock (a

@@ -912,6 +912,24 @@ async def test_force_rollback(tmp_path: Path, backends: Backends) -> None:
     assert [e["detail"] for e in failbacks] == ["forced: on-call saw bad answers"]
 
 
+async def test_a_failback_of_the_last_rollout_ends_with_a_document_of_the_next(
+    tmp_path: Path, backends: Backends
+) -> None:
+    """Only a new rollout's first document re-armed the guard: an instance that missed it
+    (down, or its store unreachable, through a short first phase) stayed on legacy for
+    the whole next rollout, on the previous rollout's failback."""
+    router = await started(tmp_path, backends, 1, "canary", 50, rollout_id="r-a")
+    router.force_rollback("bad answers in r-a")
+    publish(tmp_path, 2, "canary", 50, rollout_id="r-a")  # the same rollout: kept
+    router.poll_control_store()
+    assert router.guard.tripped
+    publish(tmp_path, 4, "ab_test", 50, rollout_id="r-b", phase="ab-50")  # r-b's 2nd phase
+    router.poll_control_store()
+    assert not router.guard.tripped
+    assert router.effective_mode is DeploymentMode.AB_TEST
+    await router.shutdown()
+
+
 # -- the drop-in surface --------------------------------------------------------------
 SURFACE = [
     "__init__",
