@@ -352,7 +352,9 @@ class Balancer:
             # had not answered in that time. Peak-EWMA charges dropped requests too, or a
             # backend that hangs while callers time out first stays "fastest" for good.
             now = self.clock()
-            state.latency.observe_failure((now - started) * 1000.0, now)
+            elapsed_ms = (now - started) * 1000.0
+            state.latency.observe_failure(elapsed_ms, now)
+            self.health.on_cancelled(state, elapsed_ms, now)
             raise
         finally:
             state.in_flight -= 1

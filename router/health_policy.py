@@ -46,6 +46,11 @@ class HealthPolicy(Protocol):
         """Record an attempt's outcome; return an event when availability changed."""
         ...
 
+    def on_cancelled(self, backend: BackendState, latency_ms: float, now: float) -> None:
+        """The caller gave up on an attempt after `latency_ms`: no failure of the
+        backend's, but maybe a slow call."""
+        ...
+
     def allows(self, backend: BackendState, now: float) -> bool:
         """Whether the policy lets a request go to `backend` now (may advance state)."""
         ...
@@ -96,6 +101,9 @@ class ConsecutiveFailures:
                 f"{backend.name} rested {self.rest_s:g}s after {self.threshold} {what} in a row",
             )
         return None
+
+    def on_cancelled(self, backend: BackendState, latency_ms: float, now: float) -> None:
+        """The legacy rule counts failures only; a caller's cancel is none."""
 
     def allows(self, backend: BackendState, now: float) -> bool:
         return now >= backend.ejected_until
@@ -203,6 +211,17 @@ class ProductionHealth:
         breaker.on_start(now, backend.in_flight - 1)
         self._collect(breaker)
         self._queue(self.outlier.check_return(backend, now))
+
+    def on_cancelled(self, backend: BackendState, latency_ms: float, now: float) -> None:
+        """A call cancelled after the breaker's slow-call threshold counts as a slow call
+        (not a failure). A backend that hangs while callers time out first otherwise
+        never shows in its breaker, and algorithms that do not weigh latency
+        (least_connections, round_robin) kept sending it a share of users for good."""
+        if latency_ms <= self.breaker_settings.slow_call_ms:
+            return
+        breaker = self.breaker(backend)
+        breaker.record(None, latency_ms, now)
+        self._collect(breaker)
 
     def allows(self, backend: BackendState, now: float) -> bool:
         breaker = self.breaker(backend)

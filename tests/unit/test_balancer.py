@@ -370,6 +370,41 @@ async def test_a_hung_backend_is_penalised_when_its_timeout_outlasts_the_deadlin
     assert outcome.ok and outcome.attempts[0].backend == "b"
 
 
+@pytest.mark.parametrize(
+    ("cancel_after_s", "slow_call_ms"), [(0.15, 100), (0.05, 2000)], ids=["slow", "quick"]
+)
+async def test_callers_who_give_up_on_a_hung_backend_open_its_breaker(
+    cancel_after_s: float, slow_call_ms: float
+) -> None:
+    """A backend that hangs while every caller times out first never failed, so its
+    breaker stayed closed and an algorithm blind to latency kept sending it users. A
+    call cancelled after the slow-call threshold counts as slow; a quick cancel (a hedge,
+    a client gone) says nothing about the backend."""
+
+    async def hang(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(30)
+        return ok()
+
+    health = ProductionHealth(
+        CircuitBreakerSettings(
+            window_size=5, minimum_calls=5, open_wait_s=60.0, slow_call_ms=slow_call_ms
+        ),
+        OutlierSettings(consecutive_failures=100),
+    )
+    fleet = Fleet({"a": hang, "b": lambda r: ok("from b")})
+    b = balancer(fleet, [lightrag("a"), lightrag("b")], health=health)  # always "a" first
+    for i in range(5):
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(route(b, f"r{i}"), timeout=cancel_after_s)
+    state = health.describe(b.states[0], time.monotonic())["breaker_state"]
+    if cancel_after_s * 1000 > slow_call_ms:
+        assert state == "open"
+        outcome = await asyncio.wait_for(route(b, "r5"), timeout=5)
+        assert outcome.ok and [a.backend for a in outcome.attempts] == ["b"]
+    else:
+        assert state == "closed"
+
+
 # -- degraded --------------------------------------------------------------------------
 async def test_degraded_mode_when_every_backend_is_ejected() -> None:
     """All ejected: try them anyway (an answer beats a certain error), and say so."""
