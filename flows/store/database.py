@@ -8,6 +8,7 @@ wait for, instead of hanging or crashing with DuckDB's raw text.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Iterator
@@ -159,6 +160,7 @@ def connect(
                 or archive is not None
                 or relocate_archive
                 or schema_version(con) != LATEST_VERSION
+                or views_fingerprint(con) != VIEWS_FINGERPRINT  # another release's writer
             ):
                 migrate(con, database=path, archive=archive, relocate_archive=relocate_archive)
                 _MIGRATED.add(key)
@@ -167,6 +169,7 @@ def connect(
         else:
             check_readable_version(schema_version(con))
             location = use_archive(con, path)
+            _current_views_for_reader(con, path, location)
             if sandbox is not None:
                 lock_down(con, [*sandbox, *([location] if location else [])])
         yield con
@@ -251,12 +254,49 @@ def migrate(
                 "INSERT INTO schema_version VALUES (?, ?, ?)",
                 [version, description, datetime.now(UTC)],
             )
-    for macro in MACROS:
-        con.execute(macro)
     location = _settle_archive(con, database, archive, relocate_archive)
-    for name, sql in {**archive_views(location), **VIEWS}.items():
-        con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
+    _create_views(con, location)
+    con.execute(
+        "INSERT OR REPLACE INTO store_settings VALUES (?, ?, ?)",
+        [VIEWS_SETTING, VIEWS_FINGERPRINT, datetime.now(UTC)],
+    )
     return LATEST_VERSION
+
+
+#: `store_settings` key of the fingerprint of the view and macro definitions a writer
+#: last created in the file.
+VIEWS_SETTING = "views"
+#: The fingerprint of this code's definitions (the archive location left out: readers
+#: point the views at it with a session variable).
+VIEWS_FINGERPRINT = hashlib.sha256(
+    "\n".join([*MACROS, *archive_views("").values(), *VIEWS.values()]).encode()
+).hexdigest()[:16]
+
+
+def views_fingerprint(con: duckdb.DuckDBPyConnection) -> str | None:
+    """The fingerprint the file's last view-creating writer recorded (schema v2 on)."""
+    row = first(con.execute("SELECT value FROM store_settings WHERE key = ?", [VIEWS_SETTING]))
+    return str(row[0]) if row else None
+
+
+def _create_views(con: duckdb.DuckDBPyConnection, location: str, *, temp: bool = False) -> None:
+    kind = "TEMP " if temp else ""
+    for macro in MACROS:
+        con.execute(macro.replace("CREATE OR REPLACE MACRO", f"CREATE OR REPLACE {kind}MACRO"))
+    for name, sql in {**archive_views(location), **VIEWS}.items():
+        con.execute(f"CREATE OR REPLACE {kind}VIEW {name} AS {sql}")
+
+
+def _current_views_for_reader(
+    con: duckdb.DuckDBPyConnection, database: Path, location: str | None
+) -> None:
+    """A file whose views a writer of older code created (an upgrade, before the next
+    collect or tick) gets this code's views as session-only TEMP views, which DuckDB
+    resolves before the file's: `rollout report` and the dashboard crashed on a view the
+    file did not have yet. Only at the latest schema (older tables lack columns)."""
+    if schema_version(con) != LATEST_VERSION or views_fingerprint(con) == VIEWS_FINGERPRINT:
+        return
+    _create_views(con, location or str(database.parent.resolve() / DEFAULT_ARCHIVE), temp=True)
 
 
 def recorded_archive(con: duckdb.DuckDBPyConnection) -> str | None:

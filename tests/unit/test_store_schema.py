@@ -322,6 +322,29 @@ def test_rows_after_a_completed_rollout_are_not_its_last_phases(tmp_path: Path) 
     assert total == [(1050,)]  # nothing is lost: the views only attribute
 
 
+def test_readers_see_this_codes_views_before_any_writer_upgrades_them(tmp_path: Path) -> None:
+    """After an upgrade, views change only when a writer (collect, a tick) connects:
+    `rollout report` and the dashboard crashed on `phase_requests` until then."""
+    database = tmp_path / "metrics.duckdb"
+    with connect(database) as con:
+        rows = make_table(20, seed=1)
+        con.execute(f"INSERT INTO requests ({', '.join(rows.column_names)}) SELECT * FROM rows")
+    older = duckdb.connect(str(database))  # what the previous release's writer left
+    older.execute("DROP VIEW phase_timeline")
+    older.execute("DROP VIEW phase_requests")
+    older.execute("UPDATE store_settings SET value = 'older' WHERE key = 'views'")
+    older.close()
+    with connect(database, read_only=True, sandbox=[tmp_path]) as con:
+        assert con.execute("SELECT count(*) FROM phase_requests").fetchall() == [(0,)]
+        assert con.execute("SELECT count(*) FROM phase_timeline").fetchall() == [(0,)]
+        assert con.execute("SELECT sum(requests) FROM arm_summary").fetchall() == [(20,)]
+    with connect(database) as con:  # a writer brings the file itself up to date
+        pass
+    plain = duckdb.connect(str(database), read_only=True)
+    assert plain.execute("SELECT count(*) FROM phase_requests").fetchall() == [(0,)]
+    plain.close()
+
+
 def documented_columns() -> dict[str, list[str]]:
     """{table or view: [column, ...]} from the column tables of docs/schema.md."""
     text = (ROOT / "docs" / "schema.md").read_text()
