@@ -273,9 +273,15 @@ def load_flags(profile: Path | None = None) -> ProductionFeatureFlags:
     ]
     if profile is not None and not Path(profile).is_file():
         lines.append(f"profile file {str(profile)!r} does not exist")
+        raise SettingsError(lines)
+    # The values are checked too when names are unknown: each bad variable has its line
+    # in one run, not the next one after a fix.
+    try:
+        flags = ProductionFeatureFlags(_env_file=profile)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise SettingsError(
+            lines + format_error(exc, ProductionFeatureFlags, ENV_PREFIX).lines
+        ) from None
     if lines:
         raise SettingsError(lines)
-    try:
-        return ProductionFeatureFlags(_env_file=profile)  # type: ignore[call-arg]
-    except ValidationError as exc:
-        raise format_error(exc, ProductionFeatureFlags, ENV_PREFIX) from None
+    return flags

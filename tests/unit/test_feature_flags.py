@@ -56,6 +56,17 @@ def test_every_profile_variable_is_a_known_setting() -> None:
                 assert line.split("=", 1)[0] in known, f"{path.name}: {line}"
 
 
+def test_the_template_documents_every_variable() -> None:
+    """The README promises every variable in production.env.template (set or commented)."""
+    text = (PROFILES / "production.env.template").read_text()
+    missing = [
+        ENV_PREFIX + field.upper()
+        for field in ProductionFeatureFlags.model_fields
+        if f"{ENV_PREFIX}{field.upper()}=" not in text
+    ]
+    assert missing == []
+
+
 def test_environment_overrides_profile(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PROD_LB_TRAFFIC_PERCENT", "15")
     assert load_flags(PROFILES / "canary.env").traffic_percent == 15
@@ -87,6 +98,20 @@ def test_unknown_variable_suggests_the_right_name(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("PROD_LB_TRAFIC_PERCENT", "5")
     with pytest.raises(SettingsError, match="did you mean PROD_LB_TRAFFIC_PERCENT"):
         load_flags()
+
+
+def test_an_unknown_name_and_a_bad_value_are_both_reported_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Unknown names returned before values were checked: the bad value showed only on
+    the next run, after the name was fixed."""
+    monkeypatch.setenv("PROD_LB_TRAFFIC_PERCENT", "abc")
+    monkeypatch.setenv("PROD_LB_FOO", "1")
+    with pytest.raises(SettingsError) as caught:
+        load_flags()
+    assert len(caught.value.lines) == 2
+    assert "PROD_LB_FOO is not a known variable" in caught.value.lines[0]
+    assert "PROD_LB_TRAFFIC_PERCENT='abc' is invalid" in caught.value.lines[1]
 
 
 def test_a_shortened_name_lists_every_variable_it_could_mean(
