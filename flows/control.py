@@ -69,6 +69,8 @@ def phase_config(
         traffic_percent=phase.traffic_percent,
         algorithm=plan.algorithm_for(phase),
         shadow_sample_rate=phase.shadow_sample_rate,
+        production_weights=phase.production_weights,
+        breaker=plan.breaker_for(phase),
         salt=plan.salt,
         guard=GuardLimits(
             # The router's local guard is the fast, blunt backstop: it trips at twice the

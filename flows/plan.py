@@ -30,7 +30,11 @@ from checks.thresholds import MaxDurationPolicy, Thresholds
 from flows.resources import resource
 from router.algorithms.names import AlgorithmName
 from router.modes import DeploymentMode
+from router.production_config import CircuitBreakerSettings
 from router.router_config import check_mode_percent
+
+#: A backend weight: a finite number >= 0 (0 drains the backend).
+Weight = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 DEFAULT_PLAN_FILE = resource("deployments/plans/five_weeks.yaml")
 PROFILES_DIR = resource("deployments/profiles")
@@ -98,6 +102,11 @@ class Phase(BaseModel):
     on_max_duration: MaxDurationPolicy = MaxDurationPolicy.ASK
     algorithm: AlgorithmName | None = None
     shadow_sample_rate: float = Field(default=1.0, ge=0, le=1)
+    #: The production arm's backend weights in this phase (absolute: a backend not named
+    #: gets its configured weight); empty: the configured weights.
+    production_weights: dict[str, Weight] = Field(default_factory=dict)
+    #: The production arm's breakers in this phase; empty: the plan's `breaker`.
+    breaker: CircuitBreakerSettings | None = None
     profile: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z0-9_.-]+$",
@@ -131,6 +140,8 @@ class RolloutPlan(BaseModel):
     algorithm: AlgorithmName = AlgorithmName.RESPONSE_TIME
     salt: str = Field(default="rollout-v1", min_length=1)
     ack_timeout: PositiveDuration = timedelta(seconds=30)
+    #: The production arm's breakers in every phase that sets none; empty: each host's.
+    breaker: CircuitBreakerSettings | None = None
     phases: list[Phase] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -151,6 +162,9 @@ class RolloutPlan(BaseModel):
 
     def algorithm_for(self, phase: Phase) -> AlgorithmName:
         return phase.algorithm or self.algorithm
+
+    def breaker_for(self, phase: Phase) -> CircuitBreakerSettings | None:
+        return phase.breaker or self.breaker
 
     def compressed(self, factor: float) -> RolloutPlan:
         """The same plan with every duration multiplied by `factor` (for quick demos)."""
@@ -196,6 +210,8 @@ def _unknown_key(loc: tuple[Any, ...]) -> str:
             model = Phase
         elif part == "thresholds":
             model = Thresholds
+        elif part == "breaker":
+            model = CircuitBreakerSettings
     allowed = sorted(model.model_fields)
     close = difflib.get_close_matches(key, allowed, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""

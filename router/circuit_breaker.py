@@ -179,6 +179,18 @@ class _TimeWindow:
         return f"over {self.calls} calls in the last {self.size}s"
 
 
+def _window(settings: CircuitBreakerSettings) -> _CountWindow | _TimeWindow:
+    if settings.window_type == "time":
+        return _TimeWindow(settings.window_size)
+    return _CountWindow(settings.window_size)
+
+
+def _minimum_calls(settings: CircuitBreakerSettings) -> int:
+    if settings.window_type == "time":
+        return settings.minimum_calls
+    return min(settings.minimum_calls, settings.window_size)
+
+
 class CircuitBreaker:
     """One backend's breaker; see the module docstring for the exact rules."""
 
@@ -192,16 +204,8 @@ class CircuitBreaker:
         self.settings = settings
         self.name = name
         self.probe_lease_s = probe_lease_s
-        self.window: _CountWindow | _TimeWindow = (
-            _TimeWindow(settings.window_size)
-            if settings.window_type == "time"
-            else _CountWindow(settings.window_size)
-        )
-        self.minimum_calls = (
-            settings.minimum_calls
-            if settings.window_type == "time"
-            else min(settings.minimum_calls, settings.window_size)
-        )
+        self.window: _CountWindow | _TimeWindow = _window(settings)
+        self.minimum_calls = _minimum_calls(settings)
         self.state = BreakerState.CLOSED
         self.open_until = 0.0
         self.times_opened = 0
@@ -214,6 +218,20 @@ class CircuitBreaker:
         self.transitions: deque[BreakerTransition] = deque(maxlen=16)
         #: The policy that owns this breaker (lets it be cached on the backend's state).
         self.owner: object | None = None
+
+    def reconfigure(self, settings: CircuitBreakerSettings) -> None:
+        """New thresholds from a published document. The state stays (an open breaker
+        keeps waiting out its open time); the window's calls stay unless its type or
+        size changed, when it starts empty."""
+        if settings == self.settings:
+            return
+        if (settings.window_type, settings.window_size) != (
+            self.settings.window_type,
+            self.settings.window_size,
+        ):
+            self.window = _window(settings)
+        self.settings = settings
+        self.minimum_calls = _minimum_calls(settings)
 
     # -- queries ----------------------------------------------------------------------
     def state_at(self, now: float) -> BreakerState:

@@ -151,7 +151,7 @@ class FileControlStore(DocumentReads):
         self.acks_dir = self.directory / "acks"
 
     def publish(self, config: RouterConfig) -> None:
-        atomic_write(self.config_path, config.model_dump_json(indent=2))
+        atomic_write(self.config_path, config.to_json(indent=2))
         self.sweep_heartbeat_temps()
 
     def sweep_heartbeat_temps(self) -> None:

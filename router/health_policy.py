@@ -178,6 +178,12 @@ class ProductionHealth:
         self.outlier = OutlierDetector(outlier, is_available=self._available)
         self._pending: deque[HealthEvent] = deque(maxlen=max_pending)
 
+    def reconfigure_breakers(self, settings: CircuitBreakerSettings) -> None:
+        """Every breaker, present and future, uses `settings` (see `reconfigure`)."""
+        self.breaker_settings = settings
+        for breaker in self.breakers.values():
+            breaker.reconfigure(settings)
+
     def breaker(self, backend: BackendState) -> CircuitBreaker:
         found = backend.breaker  # cached on the state: this runs several times per request
         if found is not None and found.owner is self:

@@ -58,7 +58,7 @@ class HttpControlStore(DocumentReads):
         self._call(
             "PUT",
             "/config",
-            content=config.model_dump_json(indent=2),
+            content=config.to_json(indent=2),
             headers={"content-type": "application/json"},
         )
 

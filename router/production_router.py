@@ -284,6 +284,10 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             self.legacy.set_weights(config.legacy_weights, reset=True)
         self.production.set_weights(config.production_weights, reset=True)
         self.production.algorithm = algorithm
+        if isinstance(self.production.health, ProductionHealth):
+            self.production.health.reconfigure_breakers(
+                config.breaker or self.production_config.circuit_breaker
+            )
         # Another rollout's document re-arms too: an instance that missed a new rollout's
         # first document (down, or its store unreachable, through a short first phase)
         # stayed failed back for the whole rollout on the previous rollout's failback.

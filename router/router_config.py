@@ -10,6 +10,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validato
 
 from router.algorithms.names import AlgorithmName
 from router.modes import DeploymentMode
+from router.production_config import CircuitBreakerSettings
 
 
 class GuardLimits(BaseModel):
@@ -79,6 +80,10 @@ class RouterConfig(BaseModel):
     shadow_max_concurrency: int = Field(default=16, ge=1)
     salt: str = Field(default="rollout-v1", min_length=1)
     guard: GuardLimits = GuardLimits()
+    #: The production arm's breakers; None: the host's (`ProductionLoadBalancingConfig`).
+    #: A breaker keeps its state (an open one stays open) and its window when only
+    #: thresholds change.
+    breaker: CircuitBreakerSettings | None = None
     rollout_id: str | None = None
     phase: str | None = None
     #: A tripped failback guard stays tripped across new documents (a flow that has not
@@ -90,6 +95,14 @@ class RouterConfig(BaseModel):
     #: With its UTC offset: a naive time cannot be compared with the router's clock (a
     #: hand-written document without one stopped every heartbeat of the fleet).
     published_at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    def to_json(self, indent: int | None = None) -> str:
+        """The document as published. `breaker` is left out while unset, so routers of
+        the release before it (which refuse unknown fields) still apply the documents
+        that do not use it: flows can be upgraded before the fleet."""
+        return self.model_dump_json(
+            indent=indent, exclude={"breaker"} if self.breaker is None else None
+        )
 
     @model_validator(mode="after")
     def _percent_fits_mode(self) -> RouterConfig:

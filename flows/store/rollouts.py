@@ -190,7 +190,7 @@ def record_config(
             config.algorithm.value,
             config.reason,
             config.published_at,
-            config.model_dump_json(),
+            config.to_json(),
         ],
     )
 

@@ -149,11 +149,41 @@ BROKEN = [
     ),
     ("negative ack timeout", lambda d: d.update(ack_timeout=-5), ["ack_timeout", "longer than 0"]),
     (
+        "negative weight",
+        lambda d: d["phases"][1].update(production_weights={"lightrag-1": -1}),
+        ["phase 2 (canary-5)", "production_weights", "greater than or equal to 0"],
+    ),
+    (
+        "misspelt breaker setting",
+        lambda d: d.update(breaker={"open_wait": 10}),
+        ["breaker", "'open_wait'", "did you mean 'open_wait_s'"],
+    ),
+    (
         "interval past the maximum",
         lambda d: d["phases"][1].update(evaluation_interval="2h"),
         ["phase 2 (canary-5)", "evaluation_interval", "longer than max_duration"],
     ),
 ]
+
+
+def test_a_phases_weights_and_breakers_reach_its_published_document() -> None:
+    """DESIGN: a RouterConfig carries weights and breaker thresholds; no plan could set
+    them, so every document published `{}` and the hosts' breakers."""
+    from flows.control import phase_config
+
+    data = demo_data()
+    data["breaker"] = {"minimum_calls": 20, "open_wait_s": 60}
+    data["phases"][1].update(
+        production_weights={"lightrag-1": 2, "perplexity-1": 0},
+        breaker={"failure_rate_threshold": 0.3},
+    )
+    plan = RolloutPlan.model_validate(data)
+    shadow, canary = (phase_config(plan, i, 7 + i, "r1", "test") for i in (0, 1))
+    assert shadow.breaker is not None and shadow.breaker.minimum_calls == 20
+    assert shadow.production_weights == {}
+    assert canary.breaker is not None and canary.breaker.failure_rate_threshold == 0.3
+    assert canary.breaker.minimum_calls == 10  # a phase's breaker replaces the plan's whole
+    assert canary.production_weights == {"lightrag-1": 2, "perplexity-1": 0}
 
 
 def test_a_key_given_twice_in_a_plan_file_is_refused_naming_both_lines(tmp_path: Path) -> None:

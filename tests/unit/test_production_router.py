@@ -390,6 +390,32 @@ def test_a_custom_algorithm_typo_stops_start_up_even_when_another_algorithm_runs
         )
 
 
+async def test_a_documents_breaker_thresholds_apply_and_a_document_without_restores_the_hosts(
+    tmp_path: Path, backends: Backends
+) -> None:
+    """DESIGN: a RouterConfig carries breaker thresholds. A breaker keeps its calls when
+    only thresholds change; a document without them gives the host's back."""
+    from router.production_config import CircuitBreakerSettings
+
+    tight = CircuitBreakerSettings(minimum_calls=2, open_wait_s=60)
+    router = await started(
+        tmp_path, backends, 1, "production_only", 100, guard=GuardLimits(enabled=False)
+    )
+    backends.faults["production"] = lambda r: httpx.Response(500)
+    await router.route_query(QUESTION, {"user_id": "u1"})  # one failure per backend tried
+    publish(tmp_path, 2, "production_only", 100, breaker=tight, guard=GuardLimits(enabled=False))
+    router.poll_control_store()
+    assert router.config.version == 2
+    await router.route_query(QUESTION, {"user_id": "u2"})  # the second: over 2 calls, 100 %
+    states = {n: b["breaker_state"] for n, b in router.get_health_status()["production"].items()}
+    assert "open" in states.values()
+    publish(tmp_path, 3, "production_only", 100, guard=GuardLimits(enabled=False))
+    router.poll_control_store()
+    assert router.production.health.breaker_settings == router.production_config.circuit_breaker
+    assert '"breaker"' not in (tmp_path / "control" / "router_config.json").read_text()
+    await router.shutdown()
+
+
 async def test_heartbeat_carries_the_applied_version(tmp_path: Path, backends: Backends) -> None:
     store = FileControlStore(tmp_path / "control")
     router = await started(tmp_path, backends, 3, "canary", 5)
