@@ -21,6 +21,7 @@ import httpx
 
 from router.backends import DEFAULT_POOL_SIZE, BackendConfig, BackendKind
 from router.failures import BackendFailure
+from router.pool_repair import reclaim_orphaned_connections, run_uncancelled
 from router.record import ErrorKind
 
 
@@ -114,10 +115,12 @@ def backend_pools(
         key = pool_key(b.url)
         sizes[key] = max(sizes.get(key, 0), b.max_connections)
         proxies[key] = env_proxy(b.url)
-    return {
-        key: httpx.AsyncHTTPTransport(limits=limits or pool_limits(size), proxy=proxies[key])
-        for key, size in sizes.items()
-    }
+    pools: dict[str, httpx.AsyncBaseTransport | None] = {}
+    for key, size in sizes.items():
+        transport = httpx.AsyncHTTPTransport(limits=limits or pool_limits(size), proxy=proxies[key])
+        reclaim_orphaned_connections(transport)  # a caller's cancel must not cost a slot
+        pools[key] = transport
+    return pools
 
 
 class BackendHttpClient(httpx.AsyncClient):
@@ -144,6 +147,7 @@ class BackendHttpClient(httpx.AsyncClient):
         if transport is None:
             mounts = backend_pools(backends, limits)
             transport = httpx.AsyncHTTPTransport(limits=limits or pool_limits(DEFAULT_POOL_SIZE))
+            reclaim_orphaned_connections(transport)
         super().__init__(transport=transport, mounts=mounts, timeout=timeout)
 
     @property  # type: ignore[override]
@@ -203,6 +207,11 @@ def parse_answer(backend: BackendConfig, query: str, payload: Any, status: int) 
         ) from None
 
 
+#: An exchange its caller gave up on is cancelled this many of its timeouts later (see
+#: `run_uncancelled`): past a pool wait, a connect and a read of `timeout_s` each.
+EXCHANGE_GIVE_UP_FACTOR = 4
+
+
 async def call_backend(
     client: httpx.AsyncClient,
     backend: BackendConfig,
@@ -220,7 +229,13 @@ async def call_backend(
     """
     try:
         async with asyncio.timeout(timeout_s):
-            return await _call(client, backend, query, timeout_s, max_bytes, headers or {})
+            # In a task of its own: a cancel (the caller's, or this timeout's) inside
+            # httpcore costs a pool slot for good (router.pool_repair).
+            return await run_uncancelled(
+                client,
+                _call(client, backend, query, timeout_s, max_bytes, headers or {}),
+                give_up_s=EXCHANGE_GIVE_UP_FACTOR * timeout_s,
+            )
     except TimeoutError:
         raise BackendFailure(
             ErrorKind.TIMEOUT, f"{backend.name}: no complete answer within {timeout_s:g} s"

@@ -30,6 +30,7 @@ from router.health_checker import ActiveHealthChecker
 from router.health_policy import ConsecutiveFailures, HealthEvent
 from router.legacy_config import LoadBalancingConfig
 from router.modes import Arm, DeploymentMode
+from router.pool_repair import cancel_orphaned_exchanges
 from router.production_config import HealthCheckSettings
 from router.record import Outcome
 from router.result import RoutingResult
@@ -207,6 +208,7 @@ class IntelligentQueryRouter:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        await cancel_orphaned_exchanges(self._client)
         await self._client.aclose()
 
     async def __aenter__(self) -> IntelligentQueryRouter:

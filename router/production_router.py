@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
 
@@ -60,6 +60,7 @@ from router.legacy_router import (
 from router.metrics import RouterMetrics
 from router.migration import ConfigurationMigrator
 from router.modes import Arm, DeploymentMode
+from router.pool_repair import cancel_orphaned_exchanges
 from router.production_config import HealthCheckSettings, ProductionLoadBalancingConfig
 from router.record import ErrorKind, EventKind, Outcome, RequestRecord
 from router.recorder import NullRecorder, SegmentRecorder
@@ -199,6 +200,10 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         self.routed = 0
         self.refused: tuple[int | None, str] | None = None
         self._last_token: object = None
+        #: Reads of the control document started so far: a read that finishes after a
+        #: newer one was considered is stale and dropped (it re-refused an invalid
+        #: document, or undid nothing but said so, after a newer one was applied).
+        self._document_reads = 0
         self._shadow_tasks: set[asyncio.Task[None]] = set()
         #: Set by shutdown(): no new shadow starts. `_in_flight` counts route_query calls;
         #: `_drained` is set when the last one ends while shutdown() waits for them.
@@ -306,7 +311,15 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
 
     def poll_control_store(self) -> None:
         """Read the control document if it changed; apply it or refuse it."""
+        self._document_reads += 1
         self._consider(self._read_document())
+
+    async def _read_and_consider(self, read: Callable[[], Awaitable[Any]]) -> None:
+        self._document_reads += 1
+        mine = self._document_reads
+        found = await read()
+        if mine == self._document_reads:  # else a newer read was considered meanwhile
+            self._consider(found)
 
     def _read_document(self) -> tuple[object, str] | None:
         if self.control_store is None:
@@ -440,7 +453,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             # between requests. Separate tries: whatever goes wrong with a document or the
             # checks, the heartbeat is still written, so the fleet never loses this instance.
             try:
-                self._consider(await asyncio.to_thread(self._read_document))
+                await self._read_and_consider(lambda: asyncio.to_thread(self._read_document))
             except Exception:
                 log.exception("control document could not be read or applied")
             try:
@@ -494,7 +507,9 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         (unless the control store takes over `CONTROL_CALL_S` to answer: the control loop
         applies it then)."""
         if self.control_store is not None and not self._tasks and not self._closed:
-            self._consider(await self._bounded(self._read_document, "reading the control store"))
+            await self._read_and_consider(
+                lambda: self._bounded(self._read_document, "reading the control store")
+            )
         self._start_background()
         return self
 
@@ -536,7 +551,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             close = getattr(self.control_store, "close", None)
             steps: list[tuple[str, Callable[[], Any]]] = [
                 ("stopping background work and the legacy client", super().shutdown),
-                ("closing the production client", self._production_client.aclose),
+                ("closing the production client", self._close_production_client),
             ]
             if self._owns_store and callable(close):
                 steps.append(("closing the control store", close))
@@ -551,6 +566,10 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             # Whatever happened above, the buffered rows are flushed: in a thread, since a
             # stuck disk can hold close() for its whole timeout.
             await asyncio.to_thread(self.recorder.close)
+
+    async def _close_production_client(self) -> None:
+        await cancel_orphaned_exchanges(self._production_client)
+        await self._production_client.aclose()
 
     async def _cancel_shadows(self) -> None:
         """Cancel shadows until none is left (one started while we waited is caught too)."""

@@ -260,3 +260,63 @@ async def test_shadow_never_changes_or_delays_the_users_answer(
     }
     for shadow in shadows:
         assert shadow["subject_bucket"] == primaries[shadow["primary_request_id"]]["subject_bucket"]
+
+
+async def test_callers_who_give_up_never_use_up_the_connection_pool(
+    fleet: FleetThread, tmp_path: Path
+) -> None:
+    """httpcore 1.0.9 lost a pool slot for good about once per 40 cancelled calls
+    (encode/httpcore#1093, and a cancel landing in a response's close): with callers
+    timing out early under pool contention, every call to the backends failed within a
+    few hundred cancels, and only a restart helped (router.pool_repair)."""
+    from router.pool_repair import wait_for_orphaned_exchanges
+
+    assert fleet.info is not None
+    for member in fleet.info.members:
+        set_profile(member.admin_url, {"latency_ms": 15, "latency_sigma": 0.5})
+    FileControlStore(tmp_path / "control").publish(
+        RouterConfig(
+            version=1,
+            mode=DeploymentMode.PRODUCTION_ONLY,
+            traffic_percent=100,
+            guard=GuardLimits(enabled=False),  # many cancels in a row would fail back
+        )
+    )
+    router = ProductionIntelligentQueryRouter(
+        backends=[
+            b.model_copy(update={"max_connections": 4})
+            for b in fleet.info.backend_configs(timeout_s=2.0)
+        ],
+        health_checks=False,
+        flags=ProductionFeatureFlags(
+            enabled=True, data_dir=tmp_path, instance_id="loop", control_poll_s=60
+        ),
+        control_store=FileControlStore(tmp_path / "control"),
+        seed=11,
+    )
+    await router.start()
+    gave_up = 0
+
+    async def impatient(i: int) -> None:
+        nonlocal gave_up
+        try:
+            await asyncio.wait_for(
+                router.route_query(QUESTIONS[i % len(QUESTIONS)], {"user_id": f"u{i}"}),
+                0.002 + (i % 9) * 0.003,
+            )
+        except TimeoutError:
+            gave_up += 1
+
+    for burst in range(30):  # bounded: 600 calls, about 20 s at most
+        await asyncio.gather(*(impatient(burst * 20 + j) for j in range(20)))
+    # What callers gave up on finishes by itself, within its own timeouts.
+    assert await wait_for_orphaned_exchanges(router._production_client, 15) == 0
+    pools = [t._pool for t in router._production_client._mounts.values() if t is not None]
+    busy = [c for pool in pools for c in pool.connections if not c.is_idle()]
+    patient = await asyncio.gather(
+        *(router.route_query(QUESTIONS[i], {"user_id": f"p{i}"}) for i in range(24))
+    )
+    await router.shutdown()
+    assert gave_up >= 300
+    assert busy == []  # nothing runs, so no connection may stay taken
+    assert [r.outcome for r in patient if not r.ok] == []

@@ -491,3 +491,56 @@ def test_backends_on_one_origin_share_the_largest_pool() -> None:
     pools = backend_pools([large, small])
     assert list(pools) == ["http://px.test"]
     assert pools["http://px.test"]._pool._max_connections == 200  # type: ignore[union-attr]
+
+
+# -- keeping httpcore's pools whole under cancellation (router.pool_repair) ---------------
+async def test_a_never_started_connection_nobody_owns_is_dropped_when_the_pool_reassigns() -> None:
+    """httpcore 1.0.9 kept such a connection for good (neither idle, closed nor
+    expired): one pool slot lost per unlucky cancel, until every call failed."""
+    from types import SimpleNamespace
+
+    import httpcore
+
+    from router.pool_repair import reclaim_orphaned_connections
+
+    transport = httpx.AsyncHTTPTransport()
+    assert reclaim_orphaned_connections(transport)
+    pool = transport._pool
+    origin = httpcore.URL("http://127.0.0.1:9/").origin
+    orphan, owned = pool.create_connection(origin), pool.create_connection(origin)
+    pool._connections.extend([orphan, owned])
+    pool._requests.append(SimpleNamespace(connection=owned, is_queued=lambda: False))
+    assert pool._assign_requests_to_connections() == []
+    assert pool.connections == [owned]
+    await transport.aclose()
+
+
+async def test_a_caller_who_gives_up_never_cancels_the_exchange_until_its_give_up_time() -> None:
+    from router.pool_repair import (
+        cancel_orphaned_exchanges,
+        orphaned_exchanges,
+        run_uncancelled,
+        wait_for_orphaned_exchanges,
+    )
+
+    client = httpx.AsyncClient()
+    finished: list[str] = []
+
+    async def exchange(name: str, seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        finished.append(name)
+        return name
+
+    assert await run_uncancelled(client, exchange("quick", 0), give_up_s=1) == "quick"
+    with pytest.raises(TimeoutError):  # the caller's own timeout
+        await asyncio.wait_for(run_uncancelled(client, exchange("late", 0.1), 5), 0.01)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(run_uncancelled(client, exchange("hung", 60), 0.2), 0.01)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(run_uncancelled(client, exchange("at close", 60), 60), 0.01)
+    assert orphaned_exchanges(client) == 3
+    assert await wait_for_orphaned_exchanges(client, 1.0) == 1  # "hung" given up at 0.2 s
+    assert finished == ["quick", "late"]
+    await cancel_orphaned_exchanges(client)  # what a shutdown does before closing
+    assert orphaned_exchanges(client) == 0 and finished == ["quick", "late"]
+    await client.aclose()

@@ -1,0 +1,124 @@
+"""Keep httpcore's connection pools whole when requests are cancelled.
+
+httpcore 1.0.9 (the latest release) loses pool slots for good to cancellation. Measured
+on the router: about one slot per 40 caller cancels, until every call to the backend
+failed and only a restart helped. Two ways, each handled here:
+
+- A queued request is assigned a new connection and cancelled before it starts
+  connecting: the connection stays, never connected, so neither idle, closed nor
+  expired, and owned by nobody (encode/httpcore#1093; the fixes, #1094 and #1099, are
+  not released). The pool's own timeouts do this too. Likewise a connection that did
+  connect but whose request was cancelled before it was sent (h11 state NEW).
+  `reclaim_orphaned_connections` drops such connections each time the pool re-assigns
+  requests. It patches one pool instance, never the library, and leaves a pool it does
+  not recognise as it is.
+- A cancel that lands while a response is being closed: httpcore shields that close
+  with an anyio cancel scope, which does not hold against asyncio's `Task.cancel`, so
+  the close stops half-way and the connection stays ACTIVE with its request in the pool.
+  `run_uncancelled` keeps cancels out of the exchange altogether: the caller stops
+  waiting, the exchange finishes (or is given up on) by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import httpcore
+import httpx
+
+
+def _orphan_kind(connection: object) -> str | None:
+    """ "unstarted": never connected (no socket); "unused": connected, but the request
+    it was made for never started on it (h11 state NEW: an open socket nobody will use,
+    neither idle nor available). None: anything else, left to the pool."""
+    if not isinstance(connection, httpcore.AsyncHTTPConnection):
+        return None
+    inner = getattr(connection, "_connection", False)
+    if inner is None:
+        return None if getattr(connection, "_connect_failed", True) else "unstarted"
+    state = getattr(inner, "_state", None)
+    return "unused" if state is httpcore._async.http11.HTTPConnectionState.NEW else None
+
+
+def reclaim_orphaned_connections(transport: httpx.AsyncBaseTransport) -> bool:
+    """Patch `transport`'s pool; False when it is not an httpcore pool we know."""
+    pool = getattr(transport, "_pool", None)
+    assign: Callable[[], list[Any]] | None = getattr(pool, "_assign_requests_to_connections", None)
+    if (
+        not isinstance(pool, httpcore.AsyncConnectionPool)
+        or assign is None
+        or not isinstance(getattr(pool, "_connections", None), list)
+        or not isinstance(getattr(pool, "_requests", None), list)
+    ):
+        return False
+
+    def assign_without_orphans() -> list[Any]:
+        owned = {id(r.connection) for r in pool._requests if r.connection is not None}
+        kept, closing = [], []
+        for connection in pool._connections:
+            kind = None if id(connection) in owned else _orphan_kind(connection)
+            if kind is None:
+                kept.append(connection)
+            elif kind == "unused":
+                closing.append(connection)  # the pool closes what this returns
+        pool._connections[:] = kept
+        return closing + assign()
+
+    pool._assign_requests_to_connections = assign_without_orphans  # type: ignore[method-assign]
+    return True
+
+
+T = TypeVar("T")
+
+#: Per client, the exchanges whose caller stopped waiting, still running (strong
+#: references: a task referenced only weakly can be collected mid-flight).
+_ORPHANS: weakref.WeakKeyDictionary[object, set[asyncio.Task[Any]]] = weakref.WeakKeyDictionary()
+
+
+async def run_uncancelled(client: object, exchange: Coroutine[Any, Any, T], give_up_s: float) -> T:
+    """Await `exchange` (one whole HTTP exchange on `client`, closing included) in its
+    own task, which a cancel of the caller never reaches. If the caller is cancelled (it
+    gave up, or its own timeout fired), the exchange goes on and is cancelled only if it
+    still runs `give_up_s` later: give it well past its own per-operation timeouts (a
+    pool wait, a connect, each read), which end every exchange but a trickling one, so
+    that this late cancel almost never lands in a close."""
+    task = asyncio.ensure_future(exchange)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        orphans = _ORPHANS.setdefault(client, set())
+        orphans.add(task)
+        deadline = asyncio.get_running_loop().call_later(give_up_s, task.cancel)
+
+        def finished(done: asyncio.Task[Any]) -> None:
+            orphans.discard(done)
+            deadline.cancel()
+            if not done.cancelled():
+                done.exception()  # retrieved: nobody waits for it any more
+
+        task.add_done_callback(finished)
+        raise
+
+
+def orphaned_exchanges(client: object) -> int:
+    """Exchanges on `client` that their callers gave up on and that still run."""
+    return len(_ORPHANS.get(client, ()))
+
+
+async def wait_for_orphaned_exchanges(client: object, timeout_s: float) -> int:
+    """Wait up to `timeout_s` for them to end by themselves; returns how many still run."""
+    orphans = set(_ORPHANS.get(client, ()))
+    if orphans:
+        await asyncio.wait(orphans, timeout=timeout_s)
+    return orphaned_exchanges(client)
+
+
+async def cancel_orphaned_exchanges(client: object) -> None:
+    """Before `client` closes (its pools go with it, so a cancel no longer matters)."""
+    orphans = list(_ORPHANS.pop(client, ()))
+    for task in orphans:
+        task.cancel()
+    await asyncio.gather(*orphans, return_exceptions=True)
