@@ -23,7 +23,7 @@ from typing import Protocol, runtime_checkable
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 
-from router.files import remove_stale_temps, sync_directory
+from router.files import remove_old_files, sync_directory
 from router.modes import DeploymentMode
 from router.router_config import RouterConfig
 
@@ -32,6 +32,9 @@ from router.router_config import RouterConfig
 STALE_AFTER_S = 15.0
 #: ... or older than this many of the instance's own poll intervals.
 STALE_AFTER_POLLS = 3
+#: A heartbeat file is deleted (at the next publish) after a day without news: long
+#: gone, it only slowed every read of the fleet down.
+ACK_KEPT_S = 24 * 3600.0
 
 
 class Acknowledgement(BaseModel):
@@ -120,7 +123,7 @@ def atomic_write(path: Path, text: str, *, durable: bool = True) -> None:
         raise
     if durable:
         sync_directory(path.parent)
-        remove_stale_temps(path.parent, f".{path.name}.*.tmp")  # of writers that died
+        remove_old_files(path.parent, f".{path.name}.*.tmp")  # of writers that died
 
 
 class DocumentReads:
@@ -156,9 +159,12 @@ class FileControlStore(DocumentReads):
 
     def sweep_heartbeat_temps(self) -> None:
         """Heartbeat writes skip the sweep (see `atomic_write`); publishes, which are
-        rare, do it for them."""
+        rare, do it for them. The heartbeats of instances silent for `ACK_KEPT_S` go
+        too: every process start (the default id is host and pid) added one for good,
+        and every read of the fleet, every 0.1 s while a flow waits, read them all."""
         if self.acks_dir.is_dir():
-            remove_stale_temps(self.acks_dir, ".*.json.*.tmp")
+            remove_old_files(self.acks_dir, ".*.json.*.tmp")
+            remove_old_files(self.acks_dir, "*.json", ACK_KEPT_S)
 
     def read_document(self) -> tuple[object, str] | None:
         try:

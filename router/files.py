@@ -23,9 +23,10 @@ def sync_directory(directory: Path) -> None:
             os.close(fd)
 
 
-def remove_stale_temps(directory: Path, pattern: str, older_than_s: float = STALE_TEMP_S) -> int:
-    """Delete `pattern` files older than `older_than_s` (left by writers that died
-    between writing and renaming); returns how many. Younger ones may still be written."""
+def remove_old_files(directory: Path, pattern: str, older_than_s: float = STALE_TEMP_S) -> int:
+    """Delete `pattern` files not modified for `older_than_s` (by default: temporary
+    files left by writers that died between writing and renaming); returns how many.
+    Younger ones may still be written."""
     removed = 0
     cutoff = time.time() - older_than_s
     for temp in directory.glob(pattern):

@@ -37,7 +37,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from router.files import remove_stale_temps, sync_directory
+from router.files import remove_old_files, sync_directory
 from router.record import EVENT_SCHEMA, REQUEST_SCHEMA, EventKind, RequestRecord, RouterEvent
 
 log = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ class SegmentRecorder:
     def start(self) -> SegmentRecorder:
         if self._thread is None:
             if self.directory.is_dir():  # what an earlier process of this instance left
-                remove_stale_temps(self.directory, f".*{SEGMENT_SUFFIX}.tmp")
+                remove_old_files(self.directory, f".*{SEGMENT_SUFFIX}.tmp")
             self._thread = threading.Thread(
                 target=self._run, name=f"segment-recorder-{self.instance}", daemon=True
             )

@@ -13,6 +13,7 @@ import inspect
 import json
 import math
 import threading
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -586,6 +587,25 @@ async def test_heartbeats_go_on_when_documents_cannot_be_read_or_applied(
     router._consider = broken  # type: ignore[method-assign]
     assert await asyncio.to_thread(store.third_ack.wait, 5)
     await router.shutdown()
+
+
+def test_heartbeats_of_instances_gone_for_a_day_are_deleted_at_the_next_publish(
+    tmp_path: Path,
+) -> None:
+    """One file per process ever started (the default id is host and pid), never
+    deleted: 20,000 of them made each read of the fleet take over a second."""
+    import os
+
+    from tests.conftest import heartbeat
+
+    store = FileControlStore(tmp_path / "control")
+    for name in ("gone-1", "quiet-1", "live-1"):
+        store.write_ack(heartbeat(name, 1))
+    day = 24 * 3600
+    os.utime(store.acks_dir / "gone-1.json", (time.time() - day - 60,) * 2)
+    os.utime(store.acks_dir / "quiet-1.json", (time.time() - day + 600,) * 2)
+    store.publish(RouterConfig(version=2, mode=DeploymentMode.LEGACY_ONLY, traffic_percent=0))
+    assert sorted(a.instance for a in store.read_acks()) == ["live-1", "quiet-1"]
 
 
 def test_a_heartbeat_file_that_is_not_utf8_is_skipped(tmp_path: Path) -> None:
