@@ -73,6 +73,9 @@ log = logging.getLogger(__name__)
 PRODUCTION = Arm.PRODUCTION.value
 NOT_PRODUCTIONS_FAULT = frozenset({Outcome.REJECTED.value, Outcome.RATE_LIMITED.value})
 FACTS_CACHE_SIZE = 4096
+#: Longer questions are not cached: the cache is bounded by count, and 4,096 prompts of
+#: 50 KB held 236 MB (a long prompt rarely repeats word for word anyway).
+FACTS_CACHE_MAX_CHARS = 2048
 INT32_MAX = 2**31 - 1  # the row schema's token columns
 BUCKET_CACHE_SIZE = 65_536
 SHUTDOWN_DRAIN_S = 10.0  # how long shutdown() lets requests in flight finish
@@ -648,7 +651,8 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
                 query_fingerprint(query_text),
                 len(query_text),
             )
-            self._facts_cache[query_text] = facts
+            if len(query_text) <= FACTS_CACHE_MAX_CHARS:
+                self._facts_cache[query_text] = facts
         return facts
 
     async def route_query(

@@ -1793,6 +1793,23 @@ async def test_a_lightrag_only_deployment_answers_recent_events_questions(
     assert "no perplexity backend is configured" in " ".join(result.reasoning)
 
 
+async def test_long_prompts_are_routed_but_never_held_in_the_question_cache(
+    tmp_path: Path, backends: Backends
+) -> None:
+    """The cache of question facts is bounded by count: 4,096 prompts of 50 KB held
+    236 MB of a host's memory."""
+    from router.production_router import FACTS_CACHE_MAX_CHARS
+
+    router = await started(tmp_path, backends, 1, "production_only", 100)
+    long_prompt = QUESTION + " context" * (FACTS_CACHE_MAX_CHARS // 8 + 1)
+    first = await router.route_query(long_prompt, {"user_id": "u1"})
+    again = await router.route_query(long_prompt, {"user_id": "u1"})
+    await router.route_query(QUESTION, {"user_id": "u1"})
+    await router.shutdown()
+    assert first.ok and again.ok and first.routing_decision == again.routing_decision
+    assert list(router._facts_cache) == [QUESTION]
+
+
 async def test_a_new_classifier_applies_to_questions_already_seen(
     tmp_path: Path, backends: Backends
 ) -> None:
