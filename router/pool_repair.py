@@ -31,9 +31,10 @@ import httpx
 
 
 def _orphan_kind(connection: object) -> str | None:
-    """ "unstarted": never connected (no socket); "unused": connected, but the request
-    it was made for never started on it (h11 state NEW: an open socket nobody will use,
-    neither idle nor available). None: anything else, left to the pool."""
+    """What an unowned `connection` left behind is: "unstarted", never connected (no
+    socket); "unused", connected but the request it was made for never started on it
+    (h11 state NEW: an open socket nobody will use, neither idle nor available); None,
+    anything else, left to the pool."""
     if not isinstance(connection, httpcore.AsyncHTTPConnection):
         return None
     inner = getattr(connection, "_connection", False)
