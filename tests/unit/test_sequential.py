@@ -707,3 +707,61 @@ def test_a_tiny_ratio_margin_is_inconclusive_instead_of_overflowing() -> None:
     assert latency.decision is Decision.INCONCLUSIVE and math.isfinite(latency.upper)
     # the bound's exponent is past what math.exp can take (> 709): it saturates
     assert latency.upper == pytest.approx(math.exp(700.0))
+
+
+# -- pinned by a mutation audit: each test fails on a plausible one-token bug -------------
+def test_error_rate_bounds_are_the_per_arm_sequences_at_half_alpha() -> None:
+    """`up - ul` for `up - ll` made the upper bound 0 for equal arms at any n: the
+    error rate was "non-inferior" with no evidence, and the phase could promote."""
+    a = 0.01
+    result = sq.error_rate_test(_bern(2000, 40), _bern(20000, 400), 0.02, a)
+    lp, up = sq.binomial_cs(40, 2000, a / 2)
+    ll, ul = sq.binomial_cs(400, 20000, a / 2)
+    assert (result.lower, result.upper) == pytest.approx((lp - ul, up - ll))
+    same = sq.error_rate_test(_bern(200, 4), _bern(200, 4), 0.02, a)
+    assert same.decision is Decision.INCONCLUSIVE
+    assert same.upper is not None and same.upper > 0.02
+
+
+def test_the_gate_counts_paid_answers_when_legacy_is_free() -> None:
+    """Only `cost_test` used the count of paid answers: through `evaluate_arms` a free
+    legacy against a dearer production stayed inconclusive, and promoted at max duration."""
+    rng = np.random.default_rng(3)
+    prod_cost = np.where(rng.random(1000) < 0.2, 0.004, 0.0)
+    latency = sq.Moments.of(rng.normal(5.0, 0.5, 1000))
+
+    def arm(cost: np.ndarray, n: int) -> sq.ArmSummary:
+        return sq.ArmSummary(_bern(n, 0), latency, sq.Moments.of(cost), float((cost > 0).sum()))
+
+    results = sq.evaluate_arms(arm(prod_cost, 1000), arm(np.zeros(19000), 19000), Thresholds())
+    cost = next(r for r in results if r.metric == "cost")
+    assert cost.decision is Decision.HARM, cost.reason
+
+
+def test_the_p95_harm_bound_counts_above_legacys_upper_p95_bound() -> None:
+    """Harm from requests slower than ratio x legacy's *lower* p95 bound rolled back a
+    production whose p95 may well be within the margin."""
+    counts = sq.TailCounts(20000, 2000, 410.0, 400.0, 390.0, over_hi=0, over_mid=0, over_lo=2000)
+    assert sq.latency_tail_test(counts, 1.2, 0.01).decision is not Decision.HARM
+
+
+def test_the_latency_variance_floor_lifts_the_smaller_arm_only() -> None:
+    """The floor on the larger arm made a small canary's tight variance overconfident."""
+    small = sq.Moments.of(np.r_[np.full(25, 4.9), np.full(25, 5.1)])  # variance ~0.0102
+    large = sq.Moments.of(np.r_[np.full(500, 4.0), np.full(500, 6.0)])  # variance ~1.001
+    _, variance = sq.log_mean_difference(small, large)
+    assert variance == pytest.approx(large.variance / 50 + large.variance / 1000)
+
+
+def test_only_answered_requests_enter_the_p95_tail_test() -> None:
+    """Timeouts (30 s of waiting) counted as latencies: a production arm timing out more
+    looked slower at the p95 although its answers were not."""
+    con = duckdb.connect()
+    con.execute(
+        "CREATE TABLE requests AS SELECT * FROM (VALUES "
+        "(1, 'production', false, 'ok', 120.0), (1, 'production', false, 'timeout', 30000.0), "
+        "(1, 'legacy', false, 'ok', 110.0), (1, 'legacy', true, 'ok', 90.0)) "
+        "t(config_version, arm, is_shadow, outcome, latency_ms)"
+    )
+    rows = con.execute(sq.ARM_TAIL_SAMPLES_SQL, {"version": 1}).fetchall()
+    assert sorted(rows) == [("legacy", 110.0), ("production", 120.0)]
