@@ -226,6 +226,30 @@ async def test_raising_the_canary_never_moves_a_user_back(
     assert at_5 and at_5 < at_15 < at_50
 
 
+async def test_a_plans_salt_decides_who_is_in_the_canary(
+    tmp_path: Path, backends: Backends
+) -> None:
+    """Every test used the default salt: bucketing that ignored it (or a cache keyed by
+    user alone) would put the same users in every rollout's canary."""
+    router = await started(tmp_path, backends, 1, "ab_test", 50, salt="plan-a")
+    users = [f"user-{i}" for i in range(200)]
+
+    async def arms() -> list[str]:
+        return [(await router.route_query(QUESTION, {"user_id": u})).arm for u in users]
+
+    under_a = await arms()
+    publish(tmp_path, 2, "ab_test", 50, salt="plan-b")
+    router.poll_control_store()
+    under_b = await arms()
+    await router.shutdown()
+    for salt, seen in (("plan-a", under_a), ("plan-b", under_b)):
+        expected = [
+            "production" if in_production(bucket_of(u, salt), 50) else "legacy" for u in users
+        ]
+        assert seen == expected, salt
+    assert under_a != under_b
+
+
 async def test_without_a_user_the_session_keeps_the_arm(tmp_path: Path, backends: Backends) -> None:
     router = await started(tmp_path, backends, 1, "ab_test", 50)
     for s in range(20):
