@@ -141,6 +141,39 @@ def test_crash_between_copy_and_delete_neither_doubles_nor_loses(paths: DataPath
     assert after["per_arm"] == before["per_arm"]
 
 
+def test_a_row_that_lands_between_copy_and_delete_stops_the_compaction(
+    paths: DataPaths,
+) -> None:
+    """The DELETE takes every row older than the cutoff: one that arrived after the COPY
+    would be deleted without being archived. The counts must match, in one transaction."""
+
+    def late_row() -> None:
+        with connect(paths.database) as other:
+            old = make_table(1, seed=77, start=DAY0)
+            other.execute(f"INSERT INTO requests ({', '.join(old.column_names)}) SELECT * FROM old")
+
+    with pytest.raises(StoreError, match="deleted 301 rows but archived 300"):
+        compact(paths, retention=2, now=NOW, after_copy=late_row)
+    assert snapshot(paths)["all"] == [(601, 601)]
+
+
+def test_segments_are_kept_for_the_retention_window_after_ingest(paths: DataPaths) -> None:
+    tomorrow = datetime.now(UTC) + timedelta(days=1)
+    assert compact(paths, retention=2, now=tomorrow).segments_deleted == 0
+    assert len(list(paths.segments.rglob("*.parquet"))) == 8
+
+
+def test_another_compactions_staging_folder_is_left_alone(paths: DataPaths) -> None:
+    """A shared archive: the sweep removes only its own interrupted batch's staging."""
+    from flows.store.retention import STAGING_PREFIX
+
+    foreign = paths.root / "archive" / f"{STAGING_PREFIX}someone-else" / "part.parquet"
+    foreign.parent.mkdir(parents=True)
+    foreign.write_bytes(b"in progress")
+    report = compact(paths, retention=2, now=NOW)
+    assert foreign.exists() and report.orphans_left >= 1
+
+
 def test_unknown_archive_files_are_ignored_not_deleted(paths: DataPaths) -> None:
     """E.g. another database sharing the archive location: never ours to delete."""
     compact(paths, retention=2, now=NOW)
