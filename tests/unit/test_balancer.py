@@ -270,6 +270,18 @@ async def test_a_long_retry_after_fails_fast_without_calling_the_backend() -> No
 
 
 # -- limits: budget, deadline ------------------------------------------------------------
+def test_the_retry_budget_admits_its_share_of_requests_in_flight_exactly() -> None:
+    """Envoy's rule: retries up to ratio x requests in flight (or the minimum); counting
+    retries against their own limit admitted fewer than configured under mass failure."""
+    budget = RetryBudget(0.1, 0)
+    budget.requests_in_flight = 100
+    admitted = sum(budget.try_acquire() for _ in range(20))
+    assert (admitted, budget.denied) == (10, 10)
+    floor = RetryBudget(0.1, 3)
+    floor.requests_in_flight = 5
+    assert sum(floor.try_acquire() for _ in range(5)) == 3
+
+
 async def test_retry_budget_caps_concurrent_retries() -> None:
     """Mass failure: 60 concurrent requests, every first attempt fails. Retries in flight
     never exceed max(min_retries, ratio * requests in flight), and the rest are refused."""

@@ -51,3 +51,10 @@ def test_share_of_subjects_matches_percent(percent: int, salt: str) -> None:
     share = sum(in_production(bucket_of(f"user-{i}", salt), percent) for i in range(n)) / n
     # binomial standard error at n=20,000 is at most 0.35 points: allow 5 of them
     assert abs(share - percent / 100) < 0.0175
+
+
+def test_the_edge_bucket_belongs_to_legacy() -> None:
+    """Production owns buckets strictly below percent x 100."""
+    assert in_production(499, 5) and not in_production(500, 5)
+    assert in_production(12, 0.125) and not in_production(13, 0.125)
+    assert not in_production(0, 0)

@@ -368,3 +368,16 @@ def test_concurrent_requests_never_get_more_than_n_probes(probes: int, script: l
             assert granted <= probes
             assert total <= probes
     assert cb.state_at(now) in (BreakerState.HALF_OPEN, BreakerState.CLOSED)
+
+
+def test_exactly_the_threshold_opens_closed_and_half_open() -> None:
+    """resilience4j's rule is "at or above" the threshold, in both states."""
+    cb = breaker(window_size=10, minimum_calls=10)
+    feed(cb, "oxoxoxoxox")  # 5 of 10: 50 %
+    assert cb.state is BreakerState.OPEN
+    probing = breaker(half_open_probes=2)
+    open_breaker(probing)
+    for _ in range(2):
+        probing.on_start(30.0)
+    feed(probing, "ox", now=31.0)  # 1 of 2 probes: 50 %
+    assert probing.state is BreakerState.OPEN

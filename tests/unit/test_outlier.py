@@ -253,3 +253,14 @@ def test_describe_keys_are_stable_and_json_friendly() -> None:
     assert after["ejected_for_s"] == 6.0
     assert after["ejections"] == 1
     assert after["ejection_reason"] == "ejected for 10s: 5 failures in a row"
+
+
+def test_a_backend_failing_again_soon_after_its_return_is_ejected_for_longer() -> None:
+    """The streak starts over only after `max_ejection_s` back in the pool, not after
+    `base_ejection_s`: a flapping backend got the base time on every ejection."""
+    det, members = detector(base_ejection_s=10.0, max_ejection_s=300.0), pool(3)
+    b = members[0]
+    feed(det, b, members, "xxxxx", now=0.0)
+    assert det.check_return(b, 10.0) is not None
+    feed(det, b, members, "xxxxx", now=70.0)  # 60 s after its return: still flapping
+    assert b.ejected_until == 90.0  # 2 x base

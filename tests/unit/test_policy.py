@@ -208,3 +208,8 @@ def test_a_phase_that_asks_a_human_is_never_promoted_at_its_maximum_duration() -
     assert verdict is Verdict.NEEDS_APPROVAL and "maximum duration" in reason
     unattended = spec(elapsed_s=700, at_max=MaxDurationPolicy.PROMOTE)
     assert decide(unattended, held, 500)[0] is Verdict.PROMOTE  # as the plan says
+
+
+def test_exactly_the_minimum_sample_is_enough() -> None:
+    assert decide(spec(), GOOD, 100)[0] is Verdict.PROMOTE  # min_samples is 100
+    assert decide(spec(), GOOD, 99)[0] is Verdict.INSUFFICIENT_DATA

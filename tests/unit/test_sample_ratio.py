@@ -168,3 +168,17 @@ def test_healthy_splits_just_past_the_wait_rarely_alarm(users: int, percent: flo
             alarms += split.p_value < ALARM
     assert judged >= 140  # the regime this test is about is the one the gate judges
     assert alarms <= 0.01 * judged
+
+
+def test_a_fractional_percent_owns_the_buckets_it_routes() -> None:
+    """Rounding down lost the edge bucket: its requests counted for the wrong arm."""
+    assert [owned_buckets(p) for p in (0.125, 0.505, 5, 100)] == [13, 51, 500, BUCKETS]
+
+
+def test_a_half_percent_canary_gets_its_sample_ratio_check() -> None:
+    """0.5 % owns exactly the minimum of 50 buckets: it is checked, not skipped."""
+    rng = np.random.default_rng(4)
+    buckets = rng.integers(0, BUCKETS, 60_000)
+    rows = [(1, "production" if b < 50 else "legacy", False, int(b)) for b in buckets]
+    split = sample_ratio(requests_table(rows), 1, 0.5)
+    assert split is not None and split.production_buckets == 50

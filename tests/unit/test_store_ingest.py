@@ -168,6 +168,20 @@ def test_corrupt_and_partial_segments_are_quarantined_while_others_land(
     assert counts(paths)[0] == 400
 
 
+def test_an_event_written_twice_lands_once_and_neither_segment_is_quarantined(
+    paths: DataPaths,
+) -> None:
+    """A router may write an event again (a retried flush after a failed rename): its id
+    is the key, and the copy is not a reason to quarantine the segment."""
+    event = RouterEvent("e7", datetime.now(UTC), "app-1", "failback", 3, "lightrag-1", "p95")
+    for seq in (1, 2):
+        write_segment(rows_to_table([event], EVENT_SCHEMA), paths.segments / "app-1", "events", seq)
+    report = collect(paths)
+    assert (report.segments, report.quarantined) == (2, [])
+    with connect(paths.database, read_only=True) as con:
+        assert con.execute("SELECT event_id FROM router_events").fetchall() == [("e7",)]
+
+
 def test_many_instance_folders_and_provenance_audit(paths: DataPaths) -> None:
     for n in range(5):
         write_request_segments(paths.segments, f"host{n}-app", files=2, rows=50 + n, seed=n)
