@@ -138,17 +138,29 @@ def late_windows(con: duckdb.DuckDBPyConnection, now: datetime) -> list[tuple[Co
     return [(compare_window(con, start, end), int(n)) for start, end, n in found.fetchall()]
 
 
+#: The row an empty window is stored as: with zero counts, so that the next window
+#: starts after it and rows arriving late for it are compared again (`late_windows`).
+EMPTY_WINDOW_ROW: dict[str, Any] = {
+    **dict.fromkeys(COLUMNS),
+    "backend": "(none)",
+    "query_category": "(no requests)",
+    "legacy_requests": 0,
+    "production_requests": 0,
+}
+
+
 def store(con: duckdb.DuckDBPyConnection, comparison: Comparison) -> None:
     """All rows or none (`executemany` commits row by row: a crash left a partial window
     that the next night's window starts after); a re-run of the same window replaces the
-    earlier run instead of counting it twice. An empty window stores nothing."""
+    earlier run instead of counting it twice. An empty window is stored as one
+    `EMPTY_WINDOW_ROW`: unstored, the rows of a router that was offline that night were
+    never compared (the next window started after the last stored one)."""
+    rows = comparison.rows or [EMPTY_WINDOW_ROW]
     with transaction(con):
         con.execute(
             "DELETE FROM nightly_comparisons WHERE window_start = ? AND window_end = ?",
             [comparison.window_start, comparison.window_end],
         )
-        if not comparison.rows:
-            return
         con.executemany(
             f"INSERT INTO nightly_comparisons (run_id, window_start, window_end, "
             f"{', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in range(3 + len(COLUMNS)))})",
@@ -159,7 +171,7 @@ def store(con: duckdb.DuckDBPyConnection, comparison: Comparison) -> None:
                     comparison.window_end,
                     *[row[c] for c in COLUMNS],
                 ]
-                for row in comparison.rows
+                for row in rows
             ],
         )
 

@@ -21,7 +21,7 @@ import httpx
 
 from router.backends import DEFAULT_POOL_SIZE, BackendConfig, BackendKind
 from router.failures import BackendFailure
-from router.pool_repair import reclaim_orphaned_connections, run_uncancelled
+from router.pool_repair import SendTracker, reclaim_orphaned_connections, run_uncancelled
 from router.record import ErrorKind
 
 
@@ -231,10 +231,12 @@ async def call_backend(
         async with asyncio.timeout(timeout_s):
             # In a task of its own: a cancel (the caller's, or this timeout's) inside
             # httpcore costs a pool slot for good (router.pool_repair).
+            tracker = SendTracker()
             return await run_uncancelled(
                 client,
-                _call(client, backend, query, timeout_s, max_bytes, headers or {}),
+                _call(client, backend, query, timeout_s, max_bytes, headers or {}, tracker),
                 give_up_s=EXCHANGE_GIVE_UP_FACTOR * timeout_s,
+                tracker=tracker,
             )
     except TimeoutError:
         raise BackendFailure(
@@ -284,9 +286,12 @@ async def _call(
     timeout_s: float,
     max_bytes: int,
     headers: dict[str, str],
+    tracker: SendTracker | None = None,
 ) -> BackendAnswer:
     request = request_for(backend, query, headers)
     request.extensions["timeout"] = _timeouts(timeout_s)
+    if tracker is not None:
+        request.extensions["trace"] = tracker
     try:
         response = await client.send(request, stream=True)
     except httpx.TimeoutException as exc:
@@ -362,4 +367,5 @@ async def _call(
             ) from None
         return parse_answer(backend, query, payload, status)
     finally:
-        await response.aclose()
+        # Shielded: a give-up cancel landing in the close left its pool slot taken.
+        await asyncio.shield(asyncio.ensure_future(response.aclose()))

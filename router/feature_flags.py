@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -36,6 +36,11 @@ from router.router_config import (
 from router.settings_errors import SettingsError, format_error
 
 ENV_PREFIX = "PROD_LB_"
+
+
+#: How far in the future PROD_LB_SPLIT_SINCE may be: a deploy host's clock a little
+#: ahead of this one's must not stop start-up.
+SPLIT_SINCE_SKEW = timedelta(minutes=5)
 
 
 class ProductionFeatureFlags(BaseSettings):
@@ -126,7 +131,7 @@ class ProductionFeatureFlags(BaseSettings):
                 f"trip the guard, whose bound over {window} requests stays under "
                 f"{reachable:.1f}: use a value above 0 and below it"
             )
-        if self.split_since is not None and self.split_since > datetime.now(UTC):
+        if self.split_since is not None and self.split_since > datetime.now(UTC) + SPLIT_SINCE_SKEW:
             raise ValueError(
                 f"{ENV_PREFIX}SPLIT_SINCE={self.split_since.isoformat()} is in the future: "
                 "give when the split began (ISO 8601 with its offset), or leave it unset"

@@ -16,7 +16,7 @@ import httpx
 from router.backend_client import EXCHANGE_GIVE_UP_FACTOR
 from router.backend_state import BackendState
 from router.backends import BackendConfig, BackendKind
-from router.pool_repair import run_uncancelled
+from router.pool_repair import SendTracker, run_uncancelled
 from router.production_config import HealthCheckSettings
 
 log = logging.getLogger(__name__)
@@ -59,12 +59,17 @@ class ActiveHealthChecker:
                 key = backend.api_key()
                 if key is not None:
                     headers["Authorization"] = f"Bearer {key.get_secret_value()}"
+                tracker = SendTracker()
                 response = await run_uncancelled(  # see router.pool_repair
                     self.client,
                     self.client.get(
-                        health_url(backend), headers=headers, timeout=self.settings.timeout_s
+                        health_url(backend),
+                        headers=headers,
+                        timeout=self.settings.timeout_s,
+                        extensions={"trace": tracker},
                     ),
                     give_up_s=EXCHANGE_GIVE_UP_FACTOR * self.settings.timeout_s,
+                    tracker=tracker,
                 )
         except (httpx.HTTPError, TimeoutError):
             return False

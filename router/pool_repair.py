@@ -15,8 +15,9 @@ failed and only a restart helped. Two ways, each handled here:
 - A cancel that lands while a response is being closed: httpcore shields that close
   with an anyio cancel scope, which does not hold against asyncio's `Task.cancel`, so
   the close stops half-way and the connection stays ACTIVE with its request in the pool.
-  `run_uncancelled` keeps cancels out of the exchange altogether: the caller stops
-  waiting, the exchange finishes (or is given up on) by itself.
+  `run_uncancelled` keeps a caller's cancel out of an exchange whose request went out:
+  the caller stops waiting, the exchange finishes (or is given up on) by itself. One
+  whose request has not gone out yet is cancelled at once (the first point covers it).
 """
 
 from __future__ import annotations
@@ -29,19 +30,41 @@ from typing import Any, TypeVar
 import httpcore
 import httpx
 
+_PROXY_CONNECTIONS = tuple(
+    c
+    for c in (
+        getattr(httpcore._async.http_proxy, "AsyncForwardHTTPConnection", None),
+        getattr(httpcore._async.http_proxy, "AsyncTunnelHTTPConnection", None),
+    )
+    if isinstance(c, type)
+)
+
 
 def _orphan_kind(connection: object) -> str | None:
     """What an unowned `connection` left behind is: "unstarted", never connected (no
     socket); "unused", connected but the request it was made for never started on it
     (h11 state NEW: an open socket nobody will use, neither idle nor available); None,
     anything else, left to the pool."""
+    if isinstance(connection, _PROXY_CONNECTIONS):
+        # Through a proxy: the connection to the proxy inside, or (a tunnel that is
+        # through) the HTTP/1.1 connection to the backend.
+        inner = getattr(connection, "_connection", None)
+        if isinstance(inner, httpcore.AsyncHTTPConnection):
+            return _orphan_kind(inner)
+        return "unused" if _never_sent_on(inner) else None
     if not isinstance(connection, httpcore.AsyncHTTPConnection):
         return None
     inner = getattr(connection, "_connection", False)
     if inner is None:
         return None if getattr(connection, "_connect_failed", True) else "unstarted"
-    state = getattr(inner, "_state", None)
-    return "unused" if state is httpcore._async.http11.HTTPConnectionState.NEW else None
+    return "unused" if _never_sent_on(inner) else None
+
+
+def _never_sent_on(connection: object) -> bool:
+    return (
+        isinstance(connection, httpcore.AsyncHTTP11Connection)
+        and getattr(connection, "_state", None) is httpcore._async.http11.HTTPConnectionState.NEW
+    )
 
 
 def reclaim_orphaned_connections(transport: httpx.AsyncBaseTransport) -> bool:
@@ -79,17 +102,40 @@ T = TypeVar("T")
 _ORPHANS: weakref.WeakKeyDictionary[object, set[asyncio.Task[Any]]] = weakref.WeakKeyDictionary()
 
 
-async def run_uncancelled(client: object, exchange: Coroutine[Any, Any, T], give_up_s: float) -> T:
+class SendTracker:
+    """Whether a request's headers have started going out, told by httpcore's `trace`
+    request extension: pass it as `extensions={"trace": tracker}`."""
+
+    def __init__(self) -> None:
+        self.sent = False
+
+    async def __call__(self, name: str, info: dict[str, Any]) -> None:
+        if name.endswith("send_request_headers.started"):
+            self.sent = True
+
+
+async def run_uncancelled(
+    client: object,
+    exchange: Coroutine[Any, Any, T],
+    give_up_s: float,
+    tracker: SendTracker | None = None,
+) -> T:
     """Await `exchange` (one whole HTTP exchange on `client`, closing included) in its
-    own task, which a cancel of the caller never reaches. If the caller is cancelled (it
-    gave up, or its own timeout fired), the exchange goes on and is cancelled only if it
-    still runs `give_up_s` later: give it well past its own per-operation timeouts (a
-    pool wait, a connect, each read), which end every exchange but a trickling one, so
-    that this late cancel almost never lands in a close."""
+    own task, which a cancel of the caller never reaches.
+
+    If the caller is cancelled (it gave up, or its own timeout fired) before the request
+    went out (`tracker`), the exchange is cancelled at once: nobody wants it, it must not
+    take a pool slot from callers still waiting, and a cancel there costs nothing now
+    that the pool drops the connections it leaves. A request already sent goes on (its
+    answer is on its way; a cancel mid-response is the one that loses slots) and is
+    cancelled only if it still runs `give_up_s` later: well past its own per-operation
+    timeouts, which end every exchange but a trickling one."""
     task = asyncio.ensure_future(exchange)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
+        if tracker is not None and not tracker.sent:
+            task.cancel()
         orphans = _ORPHANS.setdefault(client, set())
         orphans.add(task)
         deadline = asyncio.get_running_loop().call_later(give_up_s, task.cancel)

@@ -494,16 +494,20 @@ def test_backends_on_one_origin_share_the_largest_pool() -> None:
 
 
 # -- keeping httpcore's pools whole under cancellation (router.pool_repair) ---------------
-async def test_a_never_started_connection_nobody_owns_is_dropped_when_the_pool_reassigns() -> None:
+@pytest.mark.parametrize("proxy", [None, "http://127.0.0.1:3128"], ids=["direct", "proxied"])
+async def test_a_never_started_connection_nobody_owns_is_dropped_when_the_pool_reassigns(
+    proxy: str | None,
+) -> None:
     """httpcore 1.0.9 kept such a connection for good (neither idle, closed nor
-    expired): one pool slot lost per unlucky cancel, until every call failed."""
+    expired): one pool slot lost per unlucky cancel, until every call failed. Behind a
+    proxy the pool holds wrappers around the connection to the proxy."""
     from types import SimpleNamespace
 
     import httpcore
 
     from router.pool_repair import reclaim_orphaned_connections
 
-    transport = httpx.AsyncHTTPTransport()
+    transport = httpx.AsyncHTTPTransport(proxy=proxy)
     assert reclaim_orphaned_connections(transport)
     pool = transport._pool
     origin = httpcore.URL("http://127.0.0.1:9/").origin
@@ -543,4 +547,28 @@ async def test_a_caller_who_gives_up_never_cancels_the_exchange_until_its_give_u
     assert finished == ["quick", "late"]
     await cancel_orphaned_exchanges(client)  # what a shutdown does before closing
     assert orphaned_exchanges(client) == 0 and finished == ["quick", "late"]
+    await client.aclose()
+
+
+async def test_a_request_that_has_not_gone_out_is_dropped_with_its_caller() -> None:
+    """Kept running, requests queued for a slot were still sent for callers long gone,
+    ahead of callers still waiting (5 to 6 times fewer answers under overload)."""
+    from router.pool_repair import SendTracker, run_uncancelled, wait_for_orphaned_exchanges
+
+    client = httpx.AsyncClient()
+    done: list[str] = []
+
+    async def exchange(name: str, tracker: SendTracker, sent: bool) -> None:
+        tracker.sent = sent
+        await asyncio.sleep(0.2)
+        done.append(name)
+
+    for name, sent in (("queued", False), ("sent", True)):
+        tracker = SendTracker()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(
+                run_uncancelled(client, exchange(name, tracker, sent), 60, tracker), 0.01
+            )
+    assert await wait_for_orphaned_exchanges(client, 2.0) == 0
+    assert done == ["sent"]
     await client.aclose()

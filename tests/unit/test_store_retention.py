@@ -471,6 +471,38 @@ def test_rows_that_arrive_after_their_night_was_compared_are_compared_then(
     assert compared == total
 
 
+def test_a_night_with_no_rows_is_compared_again_when_its_rows_arrive(
+    paths: DataPaths,
+) -> None:
+    """An empty window stored nothing, so the next window started after the last stored
+    one and the late rows of the only router, offline that night, were never compared."""
+    from flows.nightly import late_windows, store
+
+    quiet = DAY0 + timedelta(days=10)  # after the fixture's four days: no rows
+    with connect(paths.database) as con:
+        store(con, compare(con, hours=24, now=quiet))
+        empty = compare(con, hours=24, now=quiet + timedelta(hours=24))
+        assert empty.rows == []
+        store(con, empty)
+    write_request_segments(
+        paths.segments, "app-3", files=1, rows=30, seed=98, start=quiet + timedelta(hours=2)
+    )
+    collect(paths)
+    with connect(paths.database) as con:
+        ((redone, counted),) = late_windows(con, quiet + timedelta(hours=48))
+        assert (redone.window_start, counted) == (quiet, 0)
+        store(con, redone)
+        stored = con.execute(
+            "SELECT sum(legacy_requests + production_requests) FROM nightly_comparisons "
+            "WHERE window_start = ?",
+            [quiet],
+        ).fetchone()
+        shadows = con.execute(
+            "SELECT count(*) FROM all_requests WHERE is_shadow AND router_instance = 'app-3'"
+        ).fetchone()
+    assert stored[0] + shadows[0] == 30
+
+
 def test_a_nightly_comparison_is_stored_whole_once_per_window(paths: DataPaths) -> None:
     """Rows were inserted one commit at a time: a crash kept a partial window that the
     next night started after, and a re-run of the night stored the window twice."""
