@@ -147,7 +147,7 @@ class BackendHttpClient(httpx.AsyncClient):
         if transport is None:
             mounts = backend_pools(backends, limits)
             transport = httpx.AsyncHTTPTransport(limits=limits or pool_limits(DEFAULT_POOL_SIZE))
-            reclaim_orphaned_connections(transport)
+        reclaim_orphaned_connections(transport)  # a given one too (any other is left alone)
         super().__init__(transport=transport, mounts=mounts, timeout=timeout)
 
     @property  # type: ignore[override]
@@ -328,23 +328,27 @@ async def _call(
             raise BackendFailure(
                 ErrorKind.OVERSIZED, f"{backend.name}: body of {declared} bytes", status=status
             )
-        body: bytes | bytearray
+        body = bytearray()
         try:
-            if declared and declared.isdigit() and not response.headers.get("content-encoding"):
-                # A declared, unencoded length within the limit: the HTTP layer holds the
-                # server to it, so one read is as safe as counting chunks, and cheaper.
-                # (A compressed body could expand past the limit: it is counted below.)
-                body = await response.aread()
-            else:
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > max_bytes:
-                        raise BackendFailure(
-                            ErrorKind.OVERSIZED,
-                            f"{backend.name}: body over {max_bytes} bytes",
-                            status=status,
-                        )
+            # Chunk by chunk (a declared length is held to by the HTTP layer, a compressed
+            # body is counted as it expands), so that an exchange given up on stops at
+            # its next chunk by raising, not by a cancel: a cancel landing in httpx's own
+            # close at the end of the body lost the pool slot (router.pool_repair).
+            async for chunk in response.aiter_bytes():
+                if tracker is not None and tracker.abandoned:
+                    raise BackendFailure(
+                        ErrorKind.TIMEOUT,
+                        f"{backend.name}: still answering {EXCHANGE_GIVE_UP_FACTOR} timeouts "
+                        "after its caller gave up",
+                        status=status,
+                    )
+                body += chunk
+                if len(body) > max_bytes:
+                    raise BackendFailure(
+                        ErrorKind.OVERSIZED,
+                        f"{backend.name}: body over {max_bytes} bytes",
+                        status=status,
+                    )
         except httpx.TimeoutException as exc:
             raise BackendFailure(
                 ErrorKind.TIMEOUT, f"{backend.name}: body timed out: {exc!r}"
@@ -367,5 +371,4 @@ async def _call(
             ) from None
         return parse_answer(backend, query, payload, status)
     finally:
-        # Shielded: a give-up cancel landing in the close left its pool slot taken.
-        await asyncio.shield(asyncio.ensure_future(response.aclose()))
+        await response.aclose()

@@ -16,8 +16,9 @@ failed and only a restart helped. Two ways, each handled here:
   with an anyio cancel scope, which does not hold against asyncio's `Task.cancel`, so
   the close stops half-way and the connection stays ACTIVE with its request in the pool.
   `run_uncancelled` keeps a caller's cancel out of an exchange whose request went out:
-  the caller stops waiting, the exchange finishes (or is given up on) by itself. One
-  whose request has not gone out yet is cancelled at once (the first point covers it).
+  the caller stops waiting, the exchange finishes by itself, or stops at its next body
+  chunk when given up on, by raising rather than by a cancel. One whose request has not
+  gone out yet is cancelled at once (the first point makes that safe).
 """
 
 from __future__ import annotations
@@ -50,7 +51,12 @@ def _orphan_kind(connection: object) -> str | None:
         # through) the HTTP/1.1 connection to the backend.
         inner = getattr(connection, "_connection", None)
         if isinstance(inner, httpcore.AsyncHTTPConnection):
-            return _orphan_kind(inner)
+            kind = _orphan_kind(inner)
+            if kind is None and getattr(connection, "_connected", True) is False:
+                # A tunnel whose CONNECT went through but whose TLS to the backend did
+                # not: its connection to the proxy stays ACTIVE, and nobody will use it.
+                return None if inner.is_closed() else "unused"
+            return kind
         return "unused" if _never_sent_on(inner) else None
     if not isinstance(connection, httpcore.AsyncHTTPConnection):
         return None
@@ -104,14 +110,23 @@ _ORPHANS: weakref.WeakKeyDictionary[object, set[asyncio.Task[Any]]] = weakref.We
 
 class SendTracker:
     """Whether a request's headers have started going out, told by httpcore's `trace`
-    request extension: pass it as `extensions={"trace": tracker}`."""
+    request extension: pass it as `extensions={"trace": tracker}`. A tunnel's CONNECT
+    to a proxy carries the same extensions and is not the request going out.
+    `abandoned`: set when the exchange is given up on; its body reader stops at the next
+    chunk (a cancel there could land in httpx's own close)."""
 
     def __init__(self) -> None:
         self.sent = False
+        self.abandoned = False
 
     async def __call__(self, name: str, info: dict[str, Any]) -> None:
         if name.endswith("send_request_headers.started"):
-            self.sent = True
+            request = info.get("request")
+            if getattr(request, "method", b"") != b"CONNECT":
+                self.sent = True
+
+    def give_up(self) -> None:
+        self.abandoned = True
 
 
 async def run_uncancelled(
@@ -127,9 +142,10 @@ async def run_uncancelled(
     went out (`tracker`), the exchange is cancelled at once: nobody wants it, it must not
     take a pool slot from callers still waiting, and a cancel there costs nothing now
     that the pool drops the connections it leaves. A request already sent goes on (its
-    answer is on its way; a cancel mid-response is the one that loses slots) and is
-    cancelled only if it still runs `give_up_s` later: well past its own per-operation
-    timeouts, which end every exchange but a trickling one."""
+    answer is on its way; a cancel mid-response is the one that loses slots). If it
+    still runs `give_up_s` later (well past its own per-operation timeouts, which end
+    every exchange but a trickling one) it is told to stop (`SendTracker.abandoned`);
+    without a tracker, it is cancelled then."""
     task = asyncio.ensure_future(exchange)
     try:
         return await asyncio.shield(task)
@@ -138,7 +154,9 @@ async def run_uncancelled(
             task.cancel()
         orphans = _ORPHANS.setdefault(client, set())
         orphans.add(task)
-        deadline = asyncio.get_running_loop().call_later(give_up_s, task.cancel)
+        deadline = asyncio.get_running_loop().call_later(
+            give_up_s, task.cancel if tracker is None else tracker.give_up
+        )
 
         def finished(done: asyncio.Task[Any]) -> None:
             orphans.discard(done)

@@ -572,3 +572,48 @@ async def test_a_request_that_has_not_gone_out_is_dropped_with_its_caller() -> N
     assert await wait_for_orphaned_exchanges(client, 2.0) == 0
     assert done == ["sent"]
     await client.aclose()
+
+
+async def test_a_connect_to_a_proxy_is_not_the_request_going_out() -> None:
+    """A tunnel's CONNECT carries the request's extensions: counted as "sent", a caller
+    who gave up while the proxy answered still had the request sent."""
+    from types import SimpleNamespace
+
+    from router.pool_repair import SendTracker
+
+    tracker = SendTracker()
+    await tracker(
+        "http11.send_request_headers.started", {"request": SimpleNamespace(method=b"CONNECT")}
+    )
+    assert not tracker.sent
+    await tracker(
+        "http11.send_request_headers.started", {"request": SimpleNamespace(method=b"POST")}
+    )
+    assert tracker.sent
+
+
+async def test_an_exchange_given_up_on_stops_at_its_next_chunk_by_raising() -> None:
+    """Not by a cancel: one landing in httpx's own close at the end of the body lost
+    the pool slot."""
+    from router.backend_client import _call
+    from router.pool_repair import SendTracker
+
+    tracker = SendTracker()
+    tracker.give_up()
+    backend = BackendConfig(name="rag", kind=BackendKind.LIGHTRAG, base_url="http://rag.test")
+    client = httpx.AsyncClient(
+        transport=httpx.MockTransport(lambda r: httpx.Response(200, json={"response": "ok"}))
+    )
+    with pytest.raises(BackendFailure) as caught:
+        await _call(client, backend, "q", 5.0, 10_000, {}, tracker)
+    assert caught.value.kind is ErrorKind.TIMEOUT and "gave up" in str(caught.value)
+    await client.aclose()
+
+
+async def test_a_transport_the_caller_passes_is_repaired_too() -> None:
+    from router.backend_client import BackendHttpClient
+
+    transport = httpx.AsyncHTTPTransport()
+    client = BackendHttpClient([], transport=transport)
+    assert "_assign_requests_to_connections" in vars(transport._pool)
+    await client.aclose()
