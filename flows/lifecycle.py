@@ -302,6 +302,19 @@ def rollback(
     )
 
 
+def rollback_target_group(paths: DataPaths, rollout_id: str | None) -> str | None:
+    """The router group of the rollout a rollback would move back: the named one, else
+    the live document's. None when no rollout is recorded for it. An event-triggered
+    rollback checks it, so an alert about one group never moves another group's routers."""
+    current = control_store(paths).current_or_none()
+    owner = rollout_id or (current.rollout_id if current is not None else None)
+    if owner is None or not paths.database.exists():
+        return None
+    with connect(paths.database, read_only=True, wait_s=RECORD_WAIT_S) as con:
+        rollout = get_rollout(con, owner)
+    return rollout.router_group if rollout is not None else None
+
+
 def abort(paths: DataPaths, *, reason: str, actor: str, rollout_id: str | None = None) -> Rollout:
     """Stop a rollout on purpose: routers go back to legacy, the rollout ends as aborted.
 

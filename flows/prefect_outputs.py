@@ -18,6 +18,8 @@ EVENT_ROLLED_BACK = "rollout.rolled-back"
 EVENT_APPROVAL_REQUESTED = "rollout.approval.requested"
 EVENT_APPROVAL_DECIDED = "rollout.approval.decided"
 EVENT_ABORTED = "rollout.aborted"
+#: Events name their router group as the resource `rollout.group.<name>`.
+GROUP_RESOURCE_PREFIX = "rollout.group."
 
 
 def artifact_key(*parts: str) -> str:
@@ -73,7 +75,7 @@ def emit(event: str, rollout_id: str, router_group: str, payload: dict[str, Any]
         emit_event(
             event=event,
             resource={
-                "prefect.resource.id": f"rollout.group.{router_group}",
+                "prefect.resource.id": f"{GROUP_RESOURCE_PREFIX}{router_group}",
                 "prefect.resource.name": router_group,
             },
             related=[

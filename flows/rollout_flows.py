@@ -38,6 +38,7 @@ from flows.prefect_outputs import (
     EVENT_COMPLETED,
     EVENT_PROMOTED,
     EVENT_ROLLED_BACK,
+    GROUP_RESOURCE_PREFIX,
     artifact_key,
     emit,
     publish_decision,
@@ -410,6 +411,7 @@ def rollout_rollback(
     data_dir: str = "data",
     rollout_id: str | None = None,
     actor: str = "prefect",
+    router_group: str | None = None,
 ) -> dict[str, Any]:
     """Fast path back to legacy: publish legacy_only first, then record. Safe to repeat.
 
@@ -418,7 +420,20 @@ def rollout_rollback(
         data_dir: The data folder the routers and the flows share.
         rollout_id: The rollout to roll back; empty: the one the live config belongs to.
         actor: Who rolls back, for the record.
+        router_group: Act only if that rollout belongs to this router group (a name, or
+            an event's `rollout.group.<name>` resource); empty: whichever it belongs to.
     """
+    if router_group is not None:
+        wanted = router_group.removeprefix(GROUP_RESOURCE_PREFIX)
+        actual = lifecycle.rollback_target_group(DataPaths.at(data_dir), rollout_id)
+        if actual != wanted:
+            skipped = f"nothing rolled back: the request names router group {wanted!r}, but " + (
+                f"the rollout here belongs to {actual!r}"
+                if actual is not None
+                else f"no rollout recorded in {data_dir} owns the live config"
+            )
+            get_run_logger().warning(skipped)
+            return {"skipped": skipped, "version": None, "ended_now": False, "rollout_id": None}
     result = rollback_task(data_dir, reason, rollout_id, actor)
     if result["ended_now"]:  # a repeat changes nothing: no second event
         emit(
@@ -430,7 +445,7 @@ def rollout_rollback(
     if result["rollout_id"]:
         publish_status(DataPaths.at(data_dir), result["rollout_id"])
     get_run_logger().warning("rolled back (%s): legacy_only is v%s", reason, result["version"])
-    return result
+    return {**result, "skipped": None}
 
 
 @task(name="compact-old-rows", cache_policy=NONE)

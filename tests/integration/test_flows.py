@@ -226,6 +226,25 @@ def test_double_rollback_is_one_rollback(live_app: LiveApp) -> None:
     )
 
 
+def test_a_rollback_event_for_another_router_group_moves_nothing(live_app: LiveApp) -> None:
+    """The deployment's trigger matches `rollout.group.*`: an alert about another group's
+    rollout must not send this group's users back to legacy."""
+    from flows.rollout_flows import rollout_rollback, rollout_start
+
+    data = str(live_app.paths.root)
+    rollout_start(small_plan(), data)
+    before = live_app.store.current()
+    other = rollout_rollback("payments alert", data, router_group="rollout.group.payments")
+    assert other["skipped"] is not None and "'payments'" in other["skipped"]
+    assert "'test'" in other["skipped"]  # names the group the rollout here belongs to
+    assert live_app.store.current() == before
+    assert rows(live_app, "SELECT count(*) FROM decisions WHERE verdict = 'ROLLBACK'")[0][0] == 0
+
+    ours = rollout_rollback("test alert", data, router_group="rollout.group.test")
+    assert ours["skipped"] is None and ours["state"] == "rolled_back"
+    assert live_app.store.current().mode.value == "legacy_only"
+
+
 CRASH_AFTER_PUBLISH = textwrap.dedent("""
     import os, sys
     from router.control_store import FileControlStore
