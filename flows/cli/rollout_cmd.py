@@ -712,6 +712,13 @@ def deploy(
         typer.Option(envvar="ROLLOUT_TIMEZONE", help="Time zone of the 02:00 nightly schedule."),
     ] = "UTC",
     data_dir: DataDir = DEFAULT_DATA_DIR,
+    worker_data_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="The data directory as the flow runs see it (an absolute path, e.g. a "
+            "volume mounted in Kubernetes jobs); default: --data-dir, resolved here."
+        ),
+    ] = None,
 ) -> None:
     """Register the deployments of prefect.yaml with the running Prefect server."""
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -720,6 +727,11 @@ def deploy(
         ZoneInfo(timezone)
     except (ZoneInfoNotFoundError, ValueError):
         fail(f"--timezone {timezone!r} is not an IANA time zone (e.g. UTC, Europe/Berlin)")
+    if worker_data_dir is not None and not worker_data_dir.startswith("/"):
+        fail(
+            f"--worker-data-dir {worker_data_dir!r} is not an absolute path: flow runs start "
+            "in the project directory, so give the full path they see (e.g. /data)"
+        )
     import os
     import subprocess
     import sys
@@ -743,7 +755,7 @@ def deploy(
         "ROLLOUT_PROJECT_DIR": str(root),
         "ROLLOUT_WORK_POOL": pool,
         "ROLLOUT_TIMEZONE": timezone,
-        "ROLLOUT_DATA_DIR": str(paths(data_dir).ensure().root.resolve()),
+        "ROLLOUT_DATA_DIR": worker_data_dir or str(paths(data_dir).ensure().root.resolve()),
     }
     subprocess.run(
         [*prefect, "work-pool", "create", pool, "--type", "process"],

@@ -131,6 +131,36 @@ def test_deploy_against_a_dead_prefect_server_is_one_line(tmp_path: Path) -> Non
     assert one_error_line(result).startswith(f"no Prefect server answers at {url}")
 
 
+def test_deploy_refuses_a_relative_worker_data_dir(tmp_path: Path) -> None:
+    result = cli("deploy", "--data-dir", str(tmp_path / "data"), "--worker-data-dir", "data")
+    assert result.exit_code == 2, result.output
+    assert one_error_line(result).startswith("--worker-data-dir 'data' is not an absolute path")
+
+
+def test_deploy_gives_the_flows_the_workers_data_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Kubernetes the flow runs see the volume's mount path, not this machine's."""
+    import subprocess
+
+    seen: list[dict[str, str]] = []
+
+    def fake_run(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        seen.append(kwargs["env"])
+        return subprocess.CompletedProcess(args, 0, "deployed", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(rollout_cmd, "_check_server", lambda url: None)
+    env = {"PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    args = ["deploy", "--data-dir", str(tmp_path / "data")]
+    result = cli(*args, "--worker-data-dir", "/data", env=env)
+    assert result.exit_code == 0, result.output
+    assert {e["ROLLOUT_DATA_DIR"] for e in seen} == {"/data"}
+    seen.clear()
+    assert cli(*args, env=env).exit_code == 0
+    assert {e["ROLLOUT_DATA_DIR"] for e in seen} == {str((tmp_path / "data").resolve())}
+
+
 def test_status_json_keeps_the_reason_verbatim(running: DataPaths) -> None:
     lifecycle.rollback(running, reason=REASON, actor="alice", rollout_id="ro-real")
     result = cli("status", "--json", "--data-dir", str(running.root))
