@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 from statistics import NormalDist
+from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
@@ -97,12 +98,20 @@ class RouterConfig(BaseModel):
     published_at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
 
     def to_json(self, indent: int | None = None) -> str:
-        """The document as published. `breaker` is left out while unset, so routers of
-        the release before it (which refuse unknown fields) still apply the documents
-        that do not use it: flows can be upgraded before the fleet."""
-        return self.model_dump_json(
-            indent=indent, exclude={"breaker"} if self.breaker is None else None
-        )
+        """The document as published. Fields added after the first release
+        (`LATER_FIELDS`) are left out while at their default, so older routers (which
+        refuse unknown fields) still apply every document that uses nothing they lack:
+        flows can be upgraded before the fleet, and a rollback reaches an old router."""
+        exclude: dict[str, Any] = {
+            name: True for name in LATER_FIELDS if getattr(self, name) == LATER_FIELDS[name]
+        }
+        guard_defaults = GuardLimits()
+        late_guard = {
+            n for n in LATER_GUARD_FIELDS if getattr(self.guard, n) == getattr(guard_defaults, n)
+        }
+        if late_guard:
+            exclude["guard"] = late_guard
+        return self.model_dump_json(indent=indent, exclude=exclude or None)
 
     @model_validator(mode="after")
     def _percent_fits_mode(self) -> RouterConfig:
@@ -123,6 +132,12 @@ class RouterConfig(BaseModel):
         if self.mode in (DeploymentMode.CANARY, DeploymentMode.AB_TEST):
             return self.traffic_percent / 100.0
         return 0.0
+
+
+#: Fields of `RouterConfig` added after the first release (d0773f6), with the default at
+#: which `to_json` leaves them out; and those of `GuardLimits`.
+LATER_FIELDS: dict[str, Any] = {"breaker": None, "rearm_guard": False}
+LATER_GUARD_FIELDS = ("confidence",)
 
 
 def check_mode_percent(mode: DeploymentMode, percent: float) -> None:
