@@ -597,10 +597,11 @@ def report(
     legacy-vs-production table."""
     from flows.demo.runner import FINAL_TABLE_SQL
     from flows.status import markdown, snapshot
-    from flows.store.database import StoreError, connect
+    from flows.store.database import StoreError, check_current_schema, connect
 
     try:
         with connect(paths(data_dir).database, read_only=True) as con:
+            check_current_schema(con)
             snap = snapshot(con, rollout_id, decisions=1000)
             if snap is None:
                 fail(

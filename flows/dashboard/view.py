@@ -17,7 +17,7 @@ import duckdb
 from flows.control import control_store
 from flows.paths import DataPaths
 from flows.status import evaluation_records, snapshot
-from flows.store.database import StoreError, connect
+from flows.store.database import StoreError, check_current_schema, connect
 
 #: Roughly this many points per chart, whatever the phase's length.
 CHART_POINTS = 40
@@ -163,6 +163,7 @@ def read_view(
 def _read(
     con: duckdb.DuckDBPyConnection, view: DashboardView, rollout_id: str | None, events: int
 ) -> None:
+    check_current_schema(con)
     view.ingest = _dicts(con.execute(INGEST_SQL))[0]
     view.events = _dicts(con.execute(EVENTS_SQL, [events]))
     view.backends = _dicts(con.execute(BACKENDS_SQL, {"window": BACKEND_WINDOW_S}))

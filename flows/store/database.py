@@ -223,6 +223,17 @@ def check_readable_version(current: int) -> None:
         )
 
 
+def check_current_schema(con: duckdb.DuckDBPyConnection) -> None:
+    """For readers of this release's views (report, dashboard) on a file that no writer of
+    this release has upgraded yet: a way out instead of a bare catalog error."""
+    current = schema_version(con)
+    if current < LATEST_VERSION:
+        raise StoreError(
+            f"the database is at schema v{current}, older than this code (v{LATEST_VERSION}): "
+            "run `rollout collect` once to upgrade it in place"
+        )
+
+
 def migrate(
     con: duckdb.DuckDBPyConnection,
     *,

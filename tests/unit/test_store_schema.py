@@ -374,3 +374,22 @@ def test_docs_describe_every_table_and_view_column_by_column(tmp_path: Path) -> 
             for name in relations
         }
     assert documented_columns() == actual
+
+
+def test_report_and_dashboard_on_an_old_file_say_how_to_upgrade_it(tmp_path: Path) -> None:
+    """Before any writer of this release ran, they crashed on a view the file lacks."""
+    from typer.testing import CliRunner
+
+    from flows.cli.app import app
+    from flows.dashboard.view import read_view
+    from flows.paths import DataPaths
+
+    paths = DataPaths.at(tmp_path / "data").ensure()
+    make_v1_database(paths.database)
+    hint = "run `rollout collect` once to upgrade it in place"
+    assert hint in (read_view(paths).problem or "")
+    result = CliRunner().invoke(app, ["report", "--data-dir", str(paths.root)])
+    assert result.exit_code == 2 and "schema v1" in result.output and hint in result.output
+    with connect(paths.database):  # what `rollout collect` does first
+        pass
+    assert read_view(paths).problem is None
