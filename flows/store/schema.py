@@ -230,6 +230,15 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             )""",
         ],
     ),
+    (
+        3,
+        "archive_location recorded relative to the database folder",
+        # No table changes: the stored value changed meaning (`DEFAULT_ARCHIVE` is now
+        # relative to the database's folder). Version-2 code read it relative to its
+        # working directory, archived there, and rows vanished from this release's views;
+        # at version 3 it refuses the file instead ("newer than this code").
+        [],
+    ),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]

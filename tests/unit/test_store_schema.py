@@ -65,7 +65,7 @@ def test_v1_database_upgrades_in_place_with_data_intact(tmp_path: Path) -> None:
     before = make_v1_database(paths.database)
 
     with connect(paths.database) as con:
-        assert schema_version(con) == LATEST_VERSION == 2
+        assert schema_version(con) == LATEST_VERSION == 3
         after = con.execute(
             f"SELECT {', '.join(REQUEST_COLUMN_NAMES[:-1])} FROM requests ORDER BY request_id"
         ).fetchall()
@@ -101,14 +101,15 @@ def test_a_failed_migration_leaves_the_previous_version(
     path = tmp_path / "metrics.duckdb"
     with connect(path):
         pass
-    broken = (3, "broken", ["CREATE TABLE half_done (a INTEGER)", "SELECT * FROM no_such"])
+    step = LATEST_VERSION + 1
+    broken = (step, "broken", ["CREATE TABLE half_done (a INTEGER)", "SELECT * FROM no_such"])
     monkeypatch.setattr(database, "MIGRATIONS", [*MIGRATIONS, broken])
-    monkeypatch.setattr(database, "LATEST_VERSION", 3)
+    monkeypatch.setattr(database, "LATEST_VERSION", step)
     with pytest.raises(duckdb.CatalogException), connect(path):
         pass
     monkeypatch.undo()
     with connect(path) as con:
-        assert schema_version(con) == 2
+        assert schema_version(con) == LATEST_VERSION
         tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
     assert "half_done" not in tables
 
