@@ -29,7 +29,7 @@ from pydantic import Field, StringConstraints
 
 from checks.gx_suites import GxRunner
 from flows import lifecycle, nightly, progress
-from flows.control import control_store, wait_for_ack
+from flows.control import ack_status, control_store, wait_for_ack
 from flows.paths import DataPaths
 from flows.plan import RolloutPlan, default_plan
 from flows.prefect_outputs import (
@@ -237,12 +237,16 @@ def rollout_tick(
         )
     if report.reconciled:
         logger.warning("reconciled after an earlier crash: %s", report.reconciled)
+    if report.refused_rollback:
+        logger.error("routers refused the rollback to legacy: %s", report.refused_rollback)
     if report.rollout_id:
         if report.evaluation_id:  # a decision record only where there was a decision
             publish_decision(report.rollout_id, report)
         publish_status(DataPaths.at(data_dir), report.rollout_id, report.data_docs_url)
         _emit_for(report)
     progress.publish(report)
+    if report.refused_rollback:  # a failed run is what alerts watch; users are not safe
+        raise RollbackRefused(f"routers refused the rollback: {report.refused_rollback}")
     return {k: v for k, v in report.__dict__.items() if k != "records"} | {
         "records": len(report.records)
     }
@@ -405,6 +409,14 @@ def rollout_approve(
     }
 
 
+#: How long a rollback run waits for the routers' answers (as `rollout rollback` does).
+ROLLBACK_ACK_WAIT_S = 10.0
+
+
+class RollbackRefused(RuntimeError):
+    """Live routers refused legacy_only: they serve their previous config still."""
+
+
 @flow(name="rollout-rollback")
 def rollout_rollback(
     reason: str = "manual rollback",
@@ -445,7 +457,13 @@ def rollout_rollback(
     if result["rollout_id"]:
         publish_status(DataPaths.at(data_dir), result["rollout_id"])
     get_run_logger().warning("rolled back (%s): legacy_only is v%s", reason, result["version"])
-    return {**result, "skipped": None}
+    store = control_store(DataPaths.at(data_dir))
+    acks = ack_status(store, result["version"])
+    if acks.live:  # no router running: nobody to wait for
+        acks = wait_for_ack(store, result["version"], ROLLBACK_ACK_WAIT_S)
+    if acks.refused:  # recorded all the same; a failed run is what alerts watch
+        raise RollbackRefused(f"legacy_only v{result['version']}: {acks.describe()}")
+    return {**result, "skipped": None, "routers": acks.describe()}
 
 
 @task(name="compact-old-rows", cache_policy=NONE)

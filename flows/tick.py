@@ -56,6 +56,9 @@ class TickReport:
     published_version: int | None = None
     reconciled: str | None = None
     router_group: str | None = None
+    #: Live routers that refused the live legacy_only document (a rollback): they still
+    #: serve their previous config, whatever the rollout's state says.
+    refused_rollback: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -135,6 +138,16 @@ def _confirm_failback_after_the_end(
     report.action = f"rolled back: published legacy_only as v{done.config.version}"
 
 
+def refused_rollback(store: Any) -> str | None:
+    """Whether live routers refused the live legacy_only document, and who and why (an
+    old router release refusing a field it does not know, say)."""
+    live = store.current_or_none()
+    if live is None or live.mode.value != "legacy_only":
+        return None
+    acks = ack_status(store, live.version)
+    return acks.describe() if acks.refused else None
+
+
 def tick(
     paths: DataPaths,
     runner: GxRunner,
@@ -161,6 +174,7 @@ def tick(
             )
             if rollout_id is None:
                 _confirm_failback_after_the_end(con, paths, store, actor, idle)
+            idle.refused_rollback = refused_rollback(store)
             return idle
         report = TickReport(
             rollout.rollout_id,

@@ -245,6 +245,40 @@ def test_a_rollback_event_for_another_router_group_moves_nothing(live_app: LiveA
     assert live_app.store.current().mode.value == "legacy_only"
 
 
+def test_a_rollback_run_that_a_live_router_refuses_fails(live_app: LiveApp) -> None:
+    """Recorded all the same, but a completed run would tell the on-call that users are
+    back on legacy while that router still serves the canary."""
+    from flows.rollout_flows import RollbackRefused, rollout_rollback, rollout_start
+    from tests.conftest import heartbeat
+
+    data = str(live_app.paths.root)
+    rollout_start(small_plan(), data)
+    current = live_app.store.current().version
+    refusal = "rearm_guard: Extra inputs are not permitted"
+    live_app.store.write_ack(heartbeat("app-old", current, "canary"))
+
+    def old_router_refuses_the_next_document() -> None:
+        deadline = time.monotonic() + 30
+        while live_app.store.current().version == current and time.monotonic() < deadline:
+            time.sleep(0.02)
+        published = live_app.store.current().version
+        live_app.store.write_ack(
+            heartbeat(
+                "app-old", current, "canary", refused_version=published, refused_reason=refusal
+            )
+        )
+
+    old_router = threading.Thread(target=old_router_refuses_the_next_document)
+    old_router.start()
+    try:
+        with pytest.raises(RollbackRefused, match=f"app-old \\({refusal}\\)"):
+            rollout_rollback("operator saw errors", data)
+    finally:
+        old_router.join()
+    assert live_app.store.current().mode.value == "legacy_only"
+    assert rows(live_app, "SELECT state FROM rollouts") == [("rolled_back",)]
+
+
 CRASH_AFTER_PUBLISH = textwrap.dedent("""
     import os, sys
     from router.control_store import FileControlStore

@@ -393,3 +393,31 @@ def test_an_evaluation_stamped_seconds_after_its_tick_is_due_at_the_next(
         phase=SimpleNamespace(evaluation_interval=timedelta(minutes=15)),
     )
     assert (_not_due_for(con, rollout, 3, now) is None) is due
+
+
+def test_a_rollback_a_live_router_refused_is_reported_by_every_idle_tick(
+    running: tuple[DataPaths, str],
+) -> None:
+    """The rollout reads `rolled_back`, but a router that refused legacy_only (an old
+    release refusing a field it does not know) still serves the canary."""
+    from flows.tick import tick
+
+    paths, rid = running
+    store = control_store(paths)
+    store.write_ack(heartbeat("app-old", store.current().version, "canary"))
+    done = lifecycle.rollback(paths, reason="5xx", actor="on-call", rollout_id=rid)
+    assert tick(paths, runner=None).refused_rollback is None  # type: ignore[arg-type]
+    refusal = "rearm_guard: Extra inputs are not permitted"
+    store.write_ack(
+        heartbeat(
+            "app-old",
+            store.current().version - 1,
+            "canary",
+            refused_version=done.config.version,
+            refused_reason=refusal,
+        )
+    )
+    report = tick(paths, runner=None)  # type: ignore[arg-type]  # no gate runs when idle
+    assert report.state == "idle" and state_of(paths, rid) == "rolled_back"
+    assert report.refused_rollback is not None
+    assert "app-old" in report.refused_rollback and refusal in report.refused_rollback
