@@ -365,7 +365,7 @@ async def _call(
             ) from None
         try:
             payload = json.loads(bytes(body))
-        except ValueError:
+        except (ValueError, RecursionError):  # "[" * 100_000 nests past the parser's stack
             raise BackendFailure(
                 ErrorKind.MALFORMED, f"{backend.name}: body is not JSON", status=status
             ) from None

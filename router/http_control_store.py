@@ -49,7 +49,7 @@ class HttpControlStore(DocumentReads):
         if response.status_code >= 400 and not (method == "GET" and response.status_code == 404):
             try:
                 said = f": {response.json()['error']}"
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 said = ""
             raise OSError(f"control endpoint {where}: HTTP {response.status_code}{said}")
         return response
@@ -84,7 +84,7 @@ class HttpControlStore(DocumentReads):
         response = self._call("GET", "/acks")
         try:
             items = response.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             items = None
         if not isinstance(items, list):
             raise OSError(f"control endpoint {mask_url(self.url)}/acks: not a JSON list")

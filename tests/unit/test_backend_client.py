@@ -167,8 +167,8 @@ async def test_other_4xx_is_the_callers_fault(status: int) -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [b"<html>502 Bad Gateway</html>", b'{"response": "cut off', b""],
-    ids=["html", "truncated", "empty"],
+    [b"<html>502 Bad Gateway</html>", b'{"response": "cut off', b"", b"[" * 5_000],
+    ids=["html", "truncated", "empty", "nested past the parser's stack"],
 )
 @respx.mock
 async def test_malformed_json(body: bytes) -> None:
