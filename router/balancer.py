@@ -149,7 +149,9 @@ class Balancer:
         """Usable untried backends; if none and `degrade` (a request's first attempt),
         degrade to untried ones that are merely ejected (panic routing): never to a
         breaker that is not closed (that would defeat its open wait and probe limit), nor
-        to ones that asked us to wait with Retry-After. Retries never degrade.
+        to ones that asked us to wait with Retry-After. Retries never degrade. When not
+        even those exist, open breakers that have waited `LAST_RESORT_AFTER_S` go
+        half-open: the request fails otherwise, so it may as well be one of their probes.
 
         `candidate_filter` (the spent daily budget) chooses among these, so a cheap
         backend that is down does not leave the request with nothing."""
@@ -168,6 +170,18 @@ class Balancer:
             and (now >= s.unavailable_until or not self.honour_retry_after)
             and (s.breaker is None or s.breaker.state_at(now) is BreakerState.CLOSED)
         ]
+        if not not_waiting:
+            probing = [
+                s
+                for s in untried
+                if s.healthy
+                and (now >= s.unavailable_until or not self.honour_retry_after)
+                and now >= s.ejected_until
+                and s.breaker is not None
+                and s.breaker.probe_as_last_resort(now)
+                and self.health.allows(s, now)
+            ]
+            return self._filtered(probing), False
         return self._filtered([s for s in not_waiting if s.weight > 0] or not_waiting), True
 
     def _filtered(self, states: list[BackendState]) -> list[BackendState]:

@@ -70,6 +70,11 @@ from router.production_config import CircuitBreakerSettings
 DEFAULT_PROBE_LEASE_S = 600.0
 
 
+#: How long a breaker stays open, at least, before a request that no other backend
+#: could take is let through as a half-open probe (`probe_as_last_resort`).
+LAST_RESORT_AFTER_S = 1.0
+
+
 class BreakerState(StrEnum):
     CLOSED = "closed"
     OPEN = "open"
@@ -208,6 +213,8 @@ class CircuitBreaker:
         self.minimum_calls = _minimum_calls(settings)
         self.state = BreakerState.CLOSED
         self.open_until = 0.0
+        #: When it last opened (`probe_early` only trusts checks that started after).
+        self.opened_at = float("-inf")
         self.times_opened = 0
         #: Start times of probes in flight (HALF_OPEN), oldest first.
         self.probes: deque[float] = deque()
@@ -254,6 +261,44 @@ class CircuitBreaker:
             return False
         self._reclaim(now, outstanding)
         return len(self.probes) + self.probe_calls < self.settings.half_open_probes
+
+    def probe_early(self, now: float, checked_at: float) -> bool:
+        """End the open wait now if an active health check that started at `checked_at`,
+        after the breaker opened, passed: the next calls are its half-open probes, which
+        close it or open it again. A backend that was down for seconds otherwise stayed
+        cut off for the whole open wait (300 s migrated from a legacy config), failing
+        every question only it could answer. Once per opening: a check that passes while
+        queries fail lets probes through at most once per check interval."""
+        if self.state is not BreakerState.OPEN or now >= self.open_until:
+            return False
+        if checked_at < self.opened_at:
+            return False
+        self.open_until = now
+        self._to(
+            BreakerState.HALF_OPEN,
+            now,
+            f"{self.name} breaker half-open early: an active health check passed; "
+            f"allowing {self.settings.half_open_probes} probe calls",
+        )
+        return True
+
+    def probe_as_last_resort(self, now: float) -> bool:
+        """End the open wait now because no other backend could take a request at all:
+        that request fails anyway, so it may as well be a half-open probe. At most once
+        per `LAST_RESORT_AFTER_S` of being open, so a backend that stays down gets a few
+        probes a second, never the whole load."""
+        if self.state is not BreakerState.OPEN or now >= self.open_until:
+            return False
+        if now - self.opened_at < LAST_RESORT_AFTER_S:
+            return False
+        self.open_until = now
+        self._to(
+            BreakerState.HALF_OPEN,
+            now,
+            f"{self.name} breaker half-open early: no other backend could take the request; "
+            f"allowing {self.settings.half_open_probes} probe calls",
+        )
+        return True
 
     # -- events -----------------------------------------------------------------------
     def on_start(self, now: float, outstanding: int | None = None) -> bool:
@@ -348,6 +393,7 @@ class CircuitBreaker:
         self, now: float, message: str, calls: int, failure_rate: float, slow_rate: float
     ) -> None:
         self.times_opened += 1
+        self.opened_at = now
         self.open_until = now + self.settings.open_wait_s
         self.trip = (calls, failure_rate, slow_rate)
         self._to(BreakerState.OPEN, now, message)

@@ -2,13 +2,15 @@
 
 A backend becomes unhealthy after `unhealthy_after` failed checks in a row and healthy
 again after `healthy_after` passes. A 429 on a check says "busy", not "sick": it
-changes nothing. One checker per router updates every balancer's view of a backend.
+changes nothing. A pass on a healthy backend also ends the open wait of a breaker that
+opened before the check started (`CircuitBreaker.probe_early`). One checker per router updates every balancer's view of a backend.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 import httpx
@@ -81,9 +83,20 @@ class ActiveHealthChecker:
         return response.status_code < 400
 
     async def check_once(self) -> None:
+        started = time.monotonic()
         results = await asyncio.gather(*(self.probe(b) for b in self.backends))
         for backend, verdict in zip(self.backends, results, strict=True):
             self._apply(backend.name, verdict)
+            if verdict and self.healthy[backend.name]:
+                self._end_open_waits(backend.name, started)
+
+    def _end_open_waits(self, name: str, checked_at: float) -> None:
+        """A passing check that started after a breaker opened lets its probes go now."""
+        now = time.monotonic()
+        for state in self.views(name):
+            breaker = state.breaker
+            if breaker is not None:
+                breaker.probe_early(now, checked_at)
 
     def _apply(self, name: str, verdict: bool | None) -> None:
         if verdict is None:

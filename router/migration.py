@@ -103,15 +103,18 @@ class ConfigurationMigrator:
             health.interval_s,
         )
 
-        breaker = CircuitBreakerSettings(
-            minimum_calls=legacy.circuit_breaker_threshold,
-            open_wait_s=float(legacy.circuit_breaker_timeout),
-            slow_call_ms=legacy.response_time_threshold_ms,
-        )
         # The legacy rest time becomes the cap: the first ejection is short (the default
         # base, or the rest time if shorter) and doubles on repeats up to it. Mapping it
-        # to the base as well (base = cap = 300 s by default) left nothing to grow.
+        # to the base as well (base = cap = 300 s by default) left nothing to grow. The
+        # breaker's open wait is short for the same reason: a breaker does not degrade
+        # to panic routing, so 300 s failed a category whose only backend was down for
+        # three seconds for five minutes (legacy recovered in 0.1 s).
         rest_s = float(legacy.circuit_breaker_timeout)
+        breaker = CircuitBreakerSettings(
+            minimum_calls=legacy.circuit_breaker_threshold,
+            open_wait_s=min(CircuitBreakerSettings().open_wait_s, rest_s),
+            slow_call_ms=legacy.response_time_threshold_ms,
+        )
         outlier = OutlierSettings(
             consecutive_failures=legacy.circuit_breaker_threshold,
             base_ejection_s=min(OutlierSettings().base_ejection_s, rest_s),
@@ -135,6 +138,7 @@ class ConfigurationMigrator:
             legacy.circuit_breaker_timeout,
             "circuit_breaker.open_wait_s",
             breaker.open_wait_s,
+            "the rest time, at most the default open wait; a passing health check ends it sooner",
         )
         report.add(
             "circuit_breaker_timeout",

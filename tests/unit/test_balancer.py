@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import httpx
 import pytest
 
+from router import circuit_breaker
 from router.algorithms.base import Choice, Observation, RequestContext
 from router.backend_state import BackendState
 from router.backends import BackendConfig, BackendKind
@@ -442,14 +443,23 @@ async def test_a_retry_never_degrades_to_an_ejected_backend() -> None:
     assert not outcome.degraded
 
 
-async def test_an_open_breaker_is_never_bypassed_even_for_the_only_backend() -> None:
-    """While a breaker is open its backend gets no call at all: requests fail at once
-    (no backend) rather than each waiting on a backend known to be failing."""
+async def test_an_open_breaker_of_the_only_backend_lets_probes_through_after_a_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Just after a breaker opened its backend gets no call at all: requests fail at once
+    (no backend) rather than each waiting on a backend known to be failing. But when no
+    other backend could take a request, waiting out the whole open time (300 s migrated
+    from a legacy config) failed every such user long after the backend was back: after
+    `LAST_RESORT_AFTER_S` the request that would fail anyway is a half-open probe."""
+    monkeypatch.setattr(circuit_breaker, "LAST_RESORT_AFTER_S", 0.2)
     health = ProductionHealth(
-        CircuitBreakerSettings(window_size=5, minimum_calls=5, open_wait_s=60.0),
+        CircuitBreakerSettings(
+            window_size=5, minimum_calls=5, open_wait_s=300.0, half_open_probes=2
+        ),
         OutlierSettings(consecutive_failures=100),
     )
-    fleet = Fleet({"a": lambda r: httpx.Response(500)})
+    answers = {"a": httpx.Response(500)}
+    fleet = Fleet({"a": lambda r: answers["a"]})
     b = balancer(fleet, [lightrag("a")], health=health)
     for i in range(5):
         await route(b, f"r{i}")
@@ -459,6 +469,12 @@ async def test_an_open_breaker_is_never_bypassed_even_for_the_only_backend() -> 
     assert len(fleet.calls) == calls
     assert outcome.failure is not None and outcome.failure.kind is ErrorKind.NO_BACKEND
     assert outcome.attempts == []
+
+    await asyncio.sleep(0.25)
+    answers["a"] = ok("back")
+    probes = [await route(b, f"probe-{i}") for i in range(2)]
+    assert all(o.ok for o in probes) and len(fleet.calls) == calls + 2
+    assert health.describe(b.states[0], time.monotonic())["breaker_state"] == "closed"
 
 
 async def test_a_candidate_filter_chooses_among_usable_backends() -> None:

@@ -381,3 +381,32 @@ def test_exactly_the_threshold_opens_closed_and_half_open() -> None:
         probing.on_start(30.0)
     feed(probing, "ox", now=31.0)  # 1 of 2 probes: 50 %
     assert probing.state is BreakerState.OPEN
+
+
+def test_a_health_check_that_passed_since_it_opened_ends_the_open_wait() -> None:
+    cb = breaker(open_wait_s=300.0)
+    open_breaker(cb, now=10.0)
+    assert not cb.probe_early(now=12.0, checked_at=9.0), "that check started before it opened"
+    assert cb.blocks(12.0)
+    assert cb.probe_early(now=12.0, checked_at=11.0)
+    assert cb.state is BreakerState.HALF_OPEN and cb.permits(12.0)
+    [t] = cb.drain_transitions()
+    assert "half-open early: an active health check passed" in t.message
+    # its probes fail: open again, and the same check cannot end the new wait
+    for _ in range(2):  # 2 of 3 probes fail
+        assert cb.on_start(13.0)
+        feed(cb, "x", now=13.0)
+    assert cb.state is BreakerState.OPEN
+    assert not cb.probe_early(now=14.0, checked_at=11.0)
+    assert cb.blocks(14.0)
+
+
+def test_probe_early_leaves_a_closed_or_half_open_breaker_alone() -> None:
+    cb = breaker()
+    assert not cb.probe_early(now=1.0, checked_at=0.0)
+    assert cb.state is BreakerState.CLOSED
+    open_breaker(cb, now=0.0)
+    assert cb.permits(31.0)  # half-open by itself after the wait
+    cb.drain_transitions()
+    assert not cb.probe_early(now=31.0, checked_at=30.0)
+    assert cb.drain_transitions() == []

@@ -25,6 +25,9 @@ def test_the_drop_in_defaults_keep_ejections_growing_up_to_the_legacy_rest_time(
     (step,) = [s for s in report.steps if s.production_field == "outlier.max_ejection_s"]
     assert (step.legacy_value, step.production_value) == (300, 300.0)
     assert "start at 10 s and double" in step.note
+    # A breaker never degrades to panic routing: 300 s open failed every question only
+    # that backend could answer for five minutes after a three-second outage.
+    assert production.circuit_breaker.open_wait_s == 30
 
 
 @pytest.mark.parametrize(("rest_s", "times"), [(5, [5, 5, 5]), (30, [10, 20, 30])])

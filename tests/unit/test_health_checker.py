@@ -25,8 +25,11 @@ import respx
 from flows.sim.fleet import SIM_API_KEY_ENV, Fleet, demo_fleet
 from router.backend_state import BackendState
 from router.backends import BackendConfig, BackendKind
+from router.circuit_breaker import BreakerState, CircuitBreaker
+from router.failures import BackendFailure
 from router.health_checker import ActiveHealthChecker, health_url
-from router.production_config import HealthCheckSettings
+from router.production_config import CircuitBreakerSettings, HealthCheckSettings
+from router.record import ErrorKind
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -231,6 +234,28 @@ async def test_backend_is_routed_again_after_the_configured_number_of_passed_pro
         ("lr-1", False, "1 check(s) failed"),
         ("lr-1", True, "3 check(s) passed"),
     ]
+
+
+async def test_a_pass_lets_an_open_breaker_probe_before_its_wait_ends(
+    client: httpx.AsyncClient, mock: respx.MockRouter
+) -> None:
+    """A category whose only backend was down for seconds failed for the breaker's whole
+    open wait after the backend was back (the active check already said healthy)."""
+    route = mock.get(PX_MODELS).mock(return_value=httpx.Response(503))
+    harness = Harness(client, [PX], unhealthy_after=3, healthy_after=1)
+    production = harness.views["px-1"][1]
+    production.breaker = CircuitBreaker(CircuitBreakerSettings(open_wait_s=300.0), "px-1")
+    for _ in range(production.breaker.minimum_calls):
+        production.breaker.record(
+            BackendFailure(ErrorKind.SERVER_ERROR, "503", status=503), 5.0, time.monotonic()
+        )
+    assert production.breaker.blocks(time.monotonic())
+    await harness.checker.check_once()  # a failing check changes nothing
+    assert production.breaker.blocks(time.monotonic())
+    route.mock(return_value=httpx.Response(200))
+    await harness.checker.check_once()
+    assert production.breaker.state is BreakerState.HALF_OPEN
+    assert production.breaker.permits(time.monotonic())
 
 
 async def test_a_pass_breaks_a_failure_streak(
