@@ -151,15 +151,20 @@ class FailbackGuard:
         if self.limits.enabled and not self.tripped:
             self.legacy.add(ok, latency_ms)
 
-    def _shared(self, production_rate: float, which: int) -> bool:
+    def _shared(self, k: int, n: int, which: int) -> bool:
         """Legacy, over enough requests in the time production's window covers, is as
-        bad or worse. A count-based legacy window would cover a far shorter time when
+        bad: production (`k` of `n`) is not worse beyond noise (a pooled two-proportion
+        z statistic at most the guard's z times sqrt 2). A point comparison (legacy's rate at least
+        production's), re-tested on every request, tripped on nearly every outage both
+        arms shared. A count-based legacy window would cover a far shorter time when
         legacy carries most traffic, and a stall of a second or two would look like
         production's fault."""
-        n, *rates = self.legacy.since(self.production.began_after)
-        if n < self.limits.min_requests:
+        n_legacy, *rates = self.legacy.since(self.production.began_after)
+        if n_legacy < self.limits.min_requests:
             return False
-        return rates[which] >= production_rate
+        # z * sqrt(2): a difference of two rates, each held to the guard's confidence
+        # (re-tested on every request, as the breach itself is).
+        return not worse_beyond_noise(k, n, rates[which], n_legacy, self.z * math.sqrt(2))
 
     def observe(self, ok: bool, latency_ms: float) -> str | None:
         """Record one production outcome; return the reason if this one trips the guard."""
@@ -170,11 +175,11 @@ class FailbackGuard:
         n = len(window.items)
         if n < self.limits.min_requests:
             return None
-        error_rate, slow_share = window.rates()
+        error_rate, _ = window.rates()
         if (
             error_rate > self.limits.error_rate
             and self._beyond_noise(window.errors, n, self.limits.error_rate)
-            and not self._shared(error_rate, 0)
+            and not self._shared(window.errors, n, 0)
         ):
             return self.trip(
                 f"production error rate {error_rate:.1%} over the last {n} requests "
@@ -186,7 +191,7 @@ class FailbackGuard:
         if (
             window.slow >= n - p95_index(n)
             and self._beyond_noise(window.slow, n, 0.05)
-            and not self._shared(slow_share, 1)
+            and not self._shared(window.slow, n, 1)
         ):
             p95 = sorted(latency for _, _, latency in window.items)[p95_index(n)]
             return self.trip(
@@ -227,6 +232,16 @@ def wilson_lower(k: int, n: int, z: float) -> float:
     centre = p + z2n / 2
     spread = z * math.sqrt(p * (1 - p) / n + z2n / (4 * n))
     return (centre - spread) / (1 + z2n)
+
+
+def worse_beyond_noise(k: int, n: int, rate_b: float, n_b: int, z: float) -> bool:
+    """Whether k/n is above rate_b (over n_b) by more than z pooled standard errors."""
+    rate = k / n
+    pooled = (k + rate_b * n_b) / (n + n_b)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n + 1 / n_b))
+    if se == 0:
+        return rate > rate_b
+    return (rate - rate_b) / se > max(z, 0.0)
 
 
 def p95_index(n: int) -> int:

@@ -814,11 +814,18 @@ def test_guard_holds_when_legacy_breaks_down_as_badly() -> None:
         assert shared.observe(pattern[i % 3], 4_000.0) is None
     assert not shared.tripped
 
-    alone = FailbackGuard(limits)
-    for i in range(60):
-        alone.observe_legacy(True, 100.0)  # legacy healthy
-        alone.observe(pattern[i % 3], 100.0)
-    assert alone.tripped and "error rate" in (alone.reason or "")
+    # legacy healthy: at a 5 % canary (19 legacy requests to each production one) the
+    # breach trips as soon as there are min_requests; at a 50 % split legacy's own noise
+    # takes a few more requests to rule out
+    for legacy_share, trips_at in ((19, 19), (1, 66)):
+        alone = FailbackGuard(limits)
+        tripped = []
+        for i in range(100):
+            for _ in range(legacy_share):
+                alone.observe_legacy(True, 100.0)
+            if alone.observe(pattern[i % 3], 100.0):
+                tripped.append(i)
+        assert tripped == [trips_at] and "error rate" in (alone.reason or "")
 
     slow_alone = FailbackGuard(limits)
     for _ in range(60):
