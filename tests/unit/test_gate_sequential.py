@@ -418,6 +418,38 @@ def test_a_breach_legacy_shares_holds_instead_of_rolling_back(tmp_path: Path) ->
     assert alone.verdict is Verdict.ROLLBACK and "error_rate" in alone.reason
 
 
+def test_a_shared_breach_is_judged_by_the_comparison_not_by_which_point_is_higher(
+    tmp_path: Path,
+) -> None:
+    """Both arms over the 5 % limit from one incident, production a hair worse by
+    chance: comparing the point estimates at every evaluation rolled back 77 % of healthy
+    balancers through a shared error burst. Production clearly worse than a legacy that
+    also breaches still rolls back, and the reason names legacy's value."""
+    from checks.gate import evaluate
+    from checks.gx_suites import GxRunner
+    from checks.verdict import Verdict
+
+    gate = ab_test(Thresholds(max_error_rate=0.05))
+    outcomes = {}
+    for production_failures in (480, 1200):  # 12 % and 30 %, legacy 11.5 %
+        with connect(tmp_path / f"m{production_failures}.duckdb") as con:
+            _production_rows(con, 4000, production_failures)
+            _production_rows(con, 4000, 460, arm="legacy", first_bucket=5_000)
+            outcomes[production_failures] = evaluate(con, gate, GxRunner(), "run")
+
+    noise = outcomes[480]
+    guard = _guardrail(noise, "error_rate_limit")
+    assert guard.decision is Decision.INCONCLUSIVE, guard
+    assert "finds production no worse" in guard.reason and "0.115 over 4000" in guard.reason
+    assert noise.verdict is not Verdict.ROLLBACK, noise.reason
+
+    worse = outcomes[1200]
+    guard = _guardrail(worse, "error_rate_limit")
+    assert guard.decision is Decision.FAIL, guard
+    assert "legacy breaches it too (0.115 over 4000 requests), but" in guard.reason
+    assert worse.verdict is Verdict.ROLLBACK
+
+
 def test_a_legacy_value_that_is_not_a_number_never_excuses_a_breach() -> None:
     """NaN compares false to everything, so "legacy not below the limit" would hold; a
     breach is excused only by a legacy value that is a real number as bad or worse."""
