@@ -22,6 +22,7 @@ from checks.gx_suites import Check, GxRunner, SuiteOutcome
 from checks.policy import decide
 from checks.sample_ratio import sample_ratio, shadow_coverage
 from checks.sequential import (
+    ARM_CLUSTER_SQL,
     ARM_MOMENTS_SQL,
     ARM_TAIL_SAMPLES_SQL,
     MIN_N,
@@ -35,8 +36,10 @@ from checks.sequential import (
     ShadowSummary,
     TailCounts,
     binomial_cs,
+    clustered,
     evaluate_arms,
     evaluate_shadow,
+    explain_clustering,
     latency_tail_test,
     mean_cs,
     phase_metric_alpha,
@@ -454,7 +457,13 @@ def sequential_records(con: Connection, spec: GateSpec) -> list[MetricRecord]:
         by_arm = {r["arm"]: r for r in _dict_rows(con, ARM_MOMENTS_SQL, [version])}
         production = ArmSummary.from_row(by_arm.get("production", {}))
         legacy = ArmSummary.from_row(by_arm.get("legacy", {}))
-        results = evaluate_arms(production, legacy, th)
+        buckets = {r["arm"]: r for r in _dict_rows(con, ARM_CLUSTER_SQL, [version])}
+        effective = clustered(production, legacy, buckets)
+        results = explain_clustering(
+            evaluate_arms(effective.production, effective.legacy, th),
+            (production, legacy),
+            effective.effects,
+        )
         samples, n_legacy = ARM_TAIL_SAMPLES_SQL, int(legacy.log_latency.n)
     else:
         return [

@@ -86,8 +86,16 @@ Methods:
   anytime-valid; until non-inferiority is shown (it takes ~10x the mean test's data),
   the check holds the phase only while the observed p95 ratio breaks the margin.
 
-All tests treat requests as independent; requests of one user are correlated in
-practice (same questions, same backends), which a per-request test does not see.
+Requests of one user are not independent (same questions, same backends, a heavy user's
+many requests), and the split is sticky by user: per-request variances understate the
+noise by the design effect 1 + (m - 1) ICC. A statistics review measured A/A false
+rollbacks of 3-25 % (up to 55 % with few or heavy users) against the 1 % promised. So
+canary and A/B phases are judged on effective sample sizes (`clustered`): each arm's
+cluster-robust variance over its buckets (`subject_bucket` holds whole users) against
+the per-request one gives a design effect d >= 1, and the arm's counts are divided by d
+(one common d for the error count test, which compares the arms' shares). No moment test
+decides before `MIN_BUCKETS` buckets per arm. Shadow pairs (the same request on both
+balancers) cancel the user's own effect and stay per request.
 The phase's alpha is split evenly (Bonferroni) over the checks that can roll back
 (`rollback_checks`: these four, the error-rate and p95 guardrails, and the cost and
 quality guardrails when the plan sets them), so the chance of *any* false rollback over
@@ -177,6 +185,37 @@ FROM pairs
 )
 """Paired sufficient statistics of shadow executions (production shadow minus legacy
 primary of the same request) of one config version."""
+
+
+#: Buckets with data an arm needs before a moment test may decide: with fewer, the
+#: cluster-robust variance is itself too noisy (a review's 500-user canary had ~25).
+MIN_BUCKETS = 20
+
+# Per-arm sums over buckets (`clustered`), with the filters of ARM_MOMENTS_SQL.
+ARM_CLUSTER_SQL = """
+WITH b AS (
+    SELECT arm, subject_bucket,
+           count(*)::DOUBLE AS n,
+           (count(*) FILTER (WHERE outcome IN ('error', 'timeout', 'rate_limited')))::DOUBLE
+               AS f,
+           (count(*) FILTER (WHERE outcome = 'ok' AND latency_ms > 0))::DOUBLE AS n_lat,
+           sum(ln(latency_ms)) FILTER (WHERE outcome = 'ok' AND latency_ms > 0) AS y_lat,
+           (count(*) FILTER (WHERE outcome = 'ok'))::DOUBLE AS n_cost,
+           sum(cost_usd) FILTER (WHERE outcome = 'ok') AS y_cost
+    FROM requests
+    WHERE config_version = ? AND NOT is_shadow
+    GROUP BY arm, subject_bucket
+)
+SELECT arm,
+       count(*) AS failures_g, sum(f * f) AS failures_yy, sum(f * n) AS failures_yn,
+       sum(n * n) AS failures_nn,
+       count(*) FILTER (WHERE n_lat > 0) AS latency_g, sum(y_lat * y_lat) AS latency_yy,
+       sum(y_lat * n_lat) AS latency_yn, sum(n_lat * n_lat) AS latency_nn,
+       count(*) FILTER (WHERE n_cost > 0) AS cost_g, sum(y_cost * y_cost) AS cost_yy,
+       sum(y_cost * n_cost) AS cost_yn, sum(n_cost * n_cost) AS cost_nn
+FROM b
+GROUP BY arm
+"""
 
 
 # -- sufficient statistics ---------------------------------------------------------------
@@ -1015,6 +1054,109 @@ class ArmSummary:
             ),
             float(row.get("n_cost_paid") or 0),
         )
+
+
+def design_effect(m: Moments, buckets: float, yy: float, yn: float, nn: float) -> float:
+    """Cluster-robust variance of the mean over `buckets` clusters (sums y_b over n_b
+    rows each: sum y_b^2, sum y_b n_b, sum n_b^2) divided by the per-request variance
+    of the mean; at least 1. Infinite below `MIN_BUCKETS`: no decision yet."""
+    n = float(m.n)
+    if buckets < MIN_BUCKETS:
+        return math.inf
+    per_request = float(m.variance)
+    if not (n >= 2 and math.isfinite(per_request) and per_request > 0):
+        return 1.0
+    mean = float(m.total) / n
+    residual = max(yy - 2 * mean * yn + mean * mean * nn, 0.0)
+    robust = buckets / (buckets - 1) * residual / (n * n)
+    return max(1.0, robust / (per_request / n))
+
+
+def deflated(m: Moments, d: float) -> Moments:
+    """`m` as `m.n / d` independent rows would give it: the same mean, `d` times the
+    variance of the mean."""
+    if not math.isfinite(d):
+        return Moments(0.0, 0.0, 0.0)
+    return Moments(float(m.n) / d, float(m.total) / d, float(m.total_sq) / d)
+
+
+@dataclass(frozen=True)
+class Clustered:
+    """Both arms on effective sample sizes, and the design effect of each metric."""
+
+    production: ArmSummary
+    legacy: ArmSummary
+    effects: dict[str, float]
+
+
+def clustered(
+    production: ArmSummary, legacy: ArmSummary, rows: dict[str, dict[str, Any]]
+) -> Clustered:
+    """The arms as their buckets' spread says they count (`ARM_CLUSTER_SQL` rows by arm).
+    Latency and cost: each arm by its own design effect. Errors: both by the larger one,
+    since the count test compares production's share of the failures with its traffic
+    share, which must not move."""
+
+    def effect(arm: ArmSummary, metric: str, row: dict[str, Any]) -> float:
+        m = {"failures": arm.failures, "latency": arm.log_latency, "cost": arm.cost}[metric]
+        return design_effect(
+            m,
+            float(row.get(f"{metric}_g") or 0),
+            float(row.get(f"{metric}_yy") or 0.0),
+            float(row.get(f"{metric}_yn") or 0.0),
+            float(row.get(f"{metric}_nn") or 0.0),
+        )
+
+    p_row, l_row = rows.get("production", {}), rows.get("legacy", {})
+    fail = max(effect(production, "failures", p_row), effect(legacy, "failures", l_row))
+    effects = {"error_rate": fail}
+    arms = []
+    for arm, row, name in ((production, p_row, "production"), (legacy, l_row, "legacy")):
+        d_lat, d_cost = effect(arm, "latency", row), effect(arm, "cost", row)
+        effects[f"latency_{name}"], effects[f"cost_{name}"] = d_lat, d_cost
+        arms.append(
+            ArmSummary(
+                deflated(arm.failures, fail),
+                deflated(arm.log_latency, d_lat),
+                deflated(arm.cost, d_cost),
+                arm.cost_paid,
+            )
+        )
+    return Clustered(arms[0], arms[1], effects)
+
+
+def explain_clustering(
+    results: list[SequentialResult], raw: tuple[ArmSummary, ArmSummary], effects: dict
+) -> list[SequentialResult]:
+    """Each result with the arms' real request counts, and a note on how much the
+    clustering of requests by user weighed."""
+    from dataclasses import replace
+
+    production, legacy = raw
+    out = []
+    for r in results:
+        if r.metric == "error_rate":
+            d, n_p, n_l = effects["error_rate"], production.failures.n, legacy.failures.n
+            which = f"{d:.3g}"
+        elif r.metric in ("latency", "cost"):
+            d_p, d_l = effects[f"{r.metric}_production"], effects[f"{r.metric}_legacy"]
+            d = max(d_p, d_l)
+            arm = production.log_latency if r.metric == "latency" else production.cost
+            leg = legacy.log_latency if r.metric == "latency" else legacy.cost
+            n_p, n_l = arm.n, leg.n
+            which = f"{d_p:.3g} production, {d_l:.3g} legacy"
+        else:
+            out.append(r)
+            continue
+        if not math.isfinite(d):
+            note = f"fewer than {MIN_BUCKETS} user buckets in an arm: no decision yet"
+        elif d > 1.05:
+            note = f"variance x {which} for requests of the same users (design effect)"
+        else:
+            note = ""
+        joined = "; ".join(x for x in (r.note, note) if x)
+        out.append(replace(r, n_production=int(n_p), n_legacy=int(n_l), note=joined))
+    return out
 
 
 @dataclass(frozen=True)
