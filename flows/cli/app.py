@@ -33,6 +33,7 @@ app.command("demo")(demo_cmd.demo)
 app.command("sql", context_settings={"ignore_unknown_options": True})(sql_cmd.sql)
 app.command("collect")(collect_cmd.collect_cmd)
 app.command("backtest")(backtest_cmd.backtest)
+app.command("backtest-users")(backtest_cmd.backtest_users)
 app.command("dashboard")(dashboard_cmd.dashboard)
 
 from flows.cli import rollout_cmd  # noqa: E402

@@ -108,3 +108,66 @@ def backtest(
         f"; {result['elapsed_s']:.1f}s",
         highlight=False,
     )
+
+
+def backtest_users(
+    runs: Annotated[int, typer.Option(min=10, help="Simulated A/A phases.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed (results are reproducible).")] = 41,
+    users: Annotated[
+        int,
+        typer.Option(min=100, max=10_000, help="Users (each hashes to a bucket of its own)."),
+    ] = 5000,
+    activity: Annotated[
+        float, typer.Option(min=0, max=3, help="Log-normal spread of questions per user.")
+    ] = 1.0,
+    latency_spread: Annotated[
+        float, typer.Option(min=0, max=2, help="Spread of each user's log-latency offset.")
+    ] = 0.2,
+    error_spread: Annotated[
+        float, typer.Option(min=0, max=3, help="Log-normal spread of each user's error rate.")
+    ] = 1.0,
+    cost_spread: Annotated[
+        float, typer.Option(min=0, max=2, help="Spread of each user's log-cost offset.")
+    ] = 0.3,
+    budget: Annotated[
+        int, typer.Option(min=2_000, help="Phase sample budget: requests over both arms.")
+    ] = 100_000,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")
+    ] = False,
+) -> None:
+    """A/A canaries (5 %) whose users differ, sticky by user as real splits are: false
+    rollbacks of the tests judged per request against the gate's, which counts each arm
+    by its user buckets."""
+    from checks.user_backtest import run_user_backtest
+
+    with Progress(console=err_console, transient=True) as progress:
+        task = progress.add_task("simulating", total=1.0)
+        result = run_user_backtest(
+            progress=lambda done: progress.update(task, completed=done),
+            runs=runs,
+            seed=seed,
+            users=users,
+            activity_sigma=activity,
+            latency_sigma=latency_spread,
+            error_sigma=error_spread,
+            cost_sigma=cost_spread,
+            budget_requests=budget,
+        )
+    if json_output:
+        print(json.dumps(result))
+        return
+    s = result["settings"]
+    table = Table(
+        title=f"{s['runs']} A/A phases, {s['users']:,} users, {s['production_share']:.0%} canary, "
+        f"up to {s['budget_requests']:,} requests",
+        box=box.SIMPLE_HEAD,
+    )
+    table.add_column("tests judged")
+    table.add_column("false rollback", justify="right")
+    table.add_column("by metric")
+    for way, label in (("per_request", "per request"), ("clustered", "by user bucket (the gate)")):
+        metrics = ", ".join(f"{m} {c}" for m, c in sorted(result["by_metric"][way].items()))
+        table.add_row(label, f"{result['false_rollback_rate'][way]:.3f}", metrics or "-")
+    console.print(table)
+    console.print(f"{result['elapsed_s']:.1f}s", highlight=False)
