@@ -93,9 +93,10 @@ rollbacks of 3-25 % (up to 55 % with few or heavy users) against the 1 % promise
 canary and A/B phases are judged on effective sample sizes (`clustered`): each arm's
 cluster-robust variance over its buckets (`subject_bucket` holds whole users) against
 the per-request one gives a design effect d >= 1, and the arm's counts are divided by d
-(one common d for the error count test, which compares the arms' shares). No moment test
-decides before `MIN_BUCKETS` buckets per arm. Shadow pairs (the same request on both
-balancers) cancel the user's own effect and stay per request.
+(one common d for the error count test, which compares the arms' shares). Below
+`MIN_BUCKETS` buckets in an arm, d is the worst case, the request-weighted bucket size.
+Shadow pairs (the same request on both balancers) cancel the user's own effect and stay
+per request.
 The phase's alpha is split evenly (Bonferroni) over the checks that can roll back
 (`rollback_checks`: these four, the error-rate and p95 guardrails, and the cost and
 quality guardrails when the plan sets them), so the chance of *any* false rollback over
@@ -187,8 +188,9 @@ FROM pairs
 primary of the same request) of one config version."""
 
 
-#: Buckets with data an arm needs before a moment test may decide: with fewer, the
-#: cluster-robust variance is itself too noisy (a review's 500-user canary had ~25).
+#: Buckets with data an arm needs before its design effect is estimated: with fewer,
+#: the cluster-robust variance is itself too noisy (a review's 500-user canary had ~25),
+#: and the worst case (each bucket counts as one request) is used instead.
 MIN_BUCKETS = 20
 
 # Per-arm sums over buckets (`clustered`), with the filters of ARM_MOMENTS_SQL.
@@ -1059,10 +1061,12 @@ class ArmSummary:
 def design_effect(m: Moments, buckets: float, yy: float, yn: float, nn: float) -> float:
     """Cluster-robust variance of the mean over `buckets` clusters (sums y_b over n_b
     rows each: sum y_b^2, sum y_b n_b, sum n_b^2) divided by the per-request variance
-    of the mean; at least 1. Infinite below `MIN_BUCKETS`: no decision yet."""
+    of the mean; at least 1. Below `MIN_BUCKETS` that ratio is too noisy: the worst case
+    instead, as if every bucket's requests were one (intra-bucket correlation 1), which
+    is sum n_b^2 / n, the request-weighted bucket size (about 1 when users ask once)."""
     n = float(m.n)
     if buckets < MIN_BUCKETS:
-        return math.inf
+        return max(1.0, nn / n) if n > 0 else 1.0
     per_request = float(m.variance)
     if not (n >= 2 and math.isfinite(per_request) and per_request > 0):
         return 1.0
@@ -1075,8 +1079,6 @@ def design_effect(m: Moments, buckets: float, yy: float, yn: float, nn: float) -
 def deflated(m: Moments, d: float) -> Moments:
     """`m` as `m.n / d` independent rows would give it: the same mean, `d` times the
     variance of the mean."""
-    if not math.isfinite(d):
-        return Moments(0.0, 0.0, 0.0)
     return Moments(float(m.n) / d, float(m.total) / d, float(m.total_sq) / d)
 
 
@@ -1148,9 +1150,7 @@ def explain_clustering(
         else:
             out.append(r)
             continue
-        if not math.isfinite(d):
-            note = f"fewer than {MIN_BUCKETS} user buckets in an arm: no decision yet"
-        elif d > 1.05:
+        if d > 1.05:
             note = f"variance x {which} for requests of the same users (design effect)"
         else:
             note = ""

@@ -816,7 +816,7 @@ def test_requests_of_the_same_users_count_as_the_users_they_come_from(tmp_path: 
     assert (latency.n_production, latency.n_legacy) == (4000, 4000)  # real counts
 
 
-def test_no_moment_test_decides_on_fewer_buckets_than_the_minimum(tmp_path: Path) -> None:
+def test_an_arm_of_few_buckets_counts_each_bucket_as_one_request(tmp_path: Path) -> None:
     from checks.gate import evaluate
     from checks.gx_suites import GxRunner
 
@@ -828,8 +828,9 @@ def test_no_moment_test_decides_on_fewer_buckets_than_the_minimum(tmp_path: Path
     (latency,) = [
         r for r in result.records if (r.check_kind, r.metric) == ("sequential", "latency")
     ]
-    assert latency.decision is Decision.INCONCLUSIVE
-    assert f"fewer than {sq.MIN_BUCKETS} user buckets" in latency.reason
+    # 19 users of 200 requests: worst case, 19 requests' worth, under the burn-in
+    assert latency.decision is Decision.INCONCLUSIVE, latency.reason
+    assert "variance x 200 production" in latency.reason
 
 
 def test_design_effect_known_answers() -> None:
@@ -846,4 +847,6 @@ def test_design_effect_known_answers() -> None:
         sq.Moments.of(y), 100, float((sums**2).sum()), float((sums * m).sum()), 100.0 * m * m
     )
     assert d == pytest.approx((len(y) - 1) / 99)  # (n - 1) / (G - 1): m, corrected
-    assert sq.design_effect(one, sq.MIN_BUCKETS - 1, 1.0, 1.0, 1.0) == math.inf
+    few = sq.MIN_BUCKETS - 1  # too few to estimate: the worst case, sum n_b^2 / n
+    assert sq.design_effect(sq.Moments.of(y[: few * m]), few, 1.0, 1.0, few * m * m) == m
+    assert sq.design_effect(sq.Moments.of(x[:few]), few, 1.0, 1.0, float(few)) == 1.0
