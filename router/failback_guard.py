@@ -151,19 +151,19 @@ class FailbackGuard:
         if self.limits.enabled and not self.tripped:
             self.legacy.add(ok, latency_ms)
 
-    def _shared(self, k: int, n: int, which: int) -> bool:
-        """Legacy, over enough requests in the time production's window covers, is as
-        bad: production (`k` of `n`) is not worse beyond noise (a pooled two-proportion
-        z statistic at most the guard's z times sqrt 2). A point comparison (legacy's rate at least
-        production's), re-tested on every request, tripped on nearly every outage both
-        arms shared. A count-based legacy window would cover a far shorter time when
-        legacy carries most traffic, and a stall of a second or two would look like
-        production's fault."""
+    def _shared(self, k: int, n: int, limit: float, which: int) -> bool:
+        """Legacy, over enough requests in the time production's window covers, breaches
+        the same limit, and production (`k` of `n`) is not worse than it beyond noise (a
+        pooled two-proportion z statistic at most the guard's z times sqrt 2: as strict
+        as comparing two one-sided bounds at z, since this too is re-tested on every
+        request; 2 shared 30 % outages in 200 tripped at z alone). A point comparison
+        (legacy's rate at least production's), re-tested on every request, tripped on
+        nearly every outage both arms shared. A count-based legacy window would cover a
+        far shorter time when legacy carries most traffic, and a stall of a second or
+        two would look like production's fault."""
         n_legacy, *rates = self.legacy.since(self.production.began_after)
-        if n_legacy < self.limits.min_requests:
+        if n_legacy < self.limits.min_requests or rates[which] <= limit:
             return False
-        # z * sqrt(2): a difference of two rates, each held to the guard's confidence
-        # (re-tested on every request, as the breach itself is).
         return not worse_beyond_noise(k, n, rates[which], n_legacy, self.z * math.sqrt(2))
 
     def observe(self, ok: bool, latency_ms: float) -> str | None:
@@ -179,7 +179,7 @@ class FailbackGuard:
         if (
             error_rate > self.limits.error_rate
             and self._beyond_noise(window.errors, n, self.limits.error_rate)
-            and not self._shared(window.errors, n, 0)
+            and not self._shared(window.errors, n, self.limits.error_rate, 0)
         ):
             return self.trip(
                 f"production error rate {error_rate:.1%} over the last {n} requests "
@@ -191,7 +191,7 @@ class FailbackGuard:
         if (
             window.slow >= n - p95_index(n)
             and self._beyond_noise(window.slow, n, 0.05)
-            and not self._shared(window.slow, n, 1)
+            and not self._shared(window.slow, n, 0.05, 1)
         ):
             p95 = sorted(latency for _, _, latency in window.items)[p95_index(n)]
             return self.trip(
