@@ -28,6 +28,7 @@ from flows.store.schema import (
     PLACEHOLDER_DAY,
     REQUEST_COLUMN_NAMES,
     VIEWS,
+    VIEWS_READ_FROM,
     archive_glob,
     archive_views,
     escape_glob,
@@ -227,7 +228,7 @@ def check_current_schema(con: duckdb.DuckDBPyConnection) -> None:
     """For readers of this release's views (report, dashboard) on a file that no writer of
     this release has upgraded yet: a way out instead of a bare catalog error."""
     current = schema_version(con)
-    if current < LATEST_VERSION:
+    if current < VIEWS_READ_FROM:
         raise StoreError(
             f"the database is at schema v{current}, older than this code (v{LATEST_VERSION}): "
             "run `rollout collect` once to upgrade it in place"
@@ -304,8 +305,8 @@ def _current_views_for_reader(
     """A file whose views a writer of older code created (an upgrade, before the next
     collect or tick) gets this code's views as session-only TEMP views, which DuckDB
     resolves before the file's: `rollout report` and the dashboard crashed on a view the
-    file did not have yet. Only at the latest schema (older tables lack columns)."""
-    if schema_version(con) != LATEST_VERSION or views_fingerprint(con) == VIEWS_FINGERPRINT:
+    file did not have yet. From `VIEWS_READ_FROM` on (older tables lack columns)."""
+    if schema_version(con) < VIEWS_READ_FROM or views_fingerprint(con) == VIEWS_FINGERPRINT:
         return
     _create_views(con, location or str(database.parent.resolve() / DEFAULT_ARCHIVE), temp=True)
 

@@ -242,6 +242,9 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]
+#: The oldest schema whose tables this release's views read: later steps changed no
+#: table, so readers give such a file this release's views until a writer upgrades it.
+VIEWS_READ_FROM = 2
 
 #: Columns of `requests` at LATEST_VERSION, in table order (the archive stores the same).
 REQUEST_COLUMN_NAMES: tuple[str, ...] = (

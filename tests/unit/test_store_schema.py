@@ -394,3 +394,22 @@ def test_report_and_dashboard_on_an_old_file_say_how_to_upgrade_it(tmp_path: Pat
     with connect(paths.database):  # what `rollout collect` does first
         pass
     assert read_view(paths).problem is None
+
+
+def test_a_file_whose_later_steps_changed_no_table_is_read_with_this_releases_views(
+    tmp_path: Path,
+) -> None:
+    """Version 3 changed no table: a version-2 file (a copy made before the upgrade, say)
+    is read with the current views, not refused."""
+    from flows.dashboard.view import read_view
+    from flows.paths import DataPaths
+
+    paths = DataPaths.at(tmp_path / "data").ensure()
+    with connect(paths.database) as con:
+        con.execute("DELETE FROM schema_version WHERE version > 2")
+        con.execute("DROP VIEW phase_requests")  # as a version-2 writer left it
+        con.execute("UPDATE store_settings SET value = 'older' WHERE key = 'views'")
+    with connect(paths.database, read_only=True) as con:
+        assert schema_version(con) == 2
+        assert con.execute("SELECT count(*) FROM phase_requests").fetchall() == [(0,)]
+    assert read_view(paths).problem is None
