@@ -302,15 +302,21 @@ def rollback(
     )
 
 
+#: How long an event-triggered rollback waits for the database to check the group: the
+#: rollback itself needs no database, and a busy writer must not hold it back long.
+GROUP_CHECK_WAIT_S = 2.0
+
+
 def rollback_target_group(paths: DataPaths, rollout_id: str | None) -> str | None:
     """The router group of the rollout a rollback would move back: the named one, else
     the live document's. None when no rollout is recorded for it. An event-triggered
-    rollback checks it, so an alert about one group never moves another group's routers."""
+    rollback checks it, so an alert about one group never moves another group's routers.
+    Raises StoreError when the database stays busy for `GROUP_CHECK_WAIT_S`."""
     current = control_store(paths).current_or_none()
     owner = rollout_id or (current.rollout_id if current is not None else None)
     if owner is None or not paths.database.exists():
         return None
-    with connect(paths.database, read_only=True, wait_s=RECORD_WAIT_S) as con:
+    with connect(paths.database, read_only=True, wait_s=GROUP_CHECK_WAIT_S) as con:
         rollout = get_rollout(con, owner)
     return rollout.router_group if rollout is not None else None
 

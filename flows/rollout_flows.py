@@ -45,7 +45,7 @@ from flows.prefect_outputs import (
     publish_status,
 )
 from flows.status import md
-from flows.store.database import connect
+from flows.store.database import StoreError, connect
 from flows.store.rollouts import Rollout
 from flows.tick import TickReport, tick
 
@@ -437,7 +437,16 @@ def rollout_rollback(
     """
     if router_group is not None:
         wanted = router_group.removeprefix(GROUP_RESOURCE_PREFIX)
-        actual = lifecycle.rollback_target_group(DataPaths.at(data_dir), rollout_id)
+        try:
+            actual: str | None = lifecycle.rollback_target_group(DataPaths.at(data_dir), rollout_id)
+        except StoreError as exc:  # users first: a busy database must not block a rollback
+            get_run_logger().warning(
+                "could not check that the live rollout belongs to router group %r (%s): "
+                "rolling back anyway",
+                wanted,
+                exc,
+            )
+            actual = wanted
         if actual != wanted:
             skipped = f"nothing rolled back: the request names router group {wanted!r}, but " + (
                 f"the rollout here belongs to {actual!r}"

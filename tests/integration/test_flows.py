@@ -226,7 +226,9 @@ def test_double_rollback_is_one_rollback(live_app: LiveApp) -> None:
     )
 
 
-def test_a_rollback_event_for_another_router_group_moves_nothing(live_app: LiveApp) -> None:
+def test_a_rollback_event_for_another_router_group_moves_nothing(
+    live_app: LiveApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The deployment's trigger matches `rollout.group.*`: an alert about another group's
     rollout must not send this group's users back to legacy."""
     from flows.rollout_flows import rollout_rollback, rollout_start
@@ -240,6 +242,14 @@ def test_a_rollback_event_for_another_router_group_moves_nothing(live_app: LiveA
     assert live_app.store.current() == before
     assert rows(live_app, "SELECT count(*) FROM decisions WHERE verdict = 'ROLLBACK'")[0][0] == 0
 
+    # a database busy past the check's short wait never holds the rollback back
+    from flows import lifecycle
+    from flows.store.database import StoreLocked
+
+    def busy(*args: object) -> None:
+        raise StoreLocked("database is locked by a tick")
+
+    monkeypatch.setattr(lifecycle, "rollback_target_group", busy)
     ours = rollout_rollback("test alert", data, router_group="rollout.group.test")
     assert ours["skipped"] is None and ours["state"] == "rolled_back"
     assert live_app.store.current().mode.value == "legacy_only"
