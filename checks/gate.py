@@ -52,7 +52,7 @@ from checks.suites import (
     data_quality_row_checks,
     guardrail_checks,
 )
-from checks.thresholds import SEQUENTIAL_METRICS, GateSpec
+from checks.thresholds import SEQUENTIAL_METRICS, GateSpec, Thresholds
 from checks.verdict import Decision, GateResult, MetricRecord
 from router.modes import DeploymentMode
 
@@ -331,22 +331,51 @@ SHARED_BREACH_COMPARISON = {
 }
 
 
+def within_margin(metric: str, production: float, legacy: float, th: Thresholds) -> bool:
+    """Whether production's value is within the plan's comparison margin of legacy's:
+    `max_error_rate_diff`, `max_p95_ratio`, `max_cost_ratio`, `min_quality_diff`."""
+    if metric == "error_rate_limit":
+        return production - legacy <= th.max_error_rate_diff
+    if metric == "mean_quality":
+        return production - legacy >= th.min_quality_diff
+    ratio = th.max_p95_ratio if metric == "p95_latency_ms" else th.max_cost_ratio
+    return legacy > 0 and production <= legacy * ratio
+
+
+#: Guardrails whose record bounds are on the metric itself (`weigh_guardrail_breaches`).
+BOUNDED_IN_UNITS = frozenset({"error_rate_limit", "cost_per_request", "mean_quality"})
+
+
+def _best_case(record: MetricRecord, sign: float) -> float:
+    """Production's value at the kind end of its confidence sequence (the record's lower
+    bound where higher is worse), so that noise alone never takes it beyond the margin:
+    the point estimate, compared at every evaluation, still rolled back 3 % of healthy
+    balancers through a shared error burst."""
+    bound = record.lower_bound if sign > 0 else record.upper_bound
+    if record.metric not in BOUNDED_IN_UNITS or bound is None or not math.isfinite(bound):
+        return record.estimate  # (p95: its bounds are on the share over the limit)
+    return bound
+
+
 def excuse_shared_breach(
     record: MetricRecord,
     legacy: ArmStats,
     min_samples: int,
     sequential: Sequence[MetricRecord] = (),
+    thresholds: Thresholds | None = None,
 ) -> MetricRecord:
-    """A breach legacy shares over the same window holds instead of rolling back, unless
-    the sequential comparison with legacy finds production worse (harm detected).
+    """A breach legacy shares over the same window holds instead of rolling back, while
+    production is no worse than legacy: the sequential comparison finds it non-inferior,
+    or, while that is undecided, production's value is not beyond the plan's comparison
+    margin of legacy's by more than noise. Harm found by the comparison rolls back.
 
     Backends down, a saturated host, a network incident: every arm breaks the absolute
-    limit at once, and sending users back to legacy cannot help them. Whether production
-    is worse than legacy during the incident is the sequential test's question, which
-    stays valid however often it is asked; comparing the two point estimates instead, at
-    every evaluation, rolled back 77 % of healthy balancers through a shared 60 % error
-    burst. Quality has no sequential test: there legacy must be as poor or worse. A
-    production-only phase has no legacy arm, so its guardrails always act."""
+    limit at once, and sending users back to legacy cannot help them. Asking whether
+    legacy's point estimate is at least production's instead, at every evaluation,
+    rolled back 77 % of healthy balancers through a shared 60 % error burst; waiting
+    for the comparison alone held a production at 40 % errors against legacy's 6 %
+    while the test had too little data. Quality has no sequential test: the margin
+    decides. A production-only phase has no legacy arm, so its guardrails always act."""
     value_of = SHARED_BREACH_METRICS.get(record.metric)
     if (
         record.check_kind != "guardrail"
@@ -368,22 +397,22 @@ def excuse_shared_breach(
         return record
     shared = f"legacy breaches it too ({_number(theirs)} over {legacy.n} requests)"
     judged = [
-        r
+        r.decision
         for r in sequential
         if r.check_kind == "sequential" and r.metric == SHARED_BREACH_COMPARISON.get(record.metric)
     ]
-    if judged:
-        if judged[0].decision is Decision.HARM:
-            return replace(
-                record,
-                reason=f"{record.reason}; {shared}, but the comparison with legacy finds "
-                "production worse",
-            )
+    if Decision.HARM in judged:
+        why_not = "the comparison with legacy finds production worse"
+    elif Decision.NON_INFERIOR in judged:
+        why_not = None
         why = "the comparison with legacy finds production no worse"
-    elif sign * theirs < sign * record.estimate:
-        return record
+    elif within_margin(record.metric, _best_case(record, sign), theirs, thresholds or Thresholds()):
+        why_not = None
+        why = "production is not beyond the plan's comparison margin of it"
     else:
-        why = "legacy is as bad or worse"
+        why_not = "production is beyond the plan's comparison margin of it, even at its bound"
+    if why_not is not None:
+        return replace(record, reason=f"{record.reason}; {shared}, but {why_not}")
     return replace(
         record,
         decision=Decision.INCONCLUSIVE,
@@ -644,7 +673,9 @@ def evaluate(
         records.extend(unjudged_comparisons(spec, values, legacy, prod))
 
     sequential = sequential_records(con, spec)
-    records[:] = [excuse_shared_breach(r, legacy, spec.min_samples, sequential) for r in records]
+    records[:] = [
+        excuse_shared_breach(r, legacy, spec.min_samples, sequential, th) for r in records
+    ]
     records.extend(sequential)
 
     failbacks = [row[0] for row in con.execute(FAILBACKS_SQL, [version]).fetchall()]

@@ -1095,9 +1095,9 @@ def clustered(
     production: ArmSummary, legacy: ArmSummary, rows: dict[str, dict[str, Any]]
 ) -> Clustered:
     """The arms as their buckets' spread says they count (`ARM_CLUSTER_SQL` rows by arm).
-    Latency and cost: each arm by its own design effect. Errors: both by the larger one,
-    since the count test compares production's share of the failures with its traffic
-    share, which must not move."""
+    Latency: each arm by its own design effect. Errors and cost: both arms by the larger
+    one, since their count tests (failures; paid answers when legacy is free) compare
+    production's share with its traffic share, which must not move."""
 
     def effect(arm: ArmSummary, metric: str, row: dict[str, Any]) -> float:
         m = {"failures": arm.failures, "latency": arm.log_latency, "cost": arm.cost}[metric]
@@ -1111,17 +1111,18 @@ def clustered(
 
     p_row, l_row = rows.get("production", {}), rows.get("legacy", {})
     fail = max(effect(production, "failures", p_row), effect(legacy, "failures", l_row))
+    d_cost = max(effect(production, "cost", p_row), effect(legacy, "cost", l_row))
     effects = {"error_rate": fail}
     arms = []
     for arm, row, name in ((production, p_row, "production"), (legacy, l_row, "legacy")):
-        d_lat, d_cost = effect(arm, "latency", row), effect(arm, "cost", row)
+        d_lat = effect(arm, "latency", row)
         effects[f"latency_{name}"], effects[f"cost_{name}"] = d_lat, d_cost
         arms.append(
             ArmSummary(
                 deflated(arm.failures, fail),
                 deflated(arm.log_latency, d_lat),
                 deflated(arm.cost, d_cost),
-                arm.cost_paid,
+                None if arm.cost_paid is None else arm.cost_paid / d_cost,
             )
         )
     return Clustered(arms[0], arms[1], effects)
