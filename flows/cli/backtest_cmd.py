@@ -5,6 +5,7 @@ on the same data (see `checks.backtest`)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
@@ -63,6 +64,13 @@ def _table(result: dict[str, Any]) -> Table:
     return table
 
 
+def _simulate(run: Callable[..., dict[str, Any]], **settings: Any) -> dict[str, Any]:
+    """`run(progress=..., **settings)` under a progress bar on stderr."""
+    with Progress(console=err_console, transient=True) as progress:
+        task = progress.add_task("simulating", total=1.0)
+        return run(progress=lambda done: progress.update(task, completed=done), **settings)
+
+
 def backtest(
     runs: Annotated[
         int, typer.Option(min=10, help="Simulated rollouts per scenario (A/A and each A/B).")
@@ -87,16 +95,14 @@ def backtest(
 
     if batch > budget:
         fail(f"--batch {batch} is larger than --budget {budget}")
-    with Progress(console=err_console, transient=True) as progress:
-        task = progress.add_task("simulating", total=1.0)
-        result = run_backtest(
-            runs=runs,
-            seed=seed,
-            progress=lambda done: progress.update(task, completed=done),
-            budget_requests=budget,
-            batch_requests=batch,
-            alpha=alpha,
-        )
+    result = _simulate(
+        run_backtest,
+        runs=runs,
+        seed=seed,
+        budget_requests=budget,
+        batch_requests=batch,
+        alpha=alpha,
+    )
     if json_output:
         print(json.dumps(result))
         return
@@ -141,19 +147,17 @@ def backtest_users(
     by its user buckets."""
     from checks.user_backtest import run_user_backtest
 
-    with Progress(console=err_console, transient=True) as progress:
-        task = progress.add_task("simulating", total=1.0)
-        result = run_user_backtest(
-            progress=lambda done: progress.update(task, completed=done),
-            runs=runs,
-            seed=seed,
-            users=users,
-            activity_sigma=activity,
-            latency_sigma=latency_spread,
-            error_sigma=error_spread,
-            cost_sigma=cost_spread,
-            budget_requests=budget,
-        )
+    result = _simulate(
+        run_user_backtest,
+        runs=runs,
+        seed=seed,
+        users=users,
+        activity_sigma=activity,
+        latency_sigma=latency_spread,
+        error_sigma=error_spread,
+        cost_sigma=cost_spread,
+        budget_requests=budget,
+    )
     if json_output:
         print(json.dumps(result))
         return
