@@ -107,7 +107,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -1084,11 +1084,12 @@ def deflated(m: Moments, d: float) -> Moments:
 
 @dataclass(frozen=True)
 class Clustered:
-    """Both arms on effective sample sizes, and the design effect of each metric."""
+    """Both arms on effective sample sizes, and each metric's design effects
+    (production, legacy)."""
 
     production: ArmSummary
     legacy: ArmSummary
-    effects: dict[str, float]
+    effects: dict[str, tuple[float, float]]
 
 
 def clustered(
@@ -1099,62 +1100,63 @@ def clustered(
     one, since their count tests (failures; paid answers when legacy is free) compare
     production's share with its traffic share, which must not move."""
 
-    def effect(arm: ArmSummary, metric: str, row: dict[str, Any]) -> float:
-        m = {"failures": arm.failures, "latency": arm.log_latency, "cost": arm.cost}[metric]
+    arms_by_name = {"production": production, "legacy": legacy}
+
+    def effect(name: str, metric: str) -> float:
+        row = rows.get(name, {})
         return design_effect(
-            m,
-            float(row.get(f"{metric}_g") or 0),
-            float(row.get(f"{metric}_yy") or 0.0),
-            float(row.get(f"{metric}_yn") or 0.0),
-            float(row.get(f"{metric}_nn") or 0.0),
+            _MOMENTS_OF[metric](arms_by_name[name]),
+            float(row.get(f"{_SQL_PREFIX[metric]}_g") or 0),
+            float(row.get(f"{_SQL_PREFIX[metric]}_yy") or 0.0),
+            float(row.get(f"{_SQL_PREFIX[metric]}_yn") or 0.0),
+            float(row.get(f"{_SQL_PREFIX[metric]}_nn") or 0.0),
         )
 
-    p_row, l_row = rows.get("production", {}), rows.get("legacy", {})
-    fail = max(effect(production, "failures", p_row), effect(legacy, "failures", l_row))
-    d_cost = max(effect(production, "cost", p_row), effect(legacy, "cost", l_row))
-    effects = {"error_rate": fail}
-    arms = []
-    for arm, row, name in ((production, p_row, "production"), (legacy, l_row, "legacy")):
-        d_lat = effect(arm, "latency", row)
-        effects[f"latency_{name}"], effects[f"cost_{name}"] = d_lat, d_cost
-        arms.append(
-            ArmSummary(
-                deflated(arm.failures, fail),
-                deflated(arm.log_latency, d_lat),
-                deflated(arm.cost, d_cost),
-                None if arm.cost_paid is None else arm.cost_paid / d_cost,
-            )
+    fail = max(effect("production", "error_rate"), effect("legacy", "error_rate"))
+    cost = max(effect("production", "cost"), effect("legacy", "cost"))
+    latency = (effect("production", "latency"), effect("legacy", "latency"))
+    arms = [
+        ArmSummary(
+            deflated(arm.failures, fail),
+            deflated(arm.log_latency, d_latency),
+            deflated(arm.cost, cost),
+            None if arm.cost_paid is None else arm.cost_paid / cost,
         )
+        for arm, d_latency in zip((production, legacy), latency, strict=True)
+    ]
+    effects = {"error_rate": (fail, fail), "cost": (cost, cost), "latency": latency}
     return Clustered(arms[0], arms[1], effects)
 
 
+#: The moments each clustered metric is judged on, and its columns in `ARM_CLUSTER_SQL`.
+_MOMENTS_OF = {
+    "error_rate": lambda arm: arm.failures,
+    "latency": lambda arm: arm.log_latency,
+    "cost": lambda arm: arm.cost,
+}
+_SQL_PREFIX = {"error_rate": "failures", "latency": "latency", "cost": "cost"}
+
+
 def explain_clustering(
-    results: list[SequentialResult], raw: tuple[ArmSummary, ArmSummary], effects: dict
+    results: list[SequentialResult],
+    raw: tuple[ArmSummary, ArmSummary],
+    effects: dict[str, tuple[float, float]],
 ) -> list[SequentialResult]:
     """Each result with the arms' real request counts, and a note on how much the
     clustering of requests by user weighed."""
-    from dataclasses import replace
-
-    production, legacy = raw
     out = []
     for r in results:
-        if r.metric == "error_rate":
-            d, n_p, n_l = effects["error_rate"], production.failures.n, legacy.failures.n
-            which = f"{d:.3g}"
-        elif r.metric in ("latency", "cost"):
-            d_p, d_l = effects[f"{r.metric}_production"], effects[f"{r.metric}_legacy"]
-            d = max(d_p, d_l)
-            arm = production.log_latency if r.metric == "latency" else production.cost
-            leg = legacy.log_latency if r.metric == "latency" else legacy.cost
-            n_p, n_l = arm.n, leg.n
-            which = f"{d_p:.3g} production, {d_l:.3g} legacy"
-        else:
+        if r.metric not in effects:
             out.append(r)
             continue
-        if d > 1.05:
-            note = f"variance x {which} for requests of the same users (design effect)"
-        else:
-            note = ""
+        d_p, d_l = effects[r.metric]
+        n_p, n_l = (_MOMENTS_OF[r.metric](arm).n for arm in raw)
+        which = f"{d_p:.3g}" if d_p == d_l else f"{d_p:.3g} production, {d_l:.3g} legacy"
+        note = (
+            f"variance x {which} for requests of the same users (design effect)"
+            if max(d_p, d_l) > 1.05
+            else ""
+        )
         joined = "; ".join(x for x in (r.note, note) if x)
         out.append(replace(r, n_production=int(n_p), n_legacy=int(n_l), note=joined))
     return out
