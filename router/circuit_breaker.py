@@ -273,13 +273,7 @@ class CircuitBreaker:
             return False
         if checked_at < self.opened_at:
             return False
-        self.open_until = now
-        self._to(
-            BreakerState.HALF_OPEN,
-            now,
-            f"{self.name} breaker half-open early: an active health check passed; "
-            f"allowing {self.settings.half_open_probes} probe calls",
-        )
+        self._half_open_early(now, "an active health check passed")
         return True
 
     def probe_as_last_resort(self, now: float) -> bool:
@@ -291,14 +285,17 @@ class CircuitBreaker:
             return False
         if now - self.opened_at < LAST_RESORT_AFTER_S:
             return False
+        self._half_open_early(now, "no other backend could take the request")
+        return True
+
+    def _half_open_early(self, now: float, why: str) -> None:
         self.open_until = now
         self._to(
             BreakerState.HALF_OPEN,
             now,
-            f"{self.name} breaker half-open early: no other backend could take the request; "
+            f"{self.name} breaker half-open early: {why}; "
             f"allowing {self.settings.half_open_probes} probe calls",
         )
-        return True
 
     # -- events -----------------------------------------------------------------------
     def on_start(self, now: float, outstanding: int | None = None) -> bool:

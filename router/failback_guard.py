@@ -156,7 +156,7 @@ class FailbackGuard:
         the same limit, and production (`k` of `n`) is not worse than it beyond noise (a
         pooled two-proportion z statistic at most the guard's z times sqrt 2: as strict
         as comparing two one-sided bounds at z, since this too is re-tested on every
-        request; 2 shared 30 % outages in 200 tripped at z alone). A point comparison
+        request; 4 shared 30 % outages in 200 tripped at z alone). A point comparison
         (legacy's rate at least production's), re-tested on every request, tripped on
         nearly every outage both arms shared. A count-based legacy window would cover a
         far shorter time when legacy carries most traffic, and a stall of a second or
