@@ -352,9 +352,10 @@ def _best_case(record: MetricRecord, sign: float) -> float:
     the point estimate, compared at every evaluation, still rolled back 3 % of healthy
     balancers through a shared error burst."""
     bound = record.lower_bound if sign > 0 else record.upper_bound
-    if record.metric not in BOUNDED_IN_UNITS or bound is None or not math.isfinite(bound):
-        return record.estimate  # (p95: its bounds are on the share over the limit)
-    return bound
+    if record.metric in BOUNDED_IN_UNITS and bound is not None and math.isfinite(bound):
+        return bound
+    # (p95: its bounds are on the share over the limit, not in milliseconds)
+    return record.estimate if record.estimate is not None else math.nan
 
 
 def excuse_shared_breach(
