@@ -665,9 +665,11 @@ async def test_guard_trips_on_error_rate_after_min_requests(
     after = await router.route_query(QUESTION, {"user_id": "u10"})
     assert (after.arm, after.mode, after.outcome) == ("legacy", "legacy_only", "ok")
     # The failback is reported without waiting for the control loop (written off the
-    # request path, in a thread).
+    # request path, in a thread). The loop's first heartbeat, taken before the trip,
+    # may land first: wait for the newer one, which replaces it.
     for _ in range(100):
-        if store.read_acks():
+        acks = store.read_acks()
+        if acks and acks[0].effective_mode is DeploymentMode.LEGACY_ONLY:
             break
         await asyncio.sleep(0.02)
     (ack,) = store.read_acks()
