@@ -493,6 +493,7 @@ def sequential_records(con: Connection, spec: GateSpec) -> list[MetricRecord]:
             evaluate_arms(effective.production, effective.legacy, th),
             (production, legacy),
             effective.effects,
+            effective.buckets,
         )
         samples, n_legacy = ARM_TAIL_SAMPLES_SQL, int(legacy.log_latency.n)
     else:

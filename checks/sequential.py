@@ -1090,6 +1090,7 @@ class Clustered:
     production: ArmSummary
     legacy: ArmSummary
     effects: dict[str, tuple[float, float]]
+    buckets: tuple[int, int] = (0, 0)
 
 
 def clustered(
@@ -1125,7 +1126,8 @@ def clustered(
         for arm, d_latency in zip((production, legacy), latency, strict=True)
     ]
     effects = {"error_rate": (fail, fail), "cost": (cost, cost), "latency": latency}
-    return Clustered(arms[0], arms[1], effects)
+    buckets = tuple(int(rows.get(name, {}).get("failures_g") or 0) for name in arms_by_name)
+    return Clustered(arms[0], arms[1], effects, (buckets[0], buckets[1]))
 
 
 #: The moments each clustered metric is judged on, and its columns in `ARM_CLUSTER_SQL`.
@@ -1137,13 +1139,32 @@ _MOMENTS_OF = {
 _SQL_PREFIX = {"error_rate": "failures", "latency": "latency", "cost": "cost"}
 
 
+def few_buckets_note(buckets: tuple[int, int]) -> str:
+    """Why a phase with few users cannot decide: an operator sees it at every evaluation
+    instead of only a hold at the maximum duration."""
+    few = [
+        f"{name} {g}"
+        for name, g in zip(("production", "legacy"), buckets, strict=True)
+        if 0 < g < MIN_BUCKETS
+    ]
+    if not few:
+        return ""
+    return (
+        f"user buckets with requests: {', '.join(few)}, under the {MIN_BUCKETS} needed to "
+        "measure how much a user's requests move together, so each bucket counts as one "
+        "request (more users, or a larger traffic share, let this decide)"
+    )
+
+
 def explain_clustering(
     results: list[SequentialResult],
     raw: tuple[ArmSummary, ArmSummary],
     effects: dict[str, tuple[float, float]],
+    buckets: tuple[int, int] = (0, 0),
 ) -> list[SequentialResult]:
     """Each result with the arms' real request counts, and a note on how much the
     clustering of requests by user weighed."""
+    few = few_buckets_note(buckets)
     out = []
     for r in results:
         if r.metric not in effects:
@@ -1157,7 +1178,7 @@ def explain_clustering(
             if max(d_p, d_l) > 1.05
             else ""
         )
-        joined = "; ".join(x for x in (r.note, note) if x)
+        joined = "; ".join(x for x in (r.note, note, few) if x)
         out.append(replace(r, n_production=int(n_p), n_legacy=int(n_l), note=joined))
     return out
 

@@ -845,6 +845,7 @@ def test_requests_of_the_same_users_count_as_the_users_they_come_from(tmp_path: 
     assert latency.decision is not Decision.HARM, latency.reason
     assert "for requests of the same users (design effect)" in latency.reason
     assert (latency.n_production, latency.n_legacy) == (4000, 4000)  # real counts
+    assert "user buckets" not in latency.reason  # 40 per arm: enough to measure
 
 
 def test_an_arm_of_few_buckets_counts_each_bucket_as_one_request(tmp_path: Path) -> None:
@@ -862,6 +863,8 @@ def test_an_arm_of_few_buckets_counts_each_bucket_as_one_request(tmp_path: Path)
     # 19 users of 200 requests: worst case, 19 requests' worth, under the burn-in
     assert latency.decision is Decision.INCONCLUSIVE, latency.reason
     assert "variance x 200 production" in latency.reason
+    # and says why it cannot decide, at every evaluation
+    assert f"user buckets with requests: production {sq.MIN_BUCKETS - 1}, under" in latency.reason
 
 
 def test_design_effect_known_answers() -> None:
