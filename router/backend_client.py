@@ -161,6 +161,27 @@ def _endpoint(base_url: str, path: str) -> httpx.URL:
     return httpx.URL(f"{base_url}{path}")
 
 
+def authorization(backend: BackendConfig) -> dict[str, str]:
+    """The backend's Authorization header, or none without a key.
+
+    A key no header can carry is refused before it is sent, naming the variable only. A
+    pasted non-breaking space or curly quote made httpx's UnicodeEncodeError escape the
+    balancer (no failover, no penalty); a line break inside the key (a two-line secret
+    file) was logged in full by httpcore at DEBUG, on every request and health probe."""
+    key = backend.api_key()
+    if key is None:
+        return {}
+    value = key.get_secret_value()
+    if not (value.isascii() and value.isprintable()):
+        raise BackendFailure(
+            ErrorKind.CONNECT,
+            f"{backend.name}: the API key in ${backend.api_key_env} has a character no HTTP "
+            "header can carry (a line break, a control or non-ASCII character): check the "
+            "variable's value",
+        )
+    return {"Authorization": f"Bearer {value}"}
+
+
 def request_for(backend: BackendConfig, query: str, headers: dict[str, str]) -> httpx.Request:
     if backend.kind is BackendKind.LIGHTRAG:
         return httpx.Request(
@@ -169,20 +190,22 @@ def request_for(backend: BackendConfig, query: str, headers: dict[str, str]) -> 
             json={"query": query, "mode": "hybrid"},
             headers=headers,
         )
-    key = backend.api_key()
-    if key is not None and not key.get_secret_value().isascii():
-        # A pasted non-breaking space or curly quote: no HTTP header can carry it, and
-        # httpx's UnicodeEncodeError escaped the balancer (no failover, no penalty).
-        raise BackendFailure(
-            ErrorKind.CONNECT,
-            f"{backend.name}: the API key in ${backend.api_key_env} has a non-ASCII "
-            "character, which no HTTP header can carry: check the variable's value",
-        )
-    auth = {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
+    auth = authorization(backend)
     body = {"model": backend.model, "messages": [{"role": "user", "content": query}]}
     return httpx.Request(
         "POST", _endpoint(backend.url, "/chat/completions"), json=body, headers={**headers, **auth}
     )
+
+
+def _token_count(usage: Any, field: str, default: int) -> int:
+    """usage[field] as an int. Its value never reaches the message: int()'s own error
+    quotes 200 characters of it, and redaction, which looks for the whole key, missed a
+    key cut short there."""
+    value = usage.get(field, default)
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise TypeError(f"usage.{field} is not a whole number") from None
 
 
 def parse_answer(backend: BackendConfig, query: str, payload: Any, status: int) -> BackendAnswer:
@@ -197,8 +220,8 @@ def parse_answer(backend: BackendConfig, query: str, payload: Any, status: int) 
         citations = tuple(str(c) for c in payload.get("citations") or ())
         if not isinstance(text, str):
             raise TypeError("content is not a string")
-        prompt = int(usage.get("prompt_tokens", estimate_tokens(query)))
-        completion = int(usage.get("completion_tokens", estimate_tokens(text)))
+        prompt = _token_count(usage, "prompt_tokens", estimate_tokens(query))
+        completion = _token_count(usage, "completion_tokens", estimate_tokens(text))
         return BackendAnswer(text, prompt, completion, citations, status)
     # OverflowError: a JSON number like 1e400 in `usage` is a float infinity to int()
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError) as exc:

@@ -53,6 +53,18 @@ def check_env_name(value: str | None) -> str | None:
     return value
 
 
+def check_no_credentials(url: HttpUrl) -> HttpUrl:
+    """A backend URL carries no user info: httpx logs every request's URL at INFO, so
+    a key in it would reach the logs on every call and health probe."""
+    if url.username or url.password:
+        raise ValueError(
+            "a backend URL must not carry credentials (user:password@ or token@): the "
+            "API key goes in the environment variable that api_key_env (or "
+            "PROD_LB_PERPLEXITY_API_KEY_ENV) names"
+        )
+    return url
+
+
 #: Connections per backend unless its config says otherwise (`max_connections`).
 DEFAULT_POOL_SIZE = 128
 
@@ -64,7 +76,8 @@ class BackendConfig(BaseModel):
     variable that holds it, so configs, logs and the metrics database stay secret-free.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # An embedding app that logs a ValidationError must not log a pasted key with it.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     kind: BackendKind
@@ -86,7 +99,7 @@ class BackendConfig(BaseModel):
     def _http_only(cls, value: HttpUrl) -> HttpUrl:
         if value.scheme not in ("http", "https"):
             raise ValueError(f"base_url must be http or https, got {value.scheme}")
-        return value
+        return check_no_credentials(value)
 
     @property
     def url(self) -> str:

@@ -24,7 +24,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from router.algorithms.names import ADVANCED_ALGORITHMS, AlgorithmName
-from router.backends import BackendConfig, BackendKind, check_env_name
+from router.backends import BackendConfig, BackendKind, check_env_name, check_no_credentials
 from router.modes import DeploymentMode
 from router.production_config import CostSettings, ProductionLoadBalancingConfig
 from router.router_config import (
@@ -44,8 +44,14 @@ SPLIT_SINCE_SKEW = timedelta(minutes=5)
 
 
 class ProductionFeatureFlags(BaseSettings):
+    # hide_input_in_errors: an embedding app that logs a ValidationError must not log a
+    # key pasted into a setting with it (`load_flags` formats its own errors).
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, extra="forbid", case_sensitive=False, frozen=True
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        case_sensitive=False,
+        frozen=True,
+        hide_input_in_errors=True,
     )
 
     enabled: bool = Field(default=False, description="false forces legacy_only")
@@ -76,6 +82,15 @@ class ProductionFeatureFlags(BaseSettings):
         description="the NAME of the environment variable that holds the key, not the key",
     )
     _key_env_name = field_validator("perplexity_api_key_env")(check_env_name)
+
+    @field_validator("lightrag_urls", "perplexity_url")
+    @classmethod
+    def _no_credentials(cls, value: list[HttpUrl] | HttpUrl | None) -> object:
+        for url in value if isinstance(value, list) else [value]:
+            if url is not None:
+                check_no_credentials(url)
+        return value
+
     backends_file: Path | None = None
     region: str = "eu-central"
     request_timeout_s: float = Field(default=30.0, gt=0, le=600)

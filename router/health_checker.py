@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import httpx
 
-from router.backend_client import EXCHANGE_GIVE_UP_FACTOR
+from router.backend_client import EXCHANGE_GIVE_UP_FACTOR, authorization
 from router.backend_state import BackendState
 from router.backends import BackendConfig, BackendKind
 from router.pool_repair import SendTracker, run_uncancelled
@@ -57,10 +57,7 @@ class ActiveHealthChecker:
         check for that backend only, never a lost round for all of them."""
         try:
             async with asyncio.timeout(self.settings.timeout_s):
-                headers = {}
-                key = backend.api_key()
-                if key is not None:
-                    headers["Authorization"] = f"Bearer {key.get_secret_value()}"
+                headers = authorization(backend)
                 tracker = SendTracker()
                 response = await run_uncancelled(  # see router.pool_repair
                     self.client,

@@ -36,8 +36,14 @@ class HttpControlStore(DocumentReads):
                 f"control URL {mask_url(url)} has a query or fragment: the routes are "
                 "appended to its path, so give credentials as user:password@ instead"
             )
-        self.url = url.rstrip("/")
-        self.client = httpx.Client(timeout=timeout_s, transport=transport)
+        # Credentials go in the Authorization header, not in the URL the client requests:
+        # httpx logs every request's URL at INFO, and this one is polled for ever.
+        auth = None
+        if parsed.userinfo:
+            auth = httpx.BasicAuth(parsed.username, parsed.password)
+            parsed = parsed.copy_with(username=None, password=None)
+        self.url = str(parsed).rstrip("/")
+        self.client = httpx.Client(timeout=timeout_s, transport=transport, auth=auth)
 
     def _call(self, method: str, path: str, **kwargs: object) -> httpx.Response:
         # Errors are logged at every poll: never with a password from the URL.

@@ -30,6 +30,9 @@ class SettingsError(ValueError):
 #: `scheme://user:password@host`: the password part of a URL's userinfo.
 _URL_PASSWORD = re.compile(r"(//[^/:@\s]*):[^@/\s]*@")
 
+#: `scheme://token@host`: userinfo with no password, often a token on its own.
+_URL_USER_ONLY = re.compile(r"(//)[^/:@\s]+@")
+
 #: A URL's query (`?token=abc&page=2`, up to a fragment, space or quote).
 _URL_QUERY = re.compile(r"(://[^?#\s'\"]*\?)([^#\s'\"]*)")
 
@@ -41,9 +44,11 @@ def _mask_query(match: re.Match[str]) -> str:
 
 
 def mask_url(text: str) -> str:
-    """`text` with any URL password and every URL query value replaced by *** (services
-    take keys as `?token=...` as often as in the userinfo)."""
-    return _URL_QUERY.sub(_mask_query, _URL_PASSWORD.sub(r"\1:***@", text))
+    """`text` with any URL password, a user name standing alone (`//token@host`), and every
+    URL query value replaced by *** (services take keys as `?token=...` as often as in
+    the userinfo)."""
+    masked = _URL_USER_ONLY.sub(r"\1***@", _URL_PASSWORD.sub(r"\1:***@", text))
+    return _URL_QUERY.sub(_mask_query, masked)
 
 
 def mask(name: str, value: object) -> str:

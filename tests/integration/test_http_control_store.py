@@ -4,6 +4,7 @@ loopback (flows publish to `rollout control serve`, a router polls it and heartb
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -258,11 +259,28 @@ def test_an_oversized_heartbeat_is_refused_before_it_is_read(
 
 
 @respx.mock
-def test_errors_never_show_a_password_from_the_url() -> None:
-    respx.get("http://ops:hunter2@control.test/acks").mock(return_value=httpx.Response(503))
+@pytest.mark.parametrize(
+    ("url", "header"),
+    [
+        ("http://ops:hunter2@control.test", httpx.BasicAuth("ops", "hunter2")),
+        ("http://hunter2@control.test", httpx.BasicAuth("hunter2", "")),  # a token alone
+    ],
+)
+def test_credentials_in_the_url_are_sent_as_a_header_and_never_logged(
+    url: str, header: httpx.BasicAuth, caplog: pytest.LogCaptureFixture
+) -> None:
+    """httpx logs every request's URL at INFO, and routers poll this one for ever."""
+    route = respx.get("http://control.test/acks").mock(return_value=httpx.Response(503))
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.INFO, logger="httpx")  # an earlier test may have quietened it
     with pytest.raises(OSError) as caught:
-        HttpControlStore("http://ops:hunter2@control.test").read_acks()
-    assert "hunter2" not in str(caught.value) and "ops:***@control.test" in str(caught.value)
+        HttpControlStore(url).read_acks()
+    (call,) = route.calls
+    expected = header.auth_flow(httpx.Request("GET", "http://control.test")).__next__()
+    assert call.request.headers["Authorization"] == expected.headers["Authorization"]
+    assert call.request.url.userinfo == b""
+    assert "hunter2" not in str(caught.value) and "http://control.test/acks" in str(caught.value)
+    assert caplog.records and "hunter2" not in caplog.text
 
 
 @respx.mock

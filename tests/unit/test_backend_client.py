@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -395,27 +396,50 @@ async def test_a_key_read_from_a_file_with_its_newline_is_sent_clean_and_never_l
     assert SECRET not in str(failure)
 
 
+@pytest.mark.parametrize("bad", ["\u00a0x", "\nsecond-line", "\rx", "\x7fx", "\tx"])
 @respx.mock
-async def test_a_key_with_a_non_ascii_character_is_a_typed_failure_that_names_its_variable(
-    monkeypatch: pytest.MonkeyPatch,
+async def test_a_key_no_header_can_carry_is_a_typed_failure_that_names_its_variable(
+    bad: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A key pasted with a non-breaking space cannot go into a header: httpx raised
     UnicodeEncodeError, which escaped the balancer (no failover to another backend, no
-    health penalty). It is a connect-shaped failure now, naming the variable, not the key."""
-    monkeypatch.setenv("TEST_PPLX_KEY", SECRET + "\u00a0x")
+    health penalty). A line break inside it (a two-line secret file) was logged in full
+    by httpcore at DEBUG. It is a connect-shaped failure now, naming the variable, not
+    the key, and nothing is sent."""
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("TEST_PPLX_KEY", SECRET + bad)
     route = respx.post("http://px.test/chat/completions").mock(return_value=httpx.Response(200))
     failure = await failure_of(PPLX)
     assert_shape(failure, "connect")
     assert "$TEST_PPLX_KEY" in str(failure) and "non-ASCII" in str(failure)
-    assert SECRET not in str(failure)
+    assert SECRET not in str(failure) and SECRET not in caplog.text
     assert not route.called
+
+
+@respx.mock
+async def test_a_token_count_that_is_not_a_number_is_not_quoted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """int()'s error quotes 200 characters of the value: a body echoing the key there was
+    cut short inside it, past the redaction, which looks for the whole key."""
+    monkeypatch.setenv("TEST_PPLX_KEY", SECRET)
+    usage = {"prompt_tokens": "x" * 190 + SECRET}
+    respx.post("http://px.test/chat/completions").mock(
+        return_value=httpx.Response(
+            200, json={"choices": [{"message": {"content": "ok"}}], "usage": usage}
+        )
+    )
+    failure = await failure_of(PPLX)
+    assert_shape(failure, "malformed")
+    assert "usage.prompt_tokens is not a whole number" in str(failure)
+    assert SECRET[:8] not in str(failure)
 
 
 async def test_a_secret_quoted_escaped_by_the_transport_is_redacted(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Whatever a transport error quotes, in the escaped form a repr gives, is masked."""
-    odd = "pplx-key\x01with-a-control-character"
+    odd = "pplx-key'with\"both-quotes"  # a bytes repr escapes the ' then
     monkeypatch.setenv("TEST_PPLX_KEY", odd)
     escaped = repr(odd.encode())[2:-1]
 

@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
+from router.backends import BackendConfig, BackendKind
 from router.feature_flags import ENV_PREFIX, ProductionFeatureFlags, load_flags
 from router.modes import DeploymentMode
 from router.router_config import GuardLimits
@@ -265,16 +267,42 @@ def test_cli_validate_imports_the_custom_class_and_names_the_variable() -> None:
     assert "nope" in line.split(": ", 2)[2]
 
 
-def test_cli_show_masks_a_password_in_a_backend_url() -> None:
-    shown = _cli(
-        "config",
-        "show",
-        "--json",
-        env={"PROD_LB_PERPLEXITY_URL": "http://svc:sk-hidden@127.0.0.1:1"},
-    )
-    assert shown.returncode == 0, shown.stderr
-    assert "sk-hidden" not in shown.stdout
-    assert "http://svc:***@127.0.0.1:1" in shown.stdout
+@pytest.mark.parametrize(
+    ("variable", "url", "masked"),
+    [
+        (
+            "PROD_LB_PERPLEXITY_URL",
+            "http://svc:sk-hidden@127.0.0.1:1",
+            "http://svc:***@127.0.0.1:1",
+        ),
+        ("PROD_LB_LIGHTRAG_URLS", "http://sk-hidden@127.0.0.1:1", "http://***@127.0.0.1:1"),
+    ],
+)
+def test_credentials_in_a_backend_url_are_refused_unechoed(
+    variable: str, url: str, masked: str
+) -> None:
+    """httpx logs every request's URL at INFO: a key in a backend URL would reach the logs
+    on every call and health probe. Refused at start-up, the key masked in the error."""
+    for command in (("config", "show", "--json"), ("config", "validate")):
+        shown = _cli(*command, env={variable: url})
+        assert shown.returncode == 2, shown.stdout + shown.stderr
+        assert "sk-hidden" not in shown.stdout + shown.stderr
+        assert masked in shown.stderr and "must not carry credentials" in shown.stderr
+
+
+def test_pydantic_errors_never_echo_a_pasted_key() -> None:
+    """An embedding app that builds these models itself and logs the ValidationError."""
+    pasted = "pplx-abcdef1234567890"
+    with pytest.raises(ValidationError) as backend:
+        BackendConfig(
+            name="px", kind=BackendKind.PERPLEXITY, base_url="http://x.test", api_key_env=pasted
+        )
+    with pytest.raises(ValidationError) as flags:
+        ProductionFeatureFlags(perplexity_api_key_env=pasted)
+    with pytest.raises(ValidationError) as url:
+        BackendConfig(name="px", kind=BackendKind.PERPLEXITY, base_url=f"http://{pasted}@x.test")
+    for caught in (backend, flags, url):
+        assert pasted not in str(caught.value) and pasted not in repr(caught.value)
 
 
 def test_cli_show_masks_a_key_pasted_where_a_variable_name_belongs() -> None:

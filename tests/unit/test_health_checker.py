@@ -438,6 +438,25 @@ async def test_one_backends_unexpected_error_does_not_blind_the_checker_to_the_o
     assert not harness.routable("lr-1")  # ...the failing LightRAG must still be judged
 
 
+async def test_a_key_with_a_line_break_fails_the_probe_unsent_and_unlogged(
+    client: httpx.AsyncClient,
+    mock: respx.MockRouter,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A two-line secret file: httpcore logged the illegal header, key and all, at DEBUG
+    on every probe. It is refused before anything is sent."""
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv(KEY_ENV, "pplx-first-line-secret\nsecond-line")
+    route = mock.get(PX_MODELS).mock(return_value=httpx.Response(200))
+    harness = Harness(client, [PX], unhealthy_after=1)
+
+    await harness.checker.check_once()
+
+    assert not harness.routable("px-1") and not route.called
+    assert "first-line-secret" not in caplog.text
+
+
 # -- loopback: real sockets -----------------------------------------------------------
 class RawServer:
     """A TCP server on 127.0.0.1 that reads one HTTP request and then does `behaviour`."""
