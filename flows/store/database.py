@@ -414,6 +414,16 @@ def _settle_archive(
                 f"`rollout compact --archive {chosen} --relocate-archive`"
             )
     _require_archive(con, chosen, database)
+    # Before it is recorded: a location refused here must not become the store's archive
+    # (every later reader would fail on it, and nothing would say how to repair it).
+    try:
+        _ensure_placeholder(con, chosen, force=chosen != current)
+    except (OSError, duckdb.Error) as exc:
+        kept = "" if current is None else f"; the archive stays at {current}"
+        raise StoreError(
+            f"archive location {chosen} is not usable: {exc}. Give a folder this machine can "
+            f"create and write, or a URL DuckDB can write to (s3://...){kept}"
+        ) from None
     # The default is recorded relative; this also upgrades a database that recorded it
     # absolute (before the data dir could move).
     stored = DEFAULT_ARCHIVE if chosen == default_archive(database) else chosen
@@ -427,7 +437,6 @@ def _settle_archive(
                 "UPDATE archive_batches SET location = ? WHERE location IS DISTINCT FROM ?",
                 [stored, stored],
             )
-    _ensure_placeholder(con, chosen, force=chosen != current)
     _point_views(con, chosen)
     return chosen
 

@@ -353,6 +353,24 @@ def test_a_missing_archive_that_holds_days_fails_loudly(paths: DataPaths, tmp_pa
     assert ledger(moved) == ([("archive",)], [("archive",)])
 
 
+@pytest.mark.parametrize("bad", ["file", "gopher://x/y"])
+def test_an_unusable_archive_is_refused_and_not_recorded(
+    paths: DataPaths, tmp_path: Path, bad: str
+) -> None:
+    """A refused `--archive` used to be recorded anyway: every later reader then failed on
+    it, and nothing said how to repair it."""
+    before = snapshot(paths)
+    location = bad
+    if bad == "file":
+        location = str(tmp_path / "a-file")
+        Path(location).write_text("not a folder")
+    with pytest.raises(StoreError, match=re.escape(f"archive location {location} is not usable")):
+        compact(paths, retention=2, now=NOW, archive=location)
+    assert snapshot(paths) == before  # every reader still works
+    assert compact(paths, retention=2, now=NOW).rows == 300  # into the default archive
+    assert ledger(paths) == ([("archive",)], [("archive",)])
+
+
 def test_a_data_dir_with_glob_characters(tmp_path: Path) -> None:
     """`[` and `*` in the path are escaped in the archive glob, sandbox included; `?`,
     which DuckDB itself cannot use in a database path, is refused with a clear message."""
