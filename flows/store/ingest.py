@@ -30,6 +30,7 @@ was routed under.
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 import time
 from collections.abc import Callable, Iterable
@@ -45,6 +46,8 @@ from flows.store.database import StoreError, connect, transaction
 from flows.store.locations import is_remote, join, segments_location
 from router.record import EVENT_SCHEMA, REQUEST_SCHEMA, EventKind
 from router.recorder import SEGMENT_SUFFIX
+
+log = logging.getLogger(__name__)
 
 KINDS = {"requests": ("requests", REQUEST_SCHEMA), "events": ("router_events", EVENT_SCHEMA)}
 
@@ -143,6 +146,29 @@ def _segment(path: str) -> Segment | None:
     return Segment(path, f"{instance}/{name}", instance, kind if kind in KINDS else UNKNOWN_KIND)
 
 
+def _utf8_named(root: Path, path: Path) -> Path:
+    """`path`, renamed if its instance folder or file name is not UTF-8 (DuckDB takes
+    only UTF-8 paths and keys; one such file stopped every ingest and tick). Undecodable
+    bytes become U+FFFD plus a digest of the original name, so no two names collide."""
+    relative = path.relative_to(root)
+    try:
+        str(relative).encode()
+        return path
+    except UnicodeEncodeError:
+        pass
+    raw = bytes(relative)
+    digest = hashlib.sha256(raw).hexdigest()[:8]
+    instance, name = (
+        part.encode(errors="surrogateescape").decode(errors="replace") for part in relative.parts
+    )
+    stem = name.removesuffix(SEGMENT_SUFFIX)
+    target = root / instance / f"{stem}-{digest}{SEGMENT_SUFFIX}"
+    target.parent.mkdir(exist_ok=True)
+    path.rename(target)
+    log.warning("segment %r renamed to %s: DuckDB reads UTF-8 paths only", str(relative), target)
+    return target
+
+
 def discover(location: str | Path, con: duckdb.DuckDBPyConnection | None = None) -> list[Segment]:
     """Finished segment files, by instance then name. Temporary `.name.tmp` files are skipped.
 
@@ -163,6 +189,7 @@ def discover(location: str | Path, con: duckdb.DuckDBPyConnection | None = None)
             return found
         for instance_dir in sorted(p for p in root.iterdir() if p.is_dir()):
             for path in sorted(instance_dir.glob(f"*{SEGMENT_SUFFIX}")):
+                path = _utf8_named(root, path)
                 segment = _segment(str(path))
                 if segment is None:
                     continue

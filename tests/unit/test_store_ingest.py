@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -166,6 +167,24 @@ def test_corrupt_and_partial_segments_are_quarantined_while_others_land(
     again = collect(paths)
     assert again.rows == 0 and again.quarantined == []
     assert counts(paths)[0] == 400
+
+
+def test_segments_whose_names_are_not_utf8_are_renamed_and_land(paths: DataPaths) -> None:
+    """DuckDB takes UTF-8 paths only: one such file stopped every collect and tick, and was
+    never quarantined. Renamed (U+FFFD and a digest of the old name), it lands once."""
+    write_request_segments(paths.segments, "app-1", files=2, rows=100)
+    first, second = sorted((paths.segments / "app-1").glob("*.parquet"))
+    odd_name = paths.segments / "app-1" / os.fsdecode(b"requests-\xff-1.parquet")
+    first.rename(odd_name)
+    odd_folder = paths.segments / os.fsdecode(b"app-\xfe")
+    odd_folder.mkdir()
+    second.rename(odd_folder / second.name)
+
+    assert collect(paths).rows == 200
+    assert collect(paths).rows == 0  # once
+    names = sorted(str(p.relative_to(paths.segments)) for p in paths.segments.rglob("*.parquet"))
+    assert len(names) == 2 and all("\ufffd" in n for n in names)
+    assert counts(paths)[0] == 200
 
 
 def test_an_event_written_twice_lands_once_and_neither_segment_is_quarantined(
