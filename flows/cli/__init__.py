@@ -24,10 +24,28 @@ ACTIONABLE = {
     "IsADirectoryError": 2,
     "NotADirectoryError": 2,
     "PermissionError": 1,
+    "FileExistsError": 2,
+    # A read-only or full disk, a file where a folder belongs: the message says which.
+    "OSError": 1,
 }
 
 
+def _check_utf8(args: list[str]) -> None:
+    """Undecodable bytes in an argument reached DuckDB and pydantic as lone surrogates and
+    failed deep inside with a traceback; an emergency `rollback --reason` did nothing."""
+    for position, arg in enumerate(args, start=1):
+        try:
+            arg.encode()
+        except UnicodeEncodeError:
+            print_error(
+                f"argument {position} ({ascii(arg)[:80]}) is not valid UTF-8: give every "
+                "option, reason and path as UTF-8 text"
+            )
+            sys.exit(2)
+
+
 def main() -> None:
+    _check_utf8(sys.argv[1:])
     try:
         app()
     except Exception as exc:

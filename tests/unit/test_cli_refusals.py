@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,8 @@ from flows.cli.app import app
 from flows.demo.runner import DEMO_PLAN
 from flows.paths import DataPaths
 from flows.plan import load_plan
+from flows.store.database import connect
+from tests.conftest import ROOT
 
 REASON = "see [oncall] runbook [/] step 2 and/or [bold]x[/bold] \\"
 
@@ -269,3 +273,40 @@ def test_a_rollout_id_outside_the_safe_characters_is_one_line_and_exit_2(tmp_pat
     assert one_error_line(result) == (
         "--rollout-id 'team/x': allowed are 1 to 64 letters, digits, '_', '.' and '-'"
     )
+
+
+def _rollout(*args: str | bytes) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], capture_output=True, timeout=60, cwd=ROOT
+    )
+
+
+def _state(paths: DataPaths) -> tuple[str, int]:
+    with connect(paths.database, read_only=True) as con:
+        rollout = lifecycle.get_state(con, "ro-real")
+    return rollout.state, rollout.phase_index
+
+
+def test_an_argument_that_is_not_utf8_is_refused_before_anything_runs(running: DataPaths) -> None:
+    """Lone surrogates reached pydantic and DuckDB: an emergency `rollback --reason` with a
+    stray byte failed with a traceback and left the routers on the canary."""
+    before = _state(running)
+    result = _rollout("rollback", "--reason", b"oops \xff", "--data-dir", str(running.root))
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.decode().splitlines()
+    assert line == (
+        "error: argument 3 ('oops \\udcff') is not valid UTF-8: give every option, reason and "
+        "path as UTF-8 text"
+    )
+    assert _state(running) == before == ("running", 0)  # nothing half-done
+    retried = _rollout("rollback", "--reason", "oops", "--data-dir", str(running.root))
+    assert retried.returncode == 0, retried.stderr
+
+
+def test_a_file_where_the_data_dir_belongs_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    file = tmp_path / "data"
+    file.write_text("not a folder")
+    result = _rollout("control", "serve", "--port", "0", "--data-dir", str(file))
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.decode().splitlines()
+    assert line.startswith("error: ") and str(file) in line
