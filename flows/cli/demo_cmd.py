@@ -143,15 +143,9 @@ def app_run(
     if fleet_file is not None:
         import json
 
-        from flows.sim.fleet import FleetInfo
+        from flows.cli.sim_cmd import read_fleet_file
 
-        try:
-            info = FleetInfo.read(fleet_file)
-        except FileNotFoundError:
-            fail(f"no fleet file at {fleet_file}: is `rollout sim serve` running?")
-        except (ValueError, OSError) as exc:  # pydantic's ValidationError is a ValueError
-            first = str(exc).splitlines()[0]
-            fail(f"{fleet_file} is not a fleet file `rollout sim serve` wrote ({first})")
+        info = read_fleet_file(fleet_file)
         backends_file = fleet_file.with_name("backends.json")
         backends_file.write_text(
             json.dumps([b.model_dump(mode="json") for b in info.backend_configs(timeout_s=5.0)])

@@ -252,6 +252,38 @@ def test_a_broken_fleet_file_is_one_line_not_a_traceback(tmp_path: Path) -> None
     assert "is not a fleet file" in one_error_line(result)
 
 
+def test_sim_serve_never_overwrites_a_file_that_is_not_its_own(tmp_path: Path) -> None:
+    """It wrote the fleet's URLs over the file, then deleted it on exit."""
+    kept = tmp_path / "important.txt"
+    kept.write_text("keep me")
+    for target in (kept, tmp_path):
+        result = cli("sim", "serve", "--fleet-file", str(target))
+        assert result.exit_code == 2, result.output
+        assert f"--fleet-file {target} exists and is not a fleet file" in one_error_line(result)
+    assert kept.read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("lightrag-1", '{"error_rate": NaN}'), "NaN is not a number a backend profile can hold"),
+        (("lightrag-1", '{"latency_ms": Infinity}'), "Infinity is not a number"),
+        (("lightrag-1", "{}", "--arm", "bogus"), "'bogus' is not one of 'legacy', 'production'"),
+    ],
+)
+def test_sim_set_refuses_what_no_profile_can_hold(
+    tmp_path: Path, args: tuple[str, ...], says: str
+) -> None:
+    from flows.sim.fleet import FleetInfo, FleetMember, demo_fleet
+
+    fleet = tmp_path / "fleet.json"
+    spec = next(s for s in demo_fleet() if s.name == "lightrag-1")
+    FleetInfo(members=[FleetMember(spec=spec, url="http://127.0.0.1:9")]).write(fleet)
+    result = cli("sim", "set", *args, "--fleet-file", str(fleet))  # refused before any call
+    assert result.exit_code == 2, result.output
+    assert says in " ".join(result.output.replace("│", " ").split())
+
+
 def test_the_dashboard_refuses_an_unknown_rollout_before_serving(running: DataPaths) -> None:
     """It started serving and only the page said "no rollout 'nope'"."""
     result = cli("dashboard", "--rollout-id", "nope", "--data-dir", str(running.root))
