@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import re
+from collections.abc import Hashable
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,6 +22,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     create_model,
     model_validator,
@@ -52,6 +54,9 @@ DURATION_FORMS = "seconds (90), 30s, 15m, 2h, 7d, 1w, or ISO 8601 (PT30S)"
 MAX_DURATION = timedelta(days=3650)
 
 
+_ISO_DURATION = TypeAdapter(timedelta)
+
+
 def parse_duration(value: Any) -> Any:
     if isinstance(value, bool):
         raise ValueError(f"a duration, not {value}: use {DURATION_FORMS}")
@@ -65,7 +70,10 @@ def parse_duration(value: Any) -> Any:
         elif not value.strip().lstrip("-").upper().startswith("P"):
             raise ValueError(f"{value!r} is not a duration: use {DURATION_FORMS}")
     if seconds is None:
-        return value  # pydantic parses ISO 8601 and reports its errors
+        try:  # ISO 8601: the cap applies too (P3000000D overflowed the tick's arithmetic)
+            seconds = _ISO_DURATION.validate_python(value).total_seconds()
+        except ValidationError:
+            return value  # pydantic reports its own errors on the field
     if not seconds < MAX_DURATION.total_seconds():  # NaN too
         raise ValueError(f"{value!r} is longer than the {MAX_DURATION.days} days allowed")
     return timedelta(seconds=seconds)
@@ -311,6 +319,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
             line = key_node.start_mark.line + 1
+            if not isinstance(key, Hashable):  # `? [a, b]`: a YAML complex key
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"a key must be a plain name, not a {type(key).__name__} (line {line})",
+                    key_node.start_mark,
+                )
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None,
@@ -328,6 +343,10 @@ def load_plan(path: Path | str) -> RolloutPlan:
         data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader
     except FileNotFoundError:
         raise PlanError([f"plan file {str(path)!r} does not exist"]) from None
+    except UnicodeDecodeError as exc:
+        raise PlanError(
+            [f"plan file {str(path)!r} is not UTF-8 text (byte {exc.start}): save it as UTF-8"]
+        ) from None
     except OSError as exc:
         raise PlanError([f"plan file {str(path)!r} cannot be read: {exc.strerror}"]) from None
     except yaml.YAMLError as exc:

@@ -201,6 +201,35 @@ def test_a_key_given_twice_in_a_plan_file_is_refused_naming_both_lines(tmp_path:
     assert "not valid YAML" in line and "'traffic_percent' is given twice" in line
 
 
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"name: x\nphases: []\n# caf\xe9\n", "is not UTF-8 text (byte 24): save it as UTF-8"),
+        (b"? [a, b]\n: 1\n", "a key must be a plain name, not a list (line 1)"),
+    ],
+)
+def test_a_plan_file_that_is_not_a_plain_yaml_mapping_is_one_line(
+    tmp_path: Path, content: bytes, says: str
+) -> None:
+    """Both were tracebacks (UnicodeDecodeError, TypeError: unhashable type)."""
+    path = tmp_path / "plan.yaml"
+    path.write_bytes(content)
+    with pytest.raises(PlanError) as caught:
+        load_plan(path)
+    (line,) = caught.value.lines
+    assert says in line, line
+
+
+@pytest.mark.parametrize("field", ["max_duration", "evaluation_interval"])
+def test_an_iso_duration_has_the_same_cap_as_the_others(field: str) -> None:
+    """P3000000D passed (3000000d did not), then overflowed the tick's date arithmetic."""
+    data = copy.deepcopy(demo_data())
+    data["phases"][0][field] = "P3000000D"
+    with pytest.raises(PlanError) as caught:
+        validate_plan(data)
+    assert "'P3000000D' is longer than the 3650 days allowed" in caught.value.lines[0]
+
+
 @pytest.mark.parametrize(("what", "change", "words"), BROKEN, ids=[b[0] for b in BROKEN])
 def test_broken_plan_names_phase_and_field(what: str, change: Any, words: list[str]) -> None:
     data = copy.deepcopy(demo_data())
