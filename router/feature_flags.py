@@ -59,14 +59,16 @@ class ProductionFeatureFlags(BaseSettings):
     traffic_percent: float = Field(default=0.0, ge=0, le=100)
     auto_failback: bool = Field(default=True, description="local guard fails back to legacy")
     rollback_error_rate: float = Field(default=5.0, gt=0, le=100, description="percent")
-    rollback_latency_ms: float = Field(default=5000.0, gt=0, description="p95 limit")
+    rollback_latency_ms: float = Field(
+        default=5000.0, gt=0, allow_inf_nan=False, description="p95 limit"
+    )
     rollback_min_requests: int = Field(default=20, ge=1)
     perf_comparison: bool = Field(default=True, description="record per-request metric rows")
     advanced_algorithms: bool = Field(default=False, description="allow advanced algorithms")
     cost_optimization: bool = Field(default=False, description="enforce the daily budget")
-    daily_budget_usd: float | None = Field(default=None, gt=0)
+    daily_budget_usd: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     quality_metrics: bool = Field(default=True, description="score answer quality")
-    canary_max_hours: float = Field(default=72.0, gt=0)
+    canary_max_hours: float = Field(default=72.0, gt=0, allow_inf_nan=False)
     #: When the environment's split began (ISO 8601 with offset): `canary_max_hours`
     #: counts from it. Unset, it counts from process start, and every restart (a deploy)
     #: resets it, so a long-lived fleet never reached the limit.

@@ -21,7 +21,7 @@ class GuardLimits(BaseModel):
 
     enabled: bool = True
     error_rate: float = Field(default=0.05, gt=0, le=1, description="fraction of requests")
-    p95_latency_ms: float = Field(default=5000.0, gt=0)
+    p95_latency_ms: float = Field(default=5000.0, gt=0, allow_inf_nan=False)
     min_requests: int = Field(default=20, ge=1)
     window: int = Field(default=200, ge=1, le=10_000, description="most recent production requests")
     confidence: float = Field(
@@ -34,7 +34,10 @@ class GuardLimits(BaseModel):
         "tripped in 45 % of 30,000-request phases",
     )
     canary_max_hours: float | None = Field(
-        default=None, gt=0, description="fail back if a split outlives this with no new config"
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="fail back if a split outlives this with no new config",
     )
 
     @model_validator(mode="after")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -385,6 +386,23 @@ def test_guard_limits_that_could_never_trip_stop_start_up(
         load_flags()
     (line,) = caught.value.lines
     assert f"{variable}={value}" in line and says in line
+
+
+@pytest.mark.parametrize(
+    "variable",
+    ["PROD_LB_ROLLBACK_LATENCY_MS", "PROD_LB_CANARY_MAX_HOURS", "PROD_LB_DAILY_BUDGET_USD"],
+)
+def test_an_infinite_limit_is_refused_not_a_silent_off_switch(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    """`inf` passed `> 0` and switched that limit off without a word (nan was refused)."""
+    monkeypatch.setenv(variable, "inf")
+    monkeypatch.setenv("PROD_LB_COST_OPTIMIZATION", "true")
+    with pytest.raises(SettingsError) as caught:
+        load_flags()
+    assert f"{variable}='inf' is invalid; allowed: a number above 0" in caught.value.lines
+    with pytest.raises(ValueError, match="finite number"):
+        GuardLimits(p95_latency_ms=math.inf)
 
 
 def test_a_guard_document_that_could_never_trip_is_invalid() -> None:
