@@ -54,6 +54,9 @@ def archive_override(override: str | Path | None = None) -> str | None:
     return resolve(chosen) if chosen else None
 
 
+MAX_RETENTION_DAYS = 36_500
+
+
 def retention_days(override: int | None = None) -> int:
     """`override`, else `$ROLLOUT_RETENTION_DAYS`, else 30. Refuses negatives and junk."""
     if override is not None:
@@ -66,6 +69,8 @@ def retention_days(override: int | None = None) -> int:
         raise ValueError(
             f"{RETENTION_ENV}={value!r} is not a whole number of days (e.g. 30)"
         ) from None
-    if days < 0:
-        raise ValueError(f"retention must be 0 or more days, got {days}")
+    if not 0 <= days <= MAX_RETENTION_DAYS:  # beyond it, the cutoff date overflows
+        raise ValueError(
+            f"retention must be 0 to {MAX_RETENTION_DAYS} days (100 years), got {days}"
+        )
     return days
