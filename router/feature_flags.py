@@ -7,12 +7,14 @@ operator overriding one value on a host expects.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 
+from dotenv.parser import parse_stream
 from pydantic import (
     AwareDatetime,
     Field,
@@ -280,6 +282,29 @@ def unknown_variables(environ: dict[str, str] | os._Environ[str]) -> list[str]:
     return sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
 
 
+def profile_problems(path: Path) -> list[str]:
+    """Why the profile at `path` cannot be read as NAME=value lines. python-dotenv only
+    warns about a line it cannot parse and drops it: `PROD_LB_DEPLOYMENT_MODE canary`
+    then validated as legacy_only. A bad line is named by number, never echoed (it may
+    hold a key)."""
+    where = f"profile file {str(path)!r}"
+    if path.is_dir():
+        return [f"{where} is a folder: give the .env file itself"]
+    if not path.is_file():
+        return [f"{where} does not exist"]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        return [f"{where} is not UTF-8 text (byte {exc.start}): save it as UTF-8"]
+    except OSError as exc:
+        return [f"{where} cannot be read: {exc.strerror}"]
+    return [
+        f"{where} line {binding.original.line} is not NAME=value (nor a comment)"
+        for binding in parse_stream(io.StringIO(text))
+        if binding.error
+    ]
+
+
 def load_flags(profile: Path | None = None) -> ProductionFeatureFlags:
     """Read and validate the flags; raise `SettingsError` with one line per bad variable."""
     lines = [
@@ -293,9 +318,10 @@ def load_flags(profile: Path | None = None) -> ProductionFeatureFlags:
         ).lines[0]
         for name in unknown_variables(os.environ)
     ]
-    if profile is not None and not Path(profile).is_file():
-        lines.append(f"profile file {str(profile)!r} does not exist")
-        raise SettingsError(lines)
+    if profile is not None:
+        problems = profile_problems(Path(profile))
+        if problems:
+            raise SettingsError(lines + problems)
     # The values are checked too when names are unknown: each bad variable has its line
     # in one run, not the next one after a fix.
     try:

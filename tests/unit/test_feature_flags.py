@@ -405,6 +405,30 @@ def test_an_infinite_limit_is_refused_not_a_silent_off_switch(
         GuardLimits(p95_latency_ms=math.inf)
 
 
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"PROD_LB_ENABLED=true\nPROD_LB_DEPLOYMENT_MODE canary\n", "line 2 is not NAME=value"),
+        (b"PROD_LB_ENABLED=true\n# caf\xe9\n", "is not UTF-8 text (byte 26)"),
+        (None, "is a folder: give the .env file itself"),
+    ],
+)
+def test_a_profile_that_cannot_be_read_whole_is_refused(
+    tmp_path: Path, content: bytes | None, says: str
+) -> None:
+    """python-dotenv dropped the line it could not parse with a warning, and the profile
+    validated as legacy_only; a folder was reported as missing."""
+    profile = tmp_path / "canary.env"
+    if content is None:
+        profile.mkdir()
+    else:
+        profile.write_bytes(content)
+    with pytest.raises(SettingsError) as caught:
+        load_flags(profile)
+    (line,) = caught.value.lines
+    assert line.startswith(f"profile file {str(profile)!r} {says}"), line
+
+
 def test_a_guard_document_that_could_never_trip_is_invalid() -> None:
     with pytest.raises(ValueError, match="at most its window"):
         GuardLimits(min_requests=300, window=200)
