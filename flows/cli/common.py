@@ -30,7 +30,10 @@ DEFAULT_DATA_DIR = Path("data")
 
 
 def paths(data_dir: Path) -> DataPaths:
-    return DataPaths.at(data_dir)
+    found = DataPaths.at(data_dir)
+    if found.root.exists() and not found.root.is_dir():
+        fail(f"--data-dir {found.root} is a file: give a folder (it is created if missing)")
+    return found
 
 
 def existing(data_dir: Path) -> DataPaths:

@@ -135,13 +135,12 @@ def start(
         markup=False,
         highlight=False,
     )
+    target = paths(data_dir)  # before Prefect's start-up: a bad folder fails at once
     with prefect_session():
         from flows.rollout_flows import rollout_start
 
         try:
-            result = rollout_start(
-                parsed, str(paths(data_dir).ensure().root), rollout_id, actor=_actor()
-            )
+            result = rollout_start(parsed, str(target.ensure().root), rollout_id, actor=_actor())
         except RolloutError as exc:
             fail(str(exc))
     console.print(

@@ -338,7 +338,8 @@ def test_an_argument_that_is_not_utf8_is_refused_before_anything_runs(running: D
 def test_a_file_where_the_data_dir_belongs_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     file = tmp_path / "data"
     file.write_text("not a folder")
-    result = _rollout("control", "serve", "--port", "0", "--data-dir", str(file))
-    assert result.returncode == 2, result.stderr
-    (line,) = result.stderr.decode().splitlines()
-    assert line.startswith("error: ") and str(file) in line
+    for command in (("control", "serve", "--port", "0"), ("start",)):
+        result = _rollout(*command, "--data-dir", str(file))  # start: before Prefect starts
+        assert result.returncode == 2, result.stderr
+        (line,) = result.stderr.decode().splitlines()
+        assert line.startswith("error: ") and str(file) in line
