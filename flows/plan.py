@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import math
 import re
 from collections.abc import Hashable
 from datetime import timedelta
@@ -74,7 +75,9 @@ def parse_duration(value: Any) -> Any:
             seconds = _ISO_DURATION.validate_python(value).total_seconds()
         except ValidationError:
             return value  # pydantic reports its own errors on the field
-    if not seconds < MAX_DURATION.total_seconds():  # NaN too
+    if math.isnan(seconds):
+        raise ValueError(f"{value!r} is not a duration: use {DURATION_FORMS}")
+    if not seconds < MAX_DURATION.total_seconds():
         raise ValueError(f"{value!r} is longer than the {MAX_DURATION.days} days allowed")
     return timedelta(seconds=seconds)
 
@@ -100,7 +103,7 @@ class Phase(BaseModel):
 
     name: str = Field(min_length=1, max_length=64)
     mode: DeploymentMode
-    traffic_percent: float = Field(ge=0, le=100)
+    traffic_percent: float = Field(ge=0, le=100, allow_inf_nan=False)
     min_duration: Duration
     max_duration: PositiveDuration
     evaluation_interval: PositiveDuration
@@ -109,7 +112,7 @@ class Phase(BaseModel):
     requires_approval: bool = False
     on_max_duration: MaxDurationPolicy = MaxDurationPolicy.ASK
     algorithm: AlgorithmName | None = None
-    shadow_sample_rate: float = Field(default=1.0, ge=0, le=1)
+    shadow_sample_rate: float = Field(default=1.0, ge=0, le=1, allow_inf_nan=False)
     #: The production arm's backend weights in this phase (absolute: a backend not named
     #: gets its configured weight); empty: the configured weights.
     production_weights: dict[str, Weight] = Field(default_factory=dict)

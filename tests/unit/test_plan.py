@@ -75,6 +75,16 @@ BROKEN = [
         ["phase 2 (canary-5)", "traffic_percent"],
     ),
     (
+        "NaN percent (was 'less than or equal to 100')",
+        lambda d: d["phases"][1].update(traffic_percent=float("nan")),
+        ["phase 2 (canary-5)", "traffic_percent", "finite number"],
+    ),
+    (
+        "NaN duration (was 'longer than the 3650 days allowed')",
+        lambda d: d["phases"][1].update(min_duration=float("nan")),
+        ["phase 2 (canary-5)", "min_duration", "nan is not a duration"],
+    ),
+    (
         "negative percent",
         lambda d: d["phases"][1].update(traffic_percent=-1),
         ["phase 2 (canary-5)", "traffic_percent"],
