@@ -21,12 +21,18 @@ class Question:
 
 def load_questions(path: Path | None = None) -> list[Question]:
     path = Path(path or DEFAULT_WORKLOAD)
+    if path.is_dir():
+        raise IsADirectoryError(f"workload {path} is a folder: give the JSON lines file itself")
     if not path.is_file():
         raise FileNotFoundError(
             f"workload {path} not found: pass --workload FILE (JSON lines with id, text, kind)"
         )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"workload {path} is not UTF-8 text (byte {exc.start})") from None
     questions = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -4,6 +4,7 @@ data is printed as typed, and a refused request is one line on stderr with exit 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -282,6 +283,25 @@ def test_sim_set_refuses_what_no_profile_can_hold(
     result = cli("sim", "set", *args, "--fleet-file", str(fleet))  # refused before any call
     assert result.exit_code == 2, result.output
     assert says in " ".join(result.output.replace("│", " ").split())
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [(b'{"id": 1, "text": "caf\xe9"}\n', "is not UTF-8 text (byte 22)"), (None, "is a folder")],
+)
+def test_a_workload_that_cannot_be_read_is_named(
+    tmp_path: Path, content: bytes | None, says: str
+) -> None:
+    """A non-UTF-8 workload was a traceback naming no file; a folder was 'not found'."""
+    from flows.demo.workload import load_questions
+
+    workload = tmp_path / "questions.jsonl"
+    if content is None:
+        workload.mkdir()
+    else:
+        workload.write_bytes(content)
+    with pytest.raises((ValueError, OSError), match=re.escape(f"workload {workload} {says}")):
+        load_questions(workload)
 
 
 def test_the_dashboard_refuses_an_unknown_rollout_before_serving(running: DataPaths) -> None:
