@@ -162,7 +162,8 @@ def _endpoint(base_url: str, path: str) -> httpx.URL:
 
 
 def authorization(backend: BackendConfig) -> dict[str, str]:
-    """The backend's Authorization header, or none without a key.
+    """The backend's Authorization header: its API key as a bearer token, else the user
+    info of its URL as HTTP Basic, else none.
 
     A key no header can carry is refused before it is sent, naming the variable only. A
     pasted non-breaking space or curly quote made httpx's UnicodeEncodeError escape the
@@ -170,7 +171,8 @@ def authorization(backend: BackendConfig) -> dict[str, str]:
     file) was logged in full by httpcore at DEBUG, on every request and health probe."""
     key = backend.api_key()
     if key is None:
-        return {}
+        basic = backend.basic_auth()
+        return {} if basic is None else {"Authorization": basic}
     value = key.get_secret_value()
     if not (value.isascii() and value.isprintable()):
         raise BackendFailure(
@@ -184,11 +186,12 @@ def authorization(backend: BackendConfig) -> dict[str, str]:
 
 def request_for(backend: BackendConfig, query: str, headers: dict[str, str]) -> httpx.Request:
     if backend.kind is BackendKind.LIGHTRAG:
+        basic = backend.basic_auth()
         return httpx.Request(
             "POST",
             _endpoint(backend.url, "/query"),
             json={"query": query, "mode": "hybrid"},
-            headers=headers,
+            headers=headers if basic is None else {**headers, "Authorization": basic},
         )
     auth = authorization(backend)
     body = {"model": backend.model, "messages": [{"role": "user", "content": query}]}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import functools
 import os
 import re
 from enum import StrEnum
 
+import httpx
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr, field_validator
 
 
@@ -53,16 +56,17 @@ def check_env_name(value: str | None) -> str | None:
     return value
 
 
-def check_no_credentials(url: HttpUrl) -> HttpUrl:
-    """A backend URL carries no user info: httpx logs every request's URL at INFO, so
-    a key in it would reach the logs on every call and health probe."""
-    if url.username or url.password:
-        raise ValueError(
-            "a backend URL must not carry credentials (user:password@ or token@): the "
-            "API key goes in the environment variable that api_key_env (or "
-            "PROD_LB_PERPLEXITY_API_KEY_ENV) names"
-        )
-    return url
+@functools.lru_cache(maxsize=1024)  # on every request's path: parse each URL once
+def split_credentials(url: str) -> tuple[str, str | None]:
+    """`url` without its user info, and that user info as an HTTP Basic `Authorization`
+    value (None without any). httpx logs every request's URL at INFO: credentials left
+    in it would reach the logs on every call, health probe and control poll."""
+    parsed = httpx.URL(url)
+    if not parsed.userinfo:
+        return url, None
+    pair = f"{parsed.username}:{parsed.password}".encode()
+    bare = str(parsed.copy_with(username=None, password=None))
+    return bare, "Basic " + base64.b64encode(pair).decode("ascii")
 
 
 #: Connections per backend unless its config says otherwise (`max_connections`).
@@ -99,11 +103,17 @@ class BackendConfig(BaseModel):
     def _http_only(cls, value: HttpUrl) -> HttpUrl:
         if value.scheme not in ("http", "https"):
             raise ValueError(f"base_url must be http or https, got {value.scheme}")
-        return check_no_credentials(value)
+        return value
 
     @property
     def url(self) -> str:
-        return str(self.base_url).rstrip("/")
+        """The base URL as requested and logged: without user info (`basic_auth`)."""
+        return split_credentials(str(self.base_url))[0].rstrip("/")
+
+    def basic_auth(self) -> str | None:
+        """`user:password@` (or `token@`) in base_url, as an HTTP Basic Authorization value:
+        a LightRAG behind an authenticating proxy."""
+        return split_credentials(str(self.base_url))[1]
 
     @property
     def cost_model(self) -> CostModel:

@@ -26,7 +26,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from router.algorithms.names import ADVANCED_ALGORITHMS, AlgorithmName
-from router.backends import BackendConfig, BackendKind, check_env_name, check_no_credentials
+from router.backends import BackendConfig, BackendKind, check_env_name
 from router.modes import DeploymentMode
 from router.production_config import CostSettings, ProductionLoadBalancingConfig
 from router.router_config import (
@@ -86,14 +86,6 @@ class ProductionFeatureFlags(BaseSettings):
         description="the NAME of the environment variable that holds the key, not the key",
     )
     _key_env_name = field_validator("perplexity_api_key_env")(check_env_name)
-
-    @field_validator("lightrag_urls", "perplexity_url")
-    @classmethod
-    def _no_credentials(cls, value: list[HttpUrl] | HttpUrl | None) -> object:
-        for url in value if isinstance(value, list) else [value]:
-            if url is not None:
-                check_no_credentials(url)
-        return value
 
     backends_file: Path | None = None
     region: str = "eu-central"

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 from pydantic import ValidationError
 
+from router.backends import split_credentials
 from router.control_store import Acknowledgement, DocumentReads, decode_document
 from router.router_config import RouterConfig
 from router.settings_errors import mask_url
@@ -38,12 +39,10 @@ class HttpControlStore(DocumentReads):
             )
         # Credentials go in the Authorization header, not in the URL the client requests:
         # httpx logs every request's URL at INFO, and this one is polled for ever.
-        auth = None
-        if parsed.userinfo:
-            auth = httpx.BasicAuth(parsed.username, parsed.password)
-            parsed = parsed.copy_with(username=None, password=None)
-        self.url = str(parsed).rstrip("/")
-        self.client = httpx.Client(timeout=timeout_s, transport=transport, auth=auth)
+        bare, basic = split_credentials(url)
+        self.url = bare.rstrip("/")
+        headers = {} if basic is None else {"Authorization": basic}
+        self.client = httpx.Client(timeout=timeout_s, transport=transport, headers=headers)
 
     def _call(self, method: str, path: str, **kwargs: object) -> httpx.Response:
         # Errors are logged at every poll: never with a password from the URL.

@@ -88,7 +88,8 @@ class AdaptiveSettings(BaseModel):
 
 
 class ProductionLoadBalancingConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # its backends' errors must not echo a pasted key either (the outer model decides)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     algorithm: AlgorithmName = AlgorithmName.LEAST_CONNECTIONS
     custom_algorithm: str | None = Field(default=None, description="module:Class for `custom`")

@@ -7,6 +7,7 @@ failure shape must land on the right kind, outcome, retryability and health pena
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -414,6 +415,29 @@ async def test_a_key_no_header_can_carry_is_a_typed_failure_that_names_its_varia
     assert "$TEST_PPLX_KEY" in str(failure) and "non-ASCII" in str(failure)
     assert SECRET not in str(failure) and SECRET not in caplog.text
     assert not route.called
+
+
+@respx.mock
+async def test_credentials_in_a_backend_url_go_as_basic_auth_never_in_the_url(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A LightRAG behind an authenticating proxy (`http://svc:pw@host`). httpx logs every
+    request's URL at INFO: the credentials must not be in it."""
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.INFO, logger="httpx")
+    backend = BackendConfig(
+        name="lr", kind=BackendKind.LIGHTRAG, base_url="http://svc:pw-hidden@lr.test"
+    )
+    route = respx.post("http://lr.test/query").mock(
+        return_value=httpx.Response(200, json={"response": "ok"})
+    )
+    answer = await call(backend)
+    assert answer.text == "ok"
+    sent = route.calls.last.request
+    assert sent.headers["authorization"] == "Basic " + base64.b64encode(b"svc:pw-hidden").decode()
+    assert sent.url.userinfo == b"" and backend.url == "http://lr.test"
+    assert "HTTP Request: POST http://lr.test/query" in caplog.text
+    assert "pw-hidden" not in caplog.text
 
 
 @respx.mock
