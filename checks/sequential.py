@@ -1090,7 +1090,9 @@ class Clustered:
     production: ArmSummary
     legacy: ArmSummary
     effects: dict[str, tuple[float, float]]
-    buckets: tuple[int, int] = (0, 0)
+    #: metric -> buckets with rows for it (production, legacy): latency and cost count
+    #: only answered requests, so they may have fewer than the errors
+    buckets: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def clustered(
@@ -1126,8 +1128,14 @@ def clustered(
         for arm, d_latency in zip((production, legacy), latency, strict=True)
     ]
     effects = {"error_rate": (fail, fail), "cost": (cost, cost), "latency": latency}
-    buckets = tuple(int(rows.get(name, {}).get("failures_g") or 0) for name in arms_by_name)
-    return Clustered(arms[0], arms[1], effects, (buckets[0], buckets[1]))
+    buckets = {
+        metric: (
+            int(rows.get("production", {}).get(f"{prefix}_g") or 0),
+            int(rows.get("legacy", {}).get(f"{prefix}_g") or 0),
+        )
+        for metric, prefix in _SQL_PREFIX.items()
+    }
+    return Clustered(arms[0], arms[1], effects, buckets)
 
 
 #: The moments each clustered metric is judged on, and its columns in `ARM_CLUSTER_SQL`.
@@ -1160,11 +1168,10 @@ def explain_clustering(
     results: list[SequentialResult],
     raw: tuple[ArmSummary, ArmSummary],
     effects: dict[str, tuple[float, float]],
-    buckets: tuple[int, int] = (0, 0),
+    buckets: dict[str, tuple[int, int]] | None = None,
 ) -> list[SequentialResult]:
     """Each result with the arms' real request counts, and a note on how much the
     clustering of requests by user weighed."""
-    few = few_buckets_note(buckets)
     out = []
     for r in results:
         if r.metric not in effects:
@@ -1178,6 +1185,7 @@ def explain_clustering(
             if max(d_p, d_l) > 1.05
             else ""
         )
+        few = few_buckets_note((buckets or {}).get(r.metric, (0, 0)))
         joined = "; ".join(x for x in (r.note, note, few) if x)
         out.append(replace(r, n_production=int(n_p), n_legacy=int(n_l), note=joined))
     return out

@@ -77,7 +77,7 @@ def parse_duration(value: Any) -> Any:
             return value  # pydantic reports its own errors on the field
     if math.isnan(seconds):
         raise ValueError(f"{value!r} is not a duration: use {DURATION_FORMS}")
-    if not seconds < MAX_DURATION.total_seconds():
+    if not seconds <= MAX_DURATION.total_seconds():
         raise ValueError(f"{value!r} is longer than the {MAX_DURATION.days} days allowed")
     return timedelta(seconds=seconds)
 

@@ -200,7 +200,7 @@ def request_for(backend: BackendConfig, query: str, headers: dict[str, str]) -> 
     )
 
 
-def _token_count(usage: Any, field: str, default: int) -> int:
+def _usage_tokens(usage: Any, field: str, default: int) -> int:
     """usage[field] as an int. Its value never reaches the message: int()'s own error
     quotes 200 characters of it, and redaction, which looks for the whole key, missed a
     key cut short there."""
@@ -223,8 +223,8 @@ def parse_answer(backend: BackendConfig, query: str, payload: Any, status: int) 
         citations = tuple(str(c) for c in payload.get("citations") or ())
         if not isinstance(text, str):
             raise TypeError("content is not a string")
-        prompt = _token_count(usage, "prompt_tokens", estimate_tokens(query))
-        completion = _token_count(usage, "completion_tokens", estimate_tokens(text))
+        prompt = _usage_tokens(usage, "prompt_tokens", estimate_tokens(query))
+        completion = _usage_tokens(usage, "completion_tokens", estimate_tokens(text))
         return BackendAnswer(text, prompt, completion, citations, status)
     # OverflowError: a JSON number like 1e400 in `usage` is a float infinity to int()
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError) as exc:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from flows.cli.app import app
@@ -25,9 +26,11 @@ ACTIONABLE = {
     "NotADirectoryError": 2,
     "PermissionError": 1,
     "FileExistsError": 2,
-    # A read-only or full disk, a file where a folder belongs: the message says which.
-    "OSError": 1,
 }
+#: Matched on the exact class only: a plain OSError is the environment (a read-only or
+#: full disk, says its message); its subclasses (TimeoutError, ConnectionResetError, ...)
+#: are not all that, and keep their traceback unless listed above.
+ACTIONABLE_EXACT = {"OSError": 1}
 
 
 def _check_utf8(args: list[str]) -> None:
@@ -37,6 +40,9 @@ def _check_utf8(args: list[str]) -> None:
         try:
             arg.encode()
         except UnicodeEncodeError:
+            if os.path.lexists(arg.partition("=")[2] or arg):
+                continue  # a path that exists (`--profile X` or `--profile=X`): any bytes
+
             print_error(
                 f"argument {position} ({ascii(arg)[:80]}) is not valid UTF-8: give every "
                 "option, reason and path as UTF-8 text"
@@ -49,7 +55,7 @@ def main() -> None:
     try:
         app()
     except Exception as exc:
-        code = next(
+        code = ACTIONABLE_EXACT.get(type(exc).__name__) or next(
             (ACTIONABLE[c.__name__] for c in type(exc).__mro__ if c.__name__ in ACTIONABLE), None
         )
         if code is None:

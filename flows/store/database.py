@@ -418,12 +418,17 @@ def _settle_archive(
     # (every later reader would fail on it, and nothing would say how to repair it).
     try:
         _ensure_placeholder(con, chosen, force=chosen != current)
-    except (OSError, duckdb.Error) as exc:
-        kept = "" if current is None else f"; the archive stays at {current}"
+    except (OSError, duckdb.IOException, duckdb.HTTPException) as exc:
+        if current is not None and chosen != current:
+            then = f"; the archive stays at {current}"
+        else:  # the recorded one itself: say how to record another
+            then = (
+                f"; to use the default, run `rollout compact --archive {default_archive(database)}`"
+            )
         raise StoreError(
             f"archive location {chosen} is not usable: {exc}. Give a folder this machine can "
-            f"create and write, or a URL DuckDB can write to (s3://...){kept}"
-        ) from None
+            f"create and write, or a URL DuckDB can write to (s3://...){then}"
+        ) from exc
     # The default is recorded relative; this also upgrades a database that recorded it
     # absolute (before the data dir could move).
     stored = DEFAULT_ARCHIVE if chosen == default_archive(database) else chosen

@@ -54,7 +54,8 @@ def archive_override(override: str | Path | None = None) -> str | None:
     return resolve(chosen) if chosen else None
 
 
-MAX_RETENTION_DAYS = 36_500
+#: 1,000 years ("keep for ever"); dates overflow near 739,000 days before today.
+MAX_RETENTION_DAYS = 365_000
 
 
 def retention_days(override: int | None = None) -> int:
@@ -71,6 +72,7 @@ def retention_days(override: int | None = None) -> int:
         ) from None
     if not 0 <= days <= MAX_RETENTION_DAYS:  # beyond it, the cutoff date overflows
         raise ValueError(
-            f"retention must be 0 to {MAX_RETENTION_DAYS} days (100 years), got {days}"
+            f"retention (--retention-days or {RETENTION_ENV}) must be 0 to "
+            f"{MAX_RETENTION_DAYS:,} days, got {days}"
         )
     return days

@@ -4,6 +4,7 @@ data is printed as typed, and a refused request is one line on stderr with exit 
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -363,3 +364,38 @@ def test_a_file_where_the_data_dir_belongs_is_one_line_not_a_traceback(tmp_path:
         assert result.returncode == 2, result.stderr
         (line,) = result.stderr.decode().splitlines()
         assert line.startswith("error: ") and str(file) in line
+
+
+def test_an_existing_path_may_have_any_bytes(tmp_path: Path) -> None:
+    """Paths on Linux are bytes: a profile named in Latin-1 worked before the UTF-8 check."""
+    profile = tmp_path / os.fsdecode(b"canary-caf\xe9.env")
+    profile.write_text("PROD_LB_ENABLED=false\n")
+    result = _rollout("config", "validate", "--profile", os.fsencode(profile))
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [(OSError(30, "Read-only file system"), 1), (FileExistsError(17, "File exists"), 2)],
+)
+def test_environment_errors_are_one_line_and_bugs_keep_their_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], error: OSError, code: int
+) -> None:
+    import flows.cli
+
+    def failing() -> None:
+        raise error
+
+    monkeypatch.setattr(sys, "argv", ["rollout"])
+    monkeypatch.setattr(flows.cli, "app", failing)
+    with pytest.raises(SystemExit) as exited:
+        flows.cli.main()
+    assert exited.value.code == code
+    assert capsys.readouterr().err.startswith(f"error: [Errno {error.errno}]")
+
+    def timing_out() -> None:
+        raise TimeoutError  # an OSError subclass that is a bug here, not the disk
+
+    monkeypatch.setattr(flows.cli, "app", timing_out)
+    with pytest.raises(TimeoutError):
+        flows.cli.main()

@@ -867,6 +867,23 @@ def test_an_arm_of_few_buckets_counts_each_bucket_as_one_request(tmp_path: Path)
     assert f"user buckets with requests: production {sq.MIN_BUCKETS - 1}, under" in latency.reason
 
 
+def test_the_few_buckets_note_counts_each_metrics_own_buckets(tmp_path: Path) -> None:
+    """Latency counts answered requests only: 30 users asked, 10 were answered. Latency
+    falls back to the worst case, and its record must say why; the error rate has 30."""
+    from checks.gate import evaluate
+    from checks.gx_suites import GxRunner
+
+    buckets = [b for b in range(30) for _ in range(20)]
+    outcome = ["ok" if b < 10 else "error" for b in buckets]
+    with connect(tmp_path / "m.duckdb") as con:
+        _insert_rows(con, "production", "ab_test", buckets, outcome=outcome)
+        _insert_rows(con, "legacy", "ab_test", [5_000 + b for b in range(40) for _ in range(20)])
+        result = evaluate(con, ab_test(Thresholds()), GxRunner(), "few-latency")
+    reasons = {r.metric: r.reason for r in result.records if r.check_kind == "sequential"}
+    assert "user buckets with requests: production 10, under" in reasons["latency"]
+    assert "user buckets" not in reasons["error_rate"]
+
+
 def test_design_effect_known_answers() -> None:
     """One row per bucket is independent data: 1. Buckets of m identical rows carry one
     row's information each: m."""

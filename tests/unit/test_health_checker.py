@@ -442,11 +442,9 @@ async def test_a_key_with_a_line_break_fails_the_probe_unsent_and_unlogged(
     client: httpx.AsyncClient,
     mock: respx.MockRouter,
     monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A two-line secret file: httpcore logged the illegal header, key and all, at DEBUG
-    on every probe. It is refused before anything is sent."""
-    caplog.set_level(logging.DEBUG)
+    """A two-line secret file: on a real connection httpcore logged the illegal header,
+    key and all, at DEBUG on every probe. It is refused before anything is sent."""
     monkeypatch.setenv(KEY_ENV, "pplx-first-line-secret\nsecond-line")
     route = mock.get(PX_MODELS).mock(return_value=httpx.Response(200))
     harness = Harness(client, [PX], unhealthy_after=1)
@@ -454,7 +452,6 @@ async def test_a_key_with_a_line_break_fails_the_probe_unsent_and_unlogged(
     await harness.checker.check_once()
 
     assert not harness.routable("px-1") and not route.called
-    assert "first-line-secret" not in caplog.text
 
 
 # -- loopback: real sockets -----------------------------------------------------------

@@ -410,8 +410,12 @@ def test_retention_from_the_environment_and_the_cli(
         compact(paths, now=NOW)
     for days in ("-1", "1000000"):  # a million days overflowed the cutoff date
         monkeypatch.setenv("ROLLOUT_RETENTION_DAYS", days)
-        with pytest.raises(ValueError, match=f"retention must be 0 to 36500 days .*, got {days}"):
+        with pytest.raises(
+            ValueError, match=f"ROLLOUT_RETENTION_DAYS\\) must be 0 to 365,000 days, got {days}"
+        ):
             compact(paths, now=NOW)
+    monkeypatch.setenv("ROLLOUT_RETENTION_DAYS", "99999")  # "keep for ever" still works
+    assert compact(paths, now=NOW).rows == 0
     monkeypatch.setenv("ROLLOUT_RETENTION_DAYS", "3")
     assert compact(paths, now=NOW).cutoff.isoformat() == "2025-06-02"
 
