@@ -157,18 +157,22 @@ class RolloutPlan(BaseModel):
 
     @model_validator(mode="after")
     def _traffic_only_grows(self) -> RolloutPlan:
+        # Every problem in one run, not the next one after each fix.
+        problems = []
         names = [p.name for p in self.phases]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"phase names must be unique, repeated: {duplicates}")
+            problems.append(f"phase names must be unique, repeated: {duplicates}")
         for index in range(1, len(self.phases)):
             before, phase = self.phases[index - 1], self.phases[index]
             if phase.traffic_percent < before.traffic_percent:
-                raise ValueError(
+                problems.append(
                     f"phase {index + 1} ({phase.name}) field traffic_percent: "
                     f"{phase.traffic_percent:g} is below phase {index} ({before.name})'s "
                     f"{before.traffic_percent:g}; traffic may only grow"
                 )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def algorithm_for(self, phase: Phase) -> AlgorithmName:

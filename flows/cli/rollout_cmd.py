@@ -343,7 +343,10 @@ def approve(
     from flows.lifecycle import RolloutError, awaiting_approval
 
     try:  # a mistake gets one line, not a failed flow run and its traceback
-        awaiting_approval(existing(data_dir), rollout_id)
+        awaiting_approval(
+            _with_rollouts(data_dir, "nothing awaits approval (state: no active rollout)"),
+            rollout_id,
+        )
     except RolloutError as exc:
         fail(str(exc))
     answer = {"approve": not reject, "comment": comment, "approver": _actor()}
@@ -443,6 +446,15 @@ def _wait_for_routers(p: DataPaths, version: int, timeout_s: float) -> AckStatus
     return wait_for_ack(control_store(p), version, timeout_s)
 
 
+def _with_rollouts(data_dir: Path, refusal: str) -> DataPaths:
+    """A data dir with a metrics database: acting on a rollout elsewhere would create an
+    empty one first, only to say there is no rollout."""
+    found = existing(data_dir)
+    if not found.database.exists():
+        fail(f"{refusal}: {found.root} has no metrics database (pass --data-dir)")
+    return found
+
+
 def promote(
     reason: Annotated[str, typer.Option(help="Why you override the gate.")],
     rollout_id: RolloutId = None,
@@ -453,7 +465,7 @@ def promote(
     from flows.prefect_outputs import EVENT_COMPLETED, EVENT_PROMOTED
     from flows.store.database import connect
 
-    p = existing(data_dir)
+    p = _with_rollouts(data_dir, "no active rollout to promote")
     try:
         with connect(p.database) as con:
             rollout = lifecycle.resolve_active(con, rollout_id)
@@ -544,7 +556,10 @@ def abort(
 
     try:
         rollout = lifecycle.abort(
-            existing(data_dir), reason=reason, actor=_actor(), rollout_id=rollout_id
+            _with_rollouts(data_dir, "no active rollout to abort"),
+            reason=reason,
+            actor=_actor(),
+            rollout_id=rollout_id,
         )
     except lifecycle.RolloutError as exc:
         fail(str(exc))

@@ -189,7 +189,10 @@ def discover(location: str | Path, con: duckdb.DuckDBPyConnection | None = None)
             return found
         for instance_dir in sorted(p for p in root.iterdir() if p.is_dir()):
             for path in sorted(instance_dir.glob(f"*{SEGMENT_SUFFIX}")):
-                path = _utf8_named(root, path)
+                try:
+                    path = _utf8_named(root, path)
+                except FileNotFoundError:  # gone since the listing
+                    continue
                 segment = _segment(str(path))
                 if segment is None:
                     continue

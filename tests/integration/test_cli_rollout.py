@@ -316,7 +316,9 @@ def test_promote_without_an_active_rollout_fails_with_one_line(
     result = rollout(cli_env, "promote", "--reason", "just because", "--data-dir", str(empty))
     assert result.returncode == 2, explain(result)
     assert result.stdout == "", explain(result)
-    assert result.stderr.strip() == "error: no active rollout to promote", explain(result)
+    assert result.stderr.strip() == (
+        f"error: no active rollout to promote: {empty} has no metrics database (pass --data-dir)"
+    ), explain(result)
     # A mistyped folder is not created (and nothing acts on nobody) ...
     typo = tmp_path / "dta"
     result = rollout(cli_env, "promote", "--reason", "just because", "--data-dir", str(typo))
@@ -325,10 +327,13 @@ def test_promote_without_an_active_rollout_fails_with_one_line(
     # ... and an abort with nothing to abort publishes nothing for the routers.
     result = rollout(cli_env, "abort", "--reason", "oops", "--data-dir", str(empty))
     assert result.returncode == 2, explain(result)
-    assert result.stderr.strip() == "error: no active rollout to abort", explain(result)
+    assert result.stderr.strip().startswith("error: no active rollout to abort: "), explain(result)
     assert not (empty / "control").exists() or not any((empty / "control").iterdir())
     # ... and an answer with nothing awaiting it is one line too, no flow-run traceback.
     result = rollout(cli_env, "approve", "--data-dir", str(empty))
     assert result.returncode == 2, explain(result)
     assert result.stdout == "", explain(result)
-    assert result.stderr.strip() == "error: nothing awaits approval (state: no active rollout)"
+    assert result.stderr.strip().startswith(
+        "error: nothing awaits approval (state: no active rollout): "
+    ), explain(result)
+    assert list(empty.iterdir()) == []  # nothing created on the way

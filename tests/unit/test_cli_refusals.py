@@ -366,6 +366,26 @@ def test_a_file_where_the_data_dir_belongs_is_one_line_not_a_traceback(tmp_path:
         assert line.startswith("error: ") and str(file) in line
 
 
+@pytest.mark.parametrize(
+    ("command", "refusal"),
+    [
+        (("promote", "--reason", "x"), "no active rollout to promote"),
+        (("abort", "--reason", "x"), "no active rollout to abort"),
+        (("approve",), "nothing awaits approval (state: no active rollout)"),
+    ],
+)
+def test_acting_on_a_folder_without_rollouts_creates_nothing(
+    tmp_path: Path, command: tuple[str, ...], refusal: str
+) -> None:
+    """They created an empty metrics.duckdb, then said there was no rollout."""
+    result = cli(*command, "--data-dir", str(tmp_path))
+    assert result.exit_code == 2, result.output
+    assert one_error_line(result) == (
+        f"{refusal}: {tmp_path} has no metrics database (pass --data-dir)"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_existing_path_may_have_any_bytes(tmp_path: Path) -> None:
     """Paths on Linux are bytes: a profile named in Latin-1 worked before the UTF-8 check."""
     profile = tmp_path / os.fsdecode(b"canary-caf\xe9.env")

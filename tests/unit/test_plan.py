@@ -242,6 +242,20 @@ def test_an_iso_duration_has_the_same_cap_as_the_others(field: str) -> None:
     assert validate_plan(data)  # the cap itself is allowed
 
 
+def test_every_traffic_order_problem_is_reported_at_once() -> None:
+    """Only the first was, and a repeated name hid the order check."""
+    data = copy.deepcopy(demo_data())
+    data["phases"][1]["name"] = data["phases"][0]["name"]
+    data["phases"][2]["traffic_percent"] = 3
+    data["phases"][3]["traffic_percent"] = 2
+    with pytest.raises(PlanError) as caught:
+        validate_plan(data)
+    (line,) = caught.value.lines
+    assert "phase names must be unique" in line
+    assert "phase 3 (canary-15) field traffic_percent: 3 is below" in line
+    assert "phase 4 (ab-50) field traffic_percent: 2 is below" in line
+
+
 @pytest.mark.parametrize(("what", "change", "words"), BROKEN, ids=[b[0] for b in BROKEN])
 def test_broken_plan_names_phase_and_field(what: str, change: Any, words: list[str]) -> None:
     data = copy.deepcopy(demo_data())
