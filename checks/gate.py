@@ -20,7 +20,7 @@ from checks.frames import (
 )
 from checks.gx_suites import Check, GxRunner, SuiteOutcome
 from checks.policy import decide
-from checks.sample_ratio import sample_ratio, shadow_coverage
+from checks.sample_ratio import sample_ratio, shadow_coverage, shadows_yielded
 from checks.sequential import (
     ARM_CLUSTER_SQL,
     ARM_MOMENTS_SQL,
@@ -575,7 +575,7 @@ def evaluate(
     expect_legacy = spec.mode != DeploymentMode.PRODUCTION_ONLY.value
     # In shadow mode the legacy arm's rows are the primaries, production's the shadows.
     coverage = (
-        shadow_coverage(legacy.n, prod.n, spec.shadow_sample_rate)
+        shadow_coverage(legacy.n, prod.n, spec.shadow_sample_rate, shadows_yielded(con, version))
         if spec.mode == DeploymentMode.SHADOW.value
         else None
     )
@@ -618,6 +618,12 @@ def evaluate(
                 f"; {prod.n:,} shadow rows for {legacy.n:,} primaries at sample rate "
                 f"{spec.shadow_sample_rate:g}"
             )
+            if coverage.yielded:
+                record.reason += (
+                    f", and {coverage.yielded:,} not sent while every backend for their "
+                    "question was rate-limited (shadows_yielded router events; counted "
+                    "as covered)"
+                )
             if record.failed:
                 record.reason += (
                     ": shadows skipped at the router's shadow_max_concurrency leave no row, "

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from scipy import stats
 
 from router.bucketing import BUCKETS
+from router.record import EventKind
 
 #: Fewer owned buckets than this on either side and the test is not applied (its
 #: false-alarm rate was measured above the alarm level with 13 buckets, a 0.125 % split).
@@ -128,20 +129,44 @@ MIN_EXPECTED_SHADOWS = 100
 SHADOW_NOISE_LEVEL = 1e-4
 
 
+#: Shadows the router did not send under config version $version because every backend
+#: for the question was rate-limited. The event's text starts with the count
+#: (`router.record.shadows_yielded_detail`).
+SHADOWS_YIELDED_SQL = f"""
+SELECT coalesce(sum(TRY_CAST(regexp_extract(detail, '^([0-9]+) ', 1) AS BIGINT)), 0)
+FROM router_events
+WHERE kind = '{EventKind.SHADOWS_YIELDED.value}' AND config_version = $version
+"""
+
+
 @dataclass(frozen=True)
 class ShadowCoverage:
-    coverage: float  # recorded shadows / (primaries x sample rate)
+    coverage: float  # (recorded + yielded shadows) / (primaries x sample rate)
     minimum: float  # the lowest coverage sampling noise explains, at most MIN_SHADOW_COVERAGE
+    yielded: int = 0
 
 
-def shadow_coverage(primaries: int, shadows: int, sample_rate: float) -> ShadowCoverage | None:
+def shadows_yielded(con: Connection, version: int) -> int:
+    row = con.execute(SHADOWS_YIELDED_SQL, {"version": version}).fetchone()
+    return int(row[0]) if row else 0
+
+
+def shadow_coverage(
+    primaries: int, shadows: int, sample_rate: float, yielded: int = 0
+) -> ShadowCoverage | None:
     """Shadows the router skipped (its concurrency cap was full) leave no row, and they
     are skipped exactly when production is slow: the paired tests would then judge a
     faster subset. Coverage below `MIN_SHADOW_COVERAGE`, and below what binomial
     sampling at `sample_rate` explains at `SHADOW_NOISE_LEVEL`, is an alarm. None when
-    too few shadows are expected to judge."""
+    too few shadows are expected to judge.
+
+    Shadows `yielded` to a rate limit count as covered: the router held them back
+    because every backend that could answer was telling users to wait, which says
+    nothing of production's speed."""
     expected = primaries * sample_rate
     if sample_rate <= 0 or expected < MIN_EXPECTED_SHADOWS:
         return None
     noise_floor = float(stats.binom.ppf(SHADOW_NOISE_LEVEL, primaries, sample_rate)) / expected
-    return ShadowCoverage(shadows / expected, min(MIN_SHADOW_COVERAGE, noise_floor))
+    return ShadowCoverage(
+        (shadows + yielded) / expected, min(MIN_SHADOW_COVERAGE, noise_floor), yielded
+    )

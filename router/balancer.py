@@ -116,6 +116,34 @@ class Balancer:
         self.clock = clock
         #: The network call; a seam so benchmarks can time the router without a network.
         self.call = call_backend
+        #: Balancers sending to the same backends with the same keys (the other arm): a
+        #: Retry-After belongs to the API key or the backend, not to one arm's traffic.
+        self.wait_peers: list[Balancer] = []
+
+    def share_waits_with(self, peer: Balancer) -> None:
+        """Tell `peer` of every Retry-After this balancer is given from now on."""
+        self.wait_peers.append(peer)
+
+    def note_wait(self, config: BackendConfig, wait_s: float, status: int) -> None:
+        """Another arm was told to wait `wait_s` by this backend. In seconds from now, so
+        balancers on different clocks agree; a longer wait already known is kept."""
+        state = self.by_name.get(config.name)
+        if state is None or state.config != config:
+            return  # another URL or key under the same name: its limit is not ours
+        until = self.clock() + wait_s
+        if until > state.unavailable_until:
+            state.unavailable_until, state.unavailable_status = until, status
+
+    def rate_limited(self, classification: Classification) -> bool:
+        """Every backend this question may go to is inside a 429's Retry-After window:
+        anything sent now would spend the quota users are waiting on."""
+        if not self.honour_retry_after:
+            return False
+        now = self.clock()
+        allowed = [s for s in self.states if s.kind in classification.allowed]
+        return bool(allowed) and all(
+            s.unavailable_until > now and s.unavailable_status == 429 for s in allowed
+        )
 
     # -- candidate selection ----------------------------------------------------------
     def eligible(
@@ -384,8 +412,11 @@ class Balancer:
         now = self.clock()
         state.calls += 1
         if failure is not None and failure.retry_after_s is not None:
-            state.unavailable_until = now + min(failure.retry_after_s, self.max_retry_after_s)
+            wait_s = min(failure.retry_after_s, self.max_retry_after_s)
+            state.unavailable_until = now + wait_s
             state.unavailable_status = failure.status or 429
+            for peer in self.wait_peers:
+                peer.note_wait(state.config, wait_s, state.unavailable_status)
         penalised = failure is not None and failure.health_penalty
         if failure is None or penalised:
             state.outcomes.append(failure is None)

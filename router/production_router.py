@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
@@ -62,7 +63,7 @@ from router.migration import ConfigurationMigrator
 from router.modes import Arm, DeploymentMode
 from router.pool_repair import cancel_orphaned_exchanges
 from router.production_config import HealthCheckSettings, ProductionLoadBalancingConfig
-from router.record import ErrorKind, EventKind, Outcome, RequestRecord
+from router.record import ErrorKind, EventKind, Outcome, RequestRecord, shadows_yielded_detail
 from router.recorder import NullRecorder, SegmentRecorder
 from router.result import RoutingResult
 from router.retry_budget import RetryBudget
@@ -198,6 +199,9 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             candidate_filter=self._within_budget if self.budget is not None else None,
         )
         self.legacy.score_quality = self.flags.quality_metrics
+        # Both arms call the same backends with the same keys, so a 429 legacy is given
+        # is production's limit too (legacy keeps its own behaviour: it never waits).
+        self.legacy.share_waits_with(self.production)
         self.guard = FailbackGuard(self.config.guard)
         self.started_at = datetime.now(UTC)
         self.routed = 0
@@ -226,6 +230,10 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         self._bucket_cache: dict[tuple[str, str], int] = {}
         self.shadow_skipped = 0
         self._skipped_reported = 0
+        #: Shadows not sent because every backend for the question was rate-limited, in
+        #: all and per config version until reported (the gate counts them by version).
+        self.shadows_yielded = 0
+        self._yields_unreported: Counter[int] = Counter()
         #: Prometheus metrics; pass `metrics_registry=prometheus_client.REGISTRY` to expose
         #: them with the host application's other metrics (one live router per registry:
         #: shutdown() unregisters them).
@@ -472,8 +480,16 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             await asyncio.sleep(interval)
 
     def _report_skipped_shadows(self) -> None:
-        """Shadows skipped at the concurrency cap leave no row: say how many, once per
-        control tick, so a low shadow coverage in the gate has its cause on record."""
+        """Shadows skipped at the concurrency cap, or yielded to a rate limit, leave no
+        row: say how many, once per control tick, so a low shadow coverage in the gate has
+        its cause on record (and yields, per config version, count as covered)."""
+        for version, yielded in sorted(self._yields_unreported.items()):
+            self.recorder.event(
+                EventKind.SHADOWS_YIELDED,
+                shadows_yielded_detail(yielded),
+                config_version=version,
+            )
+        self._yields_unreported.clear()
         skipped = self.shadow_skipped - self._skipped_reported
         if skipped <= 0:
             return
@@ -761,6 +777,13 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
     ) -> None:
         if self._closing:
             return  # shutdown() is cancelling shadows: a new one would outlive it
+        if self.production.rate_limited(classification):
+            # A rate limit is the API key's, shared with the users' arm: a shadow sent
+            # into it takes an answer a user needs. Not a skip for slowness: the gate
+            # counts it as covered (`shadows_yielded` events).
+            self.shadows_yielded += 1
+            self._yields_unreported[config.version] += 1
+            return
         if len(self._shadow_tasks) >= config.shadow_max_concurrency:
             self.shadow_skipped += 1
             return

@@ -106,8 +106,18 @@ class EventKind(StrEnum):
     BREAKER_HALF_OPEN = "breaker_half_open"
     ROWS_DROPPED = "rows_dropped"
     SHADOWS_SKIPPED = "shadows_skipped"
+    SHADOWS_YIELDED = "shadows_yielded"
     INSTANCE_SHARED = "instance_shared"
     SEGMENT_QUARANTINED = "segment_quarantined"
+
+
+def shadows_yielded_detail(count: int) -> str:
+    """The `shadows_yielded` event's text. It starts with the count, which the gate's
+    shadow coverage reads back (`checks.sample_ratio.SHADOWS_YIELDED_SQL`)."""
+    return (
+        f"{count} shadow execution(s) not sent: every backend that may answer them was "
+        "rate-limited (429 Retry-After), and that quota is the users' too"
+    )
 
 
 class RouterEvent(NamedTuple):

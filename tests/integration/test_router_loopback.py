@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -260,6 +261,71 @@ async def test_shadow_never_changes_or_delays_the_users_answer(
     }
     for shadow in shadows:
         assert shadow["subject_bucket"] == primaries[shadow["primary_request_id"]]["subject_bucket"]
+
+
+async def sim_counts(url: str) -> dict[str, int]:
+    """What a simulated backend served, by arm and outcome."""
+    async with httpx.AsyncClient() as client:
+        return (await client.get(f"{url}/admin/stats")).json()["counts"]
+
+
+async def test_a_rate_limited_perplexity_is_left_to_the_users(
+    fleet: FleetThread, tmp_path: Path
+) -> None:
+    """Perplexity's limiter tells everyone to wait 30 s from its first request on, and
+    both arms share its key. In an A/B test, once legacy is told, the production arm
+    sends nothing into that window. In shadow mode, recent-events questions (Perplexity
+    only) are held back and counted rather than spent, the rest are shadowed to
+    LightRAG, and users see what legacy alone gives them."""
+    assert fleet.info is not None
+    (perplexity,) = [m for m in fleet.info.members if m.spec.name == "perplexity-1"]
+    set_profile(perplexity.admin_url, {"rate_limit_rate": 1.0, "retry_after_s": 30})
+    recent = "What is the latest news on newborn screening this week?"
+    users = [f"user-{i}" for i in range(40)]
+    salt = RouterConfig(version=1).salt
+    production_users = [u for u in users if in_production(bucket_of(u, salt), 50)]
+    legacy_users = [u for u in users if u not in production_users]
+
+    def production_calls(counts: dict[str, int]) -> dict[str, int]:
+        return {k: v for k, v in counts.items() if k.startswith("production:")}
+
+    ab = make_router(
+        fleet,
+        tmp_path / "ab",
+        RouterConfig(version=1, mode=DeploymentMode.AB_TEST, traffic_percent=50),
+    )
+    await ab.start()
+    told = await ab.route_query(recent, {"user_id": legacy_users[0]})
+    before = await sim_counts(perplexity.url)
+    held = [await ab.route_query(recent, {"user_id": u}) for u in production_users[:5]]
+    await ab.shutdown()
+    assert (told.arm, told.outcome) == ("legacy", "rate_limited")
+    assert {(r.arm, r.outcome) for r in held} == {("production", "rate_limited")}
+    assert production_calls(await sim_counts(perplexity.url)) == production_calls(before)
+
+    config = RouterConfig(
+        version=1,
+        mode=DeploymentMode.SHADOW,
+        shadow_sample_rate=1.0,
+        shadow_max_concurrency=SHADOW_CAP,
+        guard=GuardLimits(enabled=False),
+    )
+    router = await make_router(fleet, tmp_path / "shadow", config).start()
+    before = await sim_counts(perplexity.url)
+    recents = [await router.route_query(recent, {"user_id": u}) for u in users[:5]]
+    mixed = await serve_batches(router, batches=2)
+    await drain_shadows(router)
+    await router.shutdown()
+    assert {(r.arm, r.outcome) for r in recents} == {("legacy", "rate_limited")}
+    assert {r.arm for _, r, _ in mixed} == {"legacy"}
+    assert any(r.outcome == "ok" for _, r, _ in mixed)
+    # A new router knows no limit yet: its first shadow may race its primary there.
+    spent = production_calls(await sim_counts(perplexity.url))
+    assert sum(spent.values()) - sum(production_calls(before).values()) <= 1
+    assert router.shadows_yielded >= 4
+    shadows = [r for r in rows(tmp_path / "shadow", "requests") if r["is_shadow"]]
+    assert len(shadows) >= 8  # the general questions' shadows went to LightRAG
+    assert sum(s["outcome"] != "ok" for s in shadows) <= 1
 
 
 async def test_callers_who_give_up_never_use_up_the_connection_pool(

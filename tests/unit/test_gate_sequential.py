@@ -802,6 +802,49 @@ def test_shadows_the_router_skipped_raise_a_data_quality_alarm(tmp_path: Path) -
     assert [r.decision for r in whole.records if r.metric == "shadow_coverage"] == [Decision.PASS]
 
 
+def test_shadows_yielded_to_a_rate_limit_count_as_covered(tmp_path: Path) -> None:
+    """The router holds a shadow back while every backend for its question is rate-limited
+    (that quota is the users'); the gate reads the count from its `shadows_yielded`
+    events, of this config version only, instead of alarming on the gap."""
+    from checks.verdict import Verdict
+    from router.record import EventKind, shadows_yielded_detail
+
+    def fill(events: list[tuple[int, int]]):
+        def rows(con) -> None:
+            _insert_rows(con, "legacy", "shadow", [5_000] * 1_000)
+            _insert_rows(
+                con,
+                "production",
+                "shadow",
+                [5_000] * 600,
+                is_shadow=[True] * 600,
+                primary_request_id=[f"legacy-{i}" for i in range(600)],
+            )
+            for i, (version, count) in enumerate(events):
+                con.execute(
+                    "INSERT INTO router_events VALUES (?, ?, 'i', ?, ?, NULL, ?)",
+                    [
+                        f"e{i}",
+                        NOW,
+                        EventKind.SHADOWS_YIELDED.value,
+                        version,
+                        shadows_yielded_detail(count),
+                    ],
+                )
+
+        return rows
+
+    spec_ = replace(spec("shadow"), min_samples=100)
+    covered = _evaluate(tmp_path, "covered", spec_, fill([(1, 250), (1, 140), (2, 300)]))
+    (record,) = [r for r in covered.records if r.metric == "shadow_coverage"]
+    assert record.decision is Decision.PASS and record.estimate == pytest.approx(0.99)
+    assert "390 not sent while every backend for their question was rate-limited" in record.reason
+    other_version = _evaluate(tmp_path, "other", spec_, fill([(2, 390)]))
+    assert other_version.verdict is Verdict.INSUFFICIENT_DATA, other_version.reason
+    (record,) = [r for r in other_version.records if r.metric == "shadow_coverage"]
+    assert record.estimate == pytest.approx(0.6) and "rate-limited" not in record.reason
+
+
 def _users_rows(con, arm: str, first_bucket: int, offsets: np.ndarray, per_user: int) -> None:
     """`per_user` answered requests from each user (a bucket of their own), each user's
     log latency at ln 150 + their offset, +-0.02 within the user."""

@@ -59,6 +59,7 @@ BACKENDS = [
     ),
 ]
 QUESTION = "What is the reference interval of plasma glycine in adults?"
+RECENT = "What is the latest news on newborn screening this week?"  # Perplexity only
 SALT = "rollout-v1"
 
 Fault = Callable[[httpx.Request], "httpx.Response | Awaitable[httpx.Response]"]
@@ -164,7 +165,7 @@ async def test_legacy_only_serves_everyone_from_legacy(tmp_path: Path, backends:
 
 async def test_perplexity_citations_reach_the_caller(tmp_path: Path, backends: Backends) -> None:
     router = await started(tmp_path, backends, 1, "production_only", 100)
-    recent = await router.route_query("What is the latest news on newborn screening this week?")
+    recent = await router.route_query(RECENT)
     assert recent.backend == "perplexity-1"
     assert recent.metadata["citations"] == ["https://ref.example/1"]
     await router.shutdown()
@@ -1194,6 +1195,60 @@ async def test_shadow_concurrency_cap_skips_and_counts(tmp_path: Path, backends:
     skipped = [e for e in read_segments(tmp_path, "events") if e["kind"] == "shadows_skipped"]
     counts = [int(e["detail"].split(" shadow execution(s) skipped")[0]) for e in skipped]
     assert sum(counts) == 9 and all(n > 0 for n in counts)
+
+
+def perplexity_rate_limited(request: httpx.Request) -> httpx.Response:
+    """Perplexity's limiter says wait 30 s to every caller; LightRAG answers."""
+    if request.url.host.startswith("perplexity"):
+        return httpx.Response(429, headers={"Retry-After": "30"})
+    return answer(request, "ANSWER")
+
+
+async def test_no_shadow_spends_a_rate_limit_users_are_waiting_on(
+    tmp_path: Path, backends: Backends
+) -> None:
+    """A 429's quota is the API key's, shared with the users' arm: a shadow sent into the
+    window takes an answer a user needs. Only questions that no other backend may answer
+    are held back; the rest are shadowed to LightRAG. Each hold is counted per config
+    version, for the gate's coverage."""
+    backends.faults["legacy"] = backends.faults["production"] = perplexity_rate_limited
+    router = await started(tmp_path, backends, 1, "shadow", guard=GuardLimits(enabled=False))
+    first = await router.route_query(RECENT, {"user_id": "u0"})
+    await wait_for_shadows(router)
+    assert first.arm == "legacy" and first.outcome == "rate_limited"
+    sent = Counter(backends.calls)
+    recent = [await router.route_query(RECENT, {"user_id": f"u{i}"}) for i in range(1, 10)]
+    general = [await router.route_query(QUESTION, {"user_id": f"g{i}"}) for i in range(5)]
+    await wait_for_shadows(router)
+    await router.shutdown()
+    new = Counter(backends.calls) - sent
+    assert new[("perplexity-1", "production")] == 0
+    assert new[("perplexity-1", "legacy")] >= 9  # legacy keeps its own ways: it never waits
+    assert sum(n for (name, arm), n in new.items() if arm == "production") == 5
+    assert router.shadows_yielded == 9 and router.shadow_skipped == 0
+    assert {r.outcome for r in recent} == {"rate_limited"} and {r.outcome for r in general} == {
+        "ok"
+    }
+    events = [e for e in read_segments(tmp_path, "events") if e["kind"] == "shadows_yielded"]
+    assert [(e["config_version"], int(e["detail"].split(" ")[0])) for e in events] == [(1, 9)]
+
+
+async def test_a_429_given_to_legacy_keeps_production_off_that_backend(
+    tmp_path: Path, backends: Backends
+) -> None:
+    """Both arms call Perplexity with the same key: a Retry-After legacy is given is the
+    production arm's too, which then does not spend the window's quota either."""
+    backends.faults["legacy"] = backends.faults["production"] = perplexity_rate_limited
+    router = await started(tmp_path, backends, 1, "ab_test", 50)
+    users = [f"u{i}" for i in range(40)]
+    production = [u for u in users if in_production(bucket_of(u, SALT), 50)]
+    legacy = [u for u in users if u not in production]
+    told = await router.route_query(RECENT, {"user_id": legacy[0]})
+    assert told.arm == "legacy" and told.outcome == "rate_limited"
+    held = [await router.route_query(RECENT, {"user_id": u}) for u in production[:5]]
+    await router.shutdown()
+    assert {(r.arm, r.outcome) for r in held} == {("production", "rate_limited")}
+    assert ("perplexity-1", "production") not in backends.calls
 
 
 async def test_a_crashing_shadow_never_reaches_the_user(tmp_path: Path, backends: Backends) -> None:
