@@ -269,16 +269,27 @@ async def call_backend(
             ErrorKind.TIMEOUT, f"{backend.name}: no complete answer within {timeout_s:g} s"
         ) from None
     except BackendFailure as failure:
-        key = backend.api_key()
-        secret = key.get_secret_value() if key else ""
-        text = str(failure)
-        for form in _quoted_forms(secret):
-            text = text.replace(form, "**********")
+        text = redact_keys(str(failure), [backend])
         if text != str(failure):
             raise BackendFailure(
                 failure.kind, text, status=failure.status, retry_after_s=failure.retry_after_s
             ) from None
         raise
+
+
+def redact_keys(text: str, backends: Sequence[BackendConfig]) -> str:
+    """`text` with every form of these backends' API keys and Basic credentials masked."""
+    for backend in backends:
+        key = backend.api_key()
+        basic = backend.basic_auth()
+        secrets = (
+            key.get_secret_value() if key else "",
+            basic.removeprefix("Basic ") if basic else "",
+        )
+        for secret in secrets:
+            for form in _quoted_forms(secret):
+                text = text.replace(form, "**********")
+    return text
 
 
 def _quoted_forms(secret: str) -> list[str]:

@@ -20,6 +20,7 @@ import random
 import socket
 import threading
 import time
+import traceback
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -34,7 +35,7 @@ from router.algorithms.base import Algorithm
 from router.algorithms.custom import load_class
 from router.algorithms.names import ADVANCED_ALGORITHMS
 from router.algorithms.registry import build_algorithm
-from router.backend_client import BackendHttpClient
+from router.backend_client import BackendHttpClient, redact_keys
 from router.backend_state import BackendState
 from router.backends import BackendConfig
 from router.balancer import Balancer, RouteOutcome
@@ -868,7 +869,13 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
                 query_text, classification, region=region, headers=headers, outcome=partial
             )
         except Exception as exc:  # CancelledError is a BaseException: it still propagates
-            log.exception("%s balancer failed unexpectedly", balancer.arm)
+            # A custom transport's or algorithm's error may quote a request header: the
+            # traceback is logged with every key masked.
+            log.error(
+                "%s balancer failed unexpectedly\n%s",
+                balancer.arm,
+                redact_keys(traceback.format_exc(), self.backends).rstrip(),
+            )
             return RouteOutcome(
                 None,
                 None,

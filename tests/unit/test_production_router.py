@@ -1263,6 +1263,25 @@ async def test_a_crashing_shadow_never_reaches_the_user(tmp_path: Path, backends
     assert {(r.arm, r.outcome) for r in results} == {("legacy", "ok")}
 
 
+async def test_an_unexpected_error_quoting_the_key_is_logged_masked(
+    tmp_path: Path, backends: Backends, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A custom transport (or any code under the balancer) whose error quotes the
+    request's Authorization header: the traceback went to the log, key and all."""
+
+    def leaky(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError(f"proxy refused {request.headers.get('authorization')!r}")
+
+    backends.faults["production"] = leaky
+    router = await started(tmp_path, backends, 1, "production_only", 100)
+    result = await router.route_query(RECENT, {"user_id": "u0"})
+    await router.shutdown()
+    assert result.outcome == "error" and result.error == "production balancer failed: RuntimeError"
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "proxy refused 'Bearer **********'" in logged and "Traceback" in logged
+    assert "test-key" not in logged + caplog.text
+
+
 async def wait_until(predicate: Callable[[], bool], what: str) -> None:
     for _ in range(500):
         if predicate():
