@@ -50,8 +50,26 @@ def _check_utf8(args: list[str]) -> None:
             sys.exit(2)
 
 
+#: Environment variables the CLI and what it starts read, by prefix.
+OUR_ENV_PREFIXES = ("ROLLOUT_", "PROD_LB_", "PREFECT_")
+
+
+def _check_env_utf8() -> None:
+    """As for arguments: an undecodable byte in PREFECT_API_URL failed `deploy` with a
+    traceback. Names the variable, never its value (it may hold a key)."""
+    for name, value in os.environ.items():
+        if not name.startswith(OUR_ENV_PREFIXES):
+            continue
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            print_error(f"environment variable {name} is not valid UTF-8: set it as UTF-8 text")
+            sys.exit(2)
+
+
 def main() -> None:
     _check_utf8(sys.argv[1:])
+    _check_env_utf8()
     try:
         app()
     except Exception as exc:

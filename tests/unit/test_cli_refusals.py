@@ -356,6 +356,22 @@ def test_an_argument_that_is_not_utf8_is_refused_before_anything_runs(running: D
     assert retried.returncode == 0, retried.stderr
 
 
+def test_an_environment_variable_that_is_not_utf8_is_named_not_shown(tmp_path: Path) -> None:
+    """`deploy` with a stray byte in PREFECT_API_URL's host was a traceback."""
+    env = {**os.environb, b"PREFECT_API_URL": b"http://key\xff@prefect.example/api"}
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "deploy", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        timeout=60,
+        cwd=ROOT,
+        env=env,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.decode().splitlines() == [
+        "error: environment variable PREFECT_API_URL is not valid UTF-8: set it as UTF-8 text"
+    ]
+
+
 def test_a_file_where_the_data_dir_belongs_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     file = tmp_path / "data"
     file.write_text("not a folder")
