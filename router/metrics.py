@@ -13,12 +13,23 @@ Expose them with your app's registry, e.g.::
 
 One live router per registry: the metric names are fixed, so a second router on the same
 registry is refused until the first one's `shutdown()` has unregistered its collectors.
+
+Every series a router can produce exists from its start, at zero: Prometheus reads a
+series' first value as its starting point, so the first errors of a kind that appeared
+only with them would never show in `rate()` or `increase()`.
+
+prometheus-client's multiprocess mode (gunicorn workers sharing one `/metrics`) reads
+only its own mmap files and ignores custom collectors: these metrics are then per
+process. Scrape each worker, or run one worker per process manager target.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import suppress
 from typing import Any
 
@@ -27,26 +38,85 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
+from router.record import ErrorKind, Outcome
+
+log = logging.getLogger(__name__)
+
+#: Up to the legacy arm's longest deadline (two attempts of 30 s, and more): a tail past
+#: the last finite bucket is invisible to `histogram_quantile`.
+LATENCY_BUCKETS_S = (
+    0.025,
+    0.05,
+    0.1,
+    0.2,
+    0.35,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    45.0,
+    60.0,
+    90.0,
+    120.0,
+)
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+ARMS = ("legacy", "production")
+#: A backend attempt's result: answered, or how it failed.
+ATTEMPT_RESULTS = ("ok", *(kind.value for kind in ErrorKind))
+NO_BACKEND = "none"
+
+Key = tuple[str, str, str, bool]  # arm, backend, outcome, shadow
+LatencyKey = tuple[str, str, bool]  # arm, backend, shadow
+
+
+def _shadow_label(shadow: bool) -> str:
+    return "true" if shadow else "false"
 
 
 class RouterMetrics:
-    """Request counts, spend and the latency histogram, per arm and backend.
+    """Request counts, spend, backend attempts and the latency histogram, per arm and
+    backend, shadow executions apart.
 
-    The request path only bumps plain Python numbers (a dict lookup, two additions and
-    a bisect); Prometheus families are built from them when scraped. The exposition is
+    The request path only bumps plain Python numbers (dict lookups, additions and a
+    bisect); Prometheus families are built from them when scraped. The exposition is
     what prometheus-client's Counter and Histogram would produce.
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, backends: Sequence[str] = ()
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.created = time.time()
         #: (arm, backend, outcome, shadow) -> [requests, cost_usd]
-        self.series: dict[tuple[str, str, str, bool], list[float]] = {}
-        #: (arm, backend) -> bucket counts (len(buckets) + 1, the last is +Inf) and the sum
-        self.latency: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
+        self.series: dict[Key, list[float]] = {}
+        #: (arm, backend, shadow) -> bucket counts (len(buckets) + 1, the last is +Inf), sum
+        self.latency: dict[LatencyKey, tuple[list[int], list[float]]] = {}
+        #: (arm, backend, result) -> attempts: failovers and retries show here, since a
+        #: request is counted once, under the backend that ended it.
+        self.attempts: dict[tuple[str, str, str], int] = {}
+        for arm in ARMS:
+            for shadow in (False, True) if arm == "production" else (False,):
+                for backend in (*backends, NO_BACKEND):
+                    for outcome in Outcome:
+                        self.series[(arm, backend, outcome.value, shadow)] = [0, 0.0]
+                    self.latency[(arm, backend, shadow)] = _empty_histogram()
+            for backend in backends:
+                for result in ATTEMPT_RESULTS:
+                    self.attempts[(arm, backend, result)] = 0
         self._collectors: list[Collector] = []
         self._register(_RequestCollector(self))
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            log.warning(
+                "PROMETHEUS_MULTIPROC_DIR is set: prometheus-client's multiprocess "
+                "collector ignores the router's metrics, which stay per process; scrape "
+                "each worker's own registry to see them"
+            )
 
     def observe(
         self,
@@ -57,23 +127,27 @@ class RouterMetrics:
         latency_ms: float,
         cost_usd: float,
     ) -> None:
-        name = backend or "none"
+        name = backend or NO_BACKEND
         key = (arm, name, outcome, shadow)
         series = self.series.get(key)
         if series is None:
             series = self.series[key] = [0, 0.0]
         series[0] += 1
         series[1] += cost_usd
-        histogram = self.latency.get((arm, name))
+        histogram = self.latency.get((arm, name, shadow))
         if histogram is None:
-            histogram = self.latency[(arm, name)] = ([0] * (len(LATENCY_BUCKETS_S) + 1), [0.0])
+            histogram = self.latency[(arm, name, shadow)] = _empty_histogram()
         seconds = latency_ms / 1000.0
         histogram[0][bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
         histogram[1][0] += seconds
 
+    def attempt(self, arm: str, backend: str, error_kind: str | None) -> None:
+        key = (arm, backend, error_kind or "ok")
+        self.attempts[key] = self.attempts.get(key, 0) + 1
+
     def watch(self, state: Callable[[], dict[str, Any]]) -> None:
         """Register the scrape-time collector; `state` returns a health/status snapshot."""
-        self._register(_StateCollector(state))
+        self._register(_StateCollector(state, self.created))
 
     def close(self) -> None:
         """Unregister this router's collectors (a shared registry outlives the router)."""
@@ -87,53 +161,90 @@ class RouterMetrics:
         except ValueError as exc:  # prometheus-client's "Duplicated timeseries"
             self.close()  # leave nothing half-registered
             raise ValueError(
-                "this metrics registry already holds a router's metrics: shut that router "
-                f"down first (one live router per registry); {exc}"
+                "this metrics registry already holds metrics of the same names (another "
+                f"router's?): shut that router down first (one live router per registry); {exc}"
             ) from None
         self._collectors.append(collector)
 
 
-class _RequestCollector(Collector):
+def _empty_histogram() -> tuple[list[int], list[float]]:
+    return [0] * (len(LATENCY_BUCKETS_S) + 1), [0.0]
+
+
+class _Described(Collector):
+    """`describe()` names the families without reading anything: prometheus-client then
+    refuses a second router on any registry, not only on `auto_describe` ones (a plain
+    `CollectorRegistry()` took it, and every family was exposed twice)."""
+
+    def families(self) -> list[Any]:
+        raise NotImplementedError
+
+    def describe(self) -> Iterable[Any]:
+        return self.families()
+
+
+class _RequestCollector(_Described):
     def __init__(self, metrics: RouterMetrics) -> None:
         self.metrics = metrics
 
-    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
-        requests = CounterMetricFamily(
-            "router_requests",
-            "Routed requests (shadow executions included, see the shadow label).",
-            labels=["arm", "backend", "outcome", "shadow"],
-        )
-        cost = CounterMetricFamily(
-            "router_cost_usd", "Spend on answers, by arm and backend.", labels=["arm", "backend"]
-        )
-        spend: dict[tuple[str, str], float] = {}
-        for (arm, backend, outcome, shadow), (count, usd) in list(self.metrics.series.items()):
-            requests.add_metric([arm, backend, outcome, "true" if shadow else "false"], count)
-            spend[(arm, backend)] = spend.get((arm, backend), 0.0) + usd
-        for (arm, backend), usd in spend.items():
-            cost.add_metric([arm, backend], usd)
-        latency = HistogramMetricFamily(
-            "router_request_latency_seconds",
-            "End-to-end routing latency, failovers included.",
-            labels=["arm", "backend"],
-        )
-        for (arm, backend), (counts, total) in list(self.metrics.latency.items()):
+    def families(self) -> list[Any]:
+        created = self.metrics.created
+        return [
+            CounterMetricFamily(
+                "router_requests",
+                "Routed requests, counted once under the backend that ended them (shadow "
+                "executions apart, see the shadow label).",
+                labels=["arm", "backend", "outcome", "shadow"],
+                created=created,
+            ),
+            CounterMetricFamily(
+                "router_cost_usd",
+                "Spend on answers, by arm and backend.",
+                labels=["arm", "backend", "shadow"],
+                created=created,
+            ),
+            HistogramMetricFamily(
+                "router_request_latency_seconds",
+                "End-to-end routing latency, failovers included.",
+                labels=["arm", "backend", "shadow"],
+            ),
+            CounterMetricFamily(
+                "router_backend_attempts",
+                "Calls to each backend, by result (ok, or how it failed): failovers, "
+                "retries and 429s that the request survived show here.",
+                labels=["arm", "backend", "result"],
+                created=created,
+            ),
+        ]
+
+    def collect(self) -> Iterator[Any]:
+        metrics = self.metrics
+        requests, cost, latency, attempts = self.families()
+        created = metrics.created
+        spend: dict[LatencyKey, float] = {}
+        for (arm, backend, outcome, shadow), (count, usd) in list(metrics.series.items()):
+            requests.add_metric([arm, backend, outcome, _shadow_label(shadow)], count, created)
+            spend[(arm, backend, shadow)] = spend.get((arm, backend, shadow), 0.0) + usd
+        for (arm, backend, shadow), usd in spend.items():
+            cost.add_metric([arm, backend, _shadow_label(shadow)], usd, created)
+        for (arm, backend, shadow), (counts, total) in list(metrics.latency.items()):
             cumulative, buckets = 0, []
             for bound, count in zip((*LATENCY_BUCKETS_S, float("inf")), counts, strict=True):
                 cumulative += count
                 buckets.append((floatToGoString(bound), cumulative))
-            latency.add_metric([arm, backend], buckets, total[0])
-        yield requests
-        yield cost
-        yield latency
+            latency.add_metric([arm, backend, _shadow_label(shadow)], buckets, total[0])
+        for (arm, backend, result), count in list(metrics.attempts.items()):
+            attempts.add_metric([arm, backend, result], count, created)
+        yield from (requests, cost, latency, attempts)
 
 
 SNAPSHOT_TRIES = 5
 
 
-class _StateCollector(Collector):
-    def __init__(self, state: Callable[[], dict[str, Any]]) -> None:
+class _StateCollector(_Described):
+    def __init__(self, state: Callable[[], dict[str, Any]], created: float) -> None:
         self.state = state
+        self.created = created
 
     def _snapshot(self) -> dict[str, Any]:
         """The scrape runs in the exporter's thread while the event loop keeps updating
@@ -146,50 +257,104 @@ class _StateCollector(Collector):
                 continue
         return self.state()  # the last try's error, if any, is the scrape's
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def families(self) -> list[Any]:
+        created = self.created
+        per_backend = ["arm", "backend"]
+        return [
+            GaugeMetricFamily(
+                "router_breaker_state",
+                "Circuit breaker per backend: 0 closed, 1 half-open, 2 open.",
+                labels=per_backend,
+            ),
+            CounterMetricFamily(
+                "router_breaker_opened",
+                "Times each backend's breaker opened (one that opened and closed between "
+                "two scrapes shows here, not in router_breaker_state).",
+                labels=per_backend,
+                created=created,
+            ),
+            GaugeMetricFamily(
+                "router_backend_ejected",
+                "1 while outlier detection ejects the backend.",
+                labels=per_backend,
+            ),
+            CounterMetricFamily(
+                "router_backend_ejections",
+                "Times outlier detection ejected each backend.",
+                labels=per_backend,
+                created=created,
+            ),
+            GaugeMetricFamily(
+                "router_backend_in_flight", "Requests in flight per backend.", labels=per_backend
+            ),
+            GaugeMetricFamily("router_config_version", "Applied RouterConfig version."),
+            GaugeMetricFamily(
+                "router_production_share",
+                "Share of users the production balancer serves now (0..1).",
+            ),
+            CounterMetricFamily(
+                "router_retries_denied",
+                "Retries the retry budget refused (the user got the failure before it).",
+                labels=["arm"],
+                created=created,
+            ),
+            GaugeMetricFamily("router_failback", "1 after the local guard failed back."),
+            CounterMetricFamily(
+                "router_failbacks",
+                "Times the local guard failed back to legacy.",
+                created=created,
+            ),
+            CounterMetricFamily(
+                "router_shadows_not_run",
+                "Sampled shadow executions not run: reason concurrency_cap (production "
+                "slow: the gate alarms on coverage) or rate_limited (yielded to users).",
+                labels=["reason"],
+                created=created,
+            ),
+        ]
+
+    def collect(self) -> Iterator[Any]:
         snapshot = self._snapshot()
-        breaker = GaugeMetricFamily(
-            "router_breaker_state",
-            "Circuit breaker per backend: 0 closed, 1 half-open, 2 open.",
-            labels=["arm", "backend"],
-        )
-        ejected = GaugeMetricFamily(
-            "router_backend_ejected",
-            "1 while outlier detection ejects the backend.",
-            labels=["arm", "backend"],
-        )
-        in_flight = GaugeMetricFamily(
-            "router_backend_in_flight", "Requests in flight per backend.", labels=["arm", "backend"]
-        )
+        (
+            breaker,
+            opened,
+            ejected,
+            ejections,
+            in_flight,
+            version,
+            share,
+            denied,
+            failback,
+            failbacks,
+            shadows,
+        ) = self.families()
+        created = self.created
         for arm, backends in snapshot.get("health", {}).items():
             for name, report in backends.items():
                 if "breaker_state" in report:
                     breaker.add_metric([arm, name], BREAKER_STATES.get(report["breaker_state"], -1))
+                    opened.add_metric([arm, name], report.get("breaker_times_opened", 0), created)
                 ejected.add_metric([arm, name], 1.0 if report.get("ejected") else 0.0)
+                ejections.add_metric([arm, name], float(report.get("ejections", 0)), created)
                 in_flight.add_metric([arm, name], float(report.get("in_flight", 0)))
-        yield breaker
-        yield ejected
-        yield in_flight
-        yield GaugeMetricFamily(
-            "router_config_version",
-            "Applied RouterConfig version.",
-            value=float(snapshot.get("config_version", 0)),
-        )
-        yield GaugeMetricFamily(
-            "router_production_share",
-            "Share of users the production balancer serves now (0..1).",
-            value=float(snapshot.get("production_share", 0.0)),
-        )
-        denied = CounterMetricFamily(
-            "router_retries_denied",
-            "Retries the retry budget refused (the user got the failure before it).",
-            labels=["arm"],
-        )
+        version.add_metric([], float(snapshot.get("config_version", 0)))
+        share.add_metric([], float(snapshot.get("production_share", 0.0)))
         for arm, count in snapshot.get("retries_denied", {}).items():
-            denied.add_metric([arm], float(count))
-        yield denied
-        yield GaugeMetricFamily(
-            "router_failback",
-            "1 after the local guard failed back.",
-            value=1.0 if snapshot.get("failback") else 0.0,
+            denied.add_metric([arm], float(count), created)
+        failback.add_metric([], 1.0 if snapshot.get("failback") else 0.0)
+        failbacks.add_metric([], float(snapshot.get("failbacks", 0)), created)
+        for reason, count in snapshot.get("shadows_not_run", {}).items():
+            shadows.add_metric([reason], float(count), created)
+        yield from (
+            breaker,
+            opened,
+            ejected,
+            ejections,
+            in_flight,
+            version,
+            share,
+            denied,
+            failback,
+            failbacks,
+            shadows,
         )

@@ -204,6 +204,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         # is production's limit too (legacy keeps its own behaviour: it never waits).
         self.legacy.share_waits_with(self.production)
         self.guard = FailbackGuard(self.config.guard)
+        self.failbacks = 0  # times the guard tripped, forced trips included
         self.started_at = datetime.now(UTC)
         self.routed = 0
         self.refused: tuple[int | None, str] | None = None
@@ -238,7 +239,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         #: Prometheus metrics; pass `metrics_registry=prometheus_client.REGISTRY` to expose
         #: them with the host application's other metrics (one live router per registry:
         #: shutdown() unregisters them).
-        self.metrics = RouterMetrics(metrics_registry)
+        self.metrics = RouterMetrics(metrics_registry, [b.name for b in self.backends])
         self.metrics.watch(self._metrics_state)
         self._ack_lock = threading.Lock()
         self._ack_seq = 0
@@ -894,6 +895,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             self._record_failback(reason)
 
     def _record_failback(self, reason: str) -> None:
+        self.failbacks += 1
         log.error("auto-failback to legacy: %s", reason)
         self.recorder.event(EventKind.FAILBACK, reason, config_version=self.config.version)
         self._announce()
@@ -948,6 +950,12 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             result.latency_ms,
             result.cost_usd,
         )
+        for attempt in outcome.attempts:
+            self.metrics.attempt(
+                result.arm,
+                attempt.backend,
+                attempt.error_kind.value if attempt.error_kind else None,
+            )
         self.recorder.record(
             RequestRecord(
                 request_id=result.request_id,
@@ -983,6 +991,11 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             "config_version": self.config.version,
             "production_share": 0.0 if self.guard.tripped else self.config.production_share,
             "failback": self.guard.tripped,
+            "failbacks": self.failbacks,
+            "shadows_not_run": {
+                "concurrency_cap": self.shadow_skipped,
+                "rate_limited": self.shadows_yielded,
+            },
             "retries_denied": {
                 Arm.LEGACY.value: self.legacy.retry_budget.denied,
                 PRODUCTION: self.production.retry_budget.denied,

@@ -1749,6 +1749,138 @@ async def test_prometheus_metrics_count_requests_and_show_state(
     await router.shutdown()
 
 
+def scrape(router: ProductionIntelligentQueryRouter) -> dict[tuple[str, frozenset], float]:
+    """Every sample of a scrape: (name, labels) -> value."""
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = generate_latest(router.metrics.registry).decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def sample(samples: dict, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+async def test_failed_attempts_that_failover_saved_still_show(
+    tmp_path: Path, backends: Backends
+) -> None:
+    """A request is counted once, under the backend that answered it: a backend failing
+    or rate-limiting every call while failover saved the users had no series at all."""
+
+    def lightrag_1_down(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "lightrag-1.test":
+            return httpx.Response(503)
+        if request.url.host == "lightrag-2.test":
+            return httpx.Response(429, headers={"Retry-After": "0"})
+        return answer(request, "ANSWER")
+
+    backends.faults["production"] = lightrag_1_down
+    router = await started(
+        tmp_path, backends, 1, "production_only", 100, guard=GuardLimits(enabled=False)
+    )
+    results = [await router.route_query(QUESTION, {"user_id": f"u{i}"}) for i in range(12)]
+    samples = scrape(router)
+    await router.shutdown()
+    assert {r.backend for r in results if r.ok} == {"perplexity-1"}
+    tried = Counter(name for name, arm in backends.calls if arm == "production")
+    attempts = "router_backend_attempts_total"
+    failed_1 = sample(
+        samples, attempts, arm="production", backend="lightrag-1", result="server_error"
+    )
+    limited_2 = sample(
+        samples, attempts, arm="production", backend="lightrag-2", result="rate_limited"
+    )
+    assert failed_1 == tried["lightrag-1"] > 0 and limited_2 == tried["lightrag-2"] > 0
+    assert sample(samples, attempts, arm="production", backend="perplexity-1", result="ok") == 12
+
+
+async def test_every_series_exists_from_the_start_and_shadows_are_apart(
+    tmp_path: Path, backends: Backends
+) -> None:
+    """Prometheus takes a series' first value as its start: errors arriving with a new
+    series never showed in increase(). The histogram had no shadow label, so a
+    throughput or p95 panel counted shadow executions as users."""
+    router = await started(tmp_path, backends, 1, "shadow", guard=GuardLimits(enabled=False))
+    fresh = scrape(router)
+    for i in range(10):
+        await router.route_query(QUESTION, {"user_id": f"u{i}"})
+    await wait_for_shadows(router)
+    router.force_rollback("drill")
+    samples = scrape(router)
+    await router.shutdown()
+    errors = ("router_requests_total", "production", "lightrag-1", "error", "false")
+    name, arm, backend, outcome, shadow = errors
+    labels = {"arm": arm, "backend": backend, "outcome": outcome, "shadow": shadow}
+    assert sample(fresh, name, **labels) == 0
+    assert (
+        sample(
+            fresh,
+            "router_backend_attempts_total",
+            arm="production",
+            backend="lightrag-1",
+            result="timeout",
+        )
+        == 0
+    )
+
+    def users_and_shadows(metric: str) -> tuple[float, float]:
+        return tuple(
+            sum(v for (n, labels), v in samples.items() if n == metric and ("shadow", s) in labels)
+            for s in ("false", "true")
+        )
+
+    assert users_and_shadows("router_request_latency_seconds_count") == (10, 10)
+    assert users_and_shadows("router_requests_total") == (10, 10)
+    assert sample(samples, "router_failbacks_total") == 1
+    assert sample(samples, "router_shadows_not_run_total", reason="rate_limited") == 0
+    buckets = {dict(labels)["le"] for (n, labels) in samples if n.endswith("_bucket")}
+    assert {"60.0", "120.0", "+Inf"} <= buckets  # legacy's deadline reaches past 30 s
+
+
+async def test_a_breaker_that_opened_between_two_scrapes_is_counted(
+    tmp_path: Path, backends: Backends
+) -> None:
+    from router.production_config import CircuitBreakerSettings
+
+    tight = CircuitBreakerSettings(minimum_calls=2, open_wait_s=0.05)
+    failing = {"on": True}
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(500) if failing["on"] else answer(request, "ANSWER")
+
+    backends.faults["production"] = flaky
+    router = await started(
+        tmp_path,
+        backends,
+        1,
+        "production_only",
+        100,
+        breaker=tight,
+        guard=GuardLimits(enabled=False),
+    )
+    for i in range(4):
+        await router.route_query(QUESTION, {"user_id": f"u{i}"})
+    failing["on"] = False
+    await asyncio.sleep(0.1)
+    for i in range(20):
+        await router.route_query(QUESTION, {"user_id": f"v{i}"})
+    states = {n: b["breaker_state"] for n, b in router.get_health_status()["production"].items()}
+    samples = scrape(router)
+    await router.shutdown()
+    assert set(states.values()) == {"closed"}
+    opened = sum(
+        v
+        for (n, labels), v in samples.items()
+        if n == "router_breaker_opened_total" and ("arm", "production") in labels
+    )
+    assert opened >= 1
+
+
 async def test_a_scrape_racing_a_request_retries_instead_of_failing(
     tmp_path: Path, backends: Backends
 ) -> None:
@@ -1780,14 +1912,17 @@ async def test_a_scrape_racing_a_request_retries_instead_of_failing(
     await router.shutdown()
 
 
+@pytest.mark.parametrize("auto_describe", [True, False])
 async def test_a_shared_registry_takes_a_new_router_once_the_old_one_shut_down(
-    tmp_path: Path, backends: Backends
+    tmp_path: Path, backends: Backends, auto_describe: bool
 ) -> None:
     """One live router per registry (e.g. prometheus_client.REGISTRY): shutdown()
-    unregisters, so a restarted router in the same process can register."""
+    unregisters, so a restarted router in the same process can register. A plain
+    `CollectorRegistry()` (auto_describe off) took a second router, and its exposition
+    repeated every family, which fails the whole OpenMetrics scrape."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    registry = CollectorRegistry(auto_describe=True)  # as prometheus_client.REGISTRY
+    registry = CollectorRegistry(auto_describe=auto_describe)  # True: as REGISTRY
 
     def build(instance: str) -> ProductionIntelligentQueryRouter:
         return ProductionIntelligentQueryRouter(
