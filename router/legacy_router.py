@@ -144,6 +144,7 @@ class IntelligentQueryRouter:
         self.classifier = classifier or KeywordClassifier()
         self._kinds = frozenset(backend.kind for backend in self.backends)
         self.analytics = Analytics()
+        self._transport = transport
         self._client = BackendHttpClient(self.backends, transport=transport)
         cfg = self.load_balancing_config
         wrr = AdaptiveWeightedRoundRobin if cfg.enable_adaptive_routing else WeightedRoundRobin
@@ -166,6 +167,8 @@ class IntelligentQueryRouter:
         self._tasks: list[asyncio.Task[Any]] = []
         self._started = False
         self._closed = False
+        #: The event loop this router's connections and background tasks belong to.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle --------------------------------------------------------------------
     def _health_settings(self) -> HealthCheckSettings:
@@ -176,7 +179,38 @@ class IntelligentQueryRouter:
     def _balancers(self) -> list[Balancer]:
         return [self.legacy]
 
+    def _bind_loop(self) -> None:
+        """A router serves one event loop at a time: its connections and background tasks
+        belong to the loop they started on. Once that loop has ended (a second
+        `asyncio.run`, a sync view running one per request), they are rebuilt on the
+        new one: kept-alive connections failed every first request with "Event loop is
+        closed", and a production router's control loop was gone for good, so published
+        documents (a rollback too) were never applied. A loop still running elsewhere
+        (another thread's) is refused: the two would share connections."""
+        loop = asyncio.get_running_loop()
+        previous = self._loop
+        if loop is previous:
+            return
+        if previous is not None:
+            if previous.is_running() and not previous.is_closed():
+                raise RuntimeError(
+                    "this router serves another event loop that is still running (another "
+                    "thread's?): a router serves one loop at a time; create one router "
+                    "per thread or event loop"
+                )
+            self._rebind()
+        self._loop = loop
+
+    def _rebind(self) -> None:
+        """Drop what belonged to the ended loop: its tasks ended with it, and its clients'
+        connections cannot be used (nor closed) from another loop."""
+        self._tasks.clear()
+        self._started = False
+        self._client = BackendHttpClient(self.backends, transport=self._transport)
+        self.legacy.client = self._client
+
     def _start_background(self) -> None:
+        self._bind_loop()
         self._started = True
         if (
             self._tasks
@@ -201,6 +235,7 @@ class IntelligentQueryRouter:
         return None
 
     async def shutdown(self) -> None:
+        self._bind_loop()
         self._closed = True
         for task in self._tasks:
             task.cancel()

@@ -510,7 +510,16 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
     def _health_settings(self) -> HealthCheckSettings:
         return self.production_config.health_check
 
+    def _rebind(self) -> None:
+        super()._rebind()
+        self._shadow_tasks.clear()
+        self._background_acks.clear()
+        self._drained = None
+        self._production_client = BackendHttpClient(self.backends, transport=self._transport)
+        self.production.client = self._production_client
+
     def _start_background(self) -> None:
+        self._bind_loop()
         if self._tasks or self._closed:
             self._started = True
             return
@@ -527,6 +536,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         """Start background work; the published config is applied before this returns
         (unless the control store takes over `CONTROL_CALL_S` to answer: the control loop
         applies it then)."""
+        self._bind_loop()
         if self.control_store is not None and not self._tasks and not self._closed:
             await self._read_and_consider(
                 lambda: self._bounded(self._read_document, "reading the control store")
@@ -553,6 +563,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         counted as dropped. The Prometheus collectors leave the registry, so a new router
         can register on it.
         """
+        self._bind_loop()
         self._closing = True
         try:
             self._report_skipped_shadows()
@@ -688,7 +699,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
     async def _route_query(
         self, query_text: str, context: Mapping[str, Any] | None
     ) -> RoutingResult:
-        if not self._started:
+        if not self._started or asyncio.get_running_loop() is not self._loop:
             self._start_background()
         config = self.config
         mode = self.effective_mode

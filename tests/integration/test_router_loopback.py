@@ -328,6 +328,47 @@ async def test_a_rate_limited_perplexity_is_left_to_the_users(
     assert sum(s["outcome"] != "ok" for s in shadows) <= 1
 
 
+def test_one_router_serves_successive_event_loops(fleet: FleetThread, tmp_path: Path) -> None:
+    """A CLI, or a sync view that runs `asyncio.run` per request, uses one router from
+    successive loops. The first loop's kept-alive connections failed the next loop's
+    requests ("Event loop is closed", charged to the production arm), and the control
+    loop died with the first loop: a rollback published later was never applied. A loop
+    still running in another thread is refused, naming the rule."""
+    import threading
+
+    config = RouterConfig(version=1, mode=DeploymentMode.PRODUCTION_ONLY, traffic_percent=100)
+    router = make_router(fleet, tmp_path, config)
+
+    async def serve() -> list[tuple[str, str]]:
+        results = [await router.route_query(q, {"user_id": "u1"}) for q in QUESTIONS[:4]]
+        assert router._tasks and not any(t.done() for t in router._tasks)  # control loop
+        return [(r.arm, r.outcome) for r in results]
+
+    assert asyncio.run(serve()) == [("production", "ok")] * 4
+    FileControlStore(tmp_path / "control").publish(RouterConfig(version=2))  # legacy_only
+    assert asyncio.run(serve()) == [("legacy", "ok")] * 4
+    assert router.config.version == 2
+
+    entered, leave = threading.Event(), threading.Event()
+
+    async def hold() -> None:
+        await router.route_query(QUESTIONS[0], {"user_id": "u2"})
+        entered.set()
+        await asyncio.to_thread(leave.wait, 30)
+
+    other = threading.Thread(target=asyncio.run, args=(hold(),))
+    other.start()
+    try:
+        assert entered.wait(30)
+        with pytest.raises(RuntimeError, match="a router serves one loop at a time"):
+            asyncio.run(serve())
+    finally:
+        leave.set()
+        other.join(30)
+    assert asyncio.run(serve()) == [("legacy", "ok")] * 4
+    asyncio.run(router.shutdown())
+
+
 async def test_callers_who_give_up_never_use_up_the_connection_pool(
     fleet: FleetThread, tmp_path: Path
 ) -> None:
