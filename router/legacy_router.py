@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -169,6 +170,7 @@ class IntelligentQueryRouter:
         self._closed = False
         #: The event loop this router's connections and background tasks belong to.
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_pid = os.getpid()
 
     # -- lifecycle --------------------------------------------------------------------
     def _health_settings(self) -> HealthCheckSettings:
@@ -192,14 +194,15 @@ class IntelligentQueryRouter:
         if loop is previous:
             return
         if previous is not None:
-            if previous.is_running() and not previous.is_closed():
+            # A forked child's copy of a loop running in its parent is no one's.
+            if previous.is_running() and not previous.is_closed() and self._loop_pid == os.getpid():
                 raise RuntimeError(
                     "this router serves another event loop that is still running (another "
                     "thread's?): a router serves one loop at a time; create one router "
                     "per thread or event loop"
                 )
             self._rebind()
-        self._loop = loop
+        self._loop, self._loop_pid = loop, os.getpid()
 
     def _rebind(self) -> None:
         """Drop what belonged to the ended loop: its tasks ended with it, and its clients'

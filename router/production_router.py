@@ -22,6 +22,7 @@ import threading
 import time
 import traceback
 import uuid
+import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -155,7 +156,10 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             # Checked at start-up even when `custom` is not the first algorithm: a typo
             # must stop the application now, not refuse the rollout that switches to it.
             load_class(production_config.custom_algorithm)
-        self.instance_id = instance_id or self.flags.instance_id or default_instance_id()
+        #: No id given: `host-pid`, unique among this process's live routers and chosen
+        #: again in a forked child (see `_claim_default_id`).
+        self._default_id = not (instance_id or self.flags.instance_id)
+        self.instance_id = instance_id or self.flags.instance_id or _claim_default_id()
         self._seed = seed
         self._random = random.Random(seed)
         #: "env": the folder store under PROD_LB_DATA_DIR; None: no rollout control at all.
@@ -242,6 +246,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         self.metrics = RouterMetrics(metrics_registry, [b.name for b in self.backends])
         self.metrics.watch(self._metrics_state)
         self._ack_lock = threading.Lock()
+        _routers.add(self)
         self._ack_seq = 0
         self._ack_written = 0
         self._background_acks: set[asyncio.Task[None]] = set()
@@ -510,6 +515,17 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
     def _health_settings(self) -> HealthCheckSettings:
         return self.production_config.health_check
 
+    def _after_fork(self) -> None:
+        """In a forked child (gunicorn `--preload` builds the app before forking its
+        workers): every worker kept the parent's `host-pid` id, so they wrote one
+        heartbeat and one segment folder between them. A default id is chosen again,
+        and the recorder (restarted by its own fork hook) writes under it."""
+        self._ack_lock = threading.Lock()
+        if self._default_id and not self._closed:
+            self.instance_id = _claim_default_id()
+            self.recorder.instance = self.instance_id
+            self.recorder.directory = self.recorder.directory.parent / self.instance_id
+
     def _rebind(self) -> None:
         super()._rebind()
         self._shadow_tasks.clear()
@@ -598,6 +614,8 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
             # Whatever happened above, the buffered rows are flushed: in a thread, since a
             # stuck disk can hold close() for its whole timeout.
             await asyncio.to_thread(self.recorder.close)
+            if self._default_id:
+                _release_default_id(self.instance_id)
 
     async def _close_production_client(self) -> None:
         await cancel_orphaned_exchanges(self._production_client)
@@ -1061,6 +1079,41 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         self.guard.trip(f"forced: {reason}")
         self._record_failback(f"forced: {reason}")
         return True
+
+
+#: Default instance ids of this process's live routers: a second router on the same data
+#: dir must not write the first one's heartbeat and segments.
+_default_ids: set[str] = set()
+_default_ids_lock = threading.Lock()
+_routers: weakref.WeakSet[ProductionIntelligentQueryRouter] = weakref.WeakSet()
+
+
+def _claim_default_id() -> str:
+    """`host-pid` for the first live router of the process, then `host-pid-2`, ..."""
+    base = default_instance_id()
+    with _default_ids_lock:
+        candidate, n = base, 1
+        while candidate in _default_ids:
+            n += 1
+            candidate = f"{base}-{n}"
+        _default_ids.add(candidate)
+    return candidate
+
+
+def _release_default_id(instance_id: str) -> None:
+    with _default_ids_lock:
+        _default_ids.discard(instance_id)
+
+
+def _after_fork_in_child() -> None:
+    global _default_ids_lock
+    _default_ids_lock = threading.Lock()  # a parent thread may have held it at the fork
+    _default_ids.clear()  # the parent's routers' ids
+    for router in list(_routers):
+        router._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _store_from_flags(flags: ProductionFeatureFlags) -> ControlStore:

@@ -19,16 +19,25 @@ twice `max_buffered_rows` rows in the worst case.
 `close()` is bounded too: if the disk hangs, it gives up after its timeout and logs the
 rows it could not write. Rows recorded after `close()` are counted as dropped and logged
 (nothing flushes them any more).
+
+A recorder nobody closed (a host that never calls the router's `shutdown()`, as the
+legacy router never needed) is closed at interpreter exit, so its last second of rows
+still lands. In a child forked from a process that had started it (gunicorn
+`--preload`), it starts a flusher of its own: no thread survives a fork, and the
+parent's buffered rows are the parent's to write.
 """
 
 from __future__ import annotations
 
+import atexit
+import concurrent.futures.thread  # noqa: F401  (see _close_at_exit)
 import itertools
 import logging
 import os
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
@@ -208,14 +217,18 @@ class SegmentRecorder:
 
     # -- background -------------------------------------------------------------------
     def start(self) -> SegmentRecorder:
+        _started.add(self)
         if self._thread is None:
             if self.directory.is_dir():  # what an earlier process of this instance left
                 remove_old_files(self.directory, f".*{SEGMENT_SUFFIX}.tmp")
-            self._thread = threading.Thread(
-                target=self._run, name=f"segment-recorder-{self.instance}", daemon=True
-            )
-            self._thread.start()
+            self._spawn_flusher()
         return self
+
+    def _spawn_flusher(self) -> None:
+        self._thread = threading.Thread(
+            target=self._run, name=f"segment-recorder-{self.instance}", daemon=True
+        )
+        self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -310,11 +323,59 @@ class SegmentRecorder:
         finally:
             self._io_lock.release()
 
+    def _after_fork(self) -> None:
+        """In a forked child: no flusher came along, a lock may be held by a thread that
+        does not exist here, and the rows buffered before the fork are the parent's."""
+        self._io_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        for stream in (self.requests, self.events):
+            stream.buffer.clear()
+            stream.dropped = stream.unconvertible = 0
+        running, self._thread = self._thread is not None, None
+        if running and not self._closed:
+            # Not start(): its clean-up of temporary files would take the parent's write
+            # in progress (same folder until the router gives the child its own id).
+            self._spawn_flusher()
+
     def __enter__(self) -> SegmentRecorder:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+#: Recorders started in this process and not yet garbage: closed at exit, restarted in a
+#: forked child.
+_started: weakref.WeakSet[SegmentRecorder] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """The first write of a short-lived process may come only now, and pyarrow's first
+    conversion imports pandas, which imports `concurrent.futures.thread`: that module
+    registers an exit hook, refused this late ("can't register atexit after shutdown").
+    It is imported with this module instead."""
+    for recorder in list(_started):
+        if not recorder._closed:
+            waiting = len(recorder.requests.buffer)
+            recorder.close(timeout_s=10.0)
+            if waiting:
+                log.warning(
+                    "segment recorder %s was never closed: closed at interpreter exit "
+                    "(%d request rows were waiting); call the router's shutdown() to "
+                    "write its last heartbeat too",
+                    recorder.instance,
+                    waiting,
+                )
+
+
+def _after_fork_in_child() -> None:
+    for recorder in list(_started):
+        recorder._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class NullRecorder(SegmentRecorder):
