@@ -18,6 +18,7 @@ import math
 import os
 import random
 import socket
+import tempfile
 import threading
 import time
 import traceback
@@ -26,6 +27,7 @@ import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import httpx
@@ -70,6 +72,7 @@ from router.recorder import NullRecorder, SegmentRecorder
 from router.result import RoutingResult
 from router.retry_budget import RetryBudget
 from router.router_config import RouterConfig
+from router.settings_errors import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +171,15 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         )
         #: A store built here from PROD_LB_* is ours to close (an HTTP one holds a client).
         self._owns_store = control_store == "env"
+        ours = []  # folders this router writes under PROD_LB_DATA_DIR, checked below
+        if self._owns_store and isinstance(self.control_store, FileControlStore):
+            ours.append(self.control_store.acks_dir)
         if recorder is None:
             segments = self.flags.data_dir / "segments"
             recorder_cls = SegmentRecorder if self.flags.perf_comparison else NullRecorder
             recorder = recorder_cls(segments, self.instance_id)
+            ours.append(recorder.directory)
+        _check_writable(ours, self.flags.data_dir)
         self.recorder = recorder  # started at the end, once nothing else can fail
         self.config = self.flags.initial_router_config().model_copy(
             update={"algorithm": production_config.algorithm}
@@ -1114,6 +1122,25 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _check_writable(folders: list[Path], data_dir: Path) -> None:
+    """The folders under PROD_LB_DATA_DIR this router writes: an unwritable one (a
+    read-only root filesystem under the default `./data`) let the router start, then
+    logged every poll and flush while no row or heartbeat was ever written."""
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+                pass
+        except OSError as exc:
+            raise SettingsError(
+                [
+                    f"PROD_LB_DATA_DIR={str(data_dir)!r}: cannot write {str(folder)!r} "
+                    f"({exc.strerror or exc}): the router writes its request rows and "
+                    "heartbeats there; give a folder it can write"
+                ]
+            ) from None
 
 
 def _store_from_flags(flags: ProductionFeatureFlags) -> ControlStore:

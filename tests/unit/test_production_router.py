@@ -1728,6 +1728,24 @@ def test_cost_optimisation_and_region_come_from_the_flags(tmp_path: Path) -> Non
     router.recorder.close()
 
 
+def test_a_data_dir_the_router_cannot_write_stops_start_up(tmp_path: Path) -> None:
+    """A read-only root filesystem under the default ./data let the router start, log
+    every poll and flush (612 lines in 21 s), and never write a row or a heartbeat."""
+    from router.settings_errors import SettingsError
+
+    not_a_folder = tmp_path / "data"
+    not_a_folder.write_text("a file where the data folder belongs")
+    with pytest.raises(SettingsError) as refused:
+        ProductionIntelligentQueryRouter(
+            backends=BACKENDS,
+            health_checks=False,
+            flags=ProductionFeatureFlags(enabled=True, data_dir=not_a_folder, instance_id="ro"),
+        )
+    (line,) = refused.value.lines
+    assert line.startswith(f"PROD_LB_DATA_DIR={str(not_a_folder)!r}: cannot write ")
+    assert "give a folder it can write" in line
+
+
 async def test_prometheus_metrics_count_requests_and_show_state(
     tmp_path: Path, backends: Backends
 ) -> None:
