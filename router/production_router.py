@@ -217,6 +217,8 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         self.legacy.share_waits_with(self.production)
         self.guard = FailbackGuard(self.config.guard)
         self.failbacks = 0  # times the guard tripped, forced trips included
+        #: Backends an operator drained (weight 0, `update_backend_weights`).
+        self._operator_drained: set[str] = set()
         self.started_at = datetime.now(UTC)
         self.routed = 0
         self.refused: tuple[int | None, str] | None = None
@@ -314,6 +316,10 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         if config.legacy_weights:  # else operators' update_load_balancing_weights stand
             self.legacy.set_weights(config.legacy_weights, reset=True)
         self.production.set_weights(config.production_weights, reset=True)
+        if self._operator_drained:  # outlives documents (update_backend_weights)
+            drained = dict.fromkeys(self._operator_drained, 0.0)
+            self.legacy.set_weights(drained)
+            self.production.set_weights(drained)
         self.production.algorithm = algorithm
         if isinstance(self.production.health, ProductionHealth):
             self.production.health.reconfigure_breakers(
@@ -1040,6 +1046,20 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         }
 
     # -- the legacy surface, production flavour ----------------------------------------
+    def update_backend_weights(self, weights: dict[str, float]) -> None:
+        """Set per-backend weights on both arms, as the legacy router did on its own.
+
+        A weight of 0 drains the backend, and the drain holds across published
+        documents until this method gives it a weight again: a document's weights are
+        absolute, and put a backend taken out for maintenance back into service at the
+        next phase. Other weights hold until the next document sets that arm's weights."""
+        super().update_backend_weights(weights)  # validates every name and value first
+        for name, weight in weights.items():
+            if weight == 0:
+                self._operator_drained.add(name)
+            else:
+                self._operator_drained.discard(name)
+
     def update_production_weights(self, weights: dict[str, float]) -> None:
         """Weights of the production balancer, until the next RouterConfig sets them
         (documents own the production arm's weights during a rollout)."""

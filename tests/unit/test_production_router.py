@@ -442,6 +442,31 @@ async def test_a_documents_breaker_thresholds_apply_and_a_document_without_resto
     await router.shutdown()
 
 
+async def test_an_operators_drain_outlives_the_next_document(
+    tmp_path: Path, backends: Backends
+) -> None:
+    """A legacy caller drains a backend for maintenance with update_backend_weights; the
+    next phase's document (absolute weights) put it back into service on production."""
+    router = await started(tmp_path, backends, 1, "production_only", 100)
+    router.update_backend_weights({"lightrag-1": 0})
+    publish(tmp_path, 2, "production_only", 100, production_weights={"lightrag-2": 2.0})
+    router.poll_control_store()
+    assert router.config.version == 2
+    for i in range(20):
+        await router.route_query(QUESTION, {"user_id": f"u{i}"})
+    assert ("lightrag-1", "production") not in backends.calls
+    health = router.get_health_status()
+    assert health["production"]["lightrag-1"]["weight"] == 0
+    assert health["production"]["lightrag-2"]["weight"] == 2.0  # the document's, applied
+    router.update_backend_weights({"lightrag-1": 1.0})  # back from maintenance
+    publish(tmp_path, 3, "production_only", 100)
+    router.poll_control_store()
+    for i in range(20):
+        await router.route_query(QUESTION, {"user_id": f"v{i}"})
+    await router.shutdown()
+    assert ("lightrag-1", "production") in backends.calls
+
+
 async def test_heartbeat_carries_the_applied_version(tmp_path: Path, backends: Backends) -> None:
     store = FileControlStore(tmp_path / "control")
     router = await started(tmp_path, backends, 3, "canary", 5)
