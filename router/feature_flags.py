@@ -54,6 +54,9 @@ class ProductionFeatureFlags(BaseSettings):
         case_sensitive=False,
         frozen=True,
         hide_input_in_errors=True,
+        # `PROD_LB_PERPLEXITY_URL=${PERPLEXITY_URL}` in a compose file writes an empty
+        # value when the variable is unset: that means unset, not an invalid URL.
+        env_ignore_empty=True,
     )
 
     enabled: bool = Field(default=False, description="false forces legacy_only")
@@ -104,6 +107,14 @@ class ProductionFeatureFlags(BaseSettings):
     @field_validator("lightrag_urls", mode="before")
     @classmethod
     def _split_urls(cls, value: object) -> object:
+        """Comma-separated, or a JSON list (what templates that render lists write)."""
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise ValueError(
+                    "not a JSON list of URLs; give comma-separated URLs or a JSON list"
+                ) from None
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value

@@ -165,6 +165,22 @@ def test_backend_urls_are_split_and_named(monkeypatch: pytest.MonkeyPatch) -> No
     assert backends[2].api_key_env == "PERPLEXITY_API_KEY"
 
 
+def test_urls_as_a_json_list_and_empty_values_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What deployment templates write: a rendered list as JSON, and an empty value for
+    `PROD_LB_PERPLEXITY_URL=${PERPLEXITY_URL}` when the variable is unset. The first was
+    refused as the URL '["http://127.0.0.1:9621"', the second stopped start-up."""
+    monkeypatch.setenv(
+        "PROD_LB_LIGHTRAG_URLS", '["http://127.0.0.1:9621", "http://127.0.0.1:9622"]'
+    )
+    monkeypatch.setenv("PROD_LB_PERPLEXITY_URL", "")
+    monkeypatch.setenv("PROD_LB_DAILY_BUDGET_USD", "")
+    flags = load_flags()
+    assert [b.url for b in flags.backends()] == ["http://127.0.0.1:9621", "http://127.0.0.1:9622"]
+    monkeypatch.setenv("PROD_LB_LIGHTRAG_URLS", '["http://127.0.0.1:9621",')
+    with pytest.raises(SettingsError, match="give comma-separated URLs or a JSON list"):
+        load_flags()
+
+
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     import os
 
