@@ -574,6 +574,11 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         self._start_background()
         return self
 
+    async def __aenter__(self) -> ProductionIntelligentQueryRouter:
+        """`async with router:` starts as `start()` does: an HTTP control store's document
+        is applied before the first request, not by the control loop some time after."""
+        return await self.start()
+
     async def _bounded(self, call: Callable[..., Any], what: str, *args: Any) -> Any:
         """`call` in a thread, given up on after CONTROL_CALL_S: an endpoint trickling its
         answer a byte at a time (each read within the client's timeout) held start()

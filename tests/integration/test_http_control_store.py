@@ -195,6 +195,24 @@ async def test_flows_publish_and_a_router_applies_through_the_endpoint(
     assert router.control_store.client.is_closed
 
 
+@pytest.mark.timeout(60)
+async def test_async_with_applies_the_endpoints_document_before_the_first_request(
+    endpoint: tuple[str, subprocess.Popen[str], DataPaths],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The legacy idiom `async with router:` started the control loop, which read the
+    endpoint some time later: the first requests ran under the environment's config."""
+    url, _, _ = endpoint
+    monkeypatch.setenv(CONTROL_URL_ENV, url)
+    control_store(DataPaths.at(tmp_path / "flows-host")).publish(
+        RouterConfig(version=4, mode=DeploymentMode.SHADOW, phase="shadow")
+    )
+    router = loopback_router(tmp_path / "router-host", "http-2", control_url=url)
+    async with router:
+        assert (router.config.version, router.config.mode) == (4, DeploymentMode.SHADOW)
+
+
 def test_a_heartbeat_for_another_instance_or_a_bad_name_is_refused(
     endpoint: tuple[str, subprocess.Popen[str], DataPaths],
 ) -> None:
