@@ -29,6 +29,7 @@ was routed under.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import shutil
@@ -65,6 +66,23 @@ _INTEGER_NAMES = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT"}
 #: The ledger key "<instance>/<file name>", computed per row from DuckDB's `filename`
 #: column (a constant per file, so it costs little).
 _SEGMENT_KEY_SQL = "regexp_extract(filename, '[^/]+/[^/]+$')"
+
+#: Where a local segment goes once its rows are committed: `<instance>/ingested/`. Every
+#: collect lists the instance folders, and they grew by a file a second per instance for
+#: the whole retention window: after 12 instance-days, a minute per tick spent listing,
+#: holding the write lock. Compaction deletes the set-aside files (`_delete_segments`).
+INGESTED_DIR = "ingested"
+
+
+def set_aside(segment: Segment) -> None:
+    """Move an ingested local segment out of the listed folder (a remote one stays)."""
+    if is_remote(segment.path):
+        return
+    source = Path(segment.path)
+    target = source.parent / INGESTED_DIR
+    target.mkdir(exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):  # moved or deleted meanwhile
+        source.replace(target / source.name)
 
 
 class TransientIngestError(StoreError):
@@ -451,9 +469,13 @@ def collect(
         )
         if retry_quarantined:
             report.retried = _forget_quarantined(con, paths, ledger, found)
-        # A quarantined file the previous run could not move yet: move it now.
+        # A quarantined file the previous run could not move yet: move it now. An
+        # ingested one still listed (a run stopped between its commit and the move, or
+        # a data dir from before `ingested/`) is set aside now.
         for segment in found:
-            if ledger.get(segment.key) == "quarantined":
+            if ledger.get(segment.key) == "ingested":
+                set_aside(segment)
+            elif ledger.get(segment.key) == "quarantined":
                 # The run that quarantined it stopped before moving it: its reason stands.
                 reason = reasons.get(segment.key) or "quarantined by an earlier run"
                 _move_to_quarantine(paths, segment, reason)
@@ -477,6 +499,8 @@ def collect(
                 _ingest_batch(con, [], bad, None)
             for segment, reason in bad:
                 _move_to_quarantine(paths, segment, reason)
+            for segment, _ in good:
+                set_aside(segment)
             report.segments += len(good)
             report.rows += sum(rows for s, rows in good if s.kind == "requests")
             report.events += sum(rows for s, rows in good if s.kind == "events")

@@ -48,6 +48,7 @@ from flows.store.database import (
     recorded_archive,
     transaction,
 )
+from flows.store.ingest import INGESTED_DIR
 from flows.store.locations import is_remote, join, retention_days, segments_location
 from flows.store.schema import ARCHIVE_TABLE_DIR, REQUEST_COLUMN_NAMES, sql_literal
 
@@ -215,10 +216,22 @@ def _move_into_place(staging: Path, table_dir: Path) -> None:
     shutil.rmtree(staging)
 
 
+#: Ingested local segment files are kept this long for inspection, then deleted: their
+#: rows are in the table (and later the archive). A file a second per instance, 7-13 KB
+#: each: 0.6-1 GiB a day per instance, 17-31 GiB if kept for the 30-day row retention.
+SEGMENT_KEEP_DAYS = 2
+#: Ledger rows of deleted local segments are dropped this long after the deletion (the
+#: file cannot come back; the ledger grew by 78 B per segment for ever).
+LEDGER_KEEP_DAYS = 7
+
+
 def _delete_segments(
     con: duckdb.DuckDBPyConnection, location: str, older_than: datetime, report: CompactReport
 ) -> None:
-    """Delete segment files ingested before `older_than`: their rows are committed."""
+    """Delete segment files ingested before `older_than`: their rows are committed. Then
+    forget the ledger rows of files deleted over `LEDGER_KEEP_DAYS` ago (local only: a
+    remote file stays until the bucket's lifecycle rules expire it, and its ledger row
+    keeps it from being ingested again)."""
     keys = [
         r[0]
         for r in con.execute(
@@ -231,13 +244,20 @@ def _delete_segments(
         report.segments_left = len(keys)
         return
     for key in keys:
-        (Path(location) / key).unlink(missing_ok=True)
+        listed = Path(location) / key  # where collect found it; set aside once ingested
+        listed.unlink(missing_ok=True)
+        (listed.parent / INGESTED_DIR / listed.name).unlink(missing_ok=True)
+    now = datetime.now(UTC)
     if keys:
         con.execute(
             "UPDATE ingested_segments SET deleted_at = ? WHERE list_contains(?, path)",
-            [datetime.now(UTC), keys],
+            [now, keys],
         )
     report.segments_deleted = len(keys)
+    con.execute(
+        "DELETE FROM ingested_segments WHERE deleted_at < ?",
+        [now - timedelta(days=LEDGER_KEEP_DAYS)],
+    )
 
 
 def compact(
@@ -272,7 +292,10 @@ def compact(
         cutoff_ts = datetime.combine(report.cutoff, clock(0), UTC)
         _archive(con, location, recorded, cutoff_ts, report, after_copy)
         _delete_segments(
-            con, segments_location(paths, segments), moment - timedelta(days=days), report
+            con,
+            segments_location(paths, segments),
+            moment - timedelta(days=min(days, SEGMENT_KEEP_DAYS)),
+            report,
         )
     report.seconds = time.perf_counter() - started
     return report

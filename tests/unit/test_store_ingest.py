@@ -396,7 +396,7 @@ def test_retry_quarantined_lands_a_repaired_file_once_and_requarantines_a_bad_on
     assert retried["quarantined"][0][1].startswith("unreadable parquet")
     assert counts(paths) == (270, 270, 270)
     assert _ledger(paths) == [("ingested", 3), ("quarantined", 1)]
-    assert (folder / "requests-t-000001.parquet").exists()
+    assert (folder / "ingested" / "requests-t-000001.parquet").exists()  # landed: set aside
     assert not (paths.quarantine / "app-2" / "requests-t-000001.parquet").exists()
     assert not (paths.quarantine / "app-2" / "requests-t-000001.parquet.reason.txt").exists()
     assert (paths.quarantine / "app-2" / "requests-t-000002.parquet.reason.txt").exists()

@@ -245,6 +245,48 @@ def test_old_ingested_segments_are_deleted_and_never_reingested(paths: DataPaths
     assert snapshot(paths)["all"] == [(605, 605)]
 
 
+def test_ingested_segments_leave_the_listed_folder_and_go_after_two_days(
+    paths: DataPaths,
+) -> None:
+    """Every collect listed every segment kept for the 30-day row retention, a file a
+    second per instance: a minute per tick after 12 instance-days, under the write lock,
+    and 17-31 GiB per instance. Ingested files are set aside at once, deleted by
+    compaction after two days whatever the row retention, and their ledger rows are
+    forgotten a week after that."""
+    from flows.store.ingest import discover
+    from flows.store.retention import LEDGER_KEEP_DAYS
+
+    assert discover(paths.segments) == []  # the 8 ingested files are out of the listing
+    aside = sorted(paths.segments.glob("*/ingested/*.parquet"))
+    assert len(aside) == 8
+    assert (
+        compact(paths, retention=30, now=datetime.now(UTC) + timedelta(days=1)).segments_deleted
+        == 0
+    )
+    report = compact(paths, retention=30, now=datetime.now(UTC) + timedelta(days=3))
+    assert report.segments_deleted == 8 and not any(p.exists() for p in aside)
+    with connect(paths.database) as con:
+        con.execute(
+            "UPDATE ingested_segments SET deleted_at = deleted_at - ?",
+            [timedelta(days=LEDGER_KEEP_DAYS + 1)],
+        )
+    compact(paths, retention=30, now=datetime.now(UTC) + timedelta(days=3))
+    with connect(paths.database, read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM ingested_segments").fetchall() == [(0,)]
+    assert snapshot(paths)["all"] == [(600, 600)]  # the rows stay, of course
+
+
+def test_a_collect_stopped_before_setting_aside_sets_aside_next_time(paths: DataPaths) -> None:
+    """A run that committed but stopped before moving its files (or a data dir from
+    before `ingested/`): the next run moves them, and lands nothing twice."""
+    instance = paths.segments / "app-1"
+    for segment in sorted(instance.glob("ingested/*.parquet")):
+        segment.replace(instance / segment.name)
+    assert collect(paths).rows == 0
+    assert not list(instance.glob("*.parquet")) and len(list(instance.glob("ingested/*"))) == 4
+    assert snapshot(paths)["all"] == [(600, 600)]
+
+
 def test_archive_and_segments_elsewhere(paths: DataPaths, tmp_path: Path) -> None:
     """The scale seam with local stand-ins: a non-default archive and segment folder."""
     shared_archive = tmp_path / "shared" / "archive"
