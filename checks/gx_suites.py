@@ -9,8 +9,10 @@ substituted value but not the parameter name.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +71,12 @@ def gxe() -> Any:
     return expectations
 
 
+#: Data Docs validation pages are kept this long (a phase lasts at most 14 days).
+DOCS_KEEP_DAYS = 30
+#: Validation runs the Data Docs index page lists, newest first.
+DOCS_INDEX_LIMIT = 500
+
+
 class GxRunner:
     """One quiet GX context per process; validation definitions cached per suite name.
 
@@ -77,12 +85,21 @@ class GxRunner:
     """
 
     def __init__(self, docs_dir: Path | None = None) -> None:
+        # GX refuses a relative base directory for its filesystem store.
+        self.docs_dir = Path(docs_dir).absolute() if docs_dir else None
+        self._ready = False
+        self._definitions: dict[str, Any] = {}
+        self._checkpoints: dict[str, Any] = {}
+
+    def _set_up(self) -> None:
+        """The context is made on the first run, not with the runner: it costs seconds
+        (2.6 s in a fresh process), and most scheduled ticks find nothing due."""
+        if self._ready:
+            return
         gx = _import_gx()
         self._gx = gx
         self.context = gx.get_context(mode="ephemeral")
         self.context.variables.progress_bars = {"globally": False, "metric_calculations": False}
-        # GX refuses a relative base directory for its filesystem store.
-        self.docs_dir = Path(docs_dir).absolute() if docs_dir else None
         if self.docs_dir is not None:
             self.docs_dir.mkdir(parents=True, exist_ok=True)
             self.context.add_data_docs_site(
@@ -93,12 +110,16 @@ class GxRunner:
                         "class_name": "TupleFilesystemStoreBackend",
                         "base_directory": str(self.docs_dir),
                     },
-                    "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                    "site_index_builder": {
+                        "class_name": "KeepingSiteIndexBuilder",
+                        "module_name": "checks.gx_site",
+                        # the index page lists the newest; every page stays reachable
+                        "validation_results_limit": DOCS_INDEX_LIMIT,
+                    },
                 },
             )
         self.source = self.context.data_sources.add_pandas("frames")
-        self._definitions: dict[str, Any] = {}
-        self._checkpoints: dict[str, Any] = {}
+        self._ready = True
 
     def _definition(self, name: str, checks: list[Check]) -> Any:
         key = f"{name}:{'|'.join(c.metric for c in checks)}"
@@ -140,6 +161,7 @@ class GxRunner:
     ) -> SuiteOutcome:
         if not checks:
             return SuiteOutcome(name, True)
+        self._set_up()
         key = self._definition(name, checks)
         docs_url = None
         if key in self._checkpoints:
@@ -155,6 +177,10 @@ class GxRunner:
                 resource_identifier=identifier, site_name=DOCS_SITE
             )
             docs_url = urls[0]["site_url"] if urls else None
+            # The page is written: a long-lived process kept every result in memory, and
+            # each index build went over all of them (1 s to 4.7 s after 400 runs).
+            self.context.validation_results_store.remove_key(identifier)
+            self._prune_docs()
         else:
             validation = self._definitions[key].run(
                 batch_parameters={"dataframe": frame},
@@ -162,6 +188,21 @@ class GxRunner:
                 result_format="BASIC",
             )
         return SuiteOutcome(name, bool(validation.success), _outcomes(validation), docs_url)
+
+    def _prune_docs(self) -> None:
+        """Validation pages older than `DOCS_KEEP_DAYS` go: about 150 KB per evaluation,
+        and the index build lists every page kept."""
+        assert self.docs_dir is not None
+        cutoff = time.time() - DOCS_KEEP_DAYS * 86_400
+        pages = self.docs_dir / "validations"
+        for page in pages.rglob("*.html"):
+            with contextlib.suppress(FileNotFoundError):
+                if page.stat().st_mtime < cutoff:
+                    page.unlink()
+        for folder in sorted(pages.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if folder.is_dir():
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty
 
     def index_url(self) -> str | None:
         if self.docs_dir is None:

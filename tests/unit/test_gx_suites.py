@@ -474,3 +474,40 @@ def test_comparison_skips_a_ratio_against_a_free_legacy_arm(runner: GxRunner) ->
     assert "cost_ratio" not in by_metric(outcome)
     assert failed(outcome) == {"p95_ratio"}
     assert by_metric(outcome)["p95_ratio"].observed == pytest.approx(2.4)
+
+
+# -- Data Docs across processes --------------------------------------------------------
+
+
+def test_data_docs_pages_of_earlier_runners_stay_until_they_age_out(tmp_path, caplog) -> None:
+    """Each scheduled tick is a new process with a new (in-memory) GX context, and GX's
+    index build deleted every page its own store did not know: each evaluation deleted
+    the ones before it, and the Data Docs links in their decision records were dead."""
+    import os
+    import time
+    from pathlib import Path
+
+    from checks.gx_suites import DOCS_KEEP_DAYS
+
+    docs = tmp_path / "docs"
+
+    def evaluation(run_name: str) -> Path:
+        outcome = GxRunner(docs_dir=docs).run(
+            "data_quality_rows",
+            data_quality_row_checks(),
+            rows(),
+            {"config_version": float(VERSION)},
+            run_name,
+        )
+        assert outcome.docs_url is not None
+        return Path(outcome.docs_url.removeprefix("file://"))
+
+    first = evaluation("first-tick")
+    second = evaluation("second-tick")
+    assert first.exists() and second.exists()
+    assert "second-tick" in (docs / "index.html").read_text()
+    assert "not found" not in caplog.text  # the other process's pages are not looked up
+    aged = time.time() - (DOCS_KEEP_DAYS + 1) * 86_400
+    os.utime(first, (aged, aged))
+    third = evaluation("third-tick")
+    assert not first.exists() and second.exists() and third.exists()
