@@ -65,12 +65,14 @@ ORDER BY ts DESC LIMIT ?
 """
 
 #: Each backend over the last `window` seconds of collected rows (both arms, shadow
-#: included): where failures and failovers come from right now.
+#: included): where failures and failovers come from right now. From the table only:
+#: archived rows are older than the retention window, and reading the archive on every
+#: refresh took 0.9 s at 27 archived days.
 BACKENDS_SQL = """
 WITH recent AS (
-    SELECT * FROM all_requests
+    SELECT * FROM requests
     WHERE backend IS NOT NULL
-      AND ts >= (SELECT max(ts) FROM all_requests) - to_seconds($window)
+      AND ts >= (SELECT max(ts) FROM requests) - to_seconds($window)
 )
 SELECT backend, arm, count(*) AS requests,
        avg(CASE WHEN is_failure(outcome) THEN 1.0 ELSE 0.0 END) AS error_rate,
