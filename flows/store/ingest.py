@@ -29,7 +29,6 @@ was routed under.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import shutil
@@ -75,14 +74,33 @@ INGESTED_DIR = "ingested"
 
 
 def set_aside(segment: Segment) -> None:
-    """Move an ingested local segment out of the listed folder (a remote one stays)."""
+    """Move an ingested local segment out of the listed folder (a remote one stays).
+
+    Best effort: the ledger already keeps the file from landing twice, and compaction
+    deletes it where it is. A folder the collector may read but not write (routers and
+    the worker under different users) must not stop ingestion."""
+    global _told_read_only
     if is_remote(segment.path):
         return
     source = Path(segment.path)
     target = source.parent / INGESTED_DIR
-    target.mkdir(exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):  # moved or deleted meanwhile
+    try:
+        target.mkdir(exist_ok=True)
         source.replace(target / source.name)
+    except FileNotFoundError:  # moved or deleted meanwhile
+        pass
+    except OSError as exc:
+        if not _told_read_only:
+            _told_read_only = True
+            log.warning(
+                "cannot move ingested segments out of %s (%s): they stay listed, which "
+                "slows every collect as they pile up; let the collector write there",
+                source.parent,
+                exc.strerror or exc,
+            )
+
+
+_told_read_only = False
 
 
 class TransientIngestError(StoreError):

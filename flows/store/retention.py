@@ -27,6 +27,7 @@ whatever the retention window says.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 import uuid
@@ -243,10 +244,16 @@ def _delete_segments(
     if is_remote(location):
         report.segments_left = len(keys)
         return
+    folders = set()
     for key in keys:
         listed = Path(location) / key  # where collect found it; set aside once ingested
         listed.unlink(missing_ok=True)
         (listed.parent / INGESTED_DIR / listed.name).unlink(missing_ok=True)
+        folders.add(listed.parent)
+    for folder in folders:  # a recycled worker's folder, once empty, goes too
+        for empty in (folder / INGESTED_DIR, folder):
+            with contextlib.suppress(OSError):
+                empty.rmdir()
     now = datetime.now(UTC)
     if keys:
         con.execute(
@@ -291,12 +298,11 @@ def compact(
         report.cutoff = _cutoff(con, moment.date(), days, report)
         cutoff_ts = datetime.combine(report.cutoff, clock(0), UTC)
         _archive(con, location, recorded, cutoff_ts, report, after_copy)
-        _delete_segments(
-            con,
-            segments_location(paths, segments),
-            moment - timedelta(days=min(days, SEGMENT_KEEP_DAYS)),
-            report,
-        )
+        found_at = segments_location(paths, segments)
+        # Local files go two days after ingest; remote ones are only counted (the
+        # bucket's lifecycle rules expire them), against the row retention as before.
+        keep = days if is_remote(found_at) else min(days, SEGMENT_KEEP_DAYS)
+        _delete_segments(con, found_at, moment - timedelta(days=keep), report)
     report.seconds = time.perf_counter() - started
     return report
 

@@ -276,6 +276,29 @@ def test_ingested_segments_leave_the_listed_folder_and_go_after_two_days(
     assert snapshot(paths)["all"] == [(600, 600)]  # the rows stay, of course
 
 
+def test_a_folder_the_collector_cannot_write_still_gets_ingested(
+    paths: DataPaths, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Routers and the worker under different users: the collector may read a folder
+    it cannot write. Setting files aside failed after the commit, and every later tick
+    failed before looking at new files: ingestion stopped for good."""
+
+    replace = Path.replace
+
+    def refuse(self: Path, target: Path) -> Path:
+        if Path(target).parent.name == "ingested":
+            raise PermissionError(13, "Permission denied")
+        return replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", refuse)
+    write_request_segments(paths.segments, "app-7", files=2, rows=10, seed=70)
+    assert collect(paths).rows == 20
+    write_request_segments(paths.segments, "app-7", files=1, rows=7, seed=71)
+    assert collect(paths).rows == 7
+    assert snapshot(paths)["all"] == [(627, 627)]
+    assert caplog.text.count("cannot move ingested segments") == 1
+
+
 def test_a_collect_stopped_before_setting_aside_sets_aside_next_time(paths: DataPaths) -> None:
     """A run that committed but stopped before moving its files (or a data dir from
     before `ingested/`): the next run moves them, and lands nothing twice."""
