@@ -4,7 +4,7 @@ GX's default index build deletes every page whose validation result its own (her
 in-memory) store does not hold. Each scheduled tick is a new process, so every
 evaluation deleted the pages of the ones before it, and the Data Docs links in their
 decision records and Prefect artifacts were dead. This builder deletes nothing: the
-index lists the results this process holds (the current evaluation's), the pages of the
+index lists the results this process holds (its newest runs), the pages of the
 others stay where their links point, and old pages are pruned by age instead
 (`checks.gx_suites.DOCS_KEEP_DAYS`). GX imports it by name, once GX is loaded.
 """

@@ -14,6 +14,7 @@ import logging
 import os
 import time
 import warnings
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,8 +74,9 @@ def gxe() -> Any:
 
 #: Data Docs validation pages are kept this long (a phase lasts at most 14 days).
 DOCS_KEEP_DAYS = 30
-#: Validation runs the Data Docs index page lists, newest first.
-DOCS_INDEX_LIMIT = 500
+#: Validation runs of this process the Data Docs index page lists (older pages stay, linked
+#: from their decision records).
+DOCS_INDEX_LIMIT = 50
 
 
 class GxRunner:
@@ -88,6 +90,7 @@ class GxRunner:
         # GX refuses a relative base directory for its filesystem store.
         self.docs_dir = Path(docs_dir).absolute() if docs_dir else None
         self._ready = False
+        self._indexed: deque[Any] = deque()
         self._definitions: dict[str, Any] = {}
         self._checkpoints: dict[str, Any] = {}
 
@@ -113,8 +116,6 @@ class GxRunner:
                     "site_index_builder": {
                         "class_name": "KeepingSiteIndexBuilder",
                         "module_name": "checks.gx_site",
-                        # the index page lists the newest; every page stays reachable
-                        "validation_results_limit": DOCS_INDEX_LIMIT,
                     },
                 },
             )
@@ -177,9 +178,12 @@ class GxRunner:
                 resource_identifier=identifier, site_name=DOCS_SITE
             )
             docs_url = urls[0]["site_url"] if urls else None
-            # The page is written: a long-lived process kept every result in memory, and
-            # each index build went over all of them (1 s to 4.7 s after 400 runs).
-            self.context.validation_results_store.remove_key(identifier)
+            # The page is written. A long-lived process kept every result in memory, and
+            # each index build went over all of them (1 s to 4.7 s after 400 runs): the
+            # index lists the newest `DOCS_INDEX_LIMIT` of this process's results.
+            self._indexed.append(identifier)
+            while len(self._indexed) > DOCS_INDEX_LIMIT:
+                self.context.validation_results_store.remove_key(self._indexed.popleft())
             self._prune_docs()
         else:
             validation = self._definitions[key].run(

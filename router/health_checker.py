@@ -47,6 +47,8 @@ class ActiveHealthChecker:
         self.passes: dict[str, int] = {b.name: 0 for b in backends}
         self.fails: dict[str, int] = {b.name: 0 for b in backends}
         self.healthy: dict[str, bool] = {b.name: True for b in backends}
+        #: When the last round started (monotonic), to keep the cadence across restarts.
+        self.last_round: float | None = None
 
     async def probe(self, backend: BackendConfig) -> bool | None:
         """True healthy, False unhealthy, None "busy" (no verdict).
@@ -120,7 +122,13 @@ class ActiveHealthChecker:
             self.on_change(name, verdict, reason)
 
     async def run(self) -> None:
+        if self.last_round is not None:
+            # Restarted on a new event loop: keep the interval (one loop per request
+            # probed every backend on every request).
+            wait = self.last_round + self.settings.interval_s - time.monotonic()
+            await asyncio.sleep(max(0.0, wait))
         while True:
+            self.last_round = time.monotonic()
             try:
                 await self.check_once()
             except Exception:  # a checker must never die and leave stale verdicts

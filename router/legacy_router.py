@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -128,6 +129,17 @@ def build_result(
     )
 
 
+log = logging.getLogger(__name__)
+
+
+def cancel_stale_tasks(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel tasks of another loop that may run again (a closed one never will)."""
+    for task in tasks:
+        if not task.done() and not task.get_loop().is_closed():
+            with contextlib.suppress(RuntimeError):
+                task.cancel()
+
+
 class IntelligentQueryRouter:
     """Routes each question to a backend with weighted round robin; one fallback attempt."""
 
@@ -168,8 +180,10 @@ class IntelligentQueryRouter:
         self._tasks: list[asyncio.Task[Any]] = []
         self._started = False
         self._closed = False
+        self._checker: ActiveHealthChecker | None = None
         #: The event loop this router's connections and background tasks belong to.
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._told_transport = False
         self._loop_pid = os.getpid()
 
     # -- lifecycle --------------------------------------------------------------------
@@ -205,10 +219,20 @@ class IntelligentQueryRouter:
         self._loop, self._loop_pid = loop, os.getpid()
 
     def _rebind(self) -> None:
-        """Drop what belonged to the ended loop: its tasks ended with it, and its clients'
-        connections cannot be used (nor closed) from another loop."""
+        """Drop what belonged to the ended loop. Its tasks are cancelled (a loop that was
+        only stopped would run them again: a second control loop, heartbeats after
+        shutdown()); its clients' connections cannot be used (nor closed) from another
+        loop. A transport the caller gave is theirs and is kept: its connections are
+        tied to the old loop, so give a router used from several loops no transport."""
+        cancel_stale_tasks(self._tasks)
         self._tasks.clear()
         self._started = False
+        if isinstance(self._transport, httpx.AsyncHTTPTransport) and not self._told_transport:
+            self._told_transport = True
+            log.warning(
+                "router used from a new event loop with the transport it was given: that "
+                "transport's open connections belong to the old loop and will fail"
+            )
         self._client = BackendHttpClient(self.backends, transport=self._transport)
         self.legacy.client = self._client
 
@@ -222,14 +246,16 @@ class IntelligentQueryRouter:
             or not self._health_settings().enabled
         ):
             return
-        checker = ActiveHealthChecker(
-            self._client,
-            self.backends,
-            lambda name: [b.by_name[name] for b in self._balancers()],
-            self._health_settings(),
-            self._on_health_change,
-        )
-        self._tasks.append(asyncio.create_task(checker.run(), name="router-health-checks"))
+        if self._checker is None:  # one for the router's life: its verdicts carry over
+            self._checker = ActiveHealthChecker(
+                self._client,
+                self.backends,
+                lambda name: [b.by_name[name] for b in self._balancers()],
+                self._health_settings(),
+                self._on_health_change,
+            )
+        self._checker.client = self._client  # the current loop's
+        self._tasks.append(asyncio.create_task(self._checker.run(), name="router-health-checks"))
 
     def _on_backend_event(self, event: HealthEvent) -> None:
         return None

@@ -59,6 +59,7 @@ from router.legacy_config import LoadBalancingConfig
 from router.legacy_router import (
     IntelligentQueryRouter,
     build_result,
+    cancel_stale_tasks,
     default_backends,
     query_fingerprint,
 )
@@ -174,6 +175,7 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         ours = []  # folders this router writes under PROD_LB_DATA_DIR, checked below
         if self._owns_store and isinstance(self.control_store, FileControlStore):
             ours.append(self.control_store.acks_dir)
+        self._owns_recorder = recorder is None
         if recorder is None:
             segments = self.flags.data_dir / "segments"
             recorder_cls = SegmentRecorder if self.flags.perf_comparison else NullRecorder
@@ -535,16 +537,28 @@ class ProductionIntelligentQueryRouter(IntelligentQueryRouter):
         heartbeat and one segment folder between them. A default id is chosen again,
         and the recorder (restarted by its own fork hook) writes under it."""
         self._ack_lock = threading.Lock()
+        # Workers would hand out the same request ids (the gate's unique-id check then
+        # never passes) and report the parent's counts as their own.
+        self._id_prefix = uuid.uuid4().hex[:12]
+        self._id_counter = itertools.count(1)
+        self._random = random.Random()
+        self._yields_unreported.clear()
+        self.shadow_skipped = self._skipped_reported = self.shadows_yielded = 0
         if self._default_id and not self._closed:
             self.instance_id = _claim_default_id()
-            self.recorder.instance = self.instance_id
-            self.recorder.directory = self.recorder.directory.parent / self.instance_id
+            if self._owns_recorder:
+                self.recorder.instance = self.instance_id
+                self.recorder.directory = self.recorder.directory.parent / self.instance_id
 
     def _rebind(self) -> None:
         super()._rebind()
+        cancel_stale_tasks(self._shadow_tasks)
+        cancel_stale_tasks(self._background_acks)
         self._shadow_tasks.clear()
         self._background_acks.clear()
         self._drained = None
+        if self._loop is not None and self._loop.is_closed():
+            self._in_flight = 0  # requests of a closed loop will never finish
         self._production_client = BackendHttpClient(self.backends, transport=self._transport)
         self.production.client = self._production_client
 

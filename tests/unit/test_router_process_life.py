@@ -79,7 +79,6 @@ def test_forked_workers_each_write_their_rows_under_their_own_id(tmp_path: Path)
             pid = os.fork()
             if pid == 0:
                 asyncio.run(serve(router, n))
-                print("child", router.instance_id, flush=True)
                 sys.exit(0)  # a normal exit, as a worker's: no shutdown() either
             children.append(pid)
         assert all(os.waitpid(pid, 0)[1] == 0 for pid in children)
@@ -88,6 +87,13 @@ def test_forked_workers_each_write_their_rows_under_their_own_id(tmp_path: Path)
     )
     counts = rows_by_instance(tmp_path)
     assert sorted(counts.values()) == [7, 11] and len(counts) == 2
+    # and their request ids differ: a shared id prefix failed the gate's unique-id check
+    ids = [
+        request_id
+        for segment in (tmp_path / "data" / "segments").glob("*/requests-*.parquet")
+        for request_id in pq.read_table(segment, columns=["request_id"])["request_id"].to_pylist()
+    ]
+    assert len(set(ids)) == 18
 
 
 def test_two_routers_in_one_process_get_their_own_ids(tmp_path: Path) -> None:
@@ -111,3 +117,49 @@ def test_two_routers_in_one_process_get_their_own_ids(tmp_path: Path) -> None:
     assert second == f"{first}-2"
     assert "third True" in output
     assert rows_by_instance(tmp_path) == {first: 3, second: 5}
+
+
+def test_a_stopped_loop_keeps_no_router_work_and_probes_keep_their_interval(
+    tmp_path: Path,
+) -> None:
+    """A loop that was stopped but not closed (run_until_complete, some test runners)
+    ran the router's old control loop again after the router moved on and shut down:
+    heartbeats for a stopped instance. And each new loop probed every backend at once,
+    whatever the interval: one loop per request probed on every request."""
+    output = run(
+        tmp_path,
+        """
+        from router import FileControlStore, RouterConfig
+        from router.production_config import HealthCheckSettings, ProductionLoadBalancingConfig
+        probes = []
+
+        def answer(request):
+            if request.url.path == "/health":
+                probes.append(request.url.host)
+            return httpx.Response(200, json={"response": "a"})
+
+        FileControlStore(DATA / "control").publish(RouterConfig(version=1))
+        router = ProductionIntelligentQueryRouter(
+            backends=BACKENDS,
+            transport=httpx.MockTransport(answer),
+            health_checks=True,
+            flags=ProductionFeatureFlags(
+                enabled=True, data_dir=DATA, instance_id="loops", control_poll_s=0.05
+            ),
+            production_config=ProductionLoadBalancingConfig(
+                backends=tuple(BACKENDS), health_check=HealthCheckSettings(interval_s=60)
+            ),
+        )
+        first = asyncio.new_event_loop()
+        first.run_until_complete(serve(router, 2))  # stopped, not closed
+        for _ in range(3):
+            asyncio.run(serve(router, 2))
+        asyncio.run(router.shutdown())
+        ack = DATA / "control" / "acks" / "loops.json"
+        stamp = ack.stat().st_mtime_ns
+        first.run_until_complete(asyncio.sleep(0.3))
+        alive = [t.get_name() for t in asyncio.all_tasks(first) if not t.done()]
+        print("alive", alive, "rewritten", ack.stat().st_mtime_ns != stamp, "probes", len(probes))
+        """,
+    )
+    assert "alive [] rewritten False probes 1" in output, output
