@@ -2,7 +2,9 @@
 
 Read with pydantic-settings from the process environment, optionally on top of a
 profile file (`deployments/profiles/*.env`). The environment wins over the file, as an
-operator overriding one value on a host expects.
+operator overriding one value on a host expects. An empty value counts as unset (what a
+compose file writes for `${VAR}` when VAR is unset): the file's value, or the default,
+stands.
 """
 
 from __future__ import annotations
