@@ -315,46 +315,33 @@ class _StateCollector(_Described):
 
     def collect(self) -> Iterator[Any]:
         snapshot = self._snapshot()
-        (
-            breaker,
-            opened,
-            ejected,
-            ejections,
-            in_flight,
-            version,
-            share,
-            denied,
-            failback,
-            failbacks,
-            shadows,
-        ) = self.families()
+        families = self.families()
+        family = {f.name: f for f in families}  # names as exposed, without `_total`
         created = self.created
         for arm, backends in snapshot.get("health", {}).items():
             for name, report in backends.items():
+                labels = [arm, name]
                 if "breaker_state" in report:
-                    breaker.add_metric([arm, name], BREAKER_STATES.get(report["breaker_state"], -1))
-                    opened.add_metric([arm, name], report.get("breaker_times_opened", 0), created)
-                ejected.add_metric([arm, name], 1.0 if report.get("ejected") else 0.0)
-                ejections.add_metric([arm, name], float(report.get("ejections", 0)), created)
-                in_flight.add_metric([arm, name], float(report.get("in_flight", 0)))
-        version.add_metric([], float(snapshot.get("config_version", 0)))
-        share.add_metric([], float(snapshot.get("production_share", 0.0)))
+                    state = BREAKER_STATES.get(report["breaker_state"], -1)
+                    family["router_breaker_state"].add_metric(labels, state)
+                    opened = report.get("breaker_times_opened", 0)
+                    family["router_breaker_opened"].add_metric(labels, opened, created)
+                ejected = 1.0 if report.get("ejected") else 0.0
+                family["router_backend_ejected"].add_metric(labels, ejected)
+                ejections = float(report.get("ejections", 0))
+                family["router_backend_ejections"].add_metric(labels, ejections, created)
+                in_flight = float(report.get("in_flight", 0))
+                family["router_backend_in_flight"].add_metric(labels, in_flight)
+        version = float(snapshot.get("config_version", 0))
+        family["router_config_version"].add_metric([], version)
+        share = float(snapshot.get("production_share", 0.0))
+        family["router_production_share"].add_metric([], share)
         for arm, count in snapshot.get("retries_denied", {}).items():
-            denied.add_metric([arm], float(count), created)
-        failback.add_metric([], 1.0 if snapshot.get("failback") else 0.0)
-        failbacks.add_metric([], float(snapshot.get("failbacks", 0)), created)
+            family["router_retries_denied"].add_metric([arm], float(count), created)
+        failback = 1.0 if snapshot.get("failback") else 0.0
+        family["router_failback"].add_metric([], failback)
+        failbacks = float(snapshot.get("failbacks", 0))
+        family["router_failbacks"].add_metric([], failbacks, created)
         for reason, count in snapshot.get("shadows_not_run", {}).items():
-            shadows.add_metric([reason], float(count), created)
-        yield from (
-            breaker,
-            opened,
-            ejected,
-            ejections,
-            in_flight,
-            version,
-            share,
-            denied,
-            failback,
-            failbacks,
-            shadows,
-        )
+            family["router_shadows_not_run"].add_metric([reason], float(count), created)
+        yield from families

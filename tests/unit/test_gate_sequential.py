@@ -772,6 +772,19 @@ def test_the_data_docs_link_opens_the_failing_suites_page(tmp_path: Path) -> Non
     assert Path(url.removeprefix("file://")).exists()
 
 
+def _shadow_phase_rows(con, shadows: int) -> None:
+    """1,000 primaries (legacy) and `shadows` production shadows paired with the first."""
+    _insert_rows(con, "legacy", "shadow", [5_000] * 1_000)
+    _insert_rows(
+        con,
+        "production",
+        "shadow",
+        [5_000] * shadows,
+        is_shadow=[True] * shadows,
+        primary_request_id=[f"legacy-{i}" for i in range(shadows)],
+    )
+
+
 def test_shadows_the_router_skipped_raise_a_data_quality_alarm(tmp_path: Path) -> None:
     """Shadows over the router's concurrency cap leave no row, and are skipped when
     production is slow: 500 shadows for 1,000 primaries at sample rate 1 were judged as
@@ -779,18 +792,7 @@ def test_shadows_the_router_skipped_raise_a_data_quality_alarm(tmp_path: Path) -
     from checks.verdict import Verdict
 
     def fill(shadows: int):
-        def rows(con) -> None:
-            _insert_rows(con, "legacy", "shadow", [5_000] * 1_000)
-            _insert_rows(
-                con,
-                "production",
-                "shadow",
-                [5_000] * shadows,
-                is_shadow=[True] * shadows,
-                primary_request_id=[f"legacy-{i}" for i in range(shadows)],
-            )
-
-        return rows
+        return lambda con: _shadow_phase_rows(con, shadows)
 
     spec_ = replace(spec("shadow"), min_samples=100)
     half = _evaluate(tmp_path, "half", spec_, fill(500))
@@ -811,15 +813,7 @@ def test_shadows_yielded_to_a_rate_limit_count_as_covered(tmp_path: Path) -> Non
 
     def fill(events: list[tuple[int, int]]):
         def rows(con) -> None:
-            _insert_rows(con, "legacy", "shadow", [5_000] * 1_000)
-            _insert_rows(
-                con,
-                "production",
-                "shadow",
-                [5_000] * 600,
-                is_shadow=[True] * 600,
-                primary_request_id=[f"legacy-{i}" for i in range(600)],
-            )
+            _shadow_phase_rows(con, 600)
             for i, (version, count) in enumerate(events):
                 con.execute(
                     "INSERT INTO router_events VALUES (?, ?, 'i', ?, ?, NULL, ?)",
