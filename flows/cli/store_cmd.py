@@ -54,7 +54,8 @@ def compact(
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
     """Move rows older than the retention window into daily Parquet files (read back by
-    the views) and delete segment files already ingested before it. Safe to re-run."""
+    the views) and delete local segment files ingested over two days ago (or the window,
+    if shorter). Safe to re-run."""
     from flows.store.database import StoreError
     from flows.store.retention import compact as run_compact
 
