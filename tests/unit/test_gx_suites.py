@@ -491,8 +491,10 @@ def test_data_docs_pages_of_earlier_runners_stay_until_they_age_out(tmp_path, ca
 
     docs = tmp_path / "docs"
 
-    def evaluation(run_name: str) -> Path:
-        outcome = GxRunner(docs_dir=docs).run(
+    second_process = GxRunner(docs_dir=docs)
+
+    def evaluation(run_name: str, runner: GxRunner | None = None) -> Path:
+        outcome = (runner or GxRunner(docs_dir=docs)).run(
             "data_quality_rows",
             data_quality_row_checks(),
             rows(),
@@ -503,11 +505,11 @@ def test_data_docs_pages_of_earlier_runners_stay_until_they_age_out(tmp_path, ca
         return Path(outcome.docs_url.removeprefix("file://"))
 
     first = evaluation("first-tick")
-    second = evaluation("second-tick")
+    second = evaluation("second-tick", second_process)
     assert first.exists() and second.exists()
     assert "second-tick" in (docs / "index.html").read_text()
     assert "not found" not in caplog.text  # the other process's pages are not looked up
     aged = time.time() - (DOCS_KEEP_DAYS + 1) * 86_400
     os.utime(first, (aged, aged))
-    third = evaluation("third-tick")
+    third = evaluation("third-tick", second_process)
     assert not first.exists() and second.exists() and third.exists()
