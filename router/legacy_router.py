@@ -37,6 +37,8 @@ from router.production_config import HealthCheckSettings
 from router.record import Outcome
 from router.result import RoutingResult
 
+log = logging.getLogger(__name__)
+
 
 class AdaptiveWeightedRoundRobin(WeightedRoundRobin):
     """Legacy `enable_adaptive_routing`: a backend's weight is scaled by its success rate."""
@@ -127,9 +129,6 @@ def build_result(
         category=classification.category,
         explain=outcome.explain,
     )
-
-
-log = logging.getLogger(__name__)
 
 
 def cancel_stale_tasks(tasks: Iterable[asyncio.Task[Any]]) -> None:
